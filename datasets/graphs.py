@@ -1,0 +1,100 @@
+"""Graphs over one scene's nodes: complete and radius graphs, edge dropping, invariant feature recipes.
+
+All functions work on one graph in NumPy; ``edge_index[0]`` receives and ``edge_index[1]`` sends (see
+``dist_egnn.keys``). Every graph here holds both directions of each pair.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+NODE_FEATURE_RECIPES = ("speed",)        # plus any name in the store's node_scalars
+EDGE_FEATURE_RECIPES = ("distance", "distance_sq")  # plus "<scalar>_product" for a node scalar
+
+
+def complete_graph(num_nodes: int) -> np.ndarray:
+    """All ordered pairs i != j: (2, n(n-1)) int64."""
+    recv, send = np.nonzero(~np.eye(num_nodes, dtype=bool))
+    return np.stack([recv, send]).astype(np.int64)
+
+
+def radius_graph(pos: np.ndarray, radius: float, max_neighbors: int | None = None) -> np.ndarray:
+    """Pairs closer than ``radius`` (both directions), via scipy's cKDTree: (2, E) int64.
+
+    ``max_neighbors`` keeps, for every receiver, only its nearest ``max_neighbors`` senders (the graph may
+    then hold one direction of a pair but not the other).
+    """
+    if not np.all(np.isfinite(pos)):
+        raise ValueError("radius_graph: positions contain NaN or Inf")
+    pairs = cKDTree(pos).query_pairs(radius, output_type="ndarray")
+    edge_index = np.concatenate([pairs.T, pairs.T[::-1]], axis=1).astype(np.int64)
+    if max_neighbors is not None and edge_index.shape[1]:
+        edge_index = _cap_neighbors(pos, edge_index, max_neighbors)
+    return edge_index
+
+
+def _cap_neighbors(pos: np.ndarray, edge_index: np.ndarray, max_neighbors: int) -> np.ndarray:
+    recv, send = edge_index
+    length = np.linalg.norm(pos[recv] - pos[send], axis=1)
+    order = np.lexsort((length, recv))                 # by receiver, then nearest first
+    recv_sorted = recv[order]
+    first = np.searchsorted(recv_sorted, recv_sorted, side="left")
+    rank = np.arange(len(order)) - first
+    return edge_index[:, np.sort(order[rank < max_neighbors])]
+
+
+def drop_longest_edges(edge_index: np.ndarray, pos: np.ndarray, cutoff_rate: float) -> np.ndarray:
+    """Edge dropping (SPEC §2): keep the shortest ⌊(1 − r)·|E|⌋ edges of the graph, drop the longest.
+
+    ``cutoff_rate`` r in [0, 1]; r = 1 leaves no real edge, so only virtual nodes carry information. Ties
+    are broken by edge order, so the result is deterministic.
+    """
+    if not 0.0 <= cutoff_rate <= 1.0:
+        raise ValueError(f"cutoff_rate must be in [0, 1], got {cutoff_rate}")
+    if cutoff_rate == 0.0:
+        return edge_index
+    keep = int(np.floor((1.0 - cutoff_rate) * edge_index.shape[1]))
+    length2 = np.square(pos[edge_index[0]] - pos[edge_index[1]]).sum(axis=1)
+    kept = np.sort(np.argsort(length2, kind="stable")[:keep])
+    return edge_index[:, kept]
+
+
+def node_features(recipe: list[str], vel: np.ndarray, scalars: np.ndarray, scalar_names: list[str]) -> np.ndarray:
+    """Invariant node features f_i, one column per recipe entry: (n, len(recipe)) float32.
+
+    ``speed`` is |v_i|; any other entry names a column of the store's node_scalars (e.g. ``charge``).
+    """
+    columns = []
+    for name in recipe:
+        if name == "speed":
+            columns.append(np.linalg.norm(vel, axis=1))
+        elif name in scalar_names:
+            columns.append(scalars[:, scalar_names.index(name)])
+        else:
+            raise ValueError(f"unknown node feature {name!r} in dataset.node_features: use one of "
+                             f"{[*NODE_FEATURE_RECIPES, *scalar_names]}")
+    return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(vel), 0), np.float32)
+
+
+def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, scalars: np.ndarray,
+                  scalar_names: list[str]) -> np.ndarray:
+    """Invariant edge attributes e_ij at the input frame: (E, len(recipe)) float32.
+
+    ``distance`` |x_i − x_j|, ``distance_sq`` its square, ``<scalar>_product`` the product of a node scalar
+    at both ends (e.g. ``charge_product`` = q_i q_j).
+    """
+    recv, send = edge_index
+    columns = []
+    for name in recipe:
+        if name in ("distance", "distance_sq"):
+            d2 = np.square(pos[recv] - pos[send]).sum(axis=1)
+            columns.append(np.sqrt(d2) if name == "distance" else d2)
+        elif name.endswith("_product") and name[: -len("_product")] in scalar_names:
+            col = scalars[:, scalar_names.index(name[: -len("_product")])]
+            columns.append(col[recv] * col[send])
+        else:
+            raise ValueError(f"unknown edge feature {name!r} in dataset.edge_features: use one of "
+                             f"{[*EDGE_FEATURE_RECIPES, *(s + '_product' for s in scalar_names)]}")
+    if not columns:
+        return np.zeros((edge_index.shape[1], 0), np.float32)
+    return np.stack(columns, axis=1).astype(np.float32)

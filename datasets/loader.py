@@ -1,0 +1,165 @@
+"""Samples and batches from a store: frame t of a scene -> frame t + Δt, read lazily through dask.
+
+A sample is one (scene, frame t) pair: inputs are positions, velocities and features at t, the target is
+the positions at t + Δt. Only the slices a batch needs are read (``pos[t, a:b]``, ``pos[t + Δt, a:b]``,
+``vel[t, a:b]``), all of a batch's slices in one dask computation, so memory is bounded by the chunks
+those slices touch, not by the length of the dataset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import zarr
+
+from datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
+from datasets.store import StoreError, StoreInfo
+
+
+@dataclass
+class GraphSample:
+    """One graph, NumPy arrays: pos/vel/target (n, 3), node_features (n, F), edge_index (2, E), edge_attr (E, D)."""
+
+    pos: np.ndarray
+    vel: np.ndarray
+    target: np.ndarray
+    node_features: np.ndarray
+    edge_index: np.ndarray
+    edge_attr: np.ndarray
+    scene: int
+    frame: int
+
+
+@dataclass
+class GraphBatch:
+    """B graphs concatenated into one disconnected graph, as torch tensors; see ``dist_egnn.keys``."""
+
+    node_features: torch.Tensor   # (N, F)
+    pos: torch.Tensor             # (N, 3)
+    vel: torch.Tensor             # (N, 3)
+    target: torch.Tensor          # (N, 3)
+    edge_index: torch.Tensor      # (2, E), receivers in row 0, offsets applied
+    edge_attr: torch.Tensor       # (E, D)
+    batch: torch.Tensor           # (N,)
+    num_graphs: int
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "GraphBatch":
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.to(device)
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+            moved[f.name] = value
+        return GraphBatch(**moved)
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for ``EGNN``/``FastEGNN.forward``."""
+        return dict(node_features=self.node_features, pos=self.pos, vel=self.vel, edge_index=self.edge_index,
+                    edge_attr=self.edge_attr, batch=self.batch, num_graphs=self.num_graphs)
+
+
+def collate(samples: list[GraphSample]) -> GraphBatch:
+    """Concatenate graphs, shifting each graph's edge indices by the nodes before it."""
+    sizes = np.array([len(s.pos) for s in samples])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    cat = lambda name: torch.from_numpy(np.concatenate([getattr(s, name) for s in samples]))  # noqa: E731
+    edge_index = np.concatenate([s.edge_index + off for s, off in zip(samples, offsets)], axis=1)
+    return GraphBatch(node_features=cat("node_features"), pos=cat("pos"), vel=cat("vel"), target=cat("target"),
+                      edge_index=torch.from_numpy(edge_index), edge_attr=cat("edge_attr"),
+                      batch=torch.from_numpy(np.repeat(np.arange(len(samples)), sizes)),
+                      num_graphs=len(samples))
+
+
+class TrajectoryDataset:
+    """The samples of one split of a store, read on demand.
+
+    Args:
+        info: an opened, validated store (``datasets.store.open_store``).
+        split: ``train``, ``val`` or ``test``.
+        delta_t: frames between input and target.
+        frame_start, frame_stop, frame_stride: the input frames used, ``range(start, stop, stride)``;
+            ``frame_stop`` None means every frame that still has a target ``delta_t`` later.
+        node_features, edge_features: feature recipes (``datasets.graphs``).
+        radius: radius-graph cutoff; None uses the store's ``radius`` attribute (None there: complete graph).
+        max_neighbors: optional cap of senders per receiver. cutoff_rate: edge dropping (SPEC §2).
+    """
+
+    def __init__(self, info: StoreInfo, split: str, *, delta_t: int, frame_start: int = 0,
+                 frame_stop: int | None = None, frame_stride: int = 1, node_features: list[str],
+                 edge_features: list[str], radius: float | None = None, max_neighbors: int | None = None,
+                 cutoff_rate: float = 0.0):
+        self.info = info
+        self.split = split
+        self.meta = info.splits[split]
+        where = f"{info.path}/{split}"
+        last_input = self.meta.num_frames - 1 - delta_t
+        if delta_t < 1:
+            raise StoreError(f"dataset.delta_t={delta_t} must be >= 1")
+        if frame_start > last_input:
+            raise StoreError(f"{where}: frame {frame_start} + delta_t {delta_t} is beyond the trajectory's end "
+                             f"({self.meta.num_frames} frames); lower dataset.frame_start or dataset.delta_t")
+        stop = last_input + 1 if frame_stop is None else min(frame_stop, last_input + 1)
+        self.frames = np.arange(frame_start, stop, frame_stride)
+        self.delta_t = delta_t
+        self.node_recipe = list(node_features)
+        self.edge_recipe = list(edge_features)
+        self.radius = info.attrs.get("radius") if radius is None else radius
+        self.max_neighbors = max_neighbors
+        self.cutoff_rate = cutoff_rate
+        group = zarr.open_group(str(info.path), mode="r")[split]
+        self._pos = da.from_zarr(group["pos"])
+        self._vel = da.from_zarr(group["vel"])
+        self._scalars = da.from_zarr(group["node_scalars"])
+
+    def __len__(self) -> int:
+        return self.meta.num_scenes * len(self.frames)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Sample index -> (scene, input frame)."""
+        scene, k = divmod(int(index), len(self.frames))
+        return scene, int(self.frames[k])
+
+    def read(self, indices: list[int] | np.ndarray) -> list[GraphSample]:
+        """Read the samples ``indices`` in one dask computation and build their graphs."""
+        located = [self.locate(i) for i in indices]
+        lazy = []
+        for scene, frame in located:
+            nodes = self.meta.scene_nodes(scene)
+            lazy += [self._pos[frame, nodes], self._vel[frame, nodes], self._pos[frame + self.delta_t, nodes],
+                     self._scalars[nodes]]
+        arrays = dask.compute(*lazy, scheduler="threads")
+        return [self.make_sample(scene, frame, *arrays[4 * k: 4 * k + 4]) for k, (scene, frame) in enumerate(located)]
+
+    def make_sample(self, scene: int, frame: int, pos, vel, target, scalars) -> GraphSample:
+        """Check one sample's arrays and build its graph and features."""
+        for name, values in (("pos", pos), ("vel", vel), ("target pos", target)):
+            if not np.all(np.isfinite(values)):
+                raise StoreError(f"{self.info.path}/{self.split}: {name} of scene {scene} at frame "
+                                 f"{frame if name != 'target pos' else frame + self.delta_t} holds NaN or Inf")
+        if self.radius is None:
+            edge_index = complete_graph(len(pos))
+        else:
+            edge_index = radius_graph(pos, self.radius, self.max_neighbors)
+        edge_index = drop_longest_edges(edge_index, pos, self.cutoff_rate)
+        names = self.info.node_scalars
+        return GraphSample(pos=pos, vel=vel, target=target,
+                           node_features=node_features(self.node_recipe, vel, scalars, names),
+                           edge_index=edge_index, edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names),
+                           scene=scene, frame=frame)
+
+    def batches(self, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> Iterator[GraphBatch]:
+        """Batches of the whole split; with ``shuffle`` the order depends only on (seed, epoch)."""
+        order = np.arange(len(self))
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(order)
+        for first in range(0, len(order), batch_size):
+            yield collate(self.read(order[first:first + batch_size]))
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)

@@ -1,0 +1,220 @@
+"""The zarr layout for trajectories of geometric graphs (schema version 1): writing, opening, validating.
+
+Layout of one store (a zarr v3 group, ``<paths.data>/<dataset name>.zarr``)::
+
+    /                         attrs: schema_version, dataset, source, dt, units, radius, node_scalars, generator
+    /train /val /test         one group per split; attrs: num_scenes, num_frames
+        pos          (T, N_total, 3) float32   positions of every node of every scene, frame by frame
+        vel          (T, N_total, 3) float32   velocities, same layout
+        node_scalars (N_total, K)    float32   static per-node scalars, named by the root attr node_scalars
+        scene_ptr    (S + 1,)        int64     scene s owns node columns [scene_ptr[s], scene_ptr[s + 1])
+
+Scenes (trajectories) of one split share the frame count T and may differ in node count: their nodes are
+concatenated along axis 1, so a scene's frame is one contiguous slice ``pos[t, a:b]``.
+
+Chunking: (1, ``chunk_nodes``, 3), one frame per chunk, because a training sample reads two frames (t and
+t + Δt) that are never adjacent; ``chunk_nodes`` defaults to 32,768 nodes (384 KiB of float32 coordinates),
+large enough that a 10^5-node scene is a handful of chunks, small enough that reading one small scene
+decompresses little and a rank reading only its partition touches only the chunks it needs.
+
+Units: ``dt`` is the physical time between two stored frames, in ``units["time"]``; positions are in
+``units["length"]``. ``radius`` is the default radius-graph cutoff (null: complete graph).
+
+Stores are written into a temporary sibling folder and renamed into place only when complete, so a failed
+or interrupted write never leaves a half-written store under the final name.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from dist_egnn.keys import SPLITS
+
+SCHEMA_VERSION = 1
+DEFAULT_CHUNK_NODES = 32_768
+FRAME_ARRAYS = ("pos", "vel")
+COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
+
+
+class StoreError(ValueError):
+    """A store that cannot be used: the message names the path, the field and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- writing
+@contextmanager
+def atomic_store(path: str | os.PathLike, overwrite: bool = False) -> Iterator[zarr.Group]:
+    """Open a new store in a temporary sibling folder; rename it to ``path`` only if the block succeeds.
+
+    An existing store at ``path`` is replaced only when ``overwrite`` is true and the new one is complete.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise StoreError(f"{path} already exists; delete it or pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        yield zarr.open_group(str(tmp), mode="w")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_root_attrs(root: zarr.Group, *, dataset: str, source: str, dt: float, units: dict[str, str],
+                     radius: float | None, node_scalars: list[str], generator: dict[str, Any]) -> None:
+    """Write the store-level metadata every reader relies on."""
+    root.attrs.update(dict(schema_version=SCHEMA_VERSION, dataset=dataset, source=source, dt=float(dt),
+                           units=dict(units), radius=None if radius is None else float(radius),
+                           node_scalars=list(node_scalars), generator=dict(generator)))
+
+
+def create_split(root: zarr.Group, split: str, scene_sizes: list[int] | np.ndarray, num_frames: int,
+                 num_scalars: int, chunk_nodes: int = DEFAULT_CHUNK_NODES) -> zarr.Group:
+    """Create the empty arrays of one split; fill them with :func:`write_scenes`."""
+    if split not in SPLITS:
+        raise StoreError(f"unknown split {split!r}: use one of {SPLITS}")
+    sizes = np.asarray(scene_sizes, dtype=np.int64)
+    ptr = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(ptr[-1])
+    group = root.create_group(split)
+    group.attrs.update(dict(num_scenes=len(sizes), num_frames=int(num_frames)))
+    chunk = max(1, min(chunk_nodes, total))
+    for name in FRAME_ARRAYS:
+        group.create_array(name, shape=(num_frames, total, 3), chunks=(1, chunk, 3), dtype="float32",
+                           compressors=COMPRESSORS)
+    group.create_array("node_scalars", shape=(total, num_scalars), chunks=(chunk, max(1, num_scalars)),
+                       dtype="float32", compressors=COMPRESSORS)
+    group.create_array("scene_ptr", data=ptr)
+    return group
+
+
+def write_scenes(group: zarr.Group, first_scene: int, pos: np.ndarray, vel: np.ndarray,
+                 node_scalars: np.ndarray) -> None:
+    """Write consecutive scenes of equal node count: pos/vel (S, T, n, 3), node_scalars (S, n, K)."""
+    ptr = group["scene_ptr"][:]
+    count, frames, n = pos.shape[:3]
+    start, stop = int(ptr[first_scene]), int(ptr[first_scene + count])
+    if stop - start != count * n:
+        raise StoreError(f"scenes {first_scene}..{first_scene + count - 1} of {group.path} hold "
+                         f"{stop - start} nodes in scene_ptr, but {count} x {n} were given")
+    for name, values in (("pos", pos), ("vel", vel)):
+        group[name][:, start:stop] = values.transpose(1, 0, 2, 3).reshape(frames, count * n, 3)
+    group["node_scalars"][start:stop] = node_scalars.reshape(count * n, -1)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class SplitInfo:
+    """Shape facts of one split of a validated store."""
+
+    num_scenes: int
+    num_frames: int
+    num_nodes: int
+    scene_ptr: np.ndarray
+
+    def scene_nodes(self, scene: int) -> slice:
+        return slice(int(self.scene_ptr[scene]), int(self.scene_ptr[scene + 1]))
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Metadata of a validated store."""
+
+    path: Path
+    attrs: dict[str, Any]
+    splits: dict[str, SplitInfo]
+
+    @property
+    def node_scalars(self) -> list[str]:
+        return list(self.attrs["node_scalars"])
+
+
+def open_store(path: str | os.PathLike, check_values: bool = False) -> StoreInfo:
+    """Open and validate a store; raise :class:`StoreError` naming the path and the problem.
+
+    Structure and metadata are always checked (cheap). ``check_values`` also scans every position and
+    velocity for NaN/Inf through dask, chunk by chunk, so memory stays bounded by a few chunks.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"dataset store {path} does not exist: create it with "
+                         f"`python launch/prepare.py dataset=<name>` or set paths.data to the folder holding it")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as err:  # zarr raises several types for a folder that is not a group
+        raise StoreError(f"{path} is not a readable zarr group ({err}); delete it and prepare the dataset again") from err
+    attrs = dict(root.attrs)
+    version = attrs.get("schema_version")
+    if version is None:
+        raise StoreError(f"{path}: attribute 'schema_version' is missing; this is not a dist-egnn store")
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path}: schema_version {version} is newer than this dist-egnn understands "
+                         f"({SCHEMA_VERSION}); upgrade dist-egnn")
+    for key in ("dataset", "source", "dt", "units", "radius", "node_scalars"):
+        if key not in attrs:
+            raise StoreError(f"{path}: root attribute {key!r} is missing; prepare the dataset again")
+    if not (isinstance(attrs["dt"], (int, float)) and attrs["dt"] > 0):
+        raise StoreError(f"{path}: attribute 'dt' must be a positive number, got {attrs['dt']!r}")
+
+    splits = {}
+    for split in SPLITS:
+        if split not in root:
+            raise StoreError(f"{path}: split group {split!r} is missing")
+        splits[split] = _check_split(path, root[split], len(attrs["node_scalars"]), check_values)
+    return StoreInfo(path=path, attrs=attrs, splits=splits)
+
+
+def _check_split(path: Path, group: zarr.Group, num_scalars: int, check_values: bool) -> SplitInfo:
+    where = f"{path}/{group.basename}"
+    for name in (*FRAME_ARRAYS, "node_scalars", "scene_ptr"):
+        if name not in group:
+            raise StoreError(f"{where}: array {name!r} is missing; prepare the dataset again")
+    pos, vel = group["pos"], group["vel"]
+    if pos.ndim != 3 or pos.shape[2] != 3:
+        raise StoreError(f"{where}/pos: shape {pos.shape} is not (T, N, 3)")
+    if vel.shape != pos.shape:
+        raise StoreError(f"{where}/vel: shape {vel.shape} disagrees with pos {pos.shape} (T and N must match)")
+    for name in (*FRAME_ARRAYS, "node_scalars"):
+        if group[name].dtype != np.float32:
+            raise StoreError(f"{where}/{name}: dtype {group[name].dtype}, expected float32")
+    scalars = group["node_scalars"]
+    if scalars.shape != (pos.shape[1], num_scalars):
+        raise StoreError(f"{where}/node_scalars: shape {scalars.shape}, expected ({pos.shape[1]}, {num_scalars}) "
+                         f"from N and the root attribute node_scalars")
+    ptr = np.asarray(group["scene_ptr"][:])
+    if ptr.ndim != 1 or len(ptr) < 2 or ptr[0] != 0 or ptr[-1] != pos.shape[1] or np.any(np.diff(ptr) <= 0):
+        raise StoreError(f"{where}/scene_ptr: must rise strictly from 0 to N={pos.shape[1]}; got "
+                         f"{ptr[:5]}...{ptr[-2:]} (len {len(ptr)})")
+    if check_values:
+        for name in FRAME_ARRAYS:
+            _check_finite(f"{where}/{name}", group[name])
+        _check_finite(f"{where}/node_scalars", scalars)
+    return SplitInfo(num_scenes=len(ptr) - 1, num_frames=pos.shape[0], num_nodes=pos.shape[1], scene_ptr=ptr)
+
+
+def _check_finite(where: str, array: zarr.Array) -> None:
+    """Scan an array chunk by chunk (dask) and report the first frame holding NaN or Inf."""
+    lazy = da.from_zarr(array)
+    try:
+        bad = ~da.isfinite(lazy).all(axis=tuple(range(1, lazy.ndim))).compute()
+    except Exception as err:  # a missing or truncated chunk surfaces here
+        raise StoreError(f"{where}: cannot be read ({type(err).__name__}: {err}); the store is damaged, "
+                         f"prepare the dataset again") from err
+    if np.any(bad):
+        first = int(np.flatnonzero(bad)[0])
+        raise StoreError(f"{where}: NaN or Inf values, first at index {first} of axis 0 "
+                         f"({int(bad.sum())} of {len(bad)} affected); fix or regenerate the data")

@@ -1,0 +1,171 @@
+"""The typed configuration: nested dataclasses registered with Hydra's ConfigStore.
+
+The YAML groups in ``launch/conf/{dataset,model,trainer}`` fill these; because every node is typed and in
+struct mode, an unknown key or a value of the wrong type stops the run before anything starts, naming the
+key. Values used by several groups live in one place and are interpolated: feature widths come from the
+dataset's feature recipes (``${len:...}``), the MMD σ and λ from the dataset (SPEC §3 lists them per
+dataset).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class PathsConfig:
+    data: str = "data"          # every dataset store lives at <data>/<dataset.name>.zarr
+    runs: str = "runs"          # run directories are created under here
+
+
+@dataclass
+class NBodyGenerator:
+    """Parameters of the N-body simulator (datasets.nbody.NBodyConfig); defaults: the paper's set."""
+
+    num_particles: int = 100
+    train: int = 5000
+    val: int = 2000
+    test: int = 2000
+    steps: int = 5000
+    sample_every: int = 100
+    dt: float = 0.001
+    interaction: float = 1.0
+    loc_std: float = 1.0
+    vel_norm: float = 0.5
+    max_force: float = 100.0
+    box_size: Optional[float] = None
+    seed: int = 0
+    scenes_per_batch: int = 100
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING                       # store name: <paths.data>/<name>.zarr
+    source: str = MISSING                     # how `prepare` makes the store: nbody, ...
+    store: str = "${paths.data}/${dataset.name}.zarr"
+    auto_prepare: bool = True                 # create the store on first use if it is missing
+    check_values: bool = True                 # scan the whole store for NaN/Inf before training
+    delta_t: int = 10                         # frames between input and target
+    frame_start: int = 0
+    frame_stop: Optional[int] = None          # None: every frame with a target
+    frame_stride: int = 1
+    node_features: list[str] = field(default_factory=lambda: ["speed"])
+    edge_features: list[str] = field(default_factory=lambda: ["distance", "distance"])
+    radius: Optional[float] = None            # None: the store's own radius (None there: complete graph)
+    max_neighbors: Optional[int] = None
+    mmd_sigma: float = 1.5
+    mmd_weight: float = 0.03
+    mmd_samples: Optional[int] = None         # real nodes per graph per virtual node for MMD; None: all
+    nbody: Optional[NBodyGenerator] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fastegnn"                    # egnn | fastegnn
+    hidden: int = 64
+    layers: int = 4
+    virtual_channels: int = 3                 # C (FastEGNN only)
+    node_features: int = II("len:${dataset.node_features}")
+    edge_features: int = II("len:${dataset.edge_features}")
+    node_attrs: int = 0
+    cutoff_rate: float = 0.0                  # edge dropping r (SPEC §2), applied when graphs are built
+    edge_chunk_size: Optional[int] = None     # edges per chunk with recomputation; None: no chunking
+
+
+@dataclass
+class LossConfig:
+    mmd_weight: float = II("dataset.mmd_weight")
+    mmd_sigma: float = II("dataset.mmd_sigma")
+    mmd_samples: Optional[int] = II("dataset.mmd_samples")
+    mmd_kernel: str = "gaussian"              # gaussian | unsquared
+    mmd_target: str = "truth"                 # truth | prediction
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 8
+    batch_size: int = 10
+    eval_batch_size: int = 50
+    lr: float = 5e-4
+    weight_decay: float = 1e-12
+    patience: int = 10                        # evaluations without a better val MSE before stopping
+    eval_every: int = 1                       # epochs between evaluations
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"                    # float32 | float64
+    num_threads: Optional[int] = None         # None: all cores of this process's share
+    progress: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    """How each graph is split over ranks (SPEC §4-5)."""
+
+    parts: int = 1                            # P: parts per graph, one rank each
+    partition: str = "metis"                  # metis | spatial | random
+    halo: str = "none"                        # none: drop cut edges (paper) | exact: 1-hop halo, equals 1 device
+    seed: int = 0                             # partitioner seed
+
+
+@dataclass
+class PrepareConfig:
+    """Options of ``launch/prepare.py``."""
+
+    overwrite: bool = False                   # rebuild a store that already exists
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+MODEL_NAMES = ("egnn", "fastegnn")
+
+
+def register() -> None:
+    """Register the schema with Hydra (as ``base_config``) and the ``len`` resolver; idempotent."""
+    if not OmegaConf.has_resolver("len"):
+        OmegaConf.register_new_resolver("len", lambda values: len(values))
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def check(cfg: DictConfig | Config) -> None:
+    """Checks that types alone cannot express; raises ValueError naming the key and the fix."""
+    problems = []
+    if cfg.model.name not in MODEL_NAMES:
+        problems.append(f"model.name={cfg.model.name!r}: choose one of {MODEL_NAMES} (model=egnn or model=fastegnn)")
+    if not 0.0 <= cfg.model.cutoff_rate <= 1.0:
+        problems.append(f"model.cutoff_rate={cfg.model.cutoff_rate}: must be in [0, 1]")
+    if cfg.loss.mmd_kernel not in ("gaussian", "unsquared"):
+        problems.append(f"loss.mmd_kernel={cfg.loss.mmd_kernel!r}: choose gaussian or unsquared")
+    if cfg.loss.mmd_target not in ("truth", "prediction"):
+        problems.append(f"loss.mmd_target={cfg.loss.mmd_target!r}: choose truth or prediction")
+    if cfg.trainer.dtype not in ("float32", "float64"):
+        problems.append(f"trainer.dtype={cfg.trainer.dtype!r}: choose float32 or float64")
+    for key in ("max_epochs", "batch_size", "eval_batch_size", "eval_every", "patience"):
+        if getattr(cfg.trainer, key) < 1:
+            problems.append(f"trainer.{key}={getattr(cfg.trainer, key)}: must be >= 1")
+    if cfg.model.node_features != len(cfg.dataset.node_features):
+        problems.append(f"model.node_features={cfg.model.node_features} but dataset.node_features lists "
+                        f"{len(cfg.dataset.node_features)} features {list(cfg.dataset.node_features)}: "
+                        f"remove the model.node_features override or change the recipe")
+    if cfg.model.edge_features != len(cfg.dataset.edge_features):
+        problems.append(f"model.edge_features={cfg.model.edge_features} but dataset.edge_features lists "
+                        f"{len(cfg.dataset.edge_features)} features {list(cfg.dataset.edge_features)}: "
+                        f"remove the model.edge_features override or change the recipe")
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The fully resolved configuration as plain Python data (what config.yaml holds)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -1,0 +1,233 @@
+"""EGNN with velocity (Satorras et al. 2021): the baseline, and the real-node half of FastEGNN.
+
+One layer (SPEC §2 without the virtual terms), every term reading the layer's inputs:
+
+    m_ij  = phi_e([h_i, h_j, |x_i - x_j|^2, e_ij])                                  (1) real-real message
+    x_i'  = x_i + mean_j (x_i - x_j) phi_x(m_ij) + phi_v(h_i) v_i                    (4) coordinates
+    h_i'  = h_i + phi_h([h_i, mean_j m_ij, a_i])                                     (6) features
+
+``mean_j`` runs over the senders j of edges received by i (0 for a node without edges). The velocity v is
+the input velocity in every layer.
+
+Shapes: N real nodes (owned by this process), N_all = N + halo rows, E edges (receivers < N), B graphs,
+H hidden, F node features, D edge features, A node attributes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dist_egnn.comm import SingleProcess
+from dist_egnn.keys import RECEIVER, SENDER
+from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp, velocity_mlp
+from dist_egnn.models.ops import count_per_segment, scatter_sum, split_columns
+
+
+class Prediction(NamedTuple):
+    """What a model returns: predicted real positions (N, 3) and, for FastEGNN, virtual positions (B, 3, C)."""
+
+    pos: Tensor
+    virtual_pos: Tensor | None = None
+
+
+@dataclass
+class GraphContext:
+    """Everything about the graph that stays fixed through the layers of one forward pass."""
+
+    edge_index: Tensor        # (2, E), row RECEIVER < N (owned), row SENDER < N_all (owned or halo)
+    edge_attr: Tensor         # (E, D)
+    batch: Tensor             # (N,)
+    num_graphs: int           # B
+    node_attr: Tensor | None  # (N, A) or None
+    inv_degree: Tensor        # (N, 1): 1 / number of received edges, 0 for a node without edges
+    node_count: Tensor        # (B, 1): real nodes per graph over ALL processes (a float, for division)
+    comm: object              # SingleProcess or a distributed communicator (dist_egnn.comm)
+    edge_chunk_size: int | None
+
+    def graph_means(self, *per_node: Tensor) -> tuple[Tensor, ...]:
+        """Exact per-graph means over all real nodes of all processes: (N, *S) -> (B, *S) for each input."""
+        sums = self.comm.sum_over_parts(*(scatter_sum(v, self.batch, self.num_graphs) for v in per_node))
+        return tuple(s / self.node_count.view(-1, *([1] * (s.dim() - 1))) for s in sums)
+
+
+class EGNNLayer(nn.Module):
+    """One EGNN layer: terms (1), (4) and (6) above.
+
+    ``extra_node_inputs`` widens phi_h's input for subclasses that add more aggregated messages (FastEGNN).
+    """
+
+    def __init__(self, hidden: int, edge_features: int, node_attrs: int, extra_node_inputs: int = 0):
+        super().__init__()
+        self.hidden = hidden
+        self.edge_features = edge_features
+        self.edge_mlp = message_mlp(2 * hidden + 1 + edge_features, hidden)          # phi_e
+        self.coord_mlp = coordinate_mlp(hidden)                                      # phi_x
+        self.velocity_mlp = velocity_mlp(hidden)                                     # phi_v
+        self.node_mlp = update_mlp(2 * hidden + extra_node_inputs + node_attrs, hidden)  # phi_h
+
+    def forward(self, h: Tensor, pos: Tensor, vel: Tensor, ctx: GraphContext) -> tuple[Tensor, Tensor]:
+        """(h (N, H), pos (N, 3), vel (N, 3)) -> (h' (N, H), pos' (N, 3))."""
+        h_all, pos_all = ctx.comm.exchange_halo(h, pos)
+        message, displacement = self.real_messages(h_all, pos_all, ctx)
+        pos_new = pos + displacement + self.velocity_term(h, vel)
+        h_new = h + self.node_mlp(_cat_attr([h, message], ctx.node_attr))
+        return h_new, pos_new
+
+    # -- term (1) and the real part of (4) -------------------------------------------------------------
+    def real_messages(self, h_all: Tensor, pos_all: Tensor, ctx: GraphContext) -> tuple[Tensor, Tensor]:
+        """mean_j m_ij (N, H) and mean_j (x_i - x_j) phi_x(m_ij) (N, 3).
+
+        The first Linear of phi_e is applied in pieces: the h_i and h_j blocks once per node, then gathered
+        onto the edges, so no (E, 2H + 1 + D) input is ever built. With ``edge_chunk_size`` set, edges are
+        processed in chunks whose intermediates are recomputed in backward: edge memory stays at one chunk.
+        """
+        n_owned = ctx.inv_degree.shape[0]
+        first = self.edge_mlp[0]
+        w_recv, w_send, w_edge = split_columns(first, [self.hidden, self.hidden, 1 + self.edge_features])
+        proj_recv = torch.addmm(first.bias, h_all[:n_owned], w_recv.t())   # (N, H), bias folded in
+        proj_send = h_all @ w_send.t()                                     # (N_all, H)
+
+        num_edges = ctx.edge_index.shape[1]
+        chunk = ctx.edge_chunk_size
+        if not chunk or num_edges <= chunk:
+            msg_sum, disp_sum = self._edge_block(proj_recv, proj_send, pos_all, ctx.edge_index, ctx.edge_attr,
+                                                 w_edge)
+        else:
+            msg_sum = proj_recv.new_zeros(n_owned, self.hidden)
+            disp_sum = pos_all.new_zeros(n_owned, 3)
+            for start in range(0, num_edges, chunk):
+                part = slice(start, start + chunk)
+                m, d = checkpoint(self._edge_block, proj_recv, proj_send, pos_all, ctx.edge_index[:, part],
+                                  ctx.edge_attr[part], w_edge, use_reentrant=False)
+                msg_sum = msg_sum + m
+                disp_sum = disp_sum + d
+        return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
+
+    def _edge_block(self, proj_recv: Tensor, proj_send: Tensor, pos_all: Tensor, edge_index: Tensor,
+                    edge_attr: Tensor, w_edge: Tensor) -> tuple[Tensor, Tensor]:
+        """Messages of a set of edges, summed at their receivers: (N, H) and (N, 3)."""
+        recv, send = edge_index[RECEIVER], edge_index[SENDER]
+        diff = pos_all[recv] - pos_all[send]                        # x_i - x_j (E, 3)
+        dist2 = (diff * diff).sum(dim=1, keepdim=True)              # |x_i - x_j|^2 (E, 1)
+        pre = torch.addmm(proj_recv[recv] + proj_send[send], torch.cat([dist2, edge_attr], dim=1), w_edge.t())
+        message = self.edge_mlp[3](self.edge_mlp[2](self.edge_mlp[1](pre)))    # SiLU, Linear, SiLU
+        displacement = diff * self.coord_mlp(message)
+        n_owned = proj_recv.shape[0]
+        return scatter_sum(message, recv, n_owned), scatter_sum(displacement, recv, n_owned)
+
+    # -- velocity part of (4) ----------------------------------------------------------------------------
+    def velocity_term(self, h: Tensor, vel: Tensor) -> Tensor:
+        """phi_v(h_i) v_i: (N, 3)."""
+        return self.velocity_mlp(h) * vel
+
+
+def _cat_attr(parts: list[Tensor], node_attr: Tensor | None) -> Tensor:
+    return torch.cat(parts if node_attr is None else [*parts, node_attr], dim=1)
+
+
+class EquivariantModel(nn.Module):
+    """What EGNN and FastEGNN share: the input embedding, input checks and the per-forward graph context.
+
+    ``comm`` is the communication seam (dist_egnn.comm); the default ``SingleProcess`` runs whole graphs in
+    this process. A distributed trainer injects its communicator with :meth:`set_comm`.
+    """
+
+    def __init__(self, node_features: int, edge_features: int, node_attrs: int, hidden: int, layers: int,
+                 edge_chunk_size: int | None, comm=None):
+        super().__init__()
+        for name, value, least in [("node_features", node_features, 1), ("edge_features", edge_features, 0),
+                                   ("node_attrs", node_attrs, 0), ("hidden", hidden, 1), ("layers", layers, 1)]:
+            if int(value) < least:
+                raise ValueError(f"{type(self).__name__}: {name}={value} must be >= {least}")
+        self.node_features = node_features
+        self.edge_features = edge_features
+        self.node_attrs = node_attrs
+        self.hidden = hidden
+        self.edge_chunk_size = edge_chunk_size
+        self.embedding = nn.Linear(node_features, hidden)
+        self.comm = comm if comm is not None else SingleProcess()
+
+    def set_comm(self, comm) -> None:
+        """Use another communicator (e.g. a distributed one) from the next forward on."""
+        self.comm = comm
+
+    def context(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
+                edge_attr: Tensor | None, batch: Tensor | None, num_graphs: int | None,
+                node_attr: Tensor | None) -> GraphContext:
+        """Check the inputs against the model's widths and build the per-forward graph context."""
+        name = type(self).__name__
+        n = pos.shape[0]
+        if pos.dim() != 2 or pos.shape[1] != 3 or vel.shape != pos.shape:
+            raise ValueError(f"{name}: pos and vel must both be (N, 3); got {tuple(pos.shape)} and "
+                             f"{tuple(vel.shape)}")
+        if node_features.dim() != 2 or node_features.shape != (n, self.node_features):
+            raise ValueError(f"{name} was built for {self.node_features} node features per node but got a "
+                             f"tensor of shape {tuple(node_features.shape)} for {n} nodes: set "
+                             f"model.node_features={node_features.shape[-1]} or change dataset.node_features")
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"{name}: edge_index must be (2, E); got {tuple(edge_index.shape)}")
+        num_edges = edge_index.shape[1]
+        if edge_attr is None:
+            edge_attr = pos.new_zeros(num_edges, 0)
+        if edge_attr.shape != (num_edges, self.edge_features):
+            raise ValueError(f"{name} was built for {self.edge_features} edge features but got edge_attr of "
+                             f"shape {tuple(edge_attr.shape)} for {num_edges} edges: set "
+                             f"model.edge_features={edge_attr.shape[-1] if edge_attr.dim() == 2 else '?'} or "
+                             f"change dataset.edge_features")
+        if self.node_attrs == 0 and node_attr is not None and node_attr.shape[-1] > 0:
+            raise ValueError(f"{name} was built with node_attrs=0 but got node_attr of shape "
+                             f"{tuple(node_attr.shape)}: set model.node_attrs={node_attr.shape[-1]}")
+        if self.node_attrs > 0 and (node_attr is None or node_attr.shape != (n, self.node_attrs)):
+            got = None if node_attr is None else tuple(node_attr.shape)
+            raise ValueError(f"{name} was built for node_attrs={self.node_attrs} but got node_attr {got}")
+        if self.node_attrs == 0:
+            node_attr = None
+        if batch is None:
+            batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+            num_graphs = 1
+        elif num_graphs is None:
+            num_graphs = int(batch.max()) + 1 if n else 1
+
+        recv = edge_index[RECEIVER]
+        degree = count_per_segment(recv, n, pos.dtype)
+        inv_degree = torch.where(degree > 0, 1.0 / degree.clamp(min=1), torch.zeros_like(degree)).unsqueeze(1)
+        (node_count,) = self.comm.sum_over_parts(count_per_segment(batch, num_graphs, pos.dtype).unsqueeze(1))
+        return GraphContext(edge_index=edge_index, edge_attr=edge_attr.to(pos.dtype), batch=batch,
+                            num_graphs=num_graphs, node_attr=node_attr, inv_degree=inv_degree,
+                            node_count=node_count.clamp(min=1), comm=self.comm,
+                            edge_chunk_size=self.edge_chunk_size)
+
+
+class EGNN(EquivariantModel):
+    """EGNN with velocity: embedding Linear(F -> H), then ``layers`` EGNN layers; outputs positions.
+
+    Args:
+        node_features: F, width of the invariant input features f_i.
+        edge_features: D, width of the invariant edge attributes e_ij.
+        node_attrs: A, width of the optional invariant attributes a_i given to every layer.
+        hidden: H. layers: number of layers.
+        edge_chunk_size: process edges in chunks of this size with recomputation in backward
+            (bounded edge memory); None keeps every edge tensor (fastest).
+        comm: communication seam, default single process.
+
+    Call: ``model(node_features (N, F), pos (N, 3), vel (N, 3), edge_index (2, E), edge_attr (E, D),
+    batch (N,), num_graphs, node_attr (N, A))`` -> ``Prediction(pos (N, 3), None)``.
+    """
+
+    def __init__(self, node_features: int = 2, edge_features: int = 2, node_attrs: int = 0, hidden: int = 64,
+                 layers: int = 4, edge_chunk_size: int | None = None, comm=None):
+        super().__init__(node_features, edge_features, node_attrs, hidden, layers, edge_chunk_size, comm)
+        self.layers = nn.ModuleList(EGNNLayer(hidden, edge_features, node_attrs) for _ in range(layers))
+
+    def forward(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
+                edge_attr: Tensor | None = None, batch: Tensor | None = None, num_graphs: int | None = None,
+                node_attr: Tensor | None = None) -> Prediction:
+        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr)
+        h = self.embedding(node_features)
+        for layer in self.layers:
+            h, pos = layer(h, pos, vel, ctx)
+        return Prediction(pos, None)

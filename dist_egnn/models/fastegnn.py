@@ -1,0 +1,131 @@
+"""FastEGNN (Zhang et al., ICML 2024): EGNN plus C virtual nodes that talk to every real node.
+
+One layer reads (h, x, S, Z) and writes all four; every term uses the layer's inputs (SPEC §2):
+
+    m_ij  = phi_e([h_i, h_j, |x_i - x_j|^2, e_ij])                                   (1) real-real message
+    x̄     = mean_i x_i;   Ẑ = Z - x̄;   G = ẐᵀẐ (C x C);   g_c = column c of G          (2) virtual geometry
+    m_ic  = phi_ev([h_i, s_c, |x_i - z_c|, g_c])                                     (3) real-virtual message
+    x_i'  = x_i + mean_j (x_i - x_j) phi_x(m_ij) + mean_c (x_i - z_c) phi_xv(m_ic)
+                + phi_v(h_i) v_i                                                     (4) real coordinates
+    z_c'  = z_c + mean_i (z_c - x_i) phi_X(m_ic)                                     (5) virtual coordinates
+    h_i'  = h_i + phi_h([h_i, mean_j m_ij, mean_c m_ic, a_i])                        (6) real features
+    s_c'  = s_c + phi_hv([s_c, mean_i m_ic])                                         (7) virtual features
+
+``mean_i`` runs over ALL real nodes of the graph. When a graph is split over processes, those means (and
+the centroid) are the only global quantities; they go through ``ctx.graph_means``, which sums over
+processes via the injected communicator, so this file is the same for one and many processes.
+
+Shapes: N real nodes, B graphs, C virtual nodes per graph, H hidden.
+    h (N, H)  pos (N, 3)  vel (N, 3)  virtual_h (B, H, C)  virtual_pos (B, 3, C)
+    m_ic (N, C, H)  x_i - z_c (N, 3, C)  G (B, C, C)
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp
+from dist_egnn.models.egnn import EGNNLayer, EquivariantModel, GraphContext, Prediction, _cat_attr
+from dist_egnn.models.ops import split_columns
+
+
+class FastEGNNLayer(EGNNLayer):
+    """EGNN layer plus the virtual-node terms (2), (3), (5), (7) and the virtual parts of (4) and (6)."""
+
+    def __init__(self, hidden: int, edge_features: int, node_attrs: int, virtual_channels: int):
+        super().__init__(hidden, edge_features, node_attrs, extra_node_inputs=hidden)
+        self.virtual_channels = virtual_channels
+        self.virtual_edge_mlp = message_mlp(2 * hidden + 1 + virtual_channels, hidden)   # phi_ev
+        self.virtual_coord_mlp = coordinate_mlp(hidden)                                  # phi_xv
+        self.virtual_pos_mlp = coordinate_mlp(hidden)                                    # phi_X
+        self.virtual_node_mlp = update_mlp(2 * hidden, hidden)                           # phi_hv
+
+    def forward(self, h: Tensor, pos: Tensor, vel: Tensor, virtual_h: Tensor, virtual_pos: Tensor,
+                ctx: GraphContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(h, pos, vel, virtual_h, virtual_pos) -> (h', pos', virtual_h', virtual_pos')."""
+        h_all, pos_all = ctx.comm.exchange_halo(h, pos)
+        message, displacement = self.real_messages(h_all, pos_all, ctx)                   # (1)
+        gram = self.virtual_geometry(pos, virtual_pos, ctx)                                # (2)
+        virtual_message, to_virtual = self.virtual_messages(h, pos, virtual_h, virtual_pos, gram, ctx)  # (3)
+
+        pos_new = (pos + displacement + self.virtual_pull(virtual_message, to_virtual)     # (4)
+                   + self.velocity_term(h, vel))
+        virtual_move, virtual_message_mean = ctx.graph_means(
+            self.virtual_displacement(virtual_message, to_virtual), virtual_message)       # (5), (7) one sum
+        virtual_pos_new = virtual_pos + virtual_move                                      # (5)
+        h_new = h + self.node_mlp(_cat_attr([h, message, virtual_message.mean(dim=1)], ctx.node_attr))  # (6)
+        virtual_h_new = virtual_h + self.virtual_feature_update(virtual_h, virtual_message_mean)        # (7)
+        return h_new, pos_new, virtual_h_new, virtual_pos_new
+
+    def virtual_geometry(self, pos: Tensor, virtual_pos: Tensor, ctx: GraphContext) -> Tensor:
+        """(2) G = ẐᵀẐ with Ẑ = Z - centroid of the real positions: (B, C, C), invariant under E(3)."""
+        (centroid,) = ctx.graph_means(pos)                                      # (B, 3)
+        centred = virtual_pos - centroid.unsqueeze(-1)                          # (B, 3, C)
+        return centred.transpose(1, 2) @ centred
+
+    def virtual_messages(self, h: Tensor, pos: Tensor, virtual_h: Tensor, virtual_pos: Tensor, gram: Tensor,
+                         ctx: GraphContext) -> tuple[Tensor, Tensor]:
+        """(3) m_ic (N, C, H), and x_i - z_c (N, 3, C) for the coordinate terms.
+
+        The first Linear of phi_ev is applied in pieces: the h_i block per real node, the s_c and g_c blocks
+        per graph and channel, the distance as a rank-1 term; nothing (N, C, 2H + 1 + C) is built.
+        """
+        first = self.virtual_edge_mlp[0]
+        w_h, w_s, w_dist, w_gram = split_columns(first, [self.hidden, self.hidden, 1, self.virtual_channels])
+        to_virtual = pos.unsqueeze(-1) - virtual_pos[ctx.batch]                           # (N, 3, C)
+        dist = torch.linalg.vector_norm(to_virtual, dim=1)                                # (N, C)
+        per_node = h @ w_h.t()                                                            # (N, H)
+        per_channel = virtual_h.transpose(1, 2) @ w_s.t() + gram @ w_gram.t() + first.bias  # (B, C, H)
+        pre = per_node.unsqueeze(1) + per_channel[ctx.batch] + dist.unsqueeze(-1) * w_dist.squeeze(1)
+        message = self.virtual_edge_mlp[3](self.virtual_edge_mlp[2](self.virtual_edge_mlp[1](pre)))
+        return message, to_virtual
+
+    def virtual_pull(self, virtual_message: Tensor, to_virtual: Tensor) -> Tensor:
+        """Virtual part of (4): mean_c (x_i - z_c) phi_xv(m_ic): (N, 3)."""
+        weight = self.virtual_coord_mlp(virtual_message).transpose(1, 2)                 # (N, 1, C)
+        return (to_virtual * weight).mean(dim=2)
+
+    def virtual_displacement(self, virtual_message: Tensor, to_virtual: Tensor) -> Tensor:
+        """Per real node, the summand of (5): (z_c - x_i) phi_X(m_ic): (N, 3, C)."""
+        return -to_virtual * self.virtual_pos_mlp(virtual_message).transpose(1, 2)
+
+    def virtual_feature_update(self, virtual_h: Tensor, virtual_message_mean: Tensor) -> Tensor:
+        """(7) phi_hv([s_c, mean_i m_ic]): (B, H, C)."""
+        inputs = torch.cat([virtual_h.transpose(1, 2), virtual_message_mean], dim=2)      # (B, C, 2H)
+        return self.virtual_node_mlp(inputs).transpose(1, 2)
+
+
+class FastEGNN(EquivariantModel):
+    """FastEGNN: embedding Linear(F -> H), C virtual nodes, ``layers`` FastEGNN layers; outputs positions.
+
+    Virtual coordinates start at the centroid of each graph's input positions; virtual features start from
+    one learned (H, C) parameter shared by all graphs, which is what makes the C virtual nodes distinct.
+
+    Args: as :class:`~dist_egnn.models.egnn.EGNN`, plus ``virtual_channels`` (C). With the defaults
+    (F = 2, D = 2, A = 0, H = 64, 4 layers, C = 3) the model has 284,804 trainable parameters.
+
+    Call: ``model(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr)`` ->
+    ``Prediction(pos (N, 3), virtual_pos (B, 3, C))``.
+    """
+
+    def __init__(self, node_features: int = 2, edge_features: int = 2, node_attrs: int = 0, hidden: int = 64,
+                 layers: int = 4, virtual_channels: int = 3, edge_chunk_size: int | None = None, comm=None):
+        super().__init__(node_features, edge_features, node_attrs, hidden, layers, edge_chunk_size, comm)
+        if virtual_channels < 1:
+            raise ValueError(f"FastEGNN: virtual_channels={virtual_channels} must be >= 1")
+        self.virtual_channels = virtual_channels
+        self.virtual_h_init = nn.Parameter(torch.randn(hidden, virtual_channels))
+        self.layers = nn.ModuleList(FastEGNNLayer(hidden, edge_features, node_attrs, virtual_channels)
+                                    for _ in range(layers))
+
+    def forward(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
+                edge_attr: Tensor | None = None, batch: Tensor | None = None, num_graphs: int | None = None,
+                node_attr: Tensor | None = None) -> Prediction:
+        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr)
+        h = self.embedding(node_features)
+        (centroid,) = ctx.graph_means(pos)
+        virtual_pos = centroid.unsqueeze(-1).expand(-1, -1, self.virtual_channels)          # (B, 3, C)
+        virtual_h = self.virtual_h_init.unsqueeze(0).expand(ctx.num_graphs, -1, -1)          # (B, H, C)
+        for layer in self.layers:
+            h, pos, virtual_h, virtual_pos = layer(h, pos, vel, virtual_h, virtual_pos, ctx)
+        return Prediction(pos, virtual_pos)

@@ -1,0 +1,62 @@
+"""Radius and complete graphs, edge dropping, feature recipes."""
+import numpy as np
+import pytest
+
+from datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
+
+
+def brute_force_pairs(pos, r):
+    d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+    return {(i, j) for i, j in zip(*np.nonzero((d < r) & ~np.eye(len(pos), dtype=bool)))}
+
+
+def test_radius_graph_equals_brute_force_both_directions():
+    pos = np.random.default_rng(0).normal(size=(300, 3))
+    edges = radius_graph(pos, 0.5)
+    assert set(map(tuple, edges.T)) == brute_force_pairs(pos, 0.5)
+
+
+def test_neighbor_cap_keeps_the_nearest_senders():
+    pos = np.random.default_rng(1).normal(size=(200, 3))
+    full, capped = radius_graph(pos, 1.0), radius_graph(pos, 1.0, max_neighbors=4)
+    assert np.bincount(capped[0], minlength=200).max() <= 4
+    for i in range(0, 200, 37):
+        senders = full[1, full[0] == i]
+        nearest = senders[np.argsort(np.linalg.norm(pos[senders] - pos[i], axis=1), kind="stable")[:4]]
+        assert set(capped[1, capped[0] == i]) == set(nearest)
+
+
+def test_complete_graph_has_every_ordered_pair_once():
+    e = complete_graph(5)
+    assert e.shape == (2, 20) and len(set(map(tuple, e.T))) == 20 and not np.any(e[0] == e[1])
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.5, 1.0])
+def test_edge_dropping_keeps_the_shortest_floor_fraction(rate):
+    pos = np.random.default_rng(2).normal(size=(50, 3))
+    e = complete_graph(50)
+    kept = drop_longest_edges(e, pos, rate)
+    assert kept.shape[1] == int(np.floor((1 - rate) * e.shape[1]))
+    if 0 < kept.shape[1] < e.shape[1]:
+        length = lambda x: np.linalg.norm(pos[x[0]] - pos[x[1]], axis=1)  # noqa: E731
+        dropped = np.array(sorted(set(map(tuple, e.T)) - set(map(tuple, kept.T)))).T
+        assert length(kept).max() <= length(dropped).min()
+
+
+def test_edge_dropping_rejects_rates_outside_unit_interval():
+    with pytest.raises(ValueError, match="cutoff_rate"):
+        drop_longest_edges(complete_graph(3), np.zeros((3, 3)), 1.5)
+
+
+def test_feature_recipes():
+    pos = np.array([[0, 0, 0], [3, 4, 0]], dtype=np.float32)
+    vel = np.array([[1, 0, 0], [0, 2, 0]], dtype=np.float32)
+    charge = np.array([[1.0], [-1.0]], dtype=np.float32)
+    f = node_features(["speed", "charge"], vel, charge, ["charge"])
+    np.testing.assert_allclose(f, [[1, 1], [2, -1]])
+    e = edge_features(["charge_product", "distance", "distance_sq"], complete_graph(2), pos, charge, ["charge"])
+    np.testing.assert_allclose(e, [[-1, 5, 25], [-1, 5, 25]])
+    with pytest.raises(ValueError, match="unknown node feature 'mass'"):
+        node_features(["mass"], vel, charge, ["charge"])
+    with pytest.raises(ValueError, match="unknown edge feature"):
+        edge_features(["angle"], complete_graph(2), pos, charge, ["charge"])
