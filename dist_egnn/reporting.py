@@ -1,0 +1,90 @@
+"""Results of many runs as files people read: JSON records, a Markdown table with seed spread, a PNG plot.
+
+A record is one training run: a flat dict with at least ``study``, ``label``, ``seed`` and a metric such
+as ``test_mse``. Runs that differ only by seed form a group; groups are summarised by mean ± sample
+standard deviation over seeds, and compared with a baseline group by relative change of the mean.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+
+def write_json(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write records as a JSON list, atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(list(records), indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def summarise(records: Iterable[dict[str, Any]], metric: str = "test_mse",
+              group_by: str = "label") -> list[dict[str, Any]]:
+    """Per group (in first-seen order): n, mean, std (ddof=1; 0 for one seed), min and max of ``metric``."""
+    groups: dict[str, list[float]] = {}
+    for record in records:
+        if record.get(metric) is not None:
+            groups.setdefault(record[group_by], []).append(float(record[metric]))
+    rows = []
+    for name, values in groups.items():
+        v = np.asarray(values)
+        rows.append(dict(group=name, n=len(v), mean=float(v.mean()),
+                         std=float(v.std(ddof=1)) if len(v) > 1 else 0.0, min=float(v.min()), max=float(v.max())))
+    return rows
+
+
+def relative_change(value: float, baseline: float) -> float:
+    """(value − baseline) / baseline: −0.29 means 29% lower than the baseline."""
+    return (value - baseline) / baseline if baseline else math.nan
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], metric: str = "test_mse", baseline: str | None = None,
+                   extra_columns: dict[str, dict[str, Any]] | None = None) -> str:
+    """A Markdown table of :func:`summarise` rows; ``extra_columns`` maps group -> {column: value}."""
+    base = next((r["mean"] for r in rows if r["group"] == baseline), None)
+    extra_names = sorted({k for cols in (extra_columns or {}).values() for k in cols})
+    header = ["run", *extra_names, f"{metric} mean ± std", "seeds", "min", "max"]
+    if base is not None:
+        header.append(f"vs {baseline}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cols = (extra_columns or {}).get(r["group"], {})
+        cells = [r["group"], *(str(cols.get(k, "")) for k in extra_names),
+                 f"{r['mean']:.4g} ± {r['std']:.2g}", str(r["n"]), f"{r['min']:.4g}", f"{r['max']:.4g}"]
+        if base is not None:
+            cells.append(f"{100 * relative_change(r['mean'], base):+.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str, metric: str = "test_mse",
+             log_scale: bool = False) -> Path:
+    """Mean ± std per group as a bar chart (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.6))
+    x = np.arange(len(rows))
+    ax.bar(x, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4, color="tab:blue", alpha=0.8)
+    ax.set_xticks(x, [r["group"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

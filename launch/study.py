@@ -1,0 +1,152 @@
+"""Accuracy studies: ``python launch/study.py study=NAME [study.budget=paper] [study.seeds=[0,1,2]]``.
+
+A study (``launch/conf/study/NAME.yaml``) is a list of labelled runs, each a set of ``launch/train.py``
+overrides, trained once per seed on one dataset under one named budget. Every run is a separate process
+(``python launch/train.py``, or ``deepspeed --num_gpus R launch/train.py`` for ``ranks: R``), so a study
+trains exactly what a user would. Finished runs are kept and skipped when the study is started again.
+
+Writes, after every finished run:
+    docs/results/<study>[-<budget>].json   one record per run: study, dataset, model, seed, test_mse, ...
+    docs/results/<study>[-<budget>].md     mean ± std over seeds per run label, change vs the baseline
+    docs/results/<study>[-<budget>].png    the same as a bar chart
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import yaml
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+from tqdm.auto import tqdm
+
+from dist_egnn.config import PathsConfig
+from dist_egnn.reporting import bar_plot, markdown_table, summarise, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class StudyRun:
+    label: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+    ranks: int = 1                                  # processes; more than one uses the deepspeed launcher
+
+
+@dataclass
+class StudySpec:
+    name: str = MISSING
+    description: str = ""
+    dataset: str = MISSING                          # a launch/conf/dataset option
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    common: list[str] = field(default_factory=list)  # overrides shared by every run
+    budgets: dict[str, list[str]] = field(default_factory=dict)  # named training budgets (overrides)
+    budget: str = "default"
+    baseline: Optional[str] = None                  # label every other run is compared with
+    runs: list[StudyRun] = field(default_factory=list)
+
+
+@dataclass
+class StudyRoot:
+    study: StudySpec = field(default_factory=StudySpec)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    results_dir: str = "docs/results"
+    progress: bool = True
+
+
+ConfigStore.instance().store(name="study_schema", node=StudyRoot)
+
+
+def train_command(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str) -> list[str]:
+    """The exact command line of one run."""
+    if spec.budget not in spec.budgets:
+        raise ValueError(f"study.budget={spec.budget!r} is not defined in study {spec.name!r}: "
+                         f"choose one of {sorted(spec.budgets)}")
+    script = str(ROOT / "launch" / "train.py")
+    if run.ranks > 1:
+        deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        launcher = [deepspeed, "--num_gpus", str(run.ranks), script]
+    else:
+        launcher = [sys.executable, script]
+    return [*launcher, f"dataset={spec.dataset}", f"paths.data={data_dir}", *spec.common,
+            *spec.budgets[spec.budget], *run.overrides, f"trainer.seed={seed}", f"hydra.run.dir={run_dir}",
+            "trainer.progress=false"]
+
+
+def finished_record(run_dir: Path) -> dict[str, Any] | None:
+    """The test evaluation of a finished run (last line of metrics.jsonl), or None if unfinished."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    lines = metrics.read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    return last if "test_mse" in last else None
+
+
+def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> dict:
+    """One JSON record: what distinguishes the run, and its results."""
+    final = finished_record(run_dir)
+    wall_file = run_dir / "study_wall_time_s"
+    wall_time_s = float(wall_file.read_text()) if wall_file.exists() else None
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    distributed = config.get("distributed", {})
+    return dict(study=spec.name, budget=spec.budget, label=run.label, dataset=config["dataset"]["name"],
+                model=config["model"]["name"], seed=seed, test_mse=final["test_mse"], val_mse=final.get("val_mse"),
+                best_epoch=final.get("epoch"), cutoff_rate=config["model"].get("cutoff_rate", 0.0),
+                virtual_channels=config["model"].get("virtual_channels"), parts=distributed.get("parts", 1),
+                halo=distributed.get("halo", "none"), partition=distributed.get("partition"),
+                ranks=run.ranks, wall_time_s=wall_time_s, run_dir=str(run_dir))
+
+
+def results_stem(spec: DictConfig) -> str:
+    return spec.name if spec.budget == "default" else f"{spec.name}-{spec.budget}"
+
+
+def write_results(spec: DictConfig, records: list[dict], results_dir: Path) -> None:
+    stem = results_stem(spec)
+    write_json(records, results_dir / f"{stem}.json")
+    rows = summarise(records)
+    settings = {r["label"]: {"model": r["model"], "r": r["cutoff_rate"], "P": r["parts"], "halo": r["halo"]}
+                for r in records}
+    title = f"{spec.name} ({spec.dataset}, budget {spec.budget})"
+    (results_dir / f"{stem}.md").write_text(
+        f"# Study: {title}\n\n{spec.description.strip()}\n\nTest MSE per run label over seeds "
+        f"{sorted({r['seed'] for r in records})}; records in `{stem}.json`, command "
+        f"`python launch/study.py study={spec.name} study.budget={spec.budget}`.\n\n"
+        + markdown_table(rows, baseline=spec.baseline, extra_columns=settings))
+    bar_plot(rows, results_dir / f"{stem}.png", title=title)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="study")
+def main(cfg: DictConfig) -> None:
+    spec = cfg.study
+    base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
+    jobs = [(run, seed) for run in spec.runs for seed in spec.seeds]
+    records = []
+    bar = tqdm(jobs, desc=f"study {spec.name}", unit="run", disable=not cfg.progress)
+    for run, seed in bar:
+        run_dir = base / run.label / f"seed{seed}"
+        if finished_record(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)            # an unfinished run starts over
+            cmd = train_command(spec, run, seed, run_dir, cfg.paths.data)
+            bar.write(f"running {run.label} seed {seed}: {' '.join(cmd)}")
+            started = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or finished_record(run_dir) is None:
+                sys.exit(f"error: run {run.label} seed {seed} failed (exit {proc.returncode}); its output ends:\n"
+                         f"{(proc.stdout + proc.stderr)[-3000:]}")
+            (run_dir / "study_wall_time_s").write_text(f"{time.perf_counter() - started:.1f}\n")
+        records.append(make_record(spec, run, seed, run_dir))
+        write_results(spec, records, Path(cfg.results_dir))
+    print(f"results: {Path(cfg.results_dir) / results_stem(spec)}.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
