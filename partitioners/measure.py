@@ -8,8 +8,10 @@ For each method and P it reports the best of ``--repeats`` runs of
   * strategy s: the assignment alone, from a graph already built (spatial and random need none),
   * total s: ``partitioners.partition(pos, P, method, radius=r)``, i.e. input checks, radius graph,
     assignment and metrics,
-and the quality numbers of ``partitioners.metrics``. Times depend on the machine's other load: compare
-rows of one run. ``--plot FILE.png`` also draws cut fraction and total time against P.
+and the quality numbers of ``partitioners.metrics``. Times are CPU seconds of this process
+(``time.process_time``): all of it runs in one thread, so on an idle machine they equal wall time, and
+they stay meaningful on a machine shared with other jobs, where wall time does not. ``--plot FILE.png``
+also draws cut fraction and total time against P.
 """
 from __future__ import annotations
 
@@ -33,11 +35,12 @@ def uniform_cloud(nodes: int, degree: float, radius: float, seed: int = 0) -> np
 
 
 def best_time(fn, repeats: int):
+    """Least CPU seconds of ``repeats`` calls, and the last result."""
     best, result = np.inf, None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         result = fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return best, result
 
 
@@ -60,7 +63,7 @@ def measure(nodes: int, degree: float, radius: float, parts: list[int], repeats:
 
 def table(rows: list[dict], graph: dict) -> str:
     lines = [f"{graph['nodes']:,} nodes, {graph['edges']:,} edges ({graph['degree']:.1f} neighbours per node), "
-             f"radius graph built in {graph['graph_s']:.2f} s",
+             f"radius graph built in {graph['graph_s']:.2f} s; times in CPU seconds, best of repeats",
              "",
              "| method | P | strategy s | total s | cut edges | boundary nodes | max halo / part | imbalance |",
              "|---|---|---|---|---|---|---|---|"]
@@ -83,7 +86,7 @@ def plot(rows: list[dict], path: str) -> None:
         cut.plot(ps, [100 * r["cut_fraction"] for r in mine], "o-", label=method)
         seconds.plot(ps, [r["total_s"] for r in mine], "o-", label=method)
     cut.set(xlabel="parts P", ylabel="cut edges (%)", yscale="log", title="edges between parts")
-    seconds.set(xlabel="parts P", ylabel="seconds", title="partition() incl. radius graph")
+    seconds.set(xlabel="parts P", ylabel="CPU seconds", title="partition() incl. radius graph")
     for ax in (cut, seconds):
         ax.set_xticks(sorted({r["parts"] for r in rows}))
         ax.grid(alpha=0.3)

@@ -168,7 +168,7 @@ def undirected_adjacency(edge_index: np.ndarray, num_nodes: int) -> sp.csr_matri
     recv, send = edge_index
     keep = recv != send
     recv, send = recv[keep], send[keep]
-    ones = np.ones(2 * len(recv), dtype=np.int8)
+    ones = np.ones(2 * len(recv), dtype=bool)                 # repeats merge into one True
     adjacency = sp.coo_matrix((ones, (np.concatenate([recv, send]), np.concatenate([send, recv]))),
                               shape=(num_nodes, num_nodes)).tocsr()
     adjacency.sum_duplicates()
