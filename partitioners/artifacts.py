@@ -136,7 +136,7 @@ def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed
         pos = root[name]["pos"]
         digest = hashlib.sha256(json.dumps(list(pos.shape)).encode())
         digest.update(np.ascontiguousarray(data.meta.scene_ptr, dtype=np.int64).tobytes())
-        for frame in {int(data.frames[0]), int(data.frames[-1])} if len(data.frames) else ():
+        for frame in sorted({int(data.frames[0]), int(data.frames[-1])}) if len(data.frames) else ():
             digest.update(np.ascontiguousarray(pos[frame]).tobytes())
         store_splits[name] = digest.hexdigest()[:16]
     radius = first.radius
