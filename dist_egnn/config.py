@@ -115,6 +115,8 @@ class PrepareConfig:
     """Options of ``launch/prepare.py``."""
 
     overwrite: bool = False                   # rebuild a store that already exists
+    scheduler: str = "auto"                   # dask scheduler partitioning samples: auto|processes|threads|sync
+    workers: Optional[int] = None             # dask workers for partitioning; None: every core
 
 
 @dataclass

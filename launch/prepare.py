@@ -1,7 +1,9 @@
-"""Create a dataset store: ``python launch/prepare.py dataset=NAME [overrides]``.
+"""Create a dataset store and its partitions: ``python launch/prepare.py dataset=NAME [overrides]``.
 
 Writes ``<paths.data>/<dataset.name>.zarr`` (validated) with a progress bar; an existing store is
-validated and kept unless ``prepare.overwrite=true``.
+validated and kept unless ``prepare.overwrite=true``. With ``distributed.parts=P`` (P > 1) it also builds,
+or reuses when its inputs are unchanged, the partition of every sample (``distributed.partition``,
+``distributed.seed``) beside the store; see ``partitioners/artifacts.py``.
 """
 from __future__ import annotations
 
@@ -14,25 +16,36 @@ from omegaconf import DictConfig, OmegaConf
 from datasets.prepare import prepare_dataset
 from datasets.store import StoreError, open_store
 from dist_egnn.config import register
+from dist_egnn.train import load_splits
+from partitioners.artifacts import prepare_partitions
 
 register()
 
 
+def prepare(cfg: DictConfig) -> None:
+    """Make or validate the store; with distributed.parts > 1 also build or reuse its partitions."""
+    path = Path(cfg.dataset.store)
+    if path.exists() and not cfg.prepare.overwrite:
+        print(f"{path} exists; validating it (prepare.overwrite=true rebuilds it)")
+    else:
+        prepare_dataset(OmegaConf.to_container(cfg.dataset, resolve=True), path,
+                        overwrite=cfg.prepare.overwrite, progress=cfg.trainer.progress)
+    info = open_store(path, check_values=True)
+    sizes = ", ".join(f"{s}: {m.num_scenes} scenes x {m.num_frames} frames" for s, m in info.splits.items())
+    print(f"{path}: valid ({sizes})")
+    if cfg.distributed.parts > 1:
+        prepare_partitions(load_splits(cfg, info), cfg.distributed.partition, cfg.distributed.parts,
+                           cfg.distributed.seed, scheduler=cfg.prepare.scheduler, workers=cfg.prepare.workers,
+                           progress=cfg.trainer.progress)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    path = Path(cfg.dataset.store)
     try:
-        if path.exists() and not cfg.prepare.overwrite:
-            print(f"{path} exists; validating it (prepare.overwrite=true rebuilds it)")
-        else:
-            prepare_dataset(OmegaConf.to_container(cfg.dataset, resolve=True), path,
-                            overwrite=cfg.prepare.overwrite, progress=cfg.trainer.progress)
-        info = open_store(path, check_values=True)
+        prepare(cfg)
     except (StoreError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    sizes = ", ".join(f"{s}: {m.num_scenes} scenes x {m.num_frames} frames" for s, m in info.splits.items())
-    print(f"{path}: valid ({sizes})")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,21 @@ class PartGraph:
         """(n_owned + n_halo,) global id of every local row."""
         return np.concatenate([self.owned, self.halo])
 
+    def global_to_local(self, global_ids: np.ndarray) -> np.ndarray:
+        """Local row of each global id; -1 for nodes this part neither owns nor holds as halo."""
+        rows = self.local_to_global
+        order = np.argsort(rows, kind="stable")
+        ids = np.asarray(global_ids, dtype=np.int64)
+        if len(rows) == 0:
+            return np.full(ids.shape, -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(rows[order], ids), len(rows) - 1)
+        return np.where(rows[order][at] == ids, order[at], -1)
+
+    @property
+    def cut_edge_mask(self) -> np.ndarray:
+        """(E_part,) True for edges whose sender is a halo row: the cut edges this part receives (exact mode)."""
+        return self.edge_index[1] >= self.num_owned
+
     def halo_counts(self) -> np.ndarray:
         """(num_parts,) how many halo rows come from each part (all-to-all receive sizes)."""
         return np.bincount(self.halo_owner, minlength=self.num_parts)

@@ -1,0 +1,392 @@
+"""Stored partitions: the node-to-part assignment of every sample, kept beside its dataset store (layout v1).
+
+A sample is one (scene, input frame t) of a split (``datasets.loader.TrajectoryDataset``). Particles move,
+so every sample is partitioned on its own graph at frame t, and the assignments are stored once rather
+than recomputed by every rank of every run: METIS is also only deterministic for a seed on one platform
+and METIS version, so the stored assignment is the reference.
+
+Layout of one artifact (a zarr v3 group)::
+
+    <paths.data>/<dataset>.partitions/<method>-p<P>-s<seed>.zarr
+    /                     attrs: schema_version, method, num_parts, seed, radius, max_neighbors,
+                                 inputs (everything that determined the assignments), inputs_hash,
+                                 metrics (per split: mean and max over samples of each quality number)
+    /train /val /test     attrs: frames (input frames used, one per row), num_scenes
+        assignment        (F, N_total) int32   part of every node at input frame frames[k]; scene s owns
+                                               columns scene_ptr[s]:scene_ptr[s + 1], as in the dataset store
+        scene_ptr         (S + 1,) int64       copied from the dataset store
+        cut_fraction      (F, S) float32       per sample (row k, scene s); see partitioners.metrics
+        boundary_fraction (F, S) float32
+        imbalance         (F, S) float32
+        num_edges         (F, S) int64
+        part_size         (F, S, P) int32
+        halo_size         (F, S, P) int32
+
+Sample index i of a TrajectoryDataset is (scene, row) = divmod(i, F), the same order as its ``locate``.
+``assignment`` is chunked (1, chunk_nodes) like the store's frames, so reading one sample's assignment
+(:func:`load_assignments`) touches only the chunks of its scene, never the whole artifact.
+
+Graph and seed per sample: the radius graph of the positions at t with the dataset's radius and
+max_neighbors (complete when the radius is None), before any edge dropping (``model.cutoff_rate``); the
+strategy's seed is derived from (seed, split, scene, frame), so samples are independent draws and a
+sample's parts do not depend on which worker computed it.
+
+Reuse: ``inputs`` records what determines the assignments: the partitioner version, method, P, seed,
+radius, max_neighbors, the frames of every split, and the dataset store's identity (a SHA-256 of its
+root attributes, which hold the generator and its seed, and per split of its shape, scene_ptr and the
+positions at the first and last frame used). When the stored ``inputs_hash`` matches, the artifact is
+reused; otherwise :func:`prepare_partitions` says which inputs changed and rebuilds it. An edit of a
+middle frame in place would go unnoticed: hashing every frame would read the whole dataset at every start.
+
+Artifacts are written into a temporary sibling and renamed into place when complete
+(``datasets.store.atomic_store``): a failed build keeps the previous artifact.
+
+Work runs in parallel over samples through dask, a task per run of scenes of one frame (about
+``TASK_NODES`` nodes), with a tqdm progress bar. pymetis holds the GIL for the whole METIS call (a Python
+thread spinning beside it ran at 2 % of its idle speed; beside cKDTree's pair search at 64 %), so threads
+cannot run two METIS calls at once: large jobs use dask's ``processes`` scheduler (spawned workers, one
+pool for the whole build); small ones stay in threads, where starting processes costs more than it saves.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import dask
+import numpy as np
+import zarr
+from dask.callbacks import Callback
+from tqdm.auto import tqdm
+
+from datasets.store import COMPRESSORS, DEFAULT_CHUNK_NODES, atomic_store
+from partitioners.metrics import partition_metrics
+from partitioners.strategies import METHODS, partition
+
+SCHEMA_VERSION = 1
+PARTITIONER_VERSION = 1          # bump when a strategy's output changes: stored artifacts become stale
+TASK_NODES = 250_000             # nodes partitioned by one dask task
+PROCESSES_MIN_NODES = 2_000_000  # "auto" starts worker processes only for jobs at least this big
+SCHEDULERS = ("auto", "processes", "threads", "sync")
+SPLIT_KEYS = ("train", "val", "test")
+PER_SAMPLE = ("cut_fraction", "boundary_fraction", "imbalance", "num_edges", "part_size", "halo_size")
+
+
+class StalePartitionError(ValueError):
+    """A stored partition that is missing or does not match the inputs it is asked for."""
+
+
+def artifact_path(store: str | os.PathLike, method: str, num_parts: int, seed: int) -> Path:
+    """``<data>/<name>.zarr`` -> ``<data>/<name>.partitions/<method>-p<P>-s<seed>.zarr``."""
+    store = Path(store)
+    return store.with_name(f"{store.stem}.partitions") / f"{method}-p{num_parts}-s{seed}.zarr"
+
+
+# ----------------------------------------------------------------------------------------- preparing
+def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, seed: int = 0, *,
+                       rebuild: bool = True, scheduler: str = "auto", workers: int | None = None,
+                       progress: bool = True) -> Path:
+    """Build the artifact for every sample of ``splits``, or reuse it when its inputs are unchanged.
+
+    Args:
+        splits: split name -> ``datasets.loader.TrajectoryDataset`` (store, frames, radius, max_neighbors).
+        method, num_parts, seed: as in :func:`partitioners.partition`.
+        rebuild: rebuild a missing or stale artifact; False raises :class:`StalePartitionError` instead.
+        scheduler: dask scheduler: ``auto``, ``processes``, ``threads`` or ``sync``.
+        workers: dask workers; None: every core.
+    Returns:
+        The artifact's path.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown partition method {method!r}: choose one of {METHODS}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={scheduler!r}: choose one of {SCHEDULERS}")
+    smallest = min(int(np.diff(data.meta.scene_ptr).min()) for data in splits.values())
+    if not 1 <= num_parts <= smallest:
+        raise ValueError(f"num_parts={num_parts} (distributed.parts): every scene must give each part a node, and "
+                         f"the smallest scene has {smallest} nodes; use 1..{smallest} parts")
+    first = next(iter(splits.values()))
+    path = artifact_path(first.info.path, method, num_parts, seed)
+    inputs = describe_inputs(splits, method, num_parts, seed)
+    digest = inputs_hash(inputs)
+    stale = _why_stale(path, inputs, digest)
+    if stale is None:
+        print(f"{path}: up to date, reused")
+        return path
+    if not rebuild:
+        raise StalePartitionError(f"{path}: {stale}; build it with `python launch/prepare.py "
+                                  f"distributed.parts={num_parts} distributed.partition={method} "
+                                  f"distributed.seed={seed}` (plus your dataset overrides)")
+    print(f"{path}: {stale}; building it")
+    _build(path, splits, inputs, digest, scheduler, workers, progress)
+    return path
+
+
+def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed: int) -> dict[str, Any]:
+    """Everything that determines the stored assignments, as JSON-able data."""
+    first = next(iter(splits.values()))
+    root = zarr.open_group(str(first.info.path), mode="r")
+    store_splits = {}
+    for name, data in splits.items():
+        pos = root[name]["pos"]
+        digest = hashlib.sha256(json.dumps(list(pos.shape)).encode())
+        digest.update(np.ascontiguousarray(data.meta.scene_ptr, dtype=np.int64).tobytes())
+        for frame in sorted({int(data.frames[0]), int(data.frames[-1])}) if len(data.frames) else ():
+            digest.update(np.ascontiguousarray(pos[frame]).tobytes())
+        store_splits[name] = digest.hexdigest()[:16]
+    radius = first.radius
+    return dict(partitioner_version=PARTITIONER_VERSION, method=method, num_parts=int(num_parts), seed=int(seed),
+                radius=None if radius is None else float(radius), max_neighbors=first.max_neighbors,
+                frames={name: [int(f) for f in data.frames] for name, data in splits.items()},
+                store_attrs=_sha(first.info.attrs)[:16], store_splits=store_splits)
+
+
+def inputs_hash(inputs: Mapping[str, Any]) -> str:
+    return _sha(inputs)
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _why_stale(path: Path, inputs: dict[str, Any], digest: str) -> str | None:
+    """None if the artifact at path was built from ``inputs``; else the reason, in words."""
+    if not path.exists():
+        return "no stored partition yet"
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception as err:  # zarr raises several types for a folder that is not a group
+        return f"unreadable ({type(err).__name__}: {err})"
+    if attrs.get("inputs_hash") == digest:
+        return None
+    old = attrs.get("inputs", {})
+    changes = []
+    for key in inputs:
+        before, after = old.get(key), inputs[key]
+        if before == after:
+            continue
+        if isinstance(after, dict) and isinstance(before, dict):
+            changes += [f"{key}.{sub}" + _change(before.get(sub), after.get(sub))
+                        for sub in after if before.get(sub) != after.get(sub)]
+        else:
+            changes.append(key + _change(before, after))
+    return "stale, built from other inputs (" + (", ".join(changes) or "unknown difference") + ")"
+
+
+def _change(before: Any, after: Any) -> str:
+    text = f" {json.dumps(before)} -> {json.dumps(after)}"
+    return text if len(text) <= 60 else " changed"
+
+
+# ------------------------------------------------------------------------------------------- building
+@dataclass(frozen=True)
+class _Task:
+    """Scenes [first_scene, stop_scene) of one split at input-frame row ``row``."""
+
+    split: str
+    row: int
+    frame: int
+    first_scene: int
+    stop_scene: int
+
+
+def _build(path: Path, splits: Mapping[str, Any], inputs: dict[str, Any], digest: str, scheduler: str,
+           workers: int | None, progress: bool) -> None:
+    first = next(iter(splits.values()))
+    store, num_parts = str(first.info.path), inputs["num_parts"]
+    tasks = [task for name, data in splits.items() for task in _tasks(name, data)]
+    total_nodes = sum(_nodes(splits[t.split], t) for t in tasks)
+    if scheduler == "auto":
+        scheduler = "processes" if total_nodes >= PROCESSES_MIN_NODES and (os.cpu_count() or 1) > 1 else "threads"
+    workers = workers or os.cpu_count() or 1
+    with atomic_store(path, overwrite=True) as root:
+        root.attrs.update(dict(schema_version=SCHEMA_VERSION, method=inputs["method"], num_parts=num_parts,
+                               seed=inputs["seed"], radius=inputs["radius"], max_neighbors=inputs["max_neighbors"],
+                               store=store, inputs=inputs))
+        per_sample = {name: _create_split(root, name, data, num_parts) for name, data in splits.items()}
+        samples = {t: t.stop_scene - t.first_scene for t in tasks}
+        bar = tqdm(total=sum(samples.values()), desc=f"partitions {inputs['method']} P={num_parts}",
+                   unit="sample", disable=not progress)
+        options = {key: inputs[key] for key in ("method", "num_parts", "seed", "radius", "max_neighbors")}
+        pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+                if scheduler == "processes" else None)
+        try:
+            wave = 4 * workers                                  # results held in memory at once: one wave
+            for start in range(0, len(tasks), wave):
+                chunk = tasks[start:start + wave]
+                lazy = [dask.delayed(_partition_scenes, pure=False)(store, t, _ptr(splits[t.split], t), options,
+                                                                    dask_key_name=f"part-{start + i}")
+                        for i, t in enumerate(chunk)]
+                keys = {f"part-{start + i}": samples[t] for i, t in enumerate(chunk)}
+                with Callback(posttask=lambda key, *_: bar.update(keys.get(key, 0))):
+                    results = dask.compute(*lazy, scheduler=scheduler, num_workers=workers,
+                                           **({"pool": pool} if pool else {}))
+                for task, result in zip(chunk, results):
+                    _write(root[task.split], per_sample[task.split], task, _ptr(splits[task.split], task), result)
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown()
+        summary = {}
+        for name, arrays in per_sample.items():
+            for key, values in arrays.items():
+                root[name][key][...] = values
+            summary[name] = _summarize(arrays)
+        root.attrs.update(dict(metrics=summary, inputs_hash=digest))
+    for name, numbers in summary.items():
+        print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+
+
+def _ptr(data: Any, task: _Task) -> np.ndarray:
+    """The task's slice of scene_ptr: its scenes' node ranges, in the split's global node ids."""
+    return np.asarray(data.meta.scene_ptr[task.first_scene:task.stop_scene + 1], dtype=np.int64)
+
+
+def _nodes(data: Any, task: _Task) -> int:
+    ptr = _ptr(data, task)
+    return int(ptr[-1] - ptr[0])
+
+
+def _tasks(split: str, data: Any) -> list[_Task]:
+    """Runs of consecutive scenes of about TASK_NODES nodes (at least one scene), for every frame."""
+    ptr = data.meta.scene_ptr
+    runs, first = [], 0
+    for scene in range(1, len(ptr)):
+        if ptr[scene] - ptr[first] >= TASK_NODES or scene == len(ptr) - 1:
+            runs.append((first, scene))
+            first = scene
+    return [_Task(split, row, int(frame), a, b) for row, frame in enumerate(data.frames) for a, b in runs]
+
+
+def _create_split(root: zarr.Group, name: str, data: Any, num_parts: int) -> dict[str, np.ndarray]:
+    """Create a split's arrays; return the per-sample metric arrays to fill in memory."""
+    frames, ptr = len(data.frames), data.meta.scene_ptr
+    scenes, total = len(ptr) - 1, int(ptr[-1])
+    group = root.create_group(name)
+    group.attrs.update(dict(frames=[int(f) for f in data.frames], num_scenes=scenes))
+    group.create_array("assignment", shape=(frames, total), chunks=(1, max(1, min(DEFAULT_CHUNK_NODES, total))),
+                       dtype="int32", compressors=COMPRESSORS)
+    group.create_array("scene_ptr", data=np.asarray(ptr, dtype=np.int64))
+    arrays = dict(cut_fraction=np.zeros((frames, scenes), np.float32),
+                  boundary_fraction=np.zeros((frames, scenes), np.float32),
+                  imbalance=np.zeros((frames, scenes), np.float32),
+                  num_edges=np.zeros((frames, scenes), np.int64),
+                  part_size=np.zeros((frames, scenes, num_parts), np.int32),
+                  halo_size=np.zeros((frames, scenes, num_parts), np.int32))
+    for key, values in arrays.items():
+        group.create_array(key, shape=values.shape, dtype=values.dtype)
+    return arrays
+
+
+def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One dask task: read the positions of a run of scenes at one frame and partition each scene."""
+    pos = zarr.open_group(store, mode="r")[task.split]["pos"][task.frame, ptr[0]:ptr[-1]]
+    assignment = np.empty(ptr[-1] - ptr[0], dtype=np.int32)
+    metrics = []
+    for k, scene in enumerate(range(task.first_scene, task.stop_scene)):
+        lo, hi = ptr[k] - ptr[0], ptr[k + 1] - ptr[0]
+        seed = sample_seed(options["seed"], task.split, scene, task.frame)
+        try:
+            part = partition(pos[lo:hi], options["num_parts"], options["method"], radius=options["radius"],
+                             seed=seed, max_neighbors=options["max_neighbors"])
+        except ValueError as err:
+            raise ValueError(f"{store}/{task.split}: scene {scene} at frame {task.frame}: {err}") from err
+        assignment[lo:hi] = part.assignment
+        metrics.append(part.metrics)
+    return dict(assignment=assignment,
+                cut_fraction=np.array([m.cut_fraction for m in metrics]),
+                boundary_fraction=np.array([m.boundary_fraction for m in metrics]),
+                imbalance=np.array([m.imbalance for m in metrics]),
+                num_edges=np.array([m.num_edges for m in metrics]),
+                part_size=np.stack([m.part_sizes for m in metrics]),
+                halo_size=np.stack([m.halo_sizes for m in metrics]))
+
+
+def sample_seed(seed: int, split: str, scene: int, frame: int) -> int:
+    """The strategy's seed for one sample: independent across samples, fixed by (seed, split, scene, frame)."""
+    entropy = [int(seed), SPLIT_KEYS.index(split) if split in SPLIT_KEYS else 3, int(scene), int(frame)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] % 2**31)
+
+
+def _write(group: zarr.Group, per_sample: dict[str, np.ndarray], task: _Task, ptr: np.ndarray,
+           result: dict[str, np.ndarray]) -> None:
+    group["assignment"][task.row, ptr[0]:ptr[-1]] = result["assignment"]
+    for key in PER_SAMPLE:
+        per_sample[key][task.row, task.first_scene:task.stop_scene] = result[key]
+
+
+def _summarize(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    if arrays["cut_fraction"].size == 0:
+        return {}
+    halo_fraction = arrays["halo_size"] / np.maximum(arrays["part_size"], 1)
+    return dict(cut_fraction_mean=float(arrays["cut_fraction"].mean()),
+                cut_fraction_max=float(arrays["cut_fraction"].max()),
+                boundary_fraction_mean=float(arrays["boundary_fraction"].mean()),
+                imbalance_max=float(arrays["imbalance"].max()),
+                max_halo_fraction_max=float(halo_fraction.max()))
+
+
+# -------------------------------------------------------------------------------------------- reading
+class SplitAssignments:
+    """The stored assignments of one split, read lazily: one sample's row slice at a time.
+
+    ``assignments.of(scene, frame)`` or ``assignments[i]`` (sample index, TrajectoryDataset order) is the
+    (n_scene,) int64 part of every node of that sample, global ids within the scene.
+    """
+
+    def __init__(self, path: Path, split: str):
+        root = zarr.open_group(str(path), mode="r")
+        if split not in root:
+            raise StalePartitionError(f"{path}: split {split!r} is missing; prepare the partitions again")
+        group = root[split]
+        self.path, self.split = path, split
+        self.num_parts, self.method, self.seed = int(root.attrs["num_parts"]), root.attrs["method"], root.attrs["seed"]
+        self.frames = np.asarray(group.attrs["frames"], dtype=np.int64)
+        self.scene_ptr = np.asarray(group["scene_ptr"][:])
+        self._row = {int(f): k for k, f in enumerate(self.frames)}
+        self._group = group
+
+    def __len__(self) -> int:
+        return (len(self.scene_ptr) - 1) * len(self.frames)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Sample index -> (scene, input frame), as ``TrajectoryDataset.locate``."""
+        scene, k = divmod(int(index), len(self.frames))
+        return scene, int(self.frames[k])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.of(*self.locate(index))
+
+    def of(self, scene: int, frame: int) -> np.ndarray:
+        if frame not in self._row or not 0 <= scene < len(self.scene_ptr) - 1:
+            raise StalePartitionError(f"{self.path}/{self.split}: no stored sample (scene {scene}, frame {frame}); "
+                                      f"it holds scenes 0..{len(self.scene_ptr) - 2} at frames "
+                                      f"{self.frames[:5].tolist()}{'...' if len(self.frames) > 5 else ''}; "
+                                      f"prepare the partitions again for this dataset configuration")
+        a, b = int(self.scene_ptr[scene]), int(self.scene_ptr[scene + 1])
+        return np.asarray(self._group["assignment"][self._row[frame], a:b], dtype=np.int64)
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Per-sample quality: (F, S) fractions and edge counts, (F, S, P) part and halo sizes."""
+        return {key: self._group[key][...] for key in PER_SAMPLE}
+
+
+def load_assignments(path: str | os.PathLike, split: str, *, expected_hash: str | None = None) -> SplitAssignments:
+    """Open a stored artifact's split for reading; with ``expected_hash`` refuse one built from other inputs."""
+    path = Path(path)
+    if not path.exists():
+        raise StalePartitionError(f"no stored partition at {path}: build it with `python launch/prepare.py "
+                                  f"distributed.parts=P distributed.partition=METHOD` (plus your dataset overrides)")
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    if attrs.get("schema_version", SCHEMA_VERSION + 1) > SCHEMA_VERSION or "inputs_hash" not in attrs:
+        raise StalePartitionError(f"{path}: not a partition artifact this dist-egnn can read (schema_version "
+                                  f"{attrs.get('schema_version')}); delete it and prepare the partitions again")
+    if expected_hash is not None and attrs["inputs_hash"] != expected_hash:
+        raise StalePartitionError(f"{path} was built from other inputs (hash {attrs['inputs_hash'][:12]}, "
+                                  f"expected {expected_hash[:12]}); prepare the partitions again")
+    return SplitAssignments(path, split)
