@@ -1,6 +1,6 @@
-"""Communication seam between the model maths and the world outside this process's rows.
+"""Communication: the only module of dist-egnn that calls torch.distributed collectives.
 
-The model asks two things of it, once per layer:
+The model maths asks two things of its communicator, once per layer:
 
 * ``sum_over_parts(*per_graph_sums)``: the sum, over every process holding a part of the same graphs, of
   per-graph quantities. Dividing such sums of per-node values by the summed node counts gives exact
@@ -9,17 +9,29 @@ The model asks two things of it, once per layer:
 * ``exchange_halo(*node_tensors)``: append, below the owned rows, the rows of the halo nodes (remote
   endpoints of cut edges) so that edges can read them (SPEC §5, exact mode).
 
-``SingleProcess`` is the default: one process holds whole graphs, the mean is a division and there is no
-halo. The distributed communicators live in this module too (DESIGN §2: the only place that calls
-collectives for model maths), so the model code is the same for 1 and P ranks.
+Two communicators answer them: :class:`SingleProcess`, the default, where one process holds whole graphs
+(the mean is a division, there is no halo), and :class:`GraphParallel`, where the P ranks of a *graph group*
+each hold one part of every graph of the batch. Both are injected into the model (``model.set_comm``), so
+the model code is the same for 1 and P ranks (DESIGN §2).
+
+The rest of this module is what the trainer needs around them: reading rank and world size from the
+launcher's environment (:class:`DistEnv`), starting the process groups with timeouts (so a dead rank stops
+the others instead of hanging them), and small reductions of numbers across ranks.
 """
 from __future__ import annotations
 
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
+# ------------------------------------------------------------------------------------ single process
 class SingleProcess:
-    """No-op twin of the distributed communicators: whole graphs live in this process."""
+    """No-op twin of :class:`GraphParallel`: whole graphs live in this process."""
 
     world_size = 1
 
@@ -33,3 +45,251 @@ class SingleProcess:
     def exchange_halo(self, *node_tensors: Tensor) -> tuple[Tensor, ...]:
         """Owned rows followed by halo rows. One process owns every node and has no halo: identity."""
         return node_tensors
+
+
+# -------------------------------------------------------------------------------------- graph parallel
+class AllReduceSum(torch.autograd.Function):
+    """y = Σ_ranks x over a process group; backward: dL/dx = Σ_ranks dL_r/dy (an all-reduce SUM again).
+
+    Why the adjoint is the same all-reduce: the training loss is the sum of every rank's share,
+    L = Σ_r L_r, and every rank's y is the same sum S = Σ_q x_q. So dL/dx_q = Σ_r ∂L_r/∂S · ∂S/∂x_q
+    = Σ_r ∂L_r/∂S: each rank needs the gradient that *all* ranks computed for S, summed.
+
+    Worked example, P = 2, a graph of 4 nodes whose centroid is needed: rank 0 owns 3 nodes with coordinate
+    sum x_0 = 6.0, rank 1 owns 1 node with x_1 = 2.0. Forward: both get S = 8.0 (and, from the node counts,
+    N = 4, so the centroid S / N = 2.0 on both). Backward: suppose rank 0's loss share gives ∂L_0/∂S = 0.5
+    and rank 1's gives ∂L_1/∂S = 0.25. The all-reduce hands both ranks 0.75, which is exactly
+    dL/dx_0 = dL/dx_1 = ∂(L_0 + L_1)/∂S, what one device holding all 4 nodes computes.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+@dataclass
+class HaloPlan:
+    """Who sends which owned rows to whom, for one batch; ranks are numbered within the graph group.
+
+    send_index:  (S,) local ids of owned rows to send, grouped by destination rank (0, 1, .., P-1).
+    send_counts: (P,) rows sent to each rank (0 to itself).
+    recv_counts: (P,) halo rows received from each rank, in the order the halo rows are stored: the halo
+                 block from rank q is a contiguous run of rows (``partitioners.subgraphs`` orders them so).
+    """
+
+    send_index: Tensor
+    send_counts: list[int]
+    recv_counts: list[int]
+
+    @property
+    def num_recv(self) -> int:
+        return int(sum(self.recv_counts))
+
+    def to(self, device: torch.device | str) -> "HaloPlan":
+        return HaloPlan(self.send_index.to(device), self.send_counts, self.recv_counts)
+
+
+class HaloExchange(torch.autograd.Function):
+    """[owned rows; halo rows] from owned rows: an all-to-all; backward: the reverse all-to-all, summed.
+
+    Forward: rank p sends ``owned[send_index]`` (the rows other ranks hold as halo) and appends the rows it
+    receives. Backward: the gradient of p's halo rows goes back to the ranks that own them (the same
+    all-to-all with send and receive swapped), where it is added to the gradient of the rows that were
+    sent; a row sent to several ranks collects all their gradients (``index_add_``).
+
+    Worked example, P = 2: rank 0 owns global nodes [0, 1], rank 1 owns [2, 3], one cut edge 1 <- 2 and its
+    twin 2 <- 1. Rank 0 sends its local row 1 (global 1), rank 1 sends its local row 0 (global 2). After
+    the forward, rank 0 holds rows [g0, g1, g2] and rank 1 holds [g2, g3, g1]. If rank 0's loss gives
+    gradient 0.3 to its halo row (g2) and rank 1's own use of g2 gives 0.1, rank 1 ends with 0.1 + 0.3 = 0.4
+    for g2: the full gradient, as on one device.
+    """
+
+    @staticmethod
+    def forward(ctx, owned: Tensor, plan: HaloPlan, group) -> Tensor:
+        ctx.plan, ctx.group, ctx.num_owned = plan, group, owned.shape[0]
+        send = owned.index_select(0, plan.send_index).contiguous()
+        recv = owned.new_empty((plan.num_recv, *owned.shape[1:]))
+        dist.all_to_all_single(recv, send, output_split_sizes=plan.recv_counts,
+                               input_split_sizes=plan.send_counts, group=group)
+        return torch.cat([owned, recv])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        plan = ctx.plan
+        grad_owned = grad[:ctx.num_owned].clone()
+        grad_halo = grad[ctx.num_owned:].contiguous()
+        back = grad.new_empty((plan.send_index.shape[0], *grad.shape[1:]))
+        dist.all_to_all_single(back, grad_halo, output_split_sizes=plan.send_counts,
+                               input_split_sizes=plan.recv_counts, group=ctx.group)
+        grad_owned.index_add_(0, plan.send_index, back)
+        return grad_owned, None, None
+
+
+class GraphParallel:
+    """The communicator of one rank of a graph group: P ranks, each holding one part of every graph.
+
+    ``sum_over_parts`` is one :class:`AllReduceSum` over the group for all its arguments together (they are
+    flattened into one buffer: one collective per call, not one per tensor). ``exchange_halo`` runs one
+    :class:`HaloExchange` for all its arguments together (concatenated along columns) when a halo plan is
+    set (exact mode, :meth:`set_halo_plan` before each forward); without one (drop mode) it is the
+    identity, like :class:`SingleProcess`.
+    """
+
+    def __init__(self, group, world_size: int):
+        self.group = group
+        self.world_size = world_size
+        self.plan: HaloPlan | None = None
+
+    def set_halo_plan(self, plan: HaloPlan | None) -> None:
+        self.plan = plan
+
+    def sum_over_parts(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        if self.world_size == 1:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        total = AllReduceSum.apply(flat, self.group)
+        sizes = [t.numel() for t in tensors]
+        return tuple(piece.view_as(t) for piece, t in zip(torch.split(total, sizes), tensors))
+
+    def exchange_halo(self, *node_tensors: Tensor) -> tuple[Tensor, ...]:
+        if self.plan is None:
+            return node_tensors
+        widths = [t.shape[1] for t in node_tensors]
+        both = HaloExchange.apply(torch.cat(node_tensors, dim=1), self.plan, self.group)
+        return tuple(torch.split(both, widths, dim=1))
+
+
+# --------------------------------------------------------------------------------- processes and groups
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands, from the variables every launcher sets (deepspeed, torchrun, mpirun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_environ(cls, environ=os.environ) -> "DistEnv":
+        world = int(environ.get("WORLD_SIZE", 1))
+        local_world = int(environ.get("LOCAL_WORLD_SIZE", environ.get("LOCAL_SIZE", 0)) or 0)
+        if not local_world:
+            # DeepSpeed's launcher on CPU sets neither: all ranks are local unless a node count is given.
+            nodes = int(environ.get("CROSS_SIZE", environ.get("GROUP_WORLD_SIZE", 1)) or 1)
+            local_world = max(1, world // max(nodes, 1))
+        return cls(rank=int(environ.get("RANK", 0)), world_size=world,
+                   local_rank=int(environ.get("LOCAL_RANK", 0)), local_world_size=local_world)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class Groups:
+    """Process groups of a run: ``graph`` holds the P ranks sharing each graph; groups differ in samples.
+
+    world_size = parts × data_parallel. Ranks g·P .. g·P + P − 1 form graph group g (so a group's ranks
+    sit on one node when ranks are numbered node by node); ``part`` is this rank's part of every graph.
+    """
+
+    env: DistEnv
+    parts: int
+    graph: object | None          # torch ProcessGroup of this rank's graph group (None: one process)
+    part: int
+    data_index: int               # which graph group this rank is in: 0 .. data_parallel − 1
+    data_parallel: int
+
+    def communicator(self) -> SingleProcess | GraphParallel:
+        return GraphParallel(self.graph, self.parts) if self.parts > 1 else SingleProcess()
+
+
+def check_world(world_size: int, parts: int) -> None:
+    """Every rank runs this before any collective: a bad world size stops all of them, none hangs."""
+    if parts < 1:
+        raise ValueError(f"distributed.parts={parts} must be >= 1")
+    if world_size % parts:
+        raise ValueError(f"world size {world_size} is not a multiple of distributed.parts={parts}: launch "
+                         f"P, 2P, 3P, ... ranks (e.g. deepspeed --num_gpus {parts} ...) or change distributed.parts")
+
+
+def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float) -> Groups:
+    """Start the default process group (if the launcher has not) and the graph groups.
+
+    Every collective inherits ``timeout_s``: a rank that dies mid-step makes the others fail with a timeout
+    error instead of waiting forever.
+    """
+    check_world(env.world_size, parts)
+    data_parallel = env.world_size // parts
+    if not env.distributed:
+        return Groups(env, parts, None, 0, 0, 1)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    graph = None
+    for g in range(data_parallel):            # every rank must create every group, in the same order
+        ranks = list(range(g * parts, (g + 1) * parts))
+        group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+        if env.rank in ranks:
+            graph = group
+    return Groups(env, parts, graph, env.rank % parts, env.rank // parts, data_parallel)
+
+
+def default_backend(device: torch.device) -> str:
+    """gloo on CPU, nccl on CUDA."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+# ------------------------------------------------------------------------------ numbers across ranks
+def all_reduce_numbers(values: list[float], op: str = "sum", group=None, device="cpu") -> list[float]:
+    """Reduce a few Python numbers over ``group`` (default: every rank); identity without distribution."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=ops[op], group=group)
+    return tensor.tolist()
+
+
+def check_same_samples(sample_ids: list[int], group, device="cpu") -> None:
+    """Fail on every rank of ``group`` if its ranks are not working on the same samples.
+
+    A mismatch would make the collectives combine parts of different graphs, silently wrong; the check
+    costs one small all-reduce per batch.
+    """
+    if group is None:
+        return
+    ids = torch.tensor([len(sample_ids), *sample_ids], dtype=torch.float64, device=device)
+    low, high = ids.clone(), ids.clone()
+    size = torch.tensor([ids.numel()], dtype=torch.float64, device=device)
+    sizes = size.clone()
+    dist.all_reduce(size, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+    same = size.item() == sizes.item()
+    if same:
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+        same = bool(torch.equal(low, high))
+    if not same:
+        raise RuntimeError(f"rank {dist.get_rank()}: the ranks of one graph group disagree on the samples of "
+                           f"this batch (this rank has {sample_ids[:8]}...); every rank of a group must use the "
+                           f"same dataset, split, seed and batch size")
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

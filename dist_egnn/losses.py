@@ -96,8 +96,18 @@ class LossTerms:
 
 def objective(pred_pos: Tensor, target: Tensor, virtual_pos: Tensor | None, batch: Tensor, num_graphs: int, *,
               mmd_weight: float, mmd_sigma: float, mmd_kernel: str = "gaussian", mmd_target: str = "truth",
-              selected: Tensor | None = None, comm=None, total_nodes: Tensor | float | None = None) -> LossTerms:
-    """L = MSE + λ·MMD; the MMD term only for models with virtual nodes and λ > 0."""
+              selected: Tensor | None = None, comm=None, total_nodes: Tensor | float | None = None,
+              parts: int = 1) -> LossTerms:
+    """L = MSE + λ·MMD; the MMD term only for models with virtual nodes and λ > 0.
+
+    Split over ``parts`` processes (each holding part of every graph, ``comm`` their communicator,
+    ``total_nodes`` the node count of the whole batch), ``total`` is this process's share, so that the
+    shares of all processes add up to the loss of one device: the MSE share is this process's sum of squares
+    over 3·N_total (``mse`` is that share too), and, since every process computes the same global MMD,
+    each adds λ·MMD / P. Example: P = 2, N_total = 4, rank 0 holds 3 nodes with squared error sum 6.0, rank 1
+    one node with 6.0, MMD = 0.2, λ = 0.5: the shares are 6/12 + 0.05 = 0.55 on both, 1.1 together = the
+    one-device loss 12/12 + 0.5·0.2.
+    """
     if mmd_target not in MMD_TARGETS:
         raise ValueError(f"unknown loss.mmd_target {mmd_target!r}: choose one of {MMD_TARGETS}")
     mse = mse_loss(pred_pos, target, total_nodes)
@@ -105,4 +115,4 @@ def objective(pred_pos: Tensor, target: Tensor, virtual_pos: Tensor | None, batc
         return LossTerms(total=mse, mse=mse, mmd=None)
     real = target if mmd_target == "truth" else pred_pos
     mmd = mmd_loss(virtual_pos, real, batch, num_graphs, mmd_sigma, mmd_kernel, selected, comm)
-    return LossTerms(total=mse + mmd_weight * mmd, mse=mse, mmd=mmd)
+    return LossTerms(total=mse + mmd_weight * mmd / parts, mse=mse, mmd=mmd)

@@ -1,0 +1,247 @@
+"""P gloo ranks holding one part each of every graph compute what one device computes (SPEC §4-5).
+
+Exact halo mode: outputs, loss and gradients of P ranks equal the single-process FastEGNN on the whole
+graphs (float64 to 1e-10, float32 to 1e-5 relative). Drop mode: they equal one process running the whole
+graphs with the cut edges removed, which is "the P parts in sequence with the same global virtual-node
+means". Also: the distributed forward is E(3)-equivariant, and the collectives' gradients are exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from datasets.graphs import radius_graph
+from dist_egnn.comm import GraphParallel, HaloPlan
+from dist_egnn.losses import objective
+from dist_egnn.models import EGNN, FastEGNN
+from partitioners import partition
+from partitioners.subgraphs import halo_mask, part_nodes, split_graph, stack_parts
+from ranks import run_ranks
+
+SIZES = (41, 30)          # two graphs of different sizes in one batch
+RADIUS = 0.45
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def make_problem(seed: int = 0):
+    """Two random radius graphs as one batch: NumPy arrays, global ids."""
+    rng = np.random.default_rng(seed)
+    pos = [rng.uniform(0, 1, (n, 3)) for n in SIZES]
+    edges = [radius_graph(p, RADIUS) for p in pos]
+    offsets = np.cumsum([0, *SIZES])
+    n = offsets[-1]
+    return dict(pos=np.concatenate(pos), vel=rng.normal(size=(n, 3)), features=rng.normal(size=(n, 2)),
+                target=np.concatenate(pos) + 0.1 * rng.normal(size=(n, 3)), graph_pos=pos, graph_edges=edges,
+                offsets=offsets, edge_index=np.concatenate([e + o for e, o in zip(edges, offsets)], axis=1),
+                batch=np.repeat(np.arange(len(SIZES)), SIZES))
+
+
+def edge_attr(pos: np.ndarray, edge_index: np.ndarray) -> np.ndarray:
+    d2 = np.square(pos[edge_index[0]] - pos[edge_index[1]]).sum(1, keepdims=True)
+    return np.concatenate([np.sqrt(d2), d2], axis=1)
+
+
+def build_model(kind: str, dtype):
+    torch.manual_seed(3)
+    model = (FastEGNN(hidden=16, layers=3, virtual_channels=3) if kind == "fastegnn"
+             else EGNN(hidden=16, layers=3)).to(dtype)
+    with torch.no_grad():                     # larger coordinate heads so coordinates really move
+        for name, param in model.named_parameters():
+            if name.endswith("2.weight") and param.shape[0] == 1:
+                param.mul_(20)
+    return model
+
+
+def forward_loss(model, features, pos, vel, edge_index, attr, batch, target, comm=None, total_nodes=None,
+                 parts=1):
+    pred = model(features, pos, vel, edge_index, attr, batch, len(SIZES))
+    terms = objective(pred.pos, target, pred.virtual_pos, batch, len(SIZES), mmd_weight=0.5, mmd_sigma=0.5,
+                      comm=comm, total_nodes=total_nodes, parts=parts)
+    return pred, terms
+
+
+def one_device(kind: str, dtype, problem, edge_index=None):
+    """Reference: the whole batch in this process. Returns predictions, loss and gradients."""
+    t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
+    edge_index = problem["edge_index"] if edge_index is None else edge_index
+    model = build_model(kind, dtype)
+    pred, terms = forward_loss(model, t(problem["features"]), t(problem["pos"]), t(problem["vel"]),
+                               torch.as_tensor(edge_index), t(edge_attr(problem["pos"], edge_index)),
+                               torch.as_tensor(problem["batch"]), t(problem["target"]))
+    terms.total.backward()
+    grads = {k: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+             for k, p in model.named_parameters()}
+    virtual = None if pred.virtual_pos is None else pred.virtual_pos.detach()
+    return pred.pos.detach(), virtual, terms.total.detach(), grads
+
+
+def rank_batch(problem, parts_of_rank, dtype, halo: bool):
+    """This rank's batch: its part of every graph, stacked (owned rows first, halo rows after)."""
+    stacked = stack_parts(parts_of_rank)
+    offsets = problem["offsets"]
+    owned = np.concatenate([offsets[b] + p.owned for b, p in enumerate(parts_of_rank)])
+    rows = np.empty(stacked.num_rows, dtype=np.int64)          # batch row -> global id in the whole batch
+    rows[:stacked.num_owned] = owned
+    for b, p in enumerate(parts_of_rank):
+        rows[stacked.halo_rows[b]] = offsets[b] + p.halo
+    edges = np.concatenate([stacked.batch_rows(b, p.edge_index.reshape(-1)).reshape(2, -1)
+                            for b, p in enumerate(parts_of_rank)], axis=1)
+    t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
+    plan = HaloPlan(torch.as_tensor(stacked.send_index), stacked.send_counts.tolist(),
+                    stacked.recv_counts.tolist()) if halo else None
+    global_edges = rows[edges]
+    return dict(owned=owned, plan=plan, edge_index=torch.as_tensor(edges),
+                features=t(problem["features"][owned]), pos=t(problem["pos"][owned]), vel=t(problem["vel"][owned]),
+                target=t(problem["target"][owned]), batch=torch.as_tensor(problem["batch"][owned]),
+                attr=t(edge_attr(problem["pos"], global_edges)))
+
+
+def _rank_worker(rank, world_size, kind, dtype, problem, parts, halo):
+    """One rank: forward, loss share and backward on its parts; gradients summed over ranks as DDP would."""
+    local = rank_batch(problem, [graph_parts[rank] for graph_parts in parts], dtype, halo)
+    comm = GraphParallel(dist.group.WORLD, world_size)
+    comm.set_halo_plan(local["plan"])
+    model = build_model(kind, dtype)
+    model.set_comm(comm)
+    pred, terms = forward_loss(model, local["features"], local["pos"], local["vel"], local["edge_index"],
+                               local["attr"], local["batch"], local["target"], comm=comm,
+                               total_nodes=float(sum(SIZES)), parts=world_size)
+    terms.total.backward()
+    grads = {}
+    for name, p in model.named_parameters():    # parameters the output does not use have no gradient
+        grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        dist.all_reduce(grads[name])
+    total = terms.total.detach().clone()
+    dist.all_reduce(total)
+    virtual = None if pred.virtual_pos is None else pred.virtual_pos.detach()
+    return local["owned"], pred.pos.detach(), virtual, total, grads
+
+
+def assert_close(got, want, tol, what):
+    got, want = torch.as_tensor(got), torch.as_tensor(want)
+    scale = want.abs().max().clamp(min=1e-12)
+    err = ((got - want).abs().max() / scale).item()
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+def compare(results, reference, dtype):
+    ref_pos, ref_virtual, ref_loss, ref_grads = reference
+    tol = TOLERANCE[dtype]
+    for owned, pos, virtual, total, grads in results:
+        assert_close(pos, ref_pos[owned], tol, "positions")
+        if ref_virtual is not None:
+            assert_close(virtual, ref_virtual, tol, "virtual positions")
+        assert_close(total, ref_loss, tol, "loss")
+        for name, g in grads.items():
+            assert_close(g, ref_grads[name], 10 * tol, f"gradient of {name}")
+
+
+def graph_parts(problem, num_parts: int, method: str, halo: bool):
+    return [split_graph(e, partition(p, num_parts, method, edge_index=e, seed=1).assignment, num_parts, halo)
+            for p, e in zip(problem["graph_pos"], problem["graph_edges"])]
+
+
+@pytest.mark.parametrize("world_size, method, dtype, kind", [
+    (2, "metis", torch.float64, "fastegnn"),
+    (2, "random", torch.float32, "fastegnn"),
+    (4, "metis", torch.float32, "fastegnn"),
+    (2, "spatial", torch.float64, "egnn"),
+])
+def test_exact_mode_equals_one_device(world_size, method, dtype, kind):
+    """Guards the halo exchange, the global means and the loss scaling: P ranks == the whole graph."""
+    problem = make_problem()
+    parts = graph_parts(problem, world_size, method, halo=True)
+    assert any(p.num_halo for g in parts for p in g), "the test needs cut edges"
+    results = run_ranks(_rank_worker, world_size, kind, dtype, problem, parts, True)
+    compare(results, one_device(kind, dtype, problem), dtype)
+
+
+@pytest.mark.parametrize("world_size, method", [(2, "metis"), (4, "random")])
+def test_drop_mode_equals_whole_graph_without_cut_edges(world_size, method):
+    """Guards drop mode (the paper's DistEGNN): only the cut edges differ from one device."""
+    problem = make_problem(1)
+    parts = graph_parts(problem, world_size, method, halo=False)
+    # The edges drop mode keeps: those whose two ends are in one part.
+    keep_edges = []
+    for b, graph in enumerate(parts):
+        for p in graph:
+            keep_edges.append(problem["offsets"][b] + p.local_to_global[p.edge_index])
+    keep = np.concatenate(keep_edges, axis=1)
+    assert keep.shape[1] < problem["edge_index"].shape[1], "the test needs cut edges"
+    results = run_ranks(_rank_worker, world_size, "fastegnn", torch.float64, problem, parts, False)
+    compare(results, one_device("fastegnn", torch.float64, problem, edge_index=keep), torch.float64)
+
+
+def _equivariance_worker(rank, world_size, problem, parts, rotation, shift):
+    local = rank_batch(problem, [g[rank] for g in parts], torch.float64, True)
+    comm = GraphParallel(dist.group.WORLD, world_size)
+    comm.set_halo_plan(local["plan"])
+    model = build_model("fastegnn", torch.float64)
+    model.set_comm(comm)
+    args = (local["features"], local["edge_index"], local["attr"], local["batch"])
+    plain = model(args[0], local["pos"], local["vel"], args[1], args[2], args[3], len(SIZES))
+    moved = model(args[0], local["pos"] @ rotation.T + shift, local["vel"] @ rotation.T, args[1], args[2], args[3],
+                  len(SIZES))
+    return (plain.pos @ rotation.T + shift - moved.pos).abs().max().item()
+
+
+def test_distributed_forward_is_equivariant():
+    """Guards the collectives against breaking E(3) equivariance (rotation with reflection, translation)."""
+    problem = make_problem(2)
+    parts = graph_parts(problem, 2, "metis", halo=True)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    rotation = q * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)     # improper: includes a reflection
+    errors = run_ranks(_equivariance_worker, 2, problem, parts, rotation, torch.tensor([0.3, -1.0, 2.0],
+                                                                                        dtype=torch.float64))
+    assert max(errors) < 1e-10
+
+
+PLANS = {0: ([2, 0], [0, 2], [0, 1]), 1: ([1], [1, 0], [2, 0])}
+"""Rank 0 sends its rows [2, 0] to rank 1; rank 1 sends its row [1] to rank 0 (send_index, send, recv counts)."""
+
+
+def _collectives_worker(rank, world_size):
+    def inputs(r):
+        g = torch.Generator().manual_seed(r)
+        return [torch.randn(*shape, dtype=torch.float64, generator=g) for shape in ((3, 2), (3, 1), (5, 2), (2,))]
+
+    def loss(r, x, halo_rows, total):
+        _, w, a, b = inputs(r)
+        return (torch.cat([x, halo_rows]).square() * a[:3 + len(halo_rows)]).sum() + (total.pow(3) * b).sum()
+
+    comm = GraphParallel(dist.group.WORLD, world_size)
+    send, send_counts, recv_counts = PLANS[rank]
+    comm.set_halo_plan(HaloPlan(torch.tensor(send), send_counts, recv_counts))
+    x = inputs(rank)[0].requires_grad_()
+    (rows,) = comm.exchange_halo(x)
+    (total,) = comm.sum_over_parts((x * inputs(rank)[1]).sum(0))
+    loss(rank, x, rows[3:], total).backward()
+
+    # The same arithmetic in one process, every rank's inputs at hand: L = L_0 + L_1.
+    xs = [inputs(r)[0].requires_grad_() for r in range(2)]
+    whole = sum((xs[r] * inputs(r)[1]).sum(0) for r in range(2))
+    halos = [xs[1][PLANS[1][0]], xs[0][PLANS[0][0]]]
+    (loss(0, xs[0], halos[0], whole) + loss(1, xs[1], halos[1], whole)).backward()
+    return (x.grad - xs[rank].grad).abs().max().item()
+
+
+def test_collective_adjoints_match_one_process():
+    """Guards the backward of the all-reduce and of the halo all-to-all against one process's autograd."""
+    assert max(run_ranks(_collectives_worker, 2)) < 1e-12
+
+
+def test_stored_halo_mask_gives_the_split_graph_parts():
+    """Guards the path a rank takes without the whole graph: assignment + halo mask == split_graph."""
+    problem = make_problem(3)
+    pos, edges = problem["graph_pos"][0], problem["graph_edges"][0]
+    for num_parts, method in [(2, "metis"), (5, "random")]:
+        assignment = partition(pos, num_parts, method, edge_index=edges, seed=0).assignment
+        mask = halo_mask(edges, assignment, num_parts)
+        for whole in split_graph(edges, assignment, num_parts, halo=True):
+            nodes = part_nodes(assignment, mask, whole.part, num_parts)
+            assert np.array_equal(nodes.owned, whole.owned) and np.array_equal(nodes.halo, whole.halo)
+            assert np.array_equal(nodes.halo_owner, whole.halo_owner)
+            assert whole.send.keys() == nodes.send.keys()
+            assert all(np.array_equal(whole.send[q], nodes.send[q]) for q in whole.send)
