@@ -43,11 +43,14 @@ def _cap_neighbors(pos: np.ndarray, edge_index: np.ndarray, max_neighbors: int) 
     return edge_index[:, np.sort(order[rank < max_neighbors])]
 
 
-def drop_longest_edges(edge_index: np.ndarray, pos: np.ndarray, cutoff_rate: float) -> np.ndarray:
+def drop_longest_edges(edge_index: np.ndarray, pos: np.ndarray, cutoff_rate: float,
+                       node_ids: np.ndarray | None = None) -> np.ndarray:
     """Edge dropping (SPEC §2): keep the shortest ⌊(1 − r)·|E|⌋ edges of the graph, drop the longest.
 
     ``cutoff_rate`` r in [0, 1]; r = 1 leaves no real edge, so only virtual nodes carry information. Ties
-    are broken by edge order, so the result is deterministic.
+    (every pair has two directed edges of one length) are broken by receiver, then sender id: ``node_ids``
+    maps the rows of ``pos`` to the ids that decide (default: the rows themselves), so that a rank holding
+    part of a graph decides as one device holding all of it.
     """
     if not 0.0 <= cutoff_rate <= 1.0:
         raise ValueError(f"cutoff_rate must be in [0, 1], got {cutoff_rate}")
@@ -55,8 +58,14 @@ def drop_longest_edges(edge_index: np.ndarray, pos: np.ndarray, cutoff_rate: flo
         return edge_index
     keep = int(np.floor((1.0 - cutoff_rate) * edge_index.shape[1]))
     length2 = np.square(pos[edge_index[0]] - pos[edge_index[1]]).sum(axis=1)
-    kept = np.sort(np.argsort(length2, kind="stable")[:keep])
+    ids = edge_index if node_ids is None else np.asarray(node_ids)[edge_index]
+    kept = np.sort(edge_order(ids[0], ids[1], length2)[:keep])
     return edge_index[:, kept]
+
+
+def edge_order(receivers: np.ndarray, senders: np.ndarray, length2: np.ndarray) -> np.ndarray:
+    """Edge positions from shortest to longest, ties by receiver then sender id: the order dropping keeps."""
+    return np.lexsort((senders, receivers, length2))
 
 
 def node_features(recipe: list[str], vel: np.ndarray, scalars: np.ndarray, scalar_names: list[str]) -> np.ndarray:

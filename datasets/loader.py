@@ -35,6 +35,20 @@ class GraphSample:
 
 
 @dataclass
+class PartArrays:
+    """Some nodes of one sample: (n, 3)/(n, K) arrays of the nodes a rank owns, and of its halo (input only)."""
+
+    pos: np.ndarray
+    vel: np.ndarray
+    target: np.ndarray
+    scalars: np.ndarray
+    halo_pos: np.ndarray
+    halo_scalars: np.ndarray
+    scene: int
+    frame: int
+
+
+@dataclass
 class GraphBatch:
     """B graphs concatenated into one disconnected graph, as torch tensors; see ``dist_egnn.keys``."""
 
@@ -135,6 +149,39 @@ class TrajectoryDataset:
                      self._scalars[nodes]]
         arrays = dask.compute(*lazy, scheduler="threads")
         return [self.make_sample(scene, frame, *arrays[4 * k: 4 * k + 4]) for k, (scene, frame) in enumerate(located)]
+
+    def read_parts(self, indices: list[int] | np.ndarray, owned: list[np.ndarray | None],
+                   halo: list[np.ndarray]) -> list[PartArrays]:
+        """Read only some nodes of some samples, in one dask computation (a rank's part plus its halo).
+
+        For sample ``indices[k]``: everything a training step needs of the nodes ``owned[k]`` (ids within
+        the scene; None: every node of the scene, read as one slice) and the input positions and scalars of
+        the nodes ``halo[k]``, which only feed edges. Only the chunks holding those nodes are read.
+        """
+        located = [self.locate(i) for i in indices]
+        lazy = []
+        for (scene, frame), own, other in zip(located, owned, halo):
+            nodes = self.meta.scene_nodes(scene)
+            rows = nodes if own is None else nodes.start + np.asarray(own, dtype=np.int64)
+            other = nodes.start + np.asarray(other, dtype=np.int64)
+            lazy += [self._pos[frame, rows], self._vel[frame, rows], self._pos[frame + self.delta_t, rows],
+                     self._scalars[rows], self._pos[frame, other], self._scalars[other]]
+        arrays = dask.compute(*lazy, scheduler="threads")
+        parts = []
+        for k, (scene, frame) in enumerate(located):
+            pos, vel, target, scalars, halo_pos, halo_scalars = arrays[6 * k: 6 * k + 6]
+            self.check_finite(scene, frame, pos=pos, vel=vel, target=target, halo_pos=halo_pos)
+            parts.append(PartArrays(pos, vel, target, scalars, halo_pos, halo_scalars, scene, frame))
+        return parts
+
+    def check_finite(self, scene: int, frame: int, **arrays: np.ndarray) -> None:
+        """Stop with the store, field, scene and frame when an array read holds NaN or Inf."""
+        for name, values in arrays.items():
+            if not np.all(np.isfinite(values)):
+                at = frame + self.delta_t if name == "target" else frame
+                raise StoreError(f"{self.info.path}/{self.split}: {'pos' if 'pos' in name or name == 'target' else name}"
+                                 f" of scene {scene} at frame {at} holds NaN or Inf ({name}); regenerate or "
+                                 f"repair the store")
 
     def make_sample(self, scene: int, frame: int, pos, vel, target, scalars) -> GraphSample:
         """Check one sample's arrays and build its graph and features."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -222,6 +223,28 @@ def check_world(world_size: int, parts: int) -> None:
                          f"P, 2P, 3P, ... ranks (e.g. deepspeed --num_gpus {parts} ...) or change distributed.parts")
 
 
+_STORE = None        # the rendezvous store of this process, when shared_run_stamp made it before the groups
+
+
+def shared_run_stamp(env: DistEnv, timeout_s: float = 300.0) -> str:
+    """Rank 0's start time as ``YYYY-mm-dd_HH-MM-SS``, the same string on every rank (one run directory).
+
+    Uses the launcher's rendezvous address (MASTER_ADDR, MASTER_PORT) before any process group exists: the
+    store made here is reused by :func:`init_groups`.
+    """
+    global _STORE
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    if not env.distributed:
+        return stamp
+    # Under torchrun the launcher's agent already serves the store: every rank is a client then.
+    host_it = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    _STORE = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)),
+                           env.world_size, host_it, timeout=datetime.timedelta(seconds=timeout_s))
+    if env.rank == 0:
+        _STORE.set("dist_egnn/run_stamp", stamp)
+    return _STORE.get("dist_egnn/run_stamp").decode()
+
+
 def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float) -> Groups:
     """Start the default process group (if the launcher has not) and the graph groups.
 
@@ -233,7 +256,7 @@ def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float) -> Gro
     if not env.distributed:
         return Groups(env, parts, None, 0, 0, 1)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_STORE,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     graph = None
     for g in range(data_parallel):            # every rank must create every group, in the same order
@@ -285,8 +308,29 @@ def check_same_samples(sample_ids: list[int], group, device="cpu") -> None:
                            f"same dataset, split, seed and batch size")
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+def all_gather_arrays(array, group, device="cpu") -> list:
+    """Every rank's 1-D float64 NumPy array (lengths may differ), in rank order of ``group``."""
+    import numpy as np
+
+    values = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float64), device=device)
+    size = torch.tensor([values.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.float64, device=device)
+    padded[:values.numel()] = values
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded, group=group)
+    return [g[:int(s.item())].cpu().numpy() for g, s in zip(gathered, sizes)]
+
+
+def barrier(timeout_s: float | None = None) -> None:
+    """Wait for every rank; ``timeout_s`` overrides the group's timeout (gloo), e.g. while rank 0 prepares data."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if timeout_s is not None and dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    else:
         dist.barrier()
 
 

@@ -8,6 +8,8 @@ dataset).
 """
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -102,12 +104,24 @@ class TrainerConfig:
 
 @dataclass
 class DistributedConfig:
-    """How each graph is split over ranks (SPEC §4-5)."""
+    """How each graph is split over ranks (SPEC §4-5). World size = parts × graph groups (data parallel)."""
 
     parts: int = 1                            # P: parts per graph, one rank each
     partition: str = "metis"                  # metis | spatial | random
     halo: str = "none"                        # none: drop cut edges (paper) | exact: 1-hop halo, equals 1 device
     seed: int = 0                             # partitioner seed
+    backend: str = "auto"                     # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
+    timeout_s: float = 300.0                  # a collective waiting longer fails (a dead rank stops the rest)
+    prepare_timeout_s: float = 7200.0         # how long ranks wait while rank 0 prepares a missing store/partition
+
+
+@dataclass
+class EngineConfig:
+    """Who combines gradients and writes checkpoints (dist_egnn/engines)."""
+
+    name: str = "auto"                        # auto | plain | ddp | fsdp | deepspeed
+    zero_stage: int = 0                       # DeepSpeed ZeRO stage (0 keeps checkpoints resumable at any P)
+    gradient_clipping: float = 0.0            # DeepSpeed gradient clipping; 0: off
 
 
 @dataclass
@@ -126,17 +140,28 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    resume: Optional[str] = None              # auto: continue from the run directory's latest checkpoint
 
 
 MODEL_NAMES = ("egnn", "fastegnn")
+HALO_MODES = ("none", "exact")
+PARTITION_METHODS = ("metis", "spatial", "random")
+ENGINE_NAMES = ("auto", "plain", "ddp", "fsdp", "deepspeed")
 
 
 def register() -> None:
     """Register the schema with Hydra (as ``base_config``) and the ``len`` resolver; idempotent."""
     if not OmegaConf.has_resolver("len"):
         OmegaConf.register_new_resolver("len", lambda values: len(values))
+    if not OmegaConf.has_resolver("run_stamp"):
+        # The run directory's time stamp: rank 0's, shared by every rank of a multi-process launch
+        # (launch/train.py sets DIST_EGNN_RUN_STAMP), so all ranks write into one directory.
+        OmegaConf.register_new_resolver(
+            "run_stamp", lambda: os.environ.get("DIST_EGNN_RUN_STAMP") or time.strftime("%Y-%m-%d_%H-%M-%S"),
+            use_cache=True)
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
@@ -164,6 +189,17 @@ def check(cfg: DictConfig | Config) -> None:
         problems.append(f"model.edge_features={cfg.model.edge_features} but dataset.edge_features lists "
                         f"{len(cfg.dataset.edge_features)} features {list(cfg.dataset.edge_features)}: "
                         f"remove the model.edge_features override or change the recipe")
+    d = cfg.distributed
+    if d.parts < 1:
+        problems.append(f"distributed.parts={d.parts}: must be >= 1")
+    if d.halo not in HALO_MODES:
+        problems.append(f"distributed.halo={d.halo!r}: choose one of {HALO_MODES}")
+    if d.partition not in PARTITION_METHODS:
+        problems.append(f"distributed.partition={d.partition!r}: choose one of {PARTITION_METHODS}")
+    if d.backend not in ("auto", "gloo", "nccl"):
+        problems.append(f"distributed.backend={d.backend!r}: choose auto, gloo or nccl")
+    if cfg.engine.name not in ENGINE_NAMES:
+        problems.append(f"engine.name={cfg.engine.name!r}: choose one of {ENGINE_NAMES} (engine=ddp, ...)")
     if problems:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 

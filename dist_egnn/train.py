@@ -1,15 +1,27 @@
-"""Single-process training: Adam, early stopping on validation MSE, test with the best model.
+"""Training on one process or many: Adam, early stopping on validation MSE, test with the best model.
 
-The run directory receives:
-    config.yaml        the resolved configuration
-    metrics.jsonl      one JSON object per evaluation: epoch, train_loss, train_mse, val_mse, ...; the
-                       last line is the test evaluation of the best model and also carries test_mse
-    checkpoints/best.pt  the model with the best validation MSE (written atomically)
+One code path for every launch: ``python launch/train.py`` is one rank holding whole graphs (P = 1);
+``deepspeed --num_gpus P launch/train.py distributed.parts=P`` or ``torchrun --nproc-per-node P ...`` puts
+one part of every graph on each rank (SPEC §4-5). World size W = P × G: G graph groups of P ranks take
+different batches (graph × data parallel). What differs between launches is injected: the communicator
+the model uses for its global means and halo (``dist_egnn.comm``), the rank's data (``dist_egnn.rank_data``),
+and the engine that combines gradients and writes checkpoints (``dist_egnn.engines``).
+
+The run directory receives (rank 0 writes):
+    config.yaml          the resolved configuration
+    metrics.jsonl        one JSON object per evaluation: epoch, train_loss, train_mse, val_mse, world_size,
+                         parts, step_time_s, edges_per_rank, dropped_edge_fraction, peak_mem_mb, ...; the
+                         last line is the test evaluation of the best model and also carries test_mse
+    checkpoints/best.pt  the model with the best validation MSE, portable (torch.load(weights_only=True))
+    checkpoints/engine/  the engine's checkpoints of each evaluation (model, optimizer, trainer state),
+                         tagged epoch-NNNNN; ``resume=auto`` continues from the newest
 """
 from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +31,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from datasets.loader import GraphBatch, TrajectoryDataset
 from datasets.prepare import prepare_dataset
 from datasets.store import StoreInfo, open_store
-from dist_egnn import checkpoint
+from dist_egnn import checkpoint, comm
 from dist_egnn.config import check, to_container
+from dist_egnn.engines import build_engine, resolve_engine
 from dist_egnn.keys import SPLITS
 from dist_egnn.losses import objective, sample_nodes
 from dist_egnn.models import EGNN, FastEGNN
+from dist_egnn.rank_data import RankBatch, RankData
+from partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -52,7 +66,10 @@ def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreI
     return open_store(path, check_values=dataset_cfg.check_values)
 
 
-def load_splits(cfg: DictConfig, info: StoreInfo) -> dict[str, TrajectoryDataset]:
+def load_splits(cfg: DictConfig, info: StoreInfo):
+    """The train/val/test ``TrajectoryDataset`` of the configured dataset."""
+    from datasets.loader import TrajectoryDataset
+
     d = cfg.dataset
     missing = [n for n in d.node_features if n != "speed" and n not in info.node_scalars]
     if missing:
@@ -66,13 +83,27 @@ def load_splits(cfg: DictConfig, info: StoreInfo) -> dict[str, TrajectoryDataset
             for split in SPLITS}
 
 
-class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl and flushes it to disk at once."""
+def thread_share(env: comm.DistEnv, requested: int | None) -> int:
+    """Threads of this rank: as asked, else the machine's cores divided among the ranks on this node."""
+    return requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
 
-    def __init__(self, path: Path):
-        self.path = path
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA allocator peak on GPU, resident set size peak (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl and flushes it to disk at once (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -80,94 +111,211 @@ class MetricsLog:
 
 
 class Trainer:
-    """Fits one model on one dataset in this process; see the module docstring for what it writes."""
+    """Fits one model on one dataset; see the module docstring for what it writes."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, env: comm.DistEnv | None = None):
         check(cfg)
         self.cfg = cfg
+        t, d = cfg.trainer, cfg.distributed
+        self.env = env or comm.DistEnv.from_environ()
+        comm.check_world(self.env.world_size, d.parts)
+        self.is_main = self.env.rank == 0
+        self.device = torch.device(t.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.env.local_rank)
+            torch.cuda.set_device(self.device)
+        self.dtype = DTYPES[t.dtype]
+        torch.set_num_threads(thread_share(self.env, t.num_threads))
+        backend = d.backend if d.backend != "auto" else comm.default_backend(self.device)
+        self.groups = comm.init_groups(self.env, d.parts, backend, d.timeout_s)
+        self.collective_device = self.device if backend == "nccl" else torch.device("cpu")
+
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        t = cfg.trainer
-        torch.set_num_threads(t.num_threads or os.cpu_count() or 1)
-        self.device = torch.device(t.device)
-        self.dtype = DTYPES[t.dtype]
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(cfg)))
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(cfg)))
+        self.progress = t.progress and self.is_main
 
-        self.info = open_dataset_store(cfg.dataset, progress=t.progress)
-        self.data = load_splits(cfg, self.info)
+        self.info, splits = self.open_data()
+        self.data = self.rank_data(splits)
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model).to(self.device, self.dtype)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        self.mmd_generator = torch.Generator().manual_seed(t.seed)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        model = build_model(cfg.model).to(self.device, self.dtype)
+        self.comm = self.groups.communicator()
+        model.set_comm(self.comm)
+        self.engine_name = resolve_engine(cfg.engine.name, self.env.world_size)
+        if self.engine_name == "deepspeed" and t.dtype == "float64":
+            raise ValueError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
+                             "trainer.dtype=float32, or engine=ddp under torchrun for float64")
+        self.engine = build_engine(self.engine_name, model,
+                                   lambda params: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
+                                   cfg, self.groups)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
+        self.engine_dir = self.run_dir / "checkpoints" / "engine"
+        self.state = dict(epoch=0, best=dict(val_mse=float("inf"), epoch=0), stale=0)
 
-    # ------------------------------------------------------------------------------------------------
+    # -- data -----------------------------------------------------------------------------------------
+    def open_data(self):
+        """The store and its splits; in a multi-rank run, rank 0 prepares what is missing while others wait."""
+        d = self.cfg.dataset
+        if self.env.distributed and not Path(d.store).exists():
+            if self.is_main:
+                open_dataset_store(d, progress=self.progress)
+            comm.barrier(self.cfg.distributed.prepare_timeout_s)
+        info = open_dataset_store(d, progress=self.progress)
+        return info, load_splits(self.cfg, info)
+
+    def rank_data(self, splits) -> dict[str, RankData]:
+        """Each split as this rank sees it: its part of every graph (the stored partition when P > 1)."""
+        d = self.cfg.distributed
+        if d.parts == 1:
+            return {name: RankData(data) for name, data in splits.items()}
+        path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed)
+        if stale is not None:                       # every rank saw the same answer: no one waits in vain
+            if not self.cfg.dataset.auto_prepare:
+                raise StalePartitionError(f"{path}: {stale}; build it with `python launch/prepare.py "
+                                          f"dataset={self.cfg.dataset.name} distributed.parts={d.parts} "
+                                          f"distributed.partition={d.partition} distributed.seed={d.seed}`")
+            if self.is_main:
+                prepare_partitions(splits, d.partition, d.parts, d.seed, progress=self.progress,
+                                   scheduler=self.cfg.prepare.scheduler, workers=self.cfg.prepare.workers)
+            comm.barrier(d.prepare_timeout_s)
+        group, device = self.groups.graph, self.collective_device
+        gather = (lambda values: comm.all_gather_arrays(values, group, device)) if group is not None else None
+        return {name: RankData(data, self.groups.part, d.parts, d.halo == "exact", load_assignments(path, name, expected_hash=digest),
+                               gather=gather)
+                for name, data in splits.items()}
+
+    # -- training -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train with early stopping, then evaluate the best model on the test split."""
         t = self.cfg.trainer
-        steps_per_epoch = self.data["train"].num_batches(t.batch_size)
-        bar = tqdm(total=t.max_epochs * steps_per_epoch, desc="training", unit="step", disable=not t.progress)
-        best = {"val_mse": float("inf"), "epoch": 0}
-        stale = 0
-        for epoch in range(1, t.max_epochs + 1):
+        self.maybe_resume()
+        steps = self.data["train"].num_steps(t.batch_size, self.groups.data_parallel)
+        first = self.state["epoch"] + 1
+        bar = tqdm(total=(t.max_epochs - first + 1) * steps, desc="training", unit="step", disable=not self.progress)
+        for epoch in range(first, t.max_epochs + 1):
+            if self.state["stale"] >= t.patience:
+                break
             started = time.perf_counter()
-            train_loss, train_mse = self.train_epoch(epoch, bar)
+            record = self.train_epoch(epoch, bar)
+            self.state["epoch"] = epoch
             if epoch % t.eval_every and epoch != t.max_epochs:
                 continue
-            val_mse = self.evaluate("val")
-            record = dict(epoch=epoch, train_loss=train_loss, train_mse=train_mse, val_mse=val_mse,
+            record = dict(epoch=epoch, **record, val_mse=self.evaluate("val"),
                           epoch_time_s=time.perf_counter() - started)
-            if val_mse < best["val_mse"]:
-                best, stale = dict(record), 0
-                checkpoint.save_atomic(dict(model=self.model.state_dict(), epoch=epoch, val_mse=val_mse,
-                                            config=to_container(self.cfg)), self.best_path)
+            improved = record["val_mse"] < self.state["best"]["val_mse"]
+            if improved:
+                self.state["best"], self.state["stale"] = dict(record), 0
+                self.save_best(epoch, record["val_mse"])
             else:
-                stale += 1
+                self.state["stale"] += 1
             self.metrics.write(record)
-            bar.set_postfix(loss=f"{train_loss:.4g}", val_mse=f"{val_mse:.4g}", best=f"{best['val_mse']:.4g}")
-            if stale >= t.patience:
-                bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {stale} evaluations")
+            self.engine.save(self.engine_dir, f"epoch-{epoch:05d}", dict(self.state))
+            bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_mse=f"{record['val_mse']:.4g}",
+                            best=f"{self.state['best']['val_mse']:.4g}")
+            if self.state["stale"] >= t.patience:
+                bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {self.state['stale']} evaluations")
                 break
         bar.close()
 
-        self.model.load_state_dict(checkpoint.load(self.best_path)["model"])
-        final = dict(best, test_mse=self.evaluate("test"), best_checkpoint=str(self.best_path))
+        self.engine.import_state(checkpoint.load(self.best_path, map_location=self.device)["model"])
+        final = dict(self.state["best"], test_mse=self.evaluate("test"), best_checkpoint=str(self.best_path))
         self.metrics.write(final)
         return final
 
-    def train_epoch(self, epoch: int, bar: tqdm) -> tuple[float, float]:
-        """One pass over the training split; returns the mean loss and mean MSE over its batches."""
-        t, loss_cfg = self.cfg.trainer, self.cfg.loss
-        self.model.train()
-        losses, mses = [], []
-        for batch in self.data["train"].batches(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch):
-            batch = batch.to(self.device, self.dtype)
-            pred = self.model(**batch.model_inputs())
-            selected = sample_nodes(batch.batch, batch.num_graphs,
-                                    None if loss_cfg.mmd_samples is None
-                                    else loss_cfg.mmd_samples * self.cfg.model.virtual_channels,
-                                    generator=self.mmd_generator)
-            terms = objective(pred.pos, batch.target, pred.virtual_pos, batch.batch, batch.num_graphs,
-                              mmd_weight=loss_cfg.mmd_weight, mmd_sigma=loss_cfg.mmd_sigma,
-                              mmd_kernel=loss_cfg.mmd_kernel, mmd_target=loss_cfg.mmd_target,
-                              selected=None if selected is None else selected.to(self.device))
-            self.optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            self.optimizer.step()
-            losses.append(terms.total.item())
-            mses.append(terms.mse.item())
+    def train_epoch(self, epoch: int, bar: tqdm) -> dict[str, Any]:
+        """One pass over the training split; returns the epoch's training record (global over ranks)."""
+        t, loss_cfg, g = self.cfg.trainer, self.cfg.loss, self.groups
+        self.engine.train()
+        data = self.data["train"]
+        batch_ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, group=g.data_index,
+                                   groups=g.data_parallel, equal_steps=True)
+        totals = np.zeros(4)                         # loss share, MSE share, edges, full edges (of this rank)
+        step_times = []
+        for batch in data.batches(batch_ids, seed=t.seed, epoch=epoch):
+            started = time.perf_counter()
+            terms = self.step(batch, loss_cfg)
+            step_times.append(time.perf_counter() - started)
+            totals += [terms.total.item(), terms.mse.item(), batch.num_edges, batch.full_edges]
             bar.update(1)
-        return float(np.mean(losses)), float(np.mean(mses))
+        return self.epoch_record(totals, step_times, len(batch_ids))
+
+    def step(self, batch: RankBatch, loss_cfg):
+        """Forward, loss share, backward and optimizer step of this rank's share of one batch."""
+        graph = batch.graph.to(self.device, self.dtype)
+        if isinstance(self.comm, comm.GraphParallel):
+            comm.check_same_samples(batch.sample_ids, self.groups.graph, self.collective_device)
+            self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
+        pred = self.engine.model(**graph.model_inputs())
+        selected = None
+        if loss_cfg.mmd_samples is not None:
+            selected = sample_nodes(graph.batch, graph.num_graphs,
+                                    loss_cfg.mmd_samples * self.cfg.model.virtual_channels,
+                                    node_count=torch.as_tensor(batch.graph_nodes, device=self.device),
+                                    keys=torch.as_tensor(batch.mmd_keys, device=self.device))
+        terms = objective(pred.pos, graph.target, pred.virtual_pos, graph.batch, graph.num_graphs,
+                          mmd_weight=loss_cfg.mmd_weight, mmd_sigma=loss_cfg.mmd_sigma,
+                          mmd_kernel=loss_cfg.mmd_kernel, mmd_target=loss_cfg.mmd_target, selected=selected,
+                          comm=self.comm, total_nodes=float(batch.total_nodes), parts=self.groups.parts)
+        self.engine.zero_grad()
+        self.engine.backward(terms.total * self.engine.loss_scale)
+        self.engine.step()
+        return terms
+
+    def epoch_record(self, totals: np.ndarray, step_times: list[float], steps: int) -> dict[str, Any]:
+        """Sum the ranks' shares into global numbers; maxima over ranks for time, edges and memory."""
+        g = self.groups
+        loss, mse, edges, full = comm.all_reduce_numbers(list(totals), "sum", device=self.collective_device)
+        mean_step = float(np.mean(step_times)) if step_times else 0.0
+        step_max, edges_max, mem_max = comm.all_reduce_numbers(
+            [mean_step, totals[2] / max(steps, 1), peak_memory_mb(self.device)], "max", device=self.collective_device)
+        batches = max(steps, 1) * g.data_parallel
+        return dict(train_loss=loss / batches, train_mse=mse / batches, world_size=self.env.world_size,
+                    parts=g.parts, halo=self.cfg.distributed.halo, engine=self.engine_name,
+                    step_time_s=step_max, edges_per_rank=edges_max,
+                    dropped_edge_fraction=1.0 - edges / max(full / g.parts, 1.0), peak_mem_mb=mem_max)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> float:
-        """MSE over every node and coordinate of a split (not a mean of batch means)."""
-        self.model.eval()
+        """MSE over every node and coordinate of a split, whole graphs (not a mean of batch means)."""
+        self.engine.eval()
+        g = self.groups
+        data = self.data[split]
         squared, count = 0.0, 0
-        for batch in self.data[split].batches(self.cfg.trainer.eval_batch_size, shuffle=False):
-            batch: GraphBatch = batch.to(self.device, self.dtype)
-            pred = self.model(**batch.model_inputs())
-            squared += (pred.pos - batch.target).double().square().sum().item()
-            count += batch.target.numel()
+        for batch in data.batches(data.batch_ids(self.cfg.trainer.eval_batch_size, shuffle=False, seed=0, epoch=0,
+                                                 group=g.data_index, groups=g.data_parallel)):
+            graph = batch.graph.to(self.device, self.dtype)
+            if isinstance(self.comm, comm.GraphParallel):
+                self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
+            pred = self.engine.model(**graph.model_inputs())
+            squared += (pred.pos - graph.target).double().square().sum().item()
+            count += graph.target.numel()
+        squared, count = comm.all_reduce_numbers([squared, count], "sum", device=self.collective_device)
         return squared / count
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def save_best(self, epoch: int, val_mse: float) -> None:
+        """The portable best model (rank 0 writes; every rank takes part when the engine shards weights)."""
+        state = self.engine.export_state()
+        if self.is_main:
+            checkpoint.save_atomic(dict(model=state, epoch=epoch, val_mse=val_mse, config=to_container(self.cfg)),
+                                   self.best_path)
+        comm.barrier()
+
+    def maybe_resume(self) -> None:
+        """``resume=auto``: continue from the engine checkpoint of the latest evaluation, if there is one."""
+        mode = self.cfg.get("resume")
+        if not mode:
+            return
+        if mode != "auto":
+            raise ValueError(f"resume={mode!r}: only resume=auto is supported")
+        tag = self.engine.latest_tag(self.engine_dir)
+        if tag is None:
+            if self.is_main:
+                print(f"resume=auto: no checkpoint in {self.engine_dir}, starting from scratch", file=sys.stderr)
+            return
+        client = self.engine.load(self.engine_dir, tag)
+        self.state.update({k: client[k] for k in ("epoch", "best", "stale") if k in client})
+        if self.is_main:
+            print(f"resumed from {self.engine_dir} after epoch {self.state['epoch']}")

@@ -1,11 +1,16 @@
-"""Train EGNN or FastEGNN: ``python launch/train.py [overrides]``; see conf/config.yaml for the groups.
+"""Train EGNN or FastEGNN on one process or many; see conf/config.yaml for the configuration groups.
 
-Prints the run directory at start and end; the run directory holds config.yaml, metrics.jsonl and
-checkpoints/best.pt (see dist_egnn.train).
+    python launch/train.py [overrides]                                        one process
+    deepspeed --num_gpus P launch/train.py distributed.parts=P [overrides]    P ranks (CPU: gloo, GPU: nccl)
+    torchrun --nproc-per-node P launch/train.py engine=ddp distributed.parts=P [overrides]
+
+Prints the run directory at start and end; it holds config.yaml, metrics.jsonl and checkpoints/ (see
+dist_egnn.train). Every rank of a launch writes into rank 0's run directory.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import hydra
@@ -13,24 +18,53 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from datasets.store import StoreError
+from dist_egnn import comm
 from dist_egnn.config import register
 from dist_egnn.train import Trainer
 
 register()
 
 
+def launcher_arguments(argv: list[str], env: comm.DistEnv) -> list[str]:
+    """The command line Hydra should see.
+
+    The deepspeed launcher adds ``--local_rank=N`` (LOCAL_RANK is in the environment too): Hydra would
+    reject it. Ranks other than 0 do not write Hydra's own files into the shared run directory.
+    """
+    args, skip = [argv[0]], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            skip = "=" not in arg
+        else:
+            args.append(arg)
+    if env.rank > 0:
+        args += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    return args
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
-    print(f"run directory: {run_dir}", flush=True)
+    env = comm.DistEnv.from_environ()
+    if env.rank == 0:
+        print(f"run directory: {run_dir}", flush=True)
     try:
-        result = Trainer(cfg, run_dir).fit()
+        result = Trainer(cfg, run_dir, env).fit()
     except (StoreError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error (rank {env.rank}): {err}", file=sys.stderr)
+        comm.shutdown()
         sys.exit(2)
-    print(json.dumps(result))
-    print(f"run directory: {run_dir}")
+    comm.shutdown()
+    if env.rank == 0:
+        print(json.dumps(result))
+        print(f"run directory: {run_dir}")
 
 
 if __name__ == "__main__":
+    _env = comm.DistEnv.from_environ()
+    if _env.distributed and "DIST_EGNN_RUN_STAMP" not in os.environ:
+        os.environ["DIST_EGNN_RUN_STAMP"] = comm.shared_run_stamp(_env)
+    sys.argv = launcher_arguments(sys.argv, _env)
     main()

@@ -14,6 +14,8 @@ Layout of one artifact (a zarr v3 group)::
     /train /val /test     attrs: frames (input frames used, one per row), num_scenes
         assignment        (F, N_total) int32   part of every node at input frame frames[k]; scene s owns
                                                columns scene_ptr[s]:scene_ptr[s + 1], as in the dataset store
+        halo_mask         (F, N_total) uintB   bit p set: part p receives an edge from this node (the node is
+                                               in p's 1-hop halo); B = 8, 16, 32 or 64 bits, the fewest >= P
         scene_ptr         (S + 1,) int64       copied from the dataset store
         cut_fraction      (F, S) float32       per sample (row k, scene s); see partitioners.metrics
         boundary_fraction (F, S) float32
@@ -23,8 +25,10 @@ Layout of one artifact (a zarr v3 group)::
         halo_size         (F, S, P) int32
 
 Sample index i of a TrajectoryDataset is (scene, row) = divmod(i, F), the same order as its ``locate``.
-``assignment`` is chunked (1, chunk_nodes) like the store's frames, so reading one sample's assignment
-(:func:`load_assignments`) touches only the chunks of its scene, never the whole artifact.
+``assignment`` and ``halo_mask`` are chunked (1, chunk_nodes) like the store's frames, so reading one
+sample's assignment (:func:`load_assignments`) touches only the chunks of its scene, never the whole
+artifact. With both, a rank finds its owned nodes, its halo and what it sends to every other rank
+(``partitioners.subgraphs.part_nodes``) without reading any position it does not need.
 
 Graph and seed per sample: the radius graph of the positions at t with the dataset's radius and
 max_neighbors (complete when the radius is None), before any edge dropping (``model.cutoff_rate``); the
@@ -67,9 +71,10 @@ from tqdm.auto import tqdm
 from datasets.store import COMPRESSORS, DEFAULT_CHUNK_NODES, atomic_store
 from partitioners.metrics import partition_metrics
 from partitioners.strategies import METHODS, partition
+from partitioners.subgraphs import halo_mask, mask_dtype
 
-SCHEMA_VERSION = 1
-PARTITIONER_VERSION = 1          # bump when a strategy's output changes: stored artifacts become stale
+SCHEMA_VERSION = 2
+PARTITIONER_VERSION = 2          # bump when a strategy's output changes: stored artifacts become stale
 TASK_NODES = 250_000             # nodes partitioned by one dask task
 PROCESSES_MIN_NODES = 2_000_000  # "auto" starts worker processes only for jobs at least this big
 SCHEDULERS = ("auto", "processes", "threads", "sync")
@@ -125,6 +130,19 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
     print(f"{path}: {stale}; building it")
     _build(path, splits, inputs, digest, scheduler, workers, progress)
     return path
+
+
+def partition_status(splits: Mapping[str, Any], method: str, num_parts: int, seed: int = 0) -> tuple[Path, str, str | None]:
+    """(artifact path, inputs hash, None if the stored artifact matches ``splits`` else why not, in words).
+
+    Cheap (reads two frames per split and the artifact's attributes): every rank of a run can ask before
+    deciding together whether to build, without anyone waiting for a build that will never come.
+    """
+    first = next(iter(splits.values()))
+    path = artifact_path(first.info.path, method, num_parts, seed)
+    inputs = describe_inputs(splits, method, num_parts, seed)
+    digest = inputs_hash(inputs)
+    return path, digest, _why_stale(path, inputs, digest)
 
 
 def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed: int) -> dict[str, Any]:
@@ -271,6 +289,8 @@ def _create_split(root: zarr.Group, name: str, data: Any, num_parts: int) -> dic
     group.attrs.update(dict(frames=[int(f) for f in data.frames], num_scenes=scenes))
     group.create_array("assignment", shape=(frames, total), chunks=(1, max(1, min(DEFAULT_CHUNK_NODES, total))),
                        dtype="int32", compressors=COMPRESSORS)
+    group.create_array("halo_mask", shape=(frames, total), chunks=(1, max(1, min(DEFAULT_CHUNK_NODES, total))),
+                       dtype=mask_dtype(num_parts), compressors=COMPRESSORS)
     group.create_array("scene_ptr", data=np.asarray(ptr, dtype=np.int64))
     arrays = dict(cut_fraction=np.zeros((frames, scenes), np.float32),
                   boundary_fraction=np.zeros((frames, scenes), np.float32),
@@ -287,6 +307,7 @@ def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[st
     """One dask task: read the positions of a run of scenes at one frame and partition each scene."""
     pos = zarr.open_group(store, mode="r")[task.split]["pos"][task.frame, ptr[0]:ptr[-1]]
     assignment = np.empty(ptr[-1] - ptr[0], dtype=np.int32)
+    mask = np.zeros(ptr[-1] - ptr[0], dtype=mask_dtype(options["num_parts"]))
     metrics = []
     for k, scene in enumerate(range(task.first_scene, task.stop_scene)):
         lo, hi = ptr[k] - ptr[0], ptr[k + 1] - ptr[0]
@@ -297,8 +318,9 @@ def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[st
         except ValueError as err:
             raise ValueError(f"{store}/{task.split}: scene {scene} at frame {task.frame}: {err}") from err
         assignment[lo:hi] = part.assignment
+        mask[lo:hi] = halo_mask(part.edge_index, part.assignment, options["num_parts"])
         metrics.append(part.metrics)
-    return dict(assignment=assignment,
+    return dict(assignment=assignment, halo_mask=mask,
                 cut_fraction=np.array([m.cut_fraction for m in metrics]),
                 boundary_fraction=np.array([m.boundary_fraction for m in metrics]),
                 imbalance=np.array([m.imbalance for m in metrics]),
@@ -316,6 +338,7 @@ def sample_seed(seed: int, split: str, scene: int, frame: int) -> int:
 def _write(group: zarr.Group, per_sample: dict[str, np.ndarray], task: _Task, ptr: np.ndarray,
            result: dict[str, np.ndarray]) -> None:
     group["assignment"][task.row, ptr[0]:ptr[-1]] = result["assignment"]
+    group["halo_mask"][task.row, ptr[0]:ptr[-1]] = result["halo_mask"]
     for key in PER_SAMPLE:
         per_sample[key][task.row, task.first_scene:task.stop_scene] = result[key]
 
@@ -363,13 +386,25 @@ class SplitAssignments:
         return self.of(*self.locate(index))
 
     def of(self, scene: int, frame: int) -> np.ndarray:
+        """(n_scene,) int64: the part of every node of the scene at input frame ``frame``."""
+        return np.asarray(self._group["assignment"][self._where(scene, frame)], dtype=np.int64)
+
+    def halo_mask_of(self, scene: int, frame: int) -> np.ndarray:
+        """(n_scene,) unsigned: bit p set for the nodes in part p's halo (``partitioners.subgraphs.halo_mask``)."""
+        return np.asarray(self._group["halo_mask"][self._where(scene, frame)])
+
+    def num_edges_of(self, scene: int, frame: int) -> int:
+        """Edges of the whole graph that was partitioned (before edge dropping)."""
+        row, _ = self._where(scene, frame)
+        return int(self._group["num_edges"][row, scene])
+
+    def _where(self, scene: int, frame: int) -> tuple[int, slice]:
         if frame not in self._row or not 0 <= scene < len(self.scene_ptr) - 1:
             raise StalePartitionError(f"{self.path}/{self.split}: no stored sample (scene {scene}, frame {frame}); "
                                       f"it holds scenes 0..{len(self.scene_ptr) - 2} at frames "
                                       f"{self.frames[:5].tolist()}{'...' if len(self.frames) > 5 else ''}; "
                                       f"prepare the partitions again for this dataset configuration")
-        a, b = int(self.scene_ptr[scene]), int(self.scene_ptr[scene + 1])
-        return np.asarray(self._group["assignment"][self._row[frame], a:b], dtype=np.int64)
+        return self._row[frame], slice(int(self.scene_ptr[scene]), int(self.scene_ptr[scene + 1]))
 
     def metrics(self) -> dict[str, np.ndarray]:
         """Per-sample quality: (F, S) fractions and edge counts, (F, S, P) part and halo sizes."""
@@ -383,9 +418,10 @@ def load_assignments(path: str | os.PathLike, split: str, *, expected_hash: str 
         raise StalePartitionError(f"no stored partition at {path}: build it with `python launch/prepare.py "
                                   f"distributed.parts=P distributed.partition=METHOD` (plus your dataset overrides)")
     attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-    if attrs.get("schema_version", SCHEMA_VERSION + 1) > SCHEMA_VERSION or "inputs_hash" not in attrs:
+    if attrs.get("schema_version") != SCHEMA_VERSION or "inputs_hash" not in attrs:
         raise StalePartitionError(f"{path}: not a partition artifact this dist-egnn can read (schema_version "
-                                  f"{attrs.get('schema_version')}); delete it and prepare the partitions again")
+                                  f"{attrs.get('schema_version')}, this version reads {SCHEMA_VERSION}); prepare "
+                                  f"the partitions again (`python launch/prepare.py distributed.parts=P ...`)")
     if expected_hash is not None and attrs["inputs_hash"] != expected_hash:
         raise StalePartitionError(f"{path} was built from other inputs (hash {attrs['inputs_hash'][:12]}, "
                                   f"expected {expected_hash[:12]}); prepare the partitions again")

@@ -1,0 +1,92 @@
+"""The engine interface, and the checkpoint file that plain PyTorch, DDP and FSDP share.
+
+Every rank holds the whole model (graph parallelism splits the graph, not the weights; FSDP shards them
+only between steps), so the engines differ in how gradients are combined and checkpoints written:
+
+* gradients: each engine averages parameter gradients over all W ranks. The trainer scales each rank's
+  loss share by P (``Engine.loss_scale``), so the average over W = P × G ranks is the mean over the G graph
+  groups of each group's summed loss, the gradient of one device. Example: P = 2, G = 1, rank shares
+  0.55 and 0.55 (one device's loss 1.1): scaled 1.1 and 1.1, averaged over 2 ranks: 1.1.
+* checkpoints: plain, DDP and FSDP write one portable file ``<dir>/<tag>.pt`` (full model and optimizer
+  state, client state), so a run can resume under another engine or another P; DeepSpeed writes its own
+  directory format through ``save_checkpoint``/``load_checkpoint``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_egnn import checkpoint
+
+
+class Engine:
+    """Wraps a model and its optimizer; ``model`` is what the trainer calls for the forward pass."""
+
+    name = "base"
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, groups):
+        self.module = module            # the bare model
+        self.model = module             # what to call (a wrapper for DDP/FSDP/DeepSpeed)
+        self.optimizer = optimizer
+        self.groups = groups
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor on each rank's loss share so that the engine's gradient average is the global gradient."""
+        return float(self.groups.parts)
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def parameters_with_grad(self):
+        return [p for p in self.module.parameters() if p.grad is not None]
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The full model state dict, on CPU (a collective for FSDP: every rank calls it)."""
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a full model state dict (every rank calls it)."""
+        self.module.load_state_dict(state)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def save(self, directory: str | Path, tag: str, client_state: dict[str, Any]) -> Path:
+        """Write ``<directory>/<tag>.pt`` atomically from rank 0; every rank calls it."""
+        model, optim = self.export_state(), self.optimizer_state()
+        path = Path(directory) / f"{tag}.pt"
+        if self.groups.env.rank == 0:
+            checkpoint.save_atomic(dict(model=model, optimizer=optim, client=client_state, engine=self.name), path)
+        return path
+
+    def load(self, directory: str | Path, tag: str) -> dict[str, Any]:
+        """Restore model and optimizer from ``<directory>/<tag>.pt``; returns the client state."""
+        state = checkpoint.load(Path(directory) / f"{tag}.pt")
+        self.import_state(state["model"])
+        self.load_optimizer_state(state["optimizer"])
+        return state.get("client", {})
+
+    @staticmethod
+    def latest_tag(directory: str | Path) -> str | None:
+        """The newest complete checkpoint's tag in ``directory`` (tags sort by age), or None."""
+        tags = sorted(p.stem for p in Path(directory).glob("*.pt") if not p.name.startswith("."))
+        return tags[-1] if tags else None

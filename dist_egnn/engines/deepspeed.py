@@ -1,0 +1,65 @@
+"""DeepSpeed: ``deepspeed.initialize`` with a config built from the typed config in one function.
+
+On CPU DeepSpeed picks its CPU accelerator and gloo; on GPUs, nccl. The optimizer is a torch optimizer
+passed in (a config "Adam" would JIT-build FusedAdam for minutes, see STACK.md). Checkpoints go through
+``save_checkpoint``/``load_checkpoint`` with the trainer's client state; with ZeRO stage 0 (default) model
+and optimizer states are whole in every checkpoint, so a run can resume with another P or world size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dist_egnn.engines.base import Engine
+
+
+def deepspeed_config(cfg) -> dict[str, Any]:
+    """The DeepSpeed config dict, from the typed ``engine`` and ``trainer`` groups."""
+    config = {
+        "train_micro_batch_size_per_gpu": int(cfg.trainer.batch_size),
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": int(cfg.engine.zero_stage)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.engine.gradient_clipping:
+        config["gradient_clipping"] = float(cfg.engine.gradient_clipping)
+    if cfg.trainer.device.startswith("cuda") and cfg.trainer.dtype == "bfloat16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, module, optimizer, cfg, groups):
+        import deepspeed
+
+        super().__init__(module, optimizer, groups)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                                config=deepspeed_config(cfg))
+
+    def backward(self, loss):
+        self.model.backward(loss)
+
+    def step(self):
+        self.model.step()
+
+    def zero_grad(self):
+        self.model.zero_grad()
+
+    def save(self, directory, tag, client_state):
+        self.model.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+        return Path(directory) / tag
+
+    def load(self, directory, tag):
+        path, client = self.model.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
+        return client or {}
+
+    @staticmethod
+    def latest_tag(directory):
+        """DeepSpeed records the tag of its newest complete checkpoint in ``<directory>/latest``."""
+        latest = Path(directory) / "latest"
+        return latest.read_text().strip() if latest.is_file() else None

@@ -1,0 +1,202 @@
+"""What one rank reads and builds for a batch: its part (+ halo) of every graph, and the halo plan.
+
+One process (P = 1) is the special case "part 0 of 1": it reads whole graphs, so the trainer has one data
+path for every P. For P > 1 the node sets come from the stored partition (assignment and halo mask of
+every sample, ``partitioners.artifacts``): rank p reads the positions, velocities, targets and scalars of
+the nodes it owns, and the input positions and scalars of its halo nodes, nothing else
+(``TrajectoryDataset.read_parts``). It then builds the edges it receives: the radius graph of its owned +
+halo nodes, keeping the edges whose receiver it owns. In exact mode that is exactly the whole graph's edge
+set at those receivers, because every sender within the radius of an owned node is owned or in the halo;
+in drop mode (no halo) the cut edges are missing, as in the paper's DistEGNN.
+
+Batches: the sample order of an epoch comes from (seed, epoch) only, so every rank computes the same one.
+Graph group g of G takes batches g, g + G, g + 2G, ... (graph × data parallel); in training every group
+takes the same number of steps, so a remainder of fewer than G batches is left out of that epoch.
+
+Edge dropping (SPEC §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
+by (receiver, sender) id. In exact mode with P > 1 the length threshold is global: the ranks exchange
+their edge lengths (one all-gather per batch), so P ranks still equal one device. In drop mode each part
+drops its own longest edges, as each device of the paper's DistEGNN works on its own graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from datasets.graphs import complete_graph, drop_longest_edges, edge_features, edge_order, node_features, radius_graph
+from datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
+from dist_egnn.comm import HaloPlan
+from partitioners.subgraphs import PartNodes, part_nodes, stack_parts
+
+
+@dataclass
+class RankBatch:
+    """One rank's share of one batch of B graphs."""
+
+    graph: GraphBatch              # owned rows (N_owned); edge_index reaches the halo rows N_owned .. N_all − 1
+    plan: HaloPlan | None          # exact mode with P > 1: what to send where; None: no halo
+    sample_ids: list[int]
+    graph_nodes: np.ndarray        # (B,) nodes of each whole graph, over all parts
+    full_edges: int                # edges of the whole graphs before any dropping (cut or cutoff rate)
+    mmd_keys: np.ndarray           # (N_owned,) uniform [0, 1) per node, drawn per (seed, epoch, sample, global id)
+
+    @property
+    def total_nodes(self) -> int:
+        return int(self.graph_nodes.sum())
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.graph.edge_index.shape[1])
+
+
+class RankData:
+    """The batches of one split as seen by one rank (part ``part`` of ``parts``).
+
+    Args:
+        dataset: the split (``datasets.loader.TrajectoryDataset``).
+        part, parts: this rank's part and P.
+        halo: exact mode (1-hop halo exchanged every layer) or drop mode (cut edges dropped).
+        assignments: the stored partition of the split (``partitioners.artifacts.load_assignments``);
+            needed when P > 1.
+        gather: all-gather of a 1-D float64 array over the graph group (``comm.all_gather_arrays``), needed
+            for edge dropping in exact mode with P > 1.
+    """
+
+    def __init__(self, dataset: TrajectoryDataset, part: int = 0, parts: int = 1, halo: bool = False,
+                 assignments=None, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None):
+        if parts > 1 and assignments is None:
+            raise ValueError("RankData: P > 1 needs the stored partition of the split (assignments)")
+        if assignments is not None and assignments.num_parts != parts:
+            raise ValueError(f"{assignments.path}: stored partition has {assignments.num_parts} parts but "
+                             f"distributed.parts={parts}; prepare the partitions for P={parts}")
+        self.dataset, self.part, self.parts, self.halo = dataset, part, parts, halo and parts > 1
+        self.assignments, self.gather = assignments, gather
+        self.graph_sizes = np.diff(dataset.meta.scene_ptr)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def order(self, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+        """The epoch's sample order: a function of (seed, epoch) alone, identical on every rank."""
+        order = np.arange(len(self.dataset))
+        return np.random.default_rng([seed, epoch]).permutation(order) if shuffle else order
+
+    def batch_ids(self, batch_size: int, shuffle: bool, seed: int, epoch: int, group: int = 0, groups: int = 1,
+                  equal_steps: bool = False) -> list[np.ndarray]:
+        """The sample ids of the batches graph group ``group`` of ``groups`` takes."""
+        order = self.order(shuffle, seed, epoch)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if equal_steps:
+            batches = batches[:len(batches) - len(batches) % groups] if len(batches) >= groups else batches
+        return batches[group::groups]
+
+    def num_steps(self, batch_size: int, groups: int = 1) -> int:
+        batches = -(-len(self.dataset) // batch_size)
+        return max(batches // groups, 1 if batches else 0)
+
+    def batches(self, batch_ids: list[np.ndarray], seed: int = 0, epoch: int = 0) -> Iterator[RankBatch]:
+        for ids in batch_ids:
+            yield self.build(list(map(int, ids)), seed, epoch)
+
+    # -------------------------------------------------------------------------------------------------
+    def build(self, sample_ids: list[int], seed: int = 0, epoch: int = 0) -> RankBatch:
+        """Read and assemble this rank's share of the batch ``sample_ids``."""
+        nodes = [self.nodes_of(i) for i in sample_ids]
+        whole = self.parts == 1
+        arrays = self.dataset.read_parts(sample_ids, [None if whole else n.owned for n in nodes],
+                                         [n.halo for n in nodes])
+        local = [self.local_edges(a) for a in arrays]                       # per graph, local ids
+        full_edges = (sum(e.shape[1] for e in local) if whole
+                      else sum(self.assignments.num_edges_of(a.scene, a.frame) for a in arrays))
+        local = self.drop_edges(local, arrays, nodes)
+        return self.assemble(sample_ids, nodes, arrays, local, full_edges, seed, epoch)
+
+    def nodes_of(self, sample: int) -> PartNodes:
+        scene, frame = self.dataset.locate(sample)
+        if self.parts == 1:
+            n = int(self.graph_sizes[scene])
+            return part_nodes(np.zeros(n, np.int64), None, 0, 1)
+        return part_nodes(self.assignments.of(scene, frame),
+                          self.assignments.halo_mask_of(scene, frame) if self.halo else None, self.part, self.parts)
+
+    def local_edges(self, arrays: PartArrays) -> np.ndarray:
+        """(2, E) edges received by the owned nodes, local ids (owned rows, then halo rows)."""
+        pos = np.concatenate([arrays.pos, arrays.halo_pos])
+        radius = self.dataset.radius
+        edges = complete_graph(len(pos)) if radius is None else radius_graph(pos, radius, self.dataset.max_neighbors)
+        return edges[:, edges[0] < len(arrays.pos)]
+
+    def drop_edges(self, local: list[np.ndarray], arrays: list[PartArrays], nodes: list[PartNodes]) -> list[np.ndarray]:
+        """Edge dropping per graph: locally (P = 1, drop mode) or with the global threshold (exact mode)."""
+        rate = self.dataset.cutoff_rate
+        if rate == 0.0:
+            return local
+        positions = [np.concatenate([a.pos, a.halo_pos]) for a in arrays]
+        ids = [n.local_to_global for n in nodes]
+        if not self.halo:
+            return [drop_longest_edges(e, p, rate, node_ids=g) for e, p, g in zip(local, positions, ids)]
+        return [global_drop(e, p, g, rate, self.gather) for e, p, g in zip(local, positions, ids)]
+
+    def assemble(self, sample_ids, nodes, arrays, local, full_edges, seed, epoch) -> RankBatch:
+        stacked = stack_parts(nodes)
+        d = self.dataset
+        names = d.info.node_scalars
+        features, attrs, edges = [], [], []
+        for b, (a, e) in enumerate(zip(arrays, local)):
+            features.append(node_features(d.node_recipe, a.vel, a.scalars, names))
+            pos = np.concatenate([a.pos, a.halo_pos])
+            scalars = np.concatenate([a.scalars, a.halo_scalars])
+            attrs.append(edge_features(d.edge_recipe, e, pos, scalars, names))
+            edges.append(stacked.batch_rows(b, e.reshape(-1)).reshape(2, -1))
+        cat = lambda xs: torch.from_numpy(np.concatenate(xs))  # noqa: E731
+        sizes = np.array([len(a.pos) for a in arrays])
+        graph = GraphBatch(node_features=cat(features), pos=cat([a.pos for a in arrays]),
+                           vel=cat([a.vel for a in arrays]), target=cat([a.target for a in arrays]),
+                           edge_index=torch.from_numpy(np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), np.int64)),
+                           edge_attr=cat(attrs), batch=torch.from_numpy(np.repeat(np.arange(len(arrays)), sizes)),
+                           num_graphs=len(arrays))
+        plan = None
+        if self.halo:
+            plan = HaloPlan(torch.from_numpy(stacked.send_index), stacked.send_counts.tolist(),
+                            stacked.recv_counts.tolist())
+        graph_nodes = np.array([self.graph_sizes[d.locate(i)[0]] for i in sample_ids], dtype=np.int64)
+        keys = np.concatenate([mmd_keys(seed, epoch, i, n)[p.owned] for i, n, p in zip(sample_ids, graph_nodes, nodes)])
+        return RankBatch(graph=graph, plan=plan, sample_ids=list(sample_ids), graph_nodes=graph_nodes,
+                         full_edges=int(full_edges), mmd_keys=keys)
+
+
+def mmd_keys(seed: int, epoch: int, sample: int, num_nodes: int) -> np.ndarray:
+    """(num_nodes,) uniform keys of one graph's nodes by global id: the MMD term samples the nodes whose key
+    is below M / N, so P ranks pick the same nodes as one device (``dist_egnn.losses.sample_nodes``)."""
+    return np.random.default_rng([seed, epoch, sample, 7]).random(num_nodes).astype(np.float32)
+
+
+def global_drop(edges: np.ndarray, pos: np.ndarray, node_ids: np.ndarray, rate: float,
+                gather: Callable[[np.ndarray], list[np.ndarray]]) -> np.ndarray:
+    """Keep this rank's edges among the shortest ⌊(1 − r)·E⌋ edges of the whole graph (ties by global ids).
+
+    Every rank holds the edges its nodes receive, so the ranks' edge sets partition the graph's: gathering
+    their lengths gives the global threshold, and gathering the (rare) edges tied with it settles the rest
+    by (receiver, sender) id exactly as ``datasets.graphs.drop_longest_edges`` does on one device.
+    """
+    length2 = np.square(pos[edges[0]] - pos[edges[1]]).sum(axis=1)
+    everyone = np.concatenate(gather(length2.astype(np.float64)))
+    keep = int(np.floor((1.0 - rate) * len(everyone)))
+    if keep == 0:
+        return edges[:, :0]
+    threshold = np.partition(everyone, keep - 1)[keep - 1]
+    below = length2 < threshold
+    tied = length2 == threshold
+    still = keep - int((everyone < threshold).sum())
+    ids = node_ids[edges[:, tied]]                                      # (2, T) global ids of tied edges
+    pairs = np.concatenate(gather(ids.T.reshape(-1).astype(np.float64))).reshape(-1, 2)
+    chosen = pairs[edge_order(pairs[:, 0], pairs[:, 1], np.zeros(len(pairs)))[:still]]
+    mine = ids.T.astype(np.float64)
+    chosen_set = {tuple(p) for p in chosen.tolist()}
+    tied_keep = np.array([tuple(p) in chosen_set for p in mine.tolist()], dtype=bool)
+    keep_mask = below.copy()
+    keep_mask[np.flatnonzero(tied)[tied_keep]] = True
+    return edges[:, keep_mask]
