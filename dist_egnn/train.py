@@ -119,6 +119,13 @@ class Trainer:
         t, d = cfg.trainer, cfg.distributed
         self.env = env or comm.DistEnv.from_environ()
         comm.check_world(self.env.world_size, d.parts)
+        self.engine_name = resolve_engine(cfg.engine.name, self.env.world_size)
+        if self.engine_name == "deepspeed" and t.dtype == "float64":
+            raise ValueError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
+                             "trainer.dtype=float32, or engine=ddp under torchrun for float64")
+        if self.engine_name in ("ddp", "fsdp") and not self.env.distributed:
+            raise ValueError(f"engine={self.engine_name} needs a multi-process launch (torchrun --nproc-per-node P "
+                             f"launch/train.py ...); for one process use engine=plain or engine=auto")
         self.is_main = self.env.rank == 0
         self.device = torch.device(t.device)
         if self.device.type == "cuda":
@@ -142,10 +149,6 @@ class Trainer:
         model = build_model(cfg.model).to(self.device, self.dtype)
         self.comm = self.groups.communicator()
         model.set_comm(self.comm)
-        self.engine_name = resolve_engine(cfg.engine.name, self.env.world_size)
-        if self.engine_name == "deepspeed" and t.dtype == "float64":
-            raise ValueError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
-                             "trainer.dtype=float32, or engine=ddp under torchrun for float64")
         self.engine = build_engine(self.engine_name, model,
                                    lambda params: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
                                    cfg, self.groups)

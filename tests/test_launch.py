@@ -1,0 +1,134 @@
+"""The launchers end to end on a tiny radius-graph N-body set: deepspeed, torchrun (DDP, FSDP), plain python.
+
+Each test launches real processes (gloo on CPU) and compares metrics.jsonl with a one-process run: exact
+halo mode must give the same losses and MSEs (float64: 1e-9 relative; float32 under DeepSpeed: 1e-5).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ["dataset.nbody.num_particles=40", "dataset.nbody.train=6", "dataset.nbody.val=3", "dataset.nbody.test=3",
+        "dataset.nbody.steps=1100", "dataset.frame_start=0", "dataset.frame_stop=1", "dataset.radius=1.5",
+        "trainer.batch_size=3", "trainer.max_epochs=2", "trainer.progress=false"]
+COMPARED = ("train_loss", "train_mse", "val_mse", "test_mse")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """One tiny store for the whole module, made by a plain one-process run (which the tests compare to)."""
+    root = tmp_path_factory.mktemp("launch")
+    for dtype in ("float64", "float32"):
+        proc = launch([], root, f"single-{dtype}", f"trainer.dtype={dtype}")
+        assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def launch(launcher: list[str], root: Path, run: str, *overrides: str, timeout: float = 400):
+    cmd = [*launcher, str(ROOT / "launch" / "train.py"), f"paths.data={root / 'data'}",
+           f"hydra.run.dir={root / run}", *TINY, *overrides]
+    if not launcher:
+        cmd = [sys.executable, *cmd]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=timeout, env=env)
+
+
+def torchrun(n: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={n}"]
+
+
+def deepspeed(n: int) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port())]
+
+
+def free_port() -> int:
+    from ranks import free_port as port
+    return port()
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(run_dir: Path, reference: Path, tol: float) -> None:
+    got, want = records(run_dir), records(reference)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for key in COMPARED:
+            if key in w:
+                assert abs(g[key] - w[key]) <= tol * abs(w[key]), f"{key}: {g[key]} != {w[key]}"
+
+
+def test_torchrun_ddp_exact_halo_equals_one_process(data_dir):
+    """Guards the whole distributed path (partitions, per-rank reads, halo, loss scaling, DDP averaging)."""
+    proc = launch(torchrun(2), data_dir, "ddp", "trainer.dtype=float64", "distributed.parts=2",
+                  "distributed.halo=exact", "engine=ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_metrics(data_dir / "ddp", data_dir / "single-float64", 1e-9)
+    last = records(data_dir / "ddp")[0]
+    assert last["world_size"] == 2 and last["parts"] == 2 and last["dropped_edge_fraction"] == 0.0
+    assert last["edges_per_rank"] < records(data_dir / "single-float64")[0]["edges_per_rank"]
+    assert {"step_time_s", "peak_mem_mb"} <= set(last)
+
+
+def test_deepspeed_launcher_as_typed(data_dir):
+    """Guards `deepspeed --num_gpus 2 launch/train.py distributed.parts=2 ...` (its --local_rank argument,
+    one run directory for both ranks, DeepSpeed checkpoints), and exactness in float32."""
+    proc = launch(deepspeed(2), data_dir, "ds", "distributed.parts=2", "distributed.halo=exact")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_metrics(data_dir / "ds", data_dir / "single-float32", 1e-5)
+    assert records(data_dir / "ds")[0]["engine"] == "deepspeed"
+    assert (data_dir / "ds" / "checkpoints" / "engine" / "latest").read_text().strip() == "epoch-00002"
+    assert not list(data_dir.glob("ds/*/metrics.jsonl")), "ranks must share one run directory"
+
+
+def test_resume_with_a_different_number_of_parts(data_dir):
+    """Guards resumability across P: a DeepSpeed run at P = 2 continues at P = 1 (ZeRO stage 0)."""
+    shutil.copytree(data_dir / "ds", data_dir / "ds-resumed")
+    proc = launch(deepspeed(1), data_dir, "ds-resumed", "trainer.max_epochs=3", "resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    evaluations = [r for r in records(data_dir / "ds-resumed") if "test_mse" not in r]
+    assert [r["epoch"] for r in evaluations] == [1, 2, 3]
+    assert evaluations[-1]["parts"] == 1
+
+
+def test_graph_and_data_parallel(data_dir):
+    """Guards G = 2 graph groups of P = 2: equal to one process whose batch holds both groups' batches."""
+    proc = launch(torchrun(4), data_dir, "gxd", "trainer.dtype=float64", "distributed.parts=2",
+                  "distributed.halo=exact", "engine=ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = launch([], data_dir, "single-b6", "trainer.dtype=float64", "trainer.batch_size=6")
+    assert single.returncode == 0, single.stderr
+    assert_same_metrics(data_dir / "gxd", data_dir / "single-b6", 1e-9)
+
+
+def test_fsdp_engine(data_dir):
+    """Guards FSDP (fully_shard) under torchrun: sharded weights, gathered checkpoints, same numbers."""
+    proc = launch(torchrun(2), data_dir, "fsdp", "trainer.dtype=float64", "distributed.parts=2",
+                  "distributed.halo=exact", "engine=fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_metrics(data_dir / "fsdp", data_dir / "single-float64", 1e-9)
+
+
+def test_world_size_not_a_multiple_of_parts_fails_on_every_rank(data_dir):
+    """Guards against a hang: 3 ranks for P = 2 stop at once, each with the reason."""
+    proc = launch(torchrun(3), data_dir, "bad-world", "distributed.parts=2", "engine=ddp", timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("not a multiple of distributed.parts=2") == 3
+
+
+def test_missing_partition_without_auto_prepare(data_dir):
+    """Guards the stored-partition check: P without its partition is named with the command that builds it."""
+    proc = launch(torchrun(2), data_dir, "no-part", "distributed.parts=2", "distributed.partition=spatial",
+                  "engine=ddp", "dataset.auto_prepare=false", timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("distributed.parts=2 distributed.partition=spatial") == 2
