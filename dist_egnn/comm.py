@@ -215,10 +215,13 @@ class Groups:
 
 
 def check_world(world_size: int, parts: int) -> None:
-    """Every rank runs this before any collective: a bad world size stops all of them, none hangs."""
+    """Every rank runs this before any collective: a bad world size stops all of them, none hangs.
+
+    One process accepts any P: it runs the P parts itself (``dist_egnn.rank_data``, sequential).
+    """
     if parts < 1:
         raise ValueError(f"distributed.parts={parts} must be >= 1")
-    if world_size % parts:
+    if world_size > 1 and world_size % parts:
         raise ValueError(f"world size {world_size} is not a multiple of distributed.parts={parts}: launch "
                          f"P, 2P, 3P, ... ranks (e.g. deepspeed --num_gpus {parts} ...) or change distributed.parts")
 
@@ -252,9 +255,9 @@ def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float) -> Gro
     error instead of waiting forever.
     """
     check_world(env.world_size, parts)
+    if not env.distributed:                    # one process: whole graphs, or all P parts in sequence
+        return Groups(env, 1, None, 0, 0, 1)
     data_parallel = env.world_size // parts
-    if not env.distributed:
-        return Groups(env, parts, None, 0, 0, 1)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_STORE,
                                 timeout=datetime.timedelta(seconds=timeout_s))

@@ -9,6 +9,12 @@ halo nodes, keeping the edges whose receiver it owns. In exact mode that is exac
 set at those receivers, because every sender within the radius of an owned node is owned or in the halo;
 in drop mode (no halo) the cut edges are missing, as in the paper's DistEGNN.
 
+One process can also run all P parts itself (``python launch/train.py distributed.parts=P``, world size 1):
+it reads whole graphs and, in drop mode, keeps only the edges inside a part, which is exactly what P ranks
+compute together (SPEC §4: the cut edges are the only difference from one device). In exact mode that is
+the whole graph. It is the reference the drop-mode tests compare P ranks with, and a way to try a
+distributed configuration on one machine.
+
 Batches: the sample order of an epoch comes from (seed, epoch) only, so every rank computes the same one.
 Graph group g of G takes batches g, g + G, g + 2G, ... (graph × data parallel); in training every group
 takes the same number of steps, so a remainder of fewer than G batches is left out of that epoch.
@@ -63,16 +69,19 @@ class RankData:
             needed when P > 1.
         gather: all-gather of a 1-D float64 array over the graph group (``comm.all_gather_arrays``), needed
             for edge dropping in exact mode with P > 1.
+        sequential: this one process holds all P parts (``part`` is ignored); see the module docstring.
     """
 
     def __init__(self, dataset: TrajectoryDataset, part: int = 0, parts: int = 1, halo: bool = False,
-                 assignments=None, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None):
+                 assignments=None, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+                 sequential: bool = False):
         if parts > 1 and assignments is None:
             raise ValueError("RankData: P > 1 needs the stored partition of the split (assignments)")
         if assignments is not None and assignments.num_parts != parts:
             raise ValueError(f"{assignments.path}: stored partition has {assignments.num_parts} parts but "
                              f"distributed.parts={parts}; prepare the partitions for P={parts}")
         self.dataset, self.part, self.parts, self.halo = dataset, part, parts, halo and parts > 1
+        self.sequential = sequential and parts > 1
         self.assignments, self.gather = assignments, gather
         self.graph_sizes = np.diff(dataset.meta.scene_ptr)
 
@@ -105,18 +114,22 @@ class RankData:
     def build(self, sample_ids: list[int], seed: int = 0, epoch: int = 0) -> RankBatch:
         """Read and assemble this rank's share of the batch ``sample_ids``."""
         nodes = [self.nodes_of(i) for i in sample_ids]
-        whole = self.parts == 1
+        whole = self.parts == 1 or self.sequential
         arrays = self.dataset.read_parts(sample_ids, [None if whole else n.owned for n in nodes],
                                          [n.halo for n in nodes])
         local = [self.local_edges(a) for a in arrays]                       # per graph, local ids
-        full_edges = (sum(e.shape[1] for e in local) if whole
-                      else sum(self.assignments.num_edges_of(a.scene, a.frame) for a in arrays))
-        local = self.drop_edges(local, arrays, nodes)
+        full_edges = sum(e.shape[1] for e in local)
+        if self.sequential:
+            local = self.sequential_edges(local, arrays)
+        else:
+            if not whole:
+                full_edges = sum(self.assignments.num_edges_of(a.scene, a.frame) for a in arrays)
+            local = self.drop_edges(local, arrays, nodes)
         return self.assemble(sample_ids, nodes, arrays, local, full_edges, seed, epoch)
 
     def nodes_of(self, sample: int) -> PartNodes:
         scene, frame = self.dataset.locate(sample)
-        if self.parts == 1:
+        if self.parts == 1 or self.sequential:
             n = int(self.graph_sizes[scene])
             return part_nodes(np.zeros(n, np.int64), None, 0, 1)
         return part_nodes(self.assignments.of(scene, frame),
@@ -139,6 +152,20 @@ class RankData:
         if not self.halo:
             return [drop_longest_edges(e, p, rate, node_ids=g) for e, p, g in zip(local, positions, ids)]
         return [global_drop(e, p, g, rate, self.gather) for e, p, g in zip(local, positions, ids)]
+
+    def sequential_edges(self, whole: list[np.ndarray], arrays: list[PartArrays]) -> list[np.ndarray]:
+        """All P parts in this process: the whole graph (exact mode) or its edges inside parts (drop mode),
+        with edge dropping as the P ranks would do it."""
+        rate = self.dataset.cutoff_rate
+        if self.halo:
+            return [drop_longest_edges(e, a.pos, rate) for e, a in zip(whole, arrays)]
+        kept = []
+        for e, a in zip(whole, arrays):
+            part = self.assignments.of(a.scene, a.frame)
+            inside = e[:, part[e[0]] == part[e[1]]]
+            per_part = [drop_longest_edges(inside[:, part[inside[0]] == p], a.pos, rate) for p in range(self.parts)]
+            kept.append(np.concatenate(per_part, axis=1))
+        return kept
 
     def assemble(self, sample_ids, nodes, arrays, local, full_edges, seed, epoch) -> RankBatch:
         stacked = stack_parts(nodes)

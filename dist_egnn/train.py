@@ -173,6 +173,7 @@ class Trainer:
         d = self.cfg.distributed
         if d.parts == 1:
             return {name: RankData(data) for name, data in splits.items()}
+        sequential = not self.env.distributed           # one process runs all P parts (drop-mode reference)
         path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed)
         if stale is not None:                       # every rank saw the same answer: no one waits in vain
             if not self.cfg.dataset.auto_prepare:
@@ -185,8 +186,8 @@ class Trainer:
             comm.barrier(d.prepare_timeout_s)
         group, device = self.groups.graph, self.collective_device
         gather = (lambda values: comm.all_gather_arrays(values, group, device)) if group is not None else None
-        return {name: RankData(data, self.groups.part, d.parts, d.halo == "exact", load_assignments(path, name, expected_hash=digest),
-                               gather=gather)
+        return {name: RankData(data, self.groups.part, d.parts, d.halo == "exact",
+                               load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential)
                 for name, data in splits.items()}
 
     # -- training -------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ class Trainer:
             [mean_step, totals[2] / max(steps, 1), peak_memory_mb(self.device)], "max", device=self.collective_device)
         batches = max(steps, 1) * g.data_parallel
         return dict(train_loss=loss / batches, train_mse=mse / batches, world_size=self.env.world_size,
-                    parts=g.parts, halo=self.cfg.distributed.halo, engine=self.engine_name,
+                    parts=self.cfg.distributed.parts, halo=self.cfg.distributed.halo, engine=self.engine_name,
                     step_time_s=step_max, edges_per_rank=edges_max,
                     dropped_edge_fraction=1.0 - edges / max(full / g.parts, 1.0), peak_mem_mb=mem_max)
 

@@ -7,6 +7,8 @@ means". Also: the distributed forward is E(3)-equivariant, and the collectives' 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -143,34 +145,65 @@ def graph_parts(problem, num_parts: int, method: str, halo: bool):
             for p, e in zip(problem["graph_pos"], problem["graph_edges"])]
 
 
-@pytest.mark.parametrize("world_size, method, dtype, kind", [
-    (2, "metis", torch.float64, "fastegnn"),
-    (2, "random", torch.float32, "fastegnn"),
-    (4, "metis", torch.float32, "fastegnn"),
-    (2, "spatial", torch.float64, "egnn"),
-])
-def test_exact_mode_equals_one_device(world_size, method, dtype, kind):
-    """Guards the halo exchange, the global means and the loss scaling: P ranks == the whole graph."""
+EXACT = [(2, "metis", torch.float64, "fastegnn"), (2, "random", torch.float32, "fastegnn"),
+         (4, "metis", torch.float32, "fastegnn"), (2, "spatial", torch.float64, "egnn")]
+DROP = [(2, "metis"), (4, "random")]
+
+
+def exact_case(world_size, method, dtype, kind):
     problem = make_problem()
     parts = graph_parts(problem, world_size, method, halo=True)
     assert any(p.num_halo for g in parts for p in g), "the test needs cut edges"
-    results = run_ranks(_rank_worker, world_size, kind, dtype, problem, parts, True)
+    return problem, parts
+
+
+def drop_case(world_size, method):
+    """The problem, its parts, and the edges drop mode keeps: those whose two ends are in one part."""
+    problem = make_problem(1)
+    parts = graph_parts(problem, world_size, method, halo=False)
+    keep = np.concatenate([problem["offsets"][b] + p.local_to_global[p.edge_index]
+                           for b, graph in enumerate(parts) for p in graph], axis=1)
+    assert keep.shape[1] < problem["edge_index"].shape[1], "the test needs cut edges"
+    return problem, parts, keep
+
+
+def _jobs(rank, world_size, jobs):
+    return [fn(rank, world_size, *args) for fn, args in jobs]
+
+
+@functools.lru_cache(maxsize=None)
+def rank_results(world_size: int) -> dict:
+    """Every multi-rank job of this file for one world size, run in ONE set of processes (starting P
+    Python processes costs seconds; the jobs themselves take milliseconds)."""
+    jobs = {}
+    for case in EXACT:
+        if case[0] == world_size:
+            problem, parts = exact_case(*case)
+            jobs[("exact", *case)] = (_rank_worker, (case[3], case[2], problem, parts, True))
+    for case in DROP:
+        if case[0] == world_size:
+            problem, parts, _ = drop_case(*case)
+            jobs[("drop", *case)] = (_rank_worker, ("fastegnn", torch.float64, problem, parts, False))
+    if world_size == 2:
+        jobs["equivariance"] = (_equivariance_worker, equivariance_case())
+        jobs["adjoints"] = (_collectives_worker, ())
+    per_rank = run_ranks(_jobs, world_size, list(jobs.values()))
+    return {key: [results[k] for results in per_rank] for k, key in enumerate(jobs)}
+
+
+@pytest.mark.parametrize("world_size, method, dtype, kind", EXACT)
+def test_exact_mode_equals_one_device(world_size, method, dtype, kind):
+    """Guards the halo exchange, the global means and the loss scaling: P ranks == the whole graph."""
+    problem, _ = exact_case(world_size, method, dtype, kind)
+    results = rank_results(world_size)[("exact", world_size, method, dtype, kind)]
     compare(results, one_device(kind, dtype, problem), dtype)
 
 
-@pytest.mark.parametrize("world_size, method", [(2, "metis"), (4, "random")])
+@pytest.mark.parametrize("world_size, method", DROP)
 def test_drop_mode_equals_whole_graph_without_cut_edges(world_size, method):
     """Guards drop mode (the paper's DistEGNN): only the cut edges differ from one device."""
-    problem = make_problem(1)
-    parts = graph_parts(problem, world_size, method, halo=False)
-    # The edges drop mode keeps: those whose two ends are in one part.
-    keep_edges = []
-    for b, graph in enumerate(parts):
-        for p in graph:
-            keep_edges.append(problem["offsets"][b] + p.local_to_global[p.edge_index])
-    keep = np.concatenate(keep_edges, axis=1)
-    assert keep.shape[1] < problem["edge_index"].shape[1], "the test needs cut edges"
-    results = run_ranks(_rank_worker, world_size, "fastegnn", torch.float64, problem, parts, False)
+    problem, _, keep = drop_case(world_size, method)
+    results = rank_results(world_size)[("drop", world_size, method)]
     compare(results, one_device("fastegnn", torch.float64, problem, edge_index=keep), torch.float64)
 
 
@@ -187,15 +220,17 @@ def _equivariance_worker(rank, world_size, problem, parts, rotation, shift):
     return (plain.pos @ rotation.T + shift - moved.pos).abs().max().item()
 
 
-def test_distributed_forward_is_equivariant():
-    """Guards the collectives against breaking E(3) equivariance (rotation with reflection, translation)."""
+def equivariance_case():
     problem = make_problem(2)
     parts = graph_parts(problem, 2, "metis", halo=True)
     q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     rotation = q * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)     # improper: includes a reflection
-    errors = run_ranks(_equivariance_worker, 2, problem, parts, rotation, torch.tensor([0.3, -1.0, 2.0],
-                                                                                        dtype=torch.float64))
-    assert max(errors) < 1e-10
+    return problem, parts, rotation, torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+
+
+def test_distributed_forward_is_equivariant():
+    """Guards the collectives against breaking E(3) equivariance (rotation with reflection, translation)."""
+    assert max(rank_results(2)["equivariance"]) < 1e-10
 
 
 PLANS = {0: ([2, 0], [0, 2], [0, 1]), 1: ([1], [1, 0], [2, 0])}
@@ -229,7 +264,7 @@ def _collectives_worker(rank, world_size):
 
 def test_collective_adjoints_match_one_process():
     """Guards the backward of the all-reduce and of the halo all-to-all against one process's autograd."""
-    assert max(run_ranks(_collectives_worker, 2)) < 1e-12
+    assert max(rank_results(2)["adjoints"]) < 1e-12
 
 
 def test_stored_halo_mask_gives_the_split_graph_parts():

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = ["dataset.nbody.num_particles=40", "dataset.nbody.train=6", "dataset.nbody.val=3", "dataset.nbody.test=3",
         "dataset.nbody.steps=1100", "dataset.frame_start=0", "dataset.frame_stop=1", "dataset.radius=1.5",
-        "trainer.batch_size=3", "trainer.max_epochs=2", "trainer.progress=false"]
+        "trainer.batch_size=3", "trainer.max_epochs=2", "trainer.progress=false",
+        "model.cutoff_rate=0.25"]         # edge dropping on: exact mode must agree on the global threshold
 COMPARED = ("train_loss", "train_mse", "val_mse", "test_mse")
 
 
@@ -74,9 +75,23 @@ def test_torchrun_ddp_exact_halo_equals_one_process(data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_metrics(data_dir / "ddp", data_dir / "single-float64", 1e-9)
     last = records(data_dir / "ddp")[0]
-    assert last["world_size"] == 2 and last["parts"] == 2 and last["dropped_edge_fraction"] == 0.0
+    reference = records(data_dir / "single-float64")[0]
+    assert last["world_size"] == 2 and last["parts"] == 2
+    assert last["dropped_edge_fraction"] == pytest.approx(reference["dropped_edge_fraction"], abs=0.01)
     assert last["edges_per_rank"] < records(data_dir / "single-float64")[0]["edges_per_rank"]
     assert {"step_time_s", "peak_mem_mb"} <= set(last)
+
+
+def test_drop_mode_equals_one_process_running_the_parts(data_dir):
+    """Guards drop mode through the real data path (cut edges and per-part edge dropping): P ranks equal
+    one process that runs the P parts (`python launch/train.py distributed.parts=2`)."""
+    common = ["trainer.dtype=float64", "distributed.parts=2", "distributed.halo=none"]
+    ranks = launch(torchrun(2), data_dir, "drop", *common, "engine=ddp")
+    one = launch([], data_dir, "drop-sequential", *common)
+    assert ranks.returncode == 0 and one.returncode == 0, ranks.stderr[-3000:] + one.stderr[-3000:]
+    assert_same_metrics(data_dir / "drop", data_dir / "drop-sequential", 1e-9)
+    dropped = records(data_dir / "drop")[0]["dropped_edge_fraction"]
+    assert dropped > records(data_dir / "single-float64")[0]["dropped_edge_fraction"] + 0.05   # cut edges too
 
 
 def test_deepspeed_launcher_as_typed(data_dir):
