@@ -49,6 +49,26 @@ class SingleProcess:
 
 
 # -------------------------------------------------------------------------------------- graph parallel
+@dataclass
+class CommStats:
+    """Wall time and bytes spent in the model's collectives (forward and backward), for step-time breakdowns."""
+
+    seconds: float = 0.0
+    bytes: int = 0
+    calls: int = 0
+
+    def add(self, started: float, tensor: Tensor) -> None:
+        self.seconds += time.perf_counter() - started
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.calls += 1
+
+    def reset(self) -> "CommStats":
+        """Return the counts so far and start again from zero."""
+        snapshot = CommStats(self.seconds, self.bytes, self.calls)
+        self.seconds, self.bytes, self.calls = 0.0, 0, 0
+        return snapshot
+
+
 class AllReduceSum(torch.autograd.Function):
     """y = Σ_ranks x over a process group; backward: dL/dx = Σ_ranks dL_r/dy (an all-reduce SUM again).
 
@@ -64,17 +84,21 @@ class AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        ctx.group = group
+    def forward(ctx, tensor: Tensor, group, stats: CommStats) -> Tensor:
+        ctx.group, ctx.stats = group, stats
+        started = time.perf_counter()
         out = tensor.contiguous().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        stats.add(started, out)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        started = time.perf_counter()
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        ctx.stats.add(started, grad)
+        return grad, None, None
 
 
 @dataclass
@@ -115,24 +139,28 @@ class HaloExchange(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, owned: Tensor, plan: HaloPlan, group) -> Tensor:
-        ctx.plan, ctx.group, ctx.num_owned = plan, group, owned.shape[0]
+    def forward(ctx, owned: Tensor, plan: HaloPlan, group, stats: CommStats) -> Tensor:
+        ctx.plan, ctx.group, ctx.stats, ctx.num_owned = plan, group, stats, owned.shape[0]
         send = owned.index_select(0, plan.send_index).contiguous()
         recv = owned.new_empty((plan.num_recv, *owned.shape[1:]))
+        started = time.perf_counter()
         dist.all_to_all_single(recv, send, output_split_sizes=plan.recv_counts,
                                input_split_sizes=plan.send_counts, group=group)
+        stats.add(started, send)
         return torch.cat([owned, recv])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         plan = ctx.plan
         grad_owned = grad[:ctx.num_owned].clone()
         grad_halo = grad[ctx.num_owned:].contiguous()
         back = grad.new_empty((plan.send_index.shape[0], *grad.shape[1:]))
+        started = time.perf_counter()
         dist.all_to_all_single(back, grad_halo, output_split_sizes=plan.send_counts,
                                input_split_sizes=plan.recv_counts, group=ctx.group)
+        ctx.stats.add(started, grad_halo)
         grad_owned.index_add_(0, plan.send_index, back)
-        return grad_owned, None, None
+        return grad_owned, None, None, None
 
 
 class GraphParallel:
@@ -149,6 +177,7 @@ class GraphParallel:
         self.group = group
         self.world_size = world_size
         self.plan: HaloPlan | None = None
+        self.stats = CommStats()
 
     def set_halo_plan(self, plan: HaloPlan | None) -> None:
         self.plan = plan
@@ -157,7 +186,7 @@ class GraphParallel:
         if self.world_size == 1:
             return tensors
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        total = AllReduceSum.apply(flat, self.group)
+        total = AllReduceSum.apply(flat, self.group, self.stats)
         sizes = [t.numel() for t in tensors]
         return tuple(piece.view_as(t) for piece, t in zip(torch.split(total, sizes), tensors))
 
@@ -165,7 +194,7 @@ class GraphParallel:
         if self.plan is None:
             return node_tensors
         widths = [t.shape[1] for t in node_tensors]
-        both = HaloExchange.apply(torch.cat(node_tensors, dim=1), self.plan, self.group)
+        both = HaloExchange.apply(torch.cat(node_tensors, dim=1), self.plan, self.group, self.stats)
         return tuple(torch.split(both, widths, dim=1))
 
 

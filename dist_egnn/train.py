@@ -10,7 +10,8 @@ and the engine that combines gradients and writes checkpoints (``dist_egnn.engin
 The run directory receives (rank 0 writes):
     config.yaml          the resolved configuration
     metrics.jsonl        one JSON object per evaluation: epoch, train_loss, train_mse, val_mse, world_size,
-                         parts, step_time_s, edges_per_rank, dropped_edge_fraction, peak_mem_mb, ...; the
+                         parts, step_time_s, comm_time_s (in the model's collectives), edges_per_rank,
+                         dropped_edge_fraction, peak_mem_mb, ...; the
                          last line is the test evaluation of the best model and also carries test_mse
     checkpoints/best.pt  the model with the best validation MSE, portable (torch.load(weights_only=True))
     checkpoints/engine/  the engine's checkpoints of each evaluation (model, optimizer, trainer state),
@@ -235,13 +236,16 @@ class Trainer:
         data = self.data["train"]
         batch_ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, group=g.data_index,
                                    groups=g.data_parallel, equal_steps=True)
-        totals = np.zeros(4)                         # loss share, MSE share, edges, full edges (of this rank)
+        if isinstance(self.comm, comm.GraphParallel):
+            self.comm.stats.reset()                  # not the evaluation's collectives
+        totals = np.zeros(5)              # loss share, MSE share, edges, full edges, collective seconds (this rank)
         step_times = []
         for batch in data.batches(batch_ids, seed=t.seed, epoch=epoch):
             started = time.perf_counter()
             terms = self.step(batch, loss_cfg)
             step_times.append(time.perf_counter() - started)
-            totals += [terms.total.item(), terms.mse.item(), batch.num_edges, batch.full_edges]
+            comm_seconds = self.comm.stats.reset().seconds if isinstance(self.comm, comm.GraphParallel) else 0.0
+            totals += [terms.total.item(), terms.mse.item(), batch.num_edges, batch.full_edges, comm_seconds]
             bar.update(1)
         return self.epoch_record(totals, step_times, len(batch_ids))
 
@@ -270,14 +274,15 @@ class Trainer:
     def epoch_record(self, totals: np.ndarray, step_times: list[float], steps: int) -> dict[str, Any]:
         """Sum the ranks' shares into global numbers; maxima over ranks for time, edges and memory."""
         g = self.groups
-        loss, mse, edges, full = comm.all_reduce_numbers(list(totals), "sum", device=self.collective_device)
+        loss, mse, edges, full = comm.all_reduce_numbers(list(totals[:4]), "sum", device=self.collective_device)
         mean_step = float(np.mean(step_times)) if step_times else 0.0
-        step_max, edges_max, mem_max = comm.all_reduce_numbers(
-            [mean_step, totals[2] / max(steps, 1), peak_memory_mb(self.device)], "max", device=self.collective_device)
+        step_max, edges_max, mem_max, comm_max = comm.all_reduce_numbers(
+            [mean_step, totals[2] / max(steps, 1), peak_memory_mb(self.device), totals[4] / max(steps, 1)], "max",
+            device=self.collective_device)
         batches = max(steps, 1) * g.data_parallel
         return dict(train_loss=loss / batches, train_mse=mse / batches, world_size=self.env.world_size,
                     parts=self.cfg.distributed.parts, halo=self.cfg.distributed.halo, engine=self.engine_name,
-                    step_time_s=step_max, edges_per_rank=edges_max,
+                    step_time_s=step_max, comm_time_s=comm_max, edges_per_rank=edges_max,
                     dropped_edge_fraction=1.0 - edges / max(full / g.parts, 1.0), peak_mem_mb=mem_max)
 
     @torch.no_grad()
