@@ -44,6 +44,24 @@ class NBodyGenerator:
 
 
 @dataclass
+class SyntheticGenerator:
+    """Parameters of the synthetic particle flows (datasets.synthetic.SyntheticConfig)."""
+
+    num_particles: int = 113_000
+    neighbors: float = 24.0
+    radius: float = 0.075
+    train: int = 1
+    val: int = 1
+    test: int = 1
+    frames: int = 12
+    dt: float = 0.02
+    speed: float = 0.5
+    modes: int = 4
+    substeps: int = 4
+    seed: int = 0
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING                       # store name: <paths.data>/<name>.zarr
     source: str = MISSING                     # how `prepare` makes the store: nbody, ...
@@ -62,6 +80,7 @@ class DatasetConfig:
     mmd_weight: float = 0.03
     mmd_samples: Optional[int] = None         # real nodes per graph per virtual node for MMD; None: all
     nbody: Optional[NBodyGenerator] = None
+    synthetic: Optional[SyntheticGenerator] = None
 
 
 @dataclass
