@@ -119,6 +119,7 @@ class TrainerConfig:
     dtype: str = "float32"                    # float32 | float64
     num_threads: Optional[int] = None         # None: all cores of this process's share
     progress: bool = True
+    steps_per_epoch: Optional[int] = None     # at most this many training steps per epoch (None: the whole split)
 
 
 @dataclass

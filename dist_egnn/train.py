@@ -10,8 +10,8 @@ and the engine that combines gradients and writes checkpoints (``dist_egnn.engin
 The run directory receives (rank 0 writes):
     config.yaml          the resolved configuration
     metrics.jsonl        one JSON object per evaluation: epoch, train_loss, train_mse, val_mse, world_size,
-                         parts, step_time_s, comm_time_s (in the model's collectives), edges_per_rank,
-                         dropped_edge_fraction, peak_mem_mb, ...; the
+                         parts, step_time_s (mean after the first, warm-up step), comm_time_s (in the
+                         model's collectives), edges_per_rank, dropped_edge_fraction, peak_mem_mb, ...; the
                          last line is the test evaluation of the best model and also carries test_mse
     checkpoints/best.pt  the model with the best validation MSE, portable (torch.load(weights_only=True))
     checkpoints/engine/  the engine's checkpoints of each evaluation (model, optimizer, trainer state),
@@ -196,7 +196,8 @@ class Trainer:
         """Train with early stopping, then evaluate the best model on the test split."""
         t = self.cfg.trainer
         self.maybe_resume()
-        steps = self.data["train"].num_steps(t.batch_size, self.groups.data_parallel)
+        steps = min(self.data["train"].num_steps(t.batch_size, self.groups.data_parallel),
+                    t.steps_per_epoch or float("inf"))
         first = self.state["epoch"] + 1
         bar = tqdm(total=(t.max_epochs - first + 1) * steps, desc="training", unit="step", disable=not self.progress)
         for epoch in range(first, t.max_epochs + 1):
@@ -235,7 +236,7 @@ class Trainer:
         self.engine.train()
         data = self.data["train"]
         batch_ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, group=g.data_index,
-                                   groups=g.data_parallel, equal_steps=True)
+                                   groups=g.data_parallel, equal_steps=True)[:t.steps_per_epoch]
         if isinstance(self.comm, comm.GraphParallel):
             self.comm.stats.reset()                  # not the evaluation's collectives
         totals = np.zeros(5)              # loss share, MSE share, edges, full edges, collective seconds (this rank)
@@ -275,7 +276,7 @@ class Trainer:
         """Sum the ranks' shares into global numbers; maxima over ranks for time, edges and memory."""
         g = self.groups
         loss, mse, edges, full = comm.all_reduce_numbers(list(totals[:4]), "sum", device=self.collective_device)
-        mean_step = float(np.mean(step_times)) if step_times else 0.0
+        mean_step = float(np.mean(step_times[1:] or step_times)) if step_times else 0.0   # first step: warm-up
         step_max, edges_max, mem_max, comm_max = comm.all_reduce_numbers(
             [mean_step, totals[2] / max(steps, 1), peak_memory_mb(self.device), totals[4] / max(steps, 1)], "max",
             device=self.collective_device)
