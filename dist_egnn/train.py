@@ -96,6 +96,33 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
 
 
+def train_step(engine, communicator, batch: RankBatch, cfg, device: torch.device, dtype: torch.dtype, parts: int):
+    """One training step of one rank's share of a batch: forward, loss share, backward, optimizer step.
+
+    ``parts`` is P of the graph group (1 for one process): the loss share's MMD part is divided by it and
+    the engine's ``loss_scale`` undoes its gradient averaging (see dist_egnn.engines.base). Returns the
+    loss terms (this rank's shares).
+    """
+    loss_cfg = cfg.loss
+    graph = batch.graph.to(device, dtype)
+    if hasattr(communicator, "set_halo_plan"):
+        communicator.set_halo_plan(None if batch.plan is None else batch.plan.to(device))
+    pred = engine.model(**graph.model_inputs())
+    selected = None
+    if loss_cfg.mmd_samples is not None:
+        selected = sample_nodes(graph.batch, graph.num_graphs, loss_cfg.mmd_samples * cfg.model.virtual_channels,
+                                node_count=torch.as_tensor(batch.graph_nodes, device=device),
+                                keys=torch.as_tensor(batch.mmd_keys, device=device))
+    terms = objective(pred.pos, graph.target, pred.virtual_pos, graph.batch, graph.num_graphs,
+                      mmd_weight=loss_cfg.mmd_weight, mmd_sigma=loss_cfg.mmd_sigma, mmd_kernel=loss_cfg.mmd_kernel,
+                      mmd_target=loss_cfg.mmd_target, selected=selected, comm=communicator,
+                      total_nodes=float(batch.total_nodes), parts=parts)
+    engine.zero_grad()
+    engine.backward(terms.total * engine.loss_scale)
+    engine.step()
+    return terms
+
+
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl and flushes it to disk at once (rank 0 only)."""
 
@@ -232,7 +259,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int, bar: tqdm) -> dict[str, Any]:
         """One pass over the training split; returns the epoch's training record (global over ranks)."""
-        t, loss_cfg, g = self.cfg.trainer, self.cfg.loss, self.groups
+        t, g = self.cfg.trainer, self.groups
         self.engine.train()
         data = self.data["train"]
         batch_ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, group=g.data_index,
@@ -243,34 +270,18 @@ class Trainer:
         step_times = []
         for batch in data.batches(batch_ids, seed=t.seed, epoch=epoch):
             started = time.perf_counter()
-            terms = self.step(batch, loss_cfg)
+            terms = self.step(batch)
             step_times.append(time.perf_counter() - started)
             comm_seconds = self.comm.stats.reset().seconds if isinstance(self.comm, comm.GraphParallel) else 0.0
             totals += [terms.total.item(), terms.mse.item(), batch.num_edges, batch.full_edges, comm_seconds]
             bar.update(1)
         return self.epoch_record(totals, step_times, len(batch_ids))
 
-    def step(self, batch: RankBatch, loss_cfg):
+    def step(self, batch: RankBatch):
         """Forward, loss share, backward and optimizer step of this rank's share of one batch."""
-        graph = batch.graph.to(self.device, self.dtype)
         if isinstance(self.comm, comm.GraphParallel):
             comm.check_same_samples(batch.sample_ids, self.groups.graph, self.collective_device)
-            self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
-        pred = self.engine.model(**graph.model_inputs())
-        selected = None
-        if loss_cfg.mmd_samples is not None:
-            selected = sample_nodes(graph.batch, graph.num_graphs,
-                                    loss_cfg.mmd_samples * self.cfg.model.virtual_channels,
-                                    node_count=torch.as_tensor(batch.graph_nodes, device=self.device),
-                                    keys=torch.as_tensor(batch.mmd_keys, device=self.device))
-        terms = objective(pred.pos, graph.target, pred.virtual_pos, graph.batch, graph.num_graphs,
-                          mmd_weight=loss_cfg.mmd_weight, mmd_sigma=loss_cfg.mmd_sigma,
-                          mmd_kernel=loss_cfg.mmd_kernel, mmd_target=loss_cfg.mmd_target, selected=selected,
-                          comm=self.comm, total_nodes=float(batch.total_nodes), parts=self.groups.parts)
-        self.engine.zero_grad()
-        self.engine.backward(terms.total * self.engine.loss_scale)
-        self.engine.step()
-        return terms
+        return train_step(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts)
 
     def epoch_record(self, totals: np.ndarray, step_times: list[float], steps: int) -> dict[str, Any]:
         """Sum the ranks' shares into global numbers; maxima over ranks for time, edges and memory."""
@@ -296,7 +307,7 @@ class Trainer:
         for batch in data.batches(data.batch_ids(self.cfg.trainer.eval_batch_size, shuffle=False, seed=0, epoch=0,
                                                  group=g.data_index, groups=g.data_parallel)):
             graph = batch.graph.to(self.device, self.dtype)
-            if isinstance(self.comm, comm.GraphParallel):
+            if hasattr(self.comm, "set_halo_plan"):
                 self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
             pred = self.engine.model(**graph.model_inputs())
             squared += (pred.pos - graph.target).double().square().sum().item()
