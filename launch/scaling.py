@@ -32,8 +32,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from tqdm.auto import tqdm
 
+from omegaconf import OmegaConf
+
 from dist_egnn.config import register, to_container
 from dist_egnn.scaling import in_fresh_process, measure_links, measure_part, project
+from dist_egnn.train import load_splits, open_dataset_store
+from partitioners.artifacts import prepare_partitions
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,6 +51,7 @@ class ScalingConfig:
     halo: list[str] = field(default_factory=lambda: ["exact", "none"])
     steps: int = 4                                  # timed steps per measurement (after one warm-up step)
     real_max_ranks: int = 2                         # real runs up to this many ranks (this machine's cores)
+    link_repeats: int = 20                          # repetitions of each collective when measuring α and β
     overrides: list[str] = field(default_factory=list)   # extra launch/train.py overrides (model, paths, ...)
     results_dir: str = "docs/results"
     work_dir: str = "runs/scaling"                  # the real runs' run directories
@@ -71,11 +76,11 @@ def training_config(cfg, parts: int, halo: str) -> dict[str, Any]:
 
 def prepare(cfg, parts: int) -> None:
     """The dataset store and, for P > 1, its stored partition (reused when up to date)."""
-    cmd = [sys.executable, str(ROOT / "launch" / "prepare.py"), f"dataset={cfg.data}",
-           f"distributed.parts={parts}", f"distributed.partition={cfg.partition}", *cfg.overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"preparing P={parts} failed:\n{proc.stderr[-3000:]}")
+    train_cfg = OmegaConf.create(training_config(cfg, parts, "exact"))
+    info = open_dataset_store(train_cfg.dataset, progress=cfg.progress)
+    if parts > 1:
+        d = train_cfg.distributed
+        prepare_partitions(load_splits(train_cfg, info), d.partition, parts, d.seed, progress=cfg.progress)
 
 
 def real_run(cfg, parts: int, halo: str, out: Path) -> dict[str, Any]:
@@ -109,7 +114,7 @@ def rows_of(cfg, out: Path) -> list[dict[str, Any]]:
     settings = [(p, h) for p in parts_list for h in (["exact"] if p == 1 else cfg.halo)]
     for p in parts_list:
         prepare(cfg, p)
-    links = measure_links()
+    links = measure_links(repeats=cfg.link_repeats)
     (out / "links.json").write_text(json.dumps(links, indent=1))
     total = sum(p for p, _ in settings) + sum(1 for p, _ in settings if p <= cfg.real_max_ranks)
     bar = tqdm(total=total, desc="scaling", unit="run", disable=not cfg.progress)
