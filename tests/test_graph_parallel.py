@@ -187,6 +187,7 @@ def rank_results(world_size: int) -> dict:
     if world_size == 2:
         jobs["equivariance"] = (_equivariance_worker, equivariance_case())
         jobs["adjoints"] = (_collectives_worker, ())
+        jobs["disagree"] = (_disagreeing_worker, ())
     per_rank = run_ranks(_jobs, world_size, list(jobs.values()))
     return {key: [results[k] for results in per_rank] for k, key in enumerate(jobs)}
 
@@ -265,6 +266,23 @@ def _collectives_worker(rank, world_size):
 def test_collective_adjoints_match_one_process():
     """Guards the backward of the all-reduce and of the halo all-to-all against one process's autograd."""
     assert max(rank_results(2)["adjoints"]) < 1e-12
+
+
+def _disagreeing_worker(rank, world_size):
+    from dist_egnn.comm import check_same_samples
+
+    check_same_samples([4, 7], dist.group.WORLD)                     # agree: passes
+    try:
+        check_same_samples([4, 7 + rank], dist.group.WORLD)
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+def test_ranks_that_disagree_on_the_samples_all_stop():
+    """Guards against silently mixing parts of different graphs: every rank raises, none hangs."""
+    messages = rank_results(2)["disagree"]
+    assert all("disagree on the samples" in m for m in messages)
 
 
 def test_stored_halo_mask_gives_the_split_graph_parts():
