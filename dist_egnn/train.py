@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from datasets.loader import GraphBatch, TrajectoryDataset
+from datasets.prefetch import prefetch
 from datasets.prepare import prepare_dataset
 from datasets.store import StoreInfo, open_store
 from dist_egnn import checkpoint
@@ -141,7 +142,7 @@ class Trainer:
         t, loss_cfg = self.cfg.trainer, self.cfg.loss
         self.model.train()
         losses, mses = [], []
-        for batch in self.data["train"].batches(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch):
+        for batch in prefetch(self.data["train"].batches(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch), self.cfg.dataset.prefetch):
             batch = batch.to(self.device, self.dtype)
             pred = self.model(**batch.model_inputs())
             selected = sample_nodes(batch.batch, batch.num_graphs,
@@ -165,7 +166,7 @@ class Trainer:
         """MSE over every node and coordinate of a split (not a mean of batch means)."""
         self.model.eval()
         squared, count = 0.0, 0
-        for batch in self.data[split].batches(self.cfg.trainer.eval_batch_size, shuffle=False):
+        for batch in prefetch(self.data[split].batches(self.cfg.trainer.eval_batch_size, shuffle=False), self.cfg.dataset.prefetch):
             batch: GraphBatch = batch.to(self.device, self.dtype)
             pred = self.model(**batch.model_inputs())
             squared += (pred.pos - batch.target).double().square().sum().item()
