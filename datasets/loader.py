@@ -133,7 +133,12 @@ class TrajectoryDataset:
             nodes = self.meta.scene_nodes(scene)
             lazy += [self._pos[frame, nodes], self._vel[frame, nodes], self._pos[frame + self.delta_t, nodes],
                      self._scalars[nodes]]
-        arrays = dask.compute(*lazy, scheduler="threads")
+        try:
+            arrays = dask.compute(*lazy, scheduler="threads")
+        except Exception as err:  # a truncated or corrupt chunk: numcodecs/zarr raise several types
+            raise StoreError(f"{self.info.path}/{self.split}: reading samples (scene, frame) {located[:4]}"
+                             f"{'...' if len(located) > 4 else ''} failed ({type(err).__name__}: {err}); the store "
+                             f"is damaged: prepare it again with prepare.overwrite=true") from err
         return [self.make_sample(scene, frame, *arrays[4 * k: 4 * k + 4]) for k, (scene, frame) in enumerate(located)]
 
     def make_sample(self, scene: int, frame: int, pos, vel, target, scalars) -> GraphSample:
