@@ -308,25 +308,28 @@ def scene_command(spec_path: str, out_path: str) -> list[str]:
     return [sys.executable, "-m", "datasets.sph_scene", str(spec_path), str(out_path)]
 
 
+def scene_task(cfg: SPHConfig, recipe: dict[str, Any], work: Path, name: str, threads: int) -> dict[str, Any]:
+    """Write one scene's SPlisHSPlasH scene file and subprocess spec into ``work``; return its task.
+
+    Scenes that share ``work`` share the walls' volume-map cache (``work/scenes/Cache``).
+    """
+    (work / "scenes").mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    spec_path = work / "scenes" / f"{name}.spec.json"
+    scene_path = work / "scenes" / f"{name}.json"
+    out = work / name
+    if not out.exists():
+        scene_path.write_text(json.dumps(scene_file(cfg, recipe, _geometry_file(work)), indent=1))
+        spec_path.write_text(json.dumps(dict(recipe=recipe, num_frames=cfg.num_frames, fps=cfg.fps,
+                                             scene_file=str(scene_path.resolve()), stop_at=stop_time(cfg),
+                                             output=str((work / "scenes" / f"output-{name}").resolve()))))
+    return dict(name=name, out=str(out), log=str(work / "logs" / f"{name}.log"), spec=str(spec_path),
+                threads=threads, retries=cfg.retries, timeout_s=cfg.timeout_s, num_particles=recipe["num_particles"])
+
+
 def _scene_tasks(cfg: SPHConfig, work: Path, threads: int) -> list[dict[str, Any]]:
-    geometry = _geometry_file(work)
-    tasks = []
-    for split in SPLITS:
-        for scene in range(cfg.scenes(split)):
-            name = _scene_name(split, scene)
-            recipe = scene_recipe(cfg, split, scene)
-            spec_path = work / "scenes" / f"{name}.spec.json"
-            scene_path = work / "scenes" / f"{name}.json"
-            out = work / name
-            if not out.exists():
-                scene_path.write_text(json.dumps(scene_file(cfg, recipe, geometry), indent=1))
-                spec_path.write_text(json.dumps(dict(recipe=recipe, num_frames=cfg.num_frames, fps=cfg.fps,
-                                                     scene_file=str(scene_path.resolve()), stop_at=stop_time(cfg),
-                                                     output=str((work / "scenes" / f"output-{name}").resolve()))))
-            tasks.append(dict(name=name, split=split, scene=scene, out=str(out), log=str(work / "logs" / f"{name}.log"),
-                              spec=str(spec_path), threads=threads, retries=cfg.retries,
-                              timeout_s=cfg.timeout_s, num_particles=recipe["num_particles"]))
-    return tasks
+    return [scene_task(cfg, scene_recipe(cfg, split, scene), work, _scene_name(split, scene), threads)
+            for split in SPLITS for scene in range(cfg.scenes(split))]
 
 
 def generate_sph(path: str | Path, cfg: SPHConfig, dataset: str = "fluid", overwrite: bool = False,
