@@ -107,6 +107,9 @@ def scene_recipe(cfg: SPHConfig, split: str, scene: int) -> dict[str, Any]:
     ratios = np.exp(rng.uniform(-np.log(cfg.aspect), np.log(cfg.aspect), size=3))
     ratios /= np.prod(ratios) ** (1.0 / 3.0)
     counts = np.maximum(1, np.round(cfg.num_particles ** (1.0 / 3.0) * ratios)).astype(int)
+    nudges = np.array(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij")).reshape(3, -1).T
+    candidates = np.maximum(1, counts + nudges)              # the lattice closest to num_particles
+    counts = candidates[np.argmin(np.abs(np.prod(candidates, axis=1) - cfg.num_particles))]   # first of ties
     half = counts * spacing / 2.0                          # half extent of the lattice (cell-centred)
     box = np.asarray(cfg.box, dtype=float)
     for _ in range(ROTATION_TRIES):                        # a long block may fit only when turned some ways
@@ -179,8 +182,9 @@ def simulator_available(timeout: float = 120.0) -> tuple[bool, str]:
         return False, f"importing pysplishsplash took more than {timeout:.0f} s"
     if proc.returncode == 0:
         return True, "pysplishsplash imports"
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-    return False, f"pysplishsplash does not import ({tail[0]}); install it with pip install -e '.[sph]'"
+    what = (f"the import crashed with signal {-proc.returncode}" if proc.returncode < 0
+            else ((proc.stderr or proc.stdout).strip().splitlines() or [f"exit code {proc.returncode}"])[-1])
+    return False, f"pysplishsplash does not import ({what}); install it with pip install -e '.[sph]'"
 
 
 def _repo_root() -> str:
@@ -339,9 +343,13 @@ def generate_sph(path: str | Path, cfg: SPHConfig, dataset: str = "fluid", overw
 
     ``radius`` is stored as the store's default radius-graph cutoff.
     """
-    path = Path(path)
+    path = Path(path).absolute()           # subprocesses run in the repository root
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; delete it or pass prepare.overwrite=true to replace it")
+    if cluster is None:                    # on a cluster the workers' environment is what counts
+        ok, reason = simulator_available()
+        if not ok:
+            raise ValueError(f"cannot simulate dataset {dataset!r}: {reason}")
     if cfg.num_frames < 2:
         raise ValueError(f"sph: duration {cfg.duration} s at {cfg.fps} fps gives {cfg.num_frames} frames; "
                          f"need at least 2 (raise dataset.sph.duration)")
@@ -366,6 +374,8 @@ def generate_sph(path: str | Path, cfg: SPHConfig, dataset: str = "fluid", overw
                                            desc=f"simulating {dataset} (first scene + wall map)", unit="scene")
                    if not r["ok"]]
         pending = pending[1:]
+        if failed and not any((work / "scenes" / "Cache").glob("*.cdm")):
+            pending = []          # no wall map: the others would all fail the same way (and race on the cache)
     if pending:
         failed += [r for _, r in map_tasks(run_scene_task, pending, scheduler=scheduler, workers=parallel,
                                            cluster=cluster, progress=progress, desc=f"simulating {dataset}",
@@ -373,8 +383,9 @@ def generate_sph(path: str | Path, cfg: SPHConfig, dataset: str = "fluid", overw
     if failed:
         lines = "\n".join(f"  {r['name']}: {r['error']} after {r['attempts']} attempt(s); log {r['log']}:\n"
                           f"    " + r["tail"].replace("\n", "\n    ") for r in failed)
-        raise StoreError(f"{len(failed)} of {len(tasks)} scenes failed; {len(tasks) - len(failed)} completed scenes "
-                         f"are kept in {work} and the same command resumes with the rest:\n{lines}")
+        done = sum(Path(t["out"]).exists() for t in tasks)
+        raise StoreError(f"{len(failed)} of {len(tasks)} scenes failed; {done} completed scenes are kept in {work} "
+                         f"and the same command resumes with the rest:\n{lines}")
     _assemble(path, work, cfg, dataset, radius, overwrite, progress)
     shutil.rmtree(work, ignore_errors=True)
     return path
@@ -397,7 +408,8 @@ def _assemble(path: Path, work: Path, cfg: SPHConfig, dataset: str, radius: floa
             group = create_split(root, split, [m["num_particles"] for m in metas], cfg.num_frames,
                                  num_scalars=len(NODE_SCALARS))
             group.attrs["recipes"] = [dict(m["recipe"], steps=m["steps"], threads=m["threads"],
-                                           simulation_s=round(float(m["simulation_s"]), 3)) for m in metas]
+                                           simulation_s=round(float(m["simulation_s"]), 3),
+                                           seconds_per_frame=m.get("seconds_per_frame")) for m in metas]
             for s, folder in enumerate(folders):
                 _copy_scene(group, s, folder)
                 bar.update(1)

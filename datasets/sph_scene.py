@@ -73,12 +73,14 @@ def simulate_scene(spec_path: str | Path, out_path: str | Path) -> None:
            for name in ("pos", "vel")}
     clock = sph.TimeManager.getCurrent()
     state = {"frame": 0, "steps": 0}
+    recorded_at = []                                        # wall clock of every frame, for timing
 
     def record() -> None:
         k = state["frame"]
         out["pos"][k] = field("position")
         out["vel"][k] = field("velocity")
         state["frame"] = k + 1
+        recorded_at.append(time.perf_counter())
 
     record()                                                # frame 0: the initial state
 
@@ -106,9 +108,11 @@ def simulate_scene(spec_path: str | Path, out_path: str | Path) -> None:
         array.flush()
     if not np.all(np.isfinite(out["pos"][frames - 1])):
         raise RuntimeError("the simulation diverged: NaN or Inf positions in the last frame")
+    stepping = recorded_at[-1] - recorded_at[1] if frames > 2 else float("nan")
     meta = dict(recipe=recipe, num_particles=n, num_frames=frames, steps=state["steps"],
                 threads=int(os.environ.get("OMP_NUM_THREADS", 0)),
-                simulation_s=wall)                          # includes the wall map when this scene built it
+                simulation_s=wall,                          # includes loading (or building) the wall map
+                seconds_per_frame=stepping / (frames - 2) if frames > 2 else None)   # frames 1 .. T-1 only
     (tmp / "scene.json").write_text(json.dumps(meta))
     out.clear()                                             # close the memory maps before the rename
     os.replace(tmp, out_path)
