@@ -89,9 +89,9 @@ def open_universe(topology: str, trajectory: str):
 
     import MDAnalysis as mda
 
-    for kind, path in (("topology", topology), ("trajectory", trajectory)):
+    for kind, path, key in (("topology", topology, "topology"), ("trajectory", trajectory, "trajectories")):
         if not Path(path).exists():
-            raise StoreError(f"{path}: {kind} file does not exist; fix dataset.md.{'topology' if kind == 'topology' else 'trajectories'}")
+            raise StoreError(f"{path}: {kind} file does not exist; fix dataset.md.{key}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

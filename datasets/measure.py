@@ -218,14 +218,14 @@ def _subgraph(sample, keep: int):
 
 
 # ------------------------------------------------------------------------------------------------- sph
-def measure_sph(work: Path, sizes=(10_000, 113_000), frames: int = 5) -> dict:
+def measure_sph(work: Path, sizes=(10_000, 113_000), frames: int = 5, threads: int | None = None) -> dict:
     from datasets.parallel import available_cores
     from datasets.sph import SPHConfig, run_scene_task, scene_recipe, scene_task, simulator_available
 
     ok, reason = simulator_available()
     if not ok:
         return dict(skipped=reason)
-    cores = available_cores()
+    cores = threads or available_cores()
     out = {}
     # one frame first: builds the 5 x 10 x 5 box's volume map, cached in work/scenes/Cache for the rest
     cfg = SPHConfig(num_particles=sizes[0], duration=1 / 50, retries=0)
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data", help="folder of stores whose sizes to report")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--sph-frames", type=int, default=5, help="frames per SPH timing run")
+    parser.add_argument("--sph-threads", type=int, default=None, help="OpenMP threads per SPH run (default: all)")
     parser.add_argument("--sph-work", default=None, help="keep SPH scenes and the wall-map cache in this folder "
                                                           "(a second run skips the map); default: a temporary one")
     args = parser.parse_args(argv)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"step": results["step"]}, indent=1), flush=True)
         if "sph" in parts:
             work = Path(args.sph_work) if args.sph_work else tmp / "sph"
-            results["sph"] = measure_sph(work, frames=args.sph_frames)
+            results["sph"] = measure_sph(work, frames=args.sph_frames, threads=args.sph_threads)
             print(json.dumps({"sph": results["sph"]}, indent=1), flush=True)
         if "sizes" in parts:
             results["sizes"] = measure_sizes(Path(args.data), read)

@@ -9,8 +9,8 @@ Scene recipe (one scene = one trajectory), after the DistEGNN paper's Fluid113K:
 - one block of fluid: a regular lattice of ``nx × ny × nz`` ≈ ``num_particles`` particles whose side ratios
   are drawn in [1/aspect, aspect], turned by a uniformly random rotation about its centre (redrawn until
   the turned block fits in the box) and placed at a uniformly random position where the whole turned block
-  lies inside the box, two particle radii from the walls; every particle starts with the same random velocity (uniform direction, speed uniform in
-  [0, max_speed]);
+  lies inside the box, two particle radii from the walls; every particle starts with the same random
+  velocity (uniform direction, speed uniform in [0, max_speed]);
 - frames at ``fps`` (50): frame k is the state at exactly t = k / fps (the step before a frame time is
   shortened to land on it), k = 0 .. round(duration · fps) − 1; positions in m, velocities in m/s straight
   from the simulator (not finite differences).
@@ -38,9 +38,13 @@ work folder remembers the parameters it was made with: a re-run with other param
 instead of mixing scenes (``prepare.overwrite=true`` starts over). Run options (retries, timeout, threads)
 may change between runs.
 
-The walls' volume map is computed once per work folder (by the first scene, before the others start) and
-cached in ``<store>.work/scenes/Cache`` (SPlisHSPlasH's own cache), because it costs tens of seconds for the
-5 × 10 × 5 box.
+The walls' volume map is computed once per work folder (by the first scene, alone, before the others start)
+and cached in ``<store>.work/scenes/Cache`` (SPlisHSPlasH's own cache), because it costs minutes for the
+5 × 10 × 5 box. The walls are a unit cube written by :func:`unit_cube_obj`, scaled to the box.
+
+Particles are read and written through ``FluidModel.getFieldBuffer(name)``, a NumPy view of the simulator's
+own arrays (one copy per stored frame, instead of 10^5 ``getPosition(i)`` calls); z-sorting is switched
+off so that row i is the same particle in every frame.
 
 Importing ``pysplishsplash`` segfaults on some machines (its bundled GL dispatch library clashes with the
 system one); ``datasets.sph_scene.import_pysplishsplash`` loads the system ``libGLdispatch`` first, and only
@@ -285,8 +289,8 @@ def run_scene_task(task: dict[str, Any]) -> dict[str, Any]:
             sink.write(f"--- attempt {attempt}\n")
             sink.flush()
             try:
-                proc = subprocess.run(scene_command(task["spec"], task["out"]), stdout=sink, stderr=subprocess.STDOUT, cwd=_repo_root(),
-                                      env=_child_env(task["threads"]), timeout=task["timeout_s"])
+                proc = subprocess.run(scene_command(task["spec"], task["out"]), stdout=sink, stderr=subprocess.STDOUT,
+                                      cwd=_repo_root(), env=_child_env(task["threads"]), timeout=task["timeout_s"])
                 code = proc.returncode
             except subprocess.TimeoutExpired:
                 code = None
