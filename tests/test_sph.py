@@ -139,3 +139,15 @@ def test_resuming_with_other_parameters_is_refused(tmp_path):
 def test_existing_store_is_kept(tiny_store):
     with pytest.raises(StoreError, match="already exists"):
         generate_sph(tiny_store, SPHConfig(**TINY), progress=False)
+
+
+def test_scenes_run_on_a_dask_distributed_cluster(tmp_path):
+    require_simulator()
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        path = generate_sph(tmp_path / "cluster.zarr", SPHConfig(**TINY), progress=False,
+                            cluster=cluster.scheduler_address)
+    info = open_store(path, check_values=True)
+    assert [info.splits[s].num_nodes for s in ("train", "val", "test")] == \
+        [scene_recipe(SPHConfig(**TINY), s, 0)["num_particles"] for s in ("train", "val", "test")]
