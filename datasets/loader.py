@@ -147,7 +147,7 @@ class TrajectoryDataset:
             nodes = self.meta.scene_nodes(scene)
             lazy += [self._pos[frame, nodes], self._vel[frame, nodes], self._pos[frame + self.delta_t, nodes],
                      self._scalars[nodes]]
-        arrays = dask.compute(*lazy, scheduler="threads")
+        arrays = self._compute(lazy, located)
         return [self.make_sample(scene, frame, *arrays[4 * k: 4 * k + 4]) for k, (scene, frame) in enumerate(located)]
 
     def read_parts(self, indices: list[int] | np.ndarray, owned: list[np.ndarray | None],
@@ -166,13 +166,22 @@ class TrajectoryDataset:
             other = nodes.start + np.asarray(other, dtype=np.int64)
             lazy += [self._pos[frame, rows], self._vel[frame, rows], self._pos[frame + self.delta_t, rows],
                      self._scalars[rows], self._pos[frame, other], self._scalars[other]]
-        arrays = dask.compute(*lazy, scheduler="threads")
+        arrays = self._compute(lazy, located)
         parts = []
         for k, (scene, frame) in enumerate(located):
             pos, vel, target, scalars, halo_pos, halo_scalars = arrays[6 * k: 6 * k + 6]
             self.check_finite(scene, frame, pos=pos, vel=vel, target=target, halo_pos=halo_pos)
             parts.append(PartArrays(pos, vel, target, scalars, halo_pos, halo_scalars, scene, frame))
         return parts
+
+    def _compute(self, lazy: list, located: list[tuple[int, int]]) -> tuple:
+        """Read lazy slices in one dask computation; a damaged chunk becomes a StoreError naming the store."""
+        try:
+            return dask.compute(*lazy, scheduler="threads")
+        except Exception as err:  # a truncated or corrupt chunk: numcodecs/zarr raise several types
+            raise StoreError(f"{self.info.path}/{self.split}: reading samples (scene, frame) {located[:4]}"
+                             f"{'...' if len(located) > 4 else ''} failed ({type(err).__name__}: {err}); the store "
+                             f"is damaged: prepare it again with prepare.overwrite=true") from err
 
     def check_finite(self, scene: int, frame: int, **arrays: np.ndarray) -> None:
         """Stop with the store, field, scene and frame when an array read holds NaN or Inf."""

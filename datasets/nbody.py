@@ -15,7 +15,7 @@ is stored, starting with the initial state: frame k is the state after k·sample
 set: 5000 steps of dt 0.001, every 100th kept, task frame 30 → 40, 5000/2000/2000 scenes.
 
 Every scene draws its initial state from its own seed (store seed, split, scene index), so the data do not
-depend on how scenes are grouped into batches or spread over workers.
+depend on how scenes are grouped into batches or spread over workers (threads, processes, a dask cluster).
 
 Units are reduced (arbitrary): unit charge, unit mass, Coulomb constant ``interaction``.
 """
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+import zarr
 
-from datasets.store import atomic_store, create_split, write_root_attrs, write_scenes
+from datasets.parallel import map_tasks
+from datasets.store import DEFAULT_CHUNK_NODES, atomic_store, create_split, write_root_attrs, write_scenes
 from dist_egnn.keys import SPLITS
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -110,24 +111,49 @@ def _reflect(x: torch.Tensor, v: torch.Tensor, box: float) -> None:
 
 
 def generate_nbody(path: str | Path, cfg: NBodyConfig, dataset: str = "nbody", overwrite: bool = False,
-                   progress: bool = True) -> Path:
-    """Simulate every scene of every split and write a validated-layout store at ``path`` atomically."""
+                   progress: bool = True, scheduler: str = "auto", workers: int | None = None,
+                   cluster: str | None = None) -> Path:
+    """Simulate every scene of every split and write a validated-layout store at ``path`` atomically.
+
+    Scenes are simulated in parallel through dask (``datasets.parallel.map_tasks``): one task per run of
+    ``scenes_per_chunk`` consecutive scenes, which is exactly one chunk of the store's node axis, so every
+    task writes its own chunks and no two tasks ever touch the same chunk (threads, processes or the
+    workers of a dask.distributed cluster alike). A task simulates its scenes ``scenes_per_batch`` at a
+    time, so memory stays at one batch whatever the dataset size.
+    """
     if cfg.steps < cfg.sample_every or cfg.num_particles < 2:
         raise ValueError(f"N-body: need steps >= sample_every and at least 2 particles, got {cfg}")
-    total = cfg.train + cfg.val + cfg.test
-    bar = tqdm(total=total, desc=f"simulating {dataset}", unit="scene", disable=not progress)
+    per_chunk = scenes_per_chunk(cfg.num_particles)
     with atomic_store(path, overwrite=overwrite) as root:
         write_root_attrs(root, dataset=dataset, source="nbody", dt=cfg.dt * cfg.sample_every,
                          units={"length": "reduced", "time": "reduced"}, radius=None, node_scalars=["charge"],
                          generator=dict(asdict(cfg), simulator="datasets.nbody"))
+        tasks = []
         for split in SPLITS:
             count = getattr(cfg, split)
-            group = create_split(root, split, [cfg.num_particles] * count, cfg.num_frames, num_scalars=1)
-            for first in range(0, count, cfg.scenes_per_batch):
-                scenes = range(first, min(first + cfg.scenes_per_batch, count))
-                pos, vel, charge = map(np.stack, zip(*(initial_state(cfg, split, s) for s in scenes)))
-                frames_pos, frames_vel = simulate(pos, vel, charge, cfg)
-                write_scenes(group, first, frames_pos, frames_vel, charge[..., None].astype(np.float32))
-                bar.update(len(scenes))
-    bar.close()
+            create_split(root, split, [cfg.num_particles] * count, cfg.num_frames, num_scalars=1,
+                         chunk_nodes=per_chunk * cfg.num_particles)
+            tasks += [(str(root.store.root), split, first, min(first + per_chunk, count), cfg)
+                      for first in range(0, count, per_chunk)]
+        for _ in map_tasks(_simulate_task, tasks, scheduler=scheduler, workers=workers, cluster=cluster,
+                           progress=progress, desc=f"simulating {dataset}", unit="scene",
+                           weights=[stop - first for _, _, first, stop, _ in tasks]):
+            pass
     return Path(path)
+
+
+def scenes_per_chunk(num_particles: int) -> int:
+    """Scenes in one chunk of the node axis: as many whole scenes as fit in DEFAULT_CHUNK_NODES (at least 1)."""
+    return max(1, DEFAULT_CHUNK_NODES // num_particles)
+
+
+def _simulate_task(task: tuple[str, str, int, int, NBodyConfig]) -> int:
+    """One dask task: simulate scenes [first, stop) of a split and write them into the store at ``store``."""
+    store, split, first, stop, cfg = task
+    group = zarr.open_group(store, mode="r+")[split]
+    for start in range(first, stop, cfg.scenes_per_batch):
+        scenes = range(start, min(start + cfg.scenes_per_batch, stop))
+        pos, vel, charge = map(np.stack, zip(*(initial_state(cfg, split, s) for s in scenes)))
+        frames_pos, frames_vel = simulate(pos, vel, charge, cfg)
+        write_scenes(group, start, frames_pos, frames_vel, charge[..., None].astype(np.float32))
+    return stop - first

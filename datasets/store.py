@@ -43,6 +43,11 @@ SCHEMA_VERSION = 1
 DEFAULT_CHUNK_NODES = 32_768
 FRAME_ARRAYS = ("pos", "vel")
 COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
+# Write every chunk, even one that is all zeros (zarr skips those by default): then a chunk file that is
+# missing always means damage, and the validator can count them. Set for the whole process (every process
+# that writes a store imports this module), because an array re-opened by name forgets its own config.
+ALL_CHUNKS = {"write_empty_chunks": True}
+zarr.config.set({"array.write_empty_chunks": True})
 
 
 class StoreError(ValueError):
@@ -95,9 +100,9 @@ def create_split(root: zarr.Group, split: str, scene_sizes: list[int] | np.ndarr
     chunk = max(1, min(chunk_nodes, total))
     for name in FRAME_ARRAYS:
         group.create_array(name, shape=(num_frames, total, 3), chunks=(1, chunk, 3), dtype="float32",
-                           compressors=COMPRESSORS)
+                           compressors=COMPRESSORS, config=ALL_CHUNKS)
     group.create_array("node_scalars", shape=(total, num_scalars), chunks=(chunk, max(1, num_scalars)),
-                       dtype="float32", compressors=COMPRESSORS)
+                       dtype="float32", compressors=COMPRESSORS, config=ALL_CHUNKS)
     group.create_array("scene_ptr", data=ptr)
     return group
 
@@ -161,6 +166,8 @@ def open_store(path: str | os.PathLike, check_values: bool = False) -> StoreInfo
     version = attrs.get("schema_version")
     if version is None:
         raise StoreError(f"{path}: attribute 'schema_version' is missing; this is not a dist-egnn store")
+    if not isinstance(version, int):
+        raise StoreError(f"{path}: attribute 'schema_version' must be an integer, got {version!r}")
     if version > SCHEMA_VERSION:
         raise StoreError(f"{path}: schema_version {version} is newer than this dist-egnn understands "
                          f"({SCHEMA_VERSION}); upgrade dist-egnn")
@@ -169,6 +176,15 @@ def open_store(path: str | os.PathLike, check_values: bool = False) -> StoreInfo
             raise StoreError(f"{path}: root attribute {key!r} is missing; prepare the dataset again")
     if not (isinstance(attrs["dt"], (int, float)) and attrs["dt"] > 0):
         raise StoreError(f"{path}: attribute 'dt' must be a positive number, got {attrs['dt']!r}")
+    radius = attrs["radius"]
+    if radius is not None and not (isinstance(radius, (int, float)) and radius > 0):
+        raise StoreError(f"{path}: attribute 'radius' must be a positive number or null (complete graph), "
+                         f"got {radius!r}")
+    if not isinstance(attrs["units"], dict):
+        raise StoreError(f"{path}: attribute 'units' must map quantities to units, e.g. "
+                         f"{{'length': 'm', 'time': 's'}}, got {attrs['units']!r}")
+    if not (isinstance(attrs["node_scalars"], list) and all(isinstance(n, str) for n in attrs["node_scalars"])):
+        raise StoreError(f"{path}: attribute 'node_scalars' must be a list of names, got {attrs['node_scalars']!r}")
 
     splits = {}
     for split in SPLITS:
@@ -199,11 +215,26 @@ def _check_split(path: Path, group: zarr.Group, num_scalars: int, check_values: 
     if ptr.ndim != 1 or len(ptr) < 2 or ptr[0] != 0 or ptr[-1] != pos.shape[1] or np.any(np.diff(ptr) <= 0):
         raise StoreError(f"{where}/scene_ptr: must rise strictly from 0 to N={pos.shape[1]}; got "
                          f"{ptr[:5]}...{ptr[-2:]} (len {len(ptr)})")
+    for name, key in (("num_scenes", len(ptr) - 1), ("num_frames", pos.shape[0])):
+        if name in group.attrs and group.attrs[name] != key:
+            raise StoreError(f"{where}: attribute {name}={group.attrs[name]} disagrees with the arrays ({key}); "
+                             f"the store is damaged, prepare the dataset again")
+    for name in (*FRAME_ARRAYS, "node_scalars"):
+        _check_chunks(f"{where}/{name}", group[name])
     if check_values:
         for name in FRAME_ARRAYS:
             _check_finite(f"{where}/{name}", group[name])
         _check_finite(f"{where}/node_scalars", scalars)
     return SplitInfo(num_scenes=len(ptr) - 1, num_frames=pos.shape[0], num_nodes=pos.shape[1], scene_ptr=ptr)
+
+
+def _check_chunks(where: str, array: zarr.Array) -> None:
+    """Every chunk must exist: zarr would silently read a missing one as zeros."""
+    present, expected = array.nchunks_initialized, array.nchunks
+    if present < expected:
+        raise StoreError(f"{where}: {expected - present} of {expected} chunks are missing (zarr would read them "
+                         f"as zeros); the store is damaged or was not written completely, prepare the dataset "
+                         f"again with prepare.overwrite=true")
 
 
 def _check_finite(where: str, array: zarr.Array) -> None:

@@ -235,6 +235,7 @@ class Groups:
     env: DistEnv
     parts: int
     graph: object | None          # torch ProcessGroup of this rank's graph group (None: one process)
+    data: object | None           # the same ranks, for the data path's collectives (run from a reader thread)
     part: int
     data_index: int               # which graph group this rank is in: 0 .. data_parallel − 1
     data_parallel: int
@@ -285,18 +286,19 @@ def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float) -> Gro
     """
     check_world(env.world_size, parts)
     if not env.distributed:                    # one process: whole graphs, or all P parts in sequence
-        return Groups(env, 1, None, 0, 0, 1)
+        return Groups(env, 1, None, None, 0, 0, 1)
     data_parallel = env.world_size // parts
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_STORE,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    graph = None
+    graph = data = None
     for g in range(data_parallel):            # every rank must create every group, in the same order
         ranks = list(range(g * parts, (g + 1) * parts))
-        group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+        model_group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+        data_group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s), backend="gloo")
         if env.rank in ranks:
-            graph = group
-    return Groups(env, parts, graph, env.rank % parts, env.rank // parts, data_parallel)
+            graph, data = model_group, data_group
+    return Groups(env, parts, graph, data, env.rank % parts, env.rank // parts, data_parallel)
 
 
 def default_backend(device: torch.device) -> str:

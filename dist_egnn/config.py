@@ -62,9 +62,53 @@ class SyntheticGenerator:
 
 
 @dataclass
+class SPHGenerator:
+    """Parameters of the SPH fluid generator (datasets.sph.SPHConfig; the recipe is in datasets/sph.py)."""
+
+    num_particles: int = 2000
+    train: int = 4
+    val: int = 1
+    test: int = 1
+    duration: float = 1.0                     # simulated seconds per scene
+    fps: float = 50.0
+    box: list[float] = field(default_factory=lambda: [5.0, 10.0, 5.0])
+    particle_radius: float = 0.025
+    max_speed: float = 1.0
+    aspect: float = 1.5
+    viscosity: float = 0.01
+    map_cell: Optional[float] = None
+    seed: int = 0
+    retries: int = 1
+    timeout_s: Optional[float] = None
+    threads_per_scene: Optional[int] = None
+
+
+@dataclass
+class MDGenerator:
+    """Parameters of the MD reader (datasets.md.MDConfig); defaults: the AdK trajectories of MDAnalysisTests."""
+
+    topology: Any = "MDAnalysisTests:PSF"     # a path (or MDAnalysisTests:NAME), or a list: one per trajectory
+    trajectories: list[str] = field(default_factory=lambda: ["MDAnalysisTests:DCD", "MDAnalysisTests:DCD2"])
+    selection: str = "backbone"               # backbone | all | an MDAnalysis selection string
+    velocities: str = "auto"                  # auto | file | difference
+    split: str = "time"                       # time | trajectory
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    stride: int = 1
+    frames_per_write: int = 64
+
+
+@dataclass
+class GNSConverter:
+    """Input of the GNS / LagrangeBench HDF5 converter (datasets.gns.GNSConfig)."""
+
+    path: Optional[str] = None                # folder with metadata.json, train.h5, valid.h5, test.h5
+    frames_per_write: int = 64
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING                       # store name: <paths.data>/<name>.zarr
-    source: str = MISSING                     # how `prepare` makes the store: nbody, ...
+    source: str = MISSING                     # how `prepare` makes the store: nbody, sph, md, gns
     store: str = "${paths.data}/${dataset.name}.zarr"
     auto_prepare: bool = True                 # create the store on first use if it is missing
     check_values: bool = True                 # scan the whole store for NaN/Inf before training
@@ -79,8 +123,12 @@ class DatasetConfig:
     mmd_sigma: float = 1.5
     mmd_weight: float = 0.03
     mmd_samples: Optional[int] = None         # real nodes per graph per virtual node for MMD; None: all
+    prefetch: int = 2                         # batches read ahead in a background thread (0: none)
     nbody: Optional[NBodyGenerator] = None
     synthetic: Optional[SyntheticGenerator] = None
+    sph: Optional[SPHGenerator] = None
+    md: Optional[MDGenerator] = None
+    gns: Optional[GNSConverter] = None
 
 
 @dataclass
@@ -149,8 +197,9 @@ class PrepareConfig:
     """Options of ``launch/prepare.py``."""
 
     overwrite: bool = False                   # rebuild a store that already exists
-    scheduler: str = "auto"                   # dask scheduler partitioning samples: auto|processes|threads|sync
-    workers: Optional[int] = None             # dask workers for partitioning; None: every core
+    scheduler: str = "auto"                   # dask scheduler generating and partitioning: auto|processes|threads|sync
+    workers: Optional[int] = None             # dask workers for generating and partitioning; None: every core
+    cluster: Optional[str] = None             # dask.distributed scheduler address for generation, or "local"
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from datasets.prefetch import prefetch
 from datasets.prepare import prepare_dataset
 from datasets.store import StoreInfo, open_store
 from dist_egnn import checkpoint, comm
@@ -212,7 +213,9 @@ class Trainer:
                 prepare_partitions(splits, d.partition, d.parts, d.seed, progress=self.progress,
                                    scheduler=self.cfg.prepare.scheduler, workers=self.cfg.prepare.workers)
             comm.barrier(d.prepare_timeout_s)
-        group, device = self.groups.graph, self.collective_device
+        # Batches are built ahead in a background thread (datasets.prefetch): their collectives run on a group
+        # of their own, so they never interleave with the model's on the graph group.
+        group, device = self.groups.data, torch.device("cpu")          # the data group is gloo
         gather = (lambda values: comm.all_gather_arrays(values, group, device)) if group is not None else None
         return {name: RankData(data, self.groups.part, d.parts, d.halo == "exact",
                                load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential)
@@ -268,7 +271,7 @@ class Trainer:
             self.comm.stats.reset()                  # not the evaluation's collectives
         totals = np.zeros(5)              # loss share, MSE share, edges, full edges, collective seconds (this rank)
         step_times = []
-        for batch in data.batches(batch_ids, seed=t.seed, epoch=epoch):
+        for batch in prefetch(data.batches(batch_ids, seed=t.seed, epoch=epoch), self.cfg.dataset.prefetch):
             started = time.perf_counter()
             terms = self.step(batch)
             step_times.append(time.perf_counter() - started)
@@ -304,8 +307,9 @@ class Trainer:
         g = self.groups
         data = self.data[split]
         squared, count = 0.0, 0
-        for batch in data.batches(data.batch_ids(self.cfg.trainer.eval_batch_size, shuffle=False, seed=0, epoch=0,
-                                                 group=g.data_index, groups=g.data_parallel)):
+        batch_ids = data.batch_ids(self.cfg.trainer.eval_batch_size, shuffle=False, seed=0, epoch=0,
+                                   group=g.data_index, groups=g.data_parallel)
+        for batch in prefetch(data.batches(batch_ids), self.cfg.dataset.prefetch):
             graph = batch.graph.to(self.device, self.dtype)
             if hasattr(self.comm, "set_halo_plan"):
                 self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))

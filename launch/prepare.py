@@ -1,7 +1,9 @@
 """Create a dataset store and its partitions: ``python launch/prepare.py dataset=NAME [overrides]``.
 
 Writes ``<paths.data>/<dataset.name>.zarr`` (validated) with a progress bar; an existing store is
-validated and kept unless ``prepare.overwrite=true``. With ``distributed.parts=P`` (P > 1) it also builds,
+validated and kept unless ``prepare.overwrite=true``. Generation runs in parallel through dask
+(``prepare.scheduler``, ``prepare.workers``; ``prepare.cluster=local`` or a dask.distributed scheduler
+address runs it on a cluster). An interrupted SPH generation resumes when the command is run again. With ``distributed.parts=P`` (P > 1) it also builds,
 or reuses when its inputs are unchanged, the partition of every sample (``distributed.partition``,
 ``distributed.seed``) beside the store; see ``partitioners/artifacts.py``.
 """
@@ -29,7 +31,8 @@ def prepare(cfg: DictConfig) -> None:
         print(f"{path} exists; validating it (prepare.overwrite=true rebuilds it)")
     else:
         prepare_dataset(OmegaConf.to_container(cfg.dataset, resolve=True), path,
-                        overwrite=cfg.prepare.overwrite, progress=cfg.trainer.progress)
+                        overwrite=cfg.prepare.overwrite, progress=cfg.trainer.progress,
+                        scheduler=cfg.prepare.scheduler, workers=cfg.prepare.workers, cluster=cfg.prepare.cluster)
     info = open_store(path, check_values=True)
     sizes = ", ".join(f"{s}: {m.num_scenes} scenes x {m.num_frames} frames" for s, m in info.splits.items())
     print(f"{path}: valid ({sizes})")

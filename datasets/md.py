@@ -1,0 +1,313 @@
+"""Protein molecular dynamics through MDAnalysis: any topology + trajectories MDAnalysis reads -> a store.
+
+Built-in example (``dataset=protein_adk``): the adenylate kinase (AdK) trajectories shipped with
+MDAnalysisTests, the protein of SPEC §6: topology ``adk.psf`` (3,341 atoms, CHARMM charges) with the two
+DIMS closed→open transitions ``adk_dims.dcd`` (98 frames) and ``adk_dims2.dcd`` (102 frames), nominal frame
+interval 1 ps. Their backbone (N, CA, C, O) is 855 atoms, the node count of SPEC §6.
+
+Paths: a plain path, or ``MDAnalysisTests:NAME`` for a file of ``MDAnalysisTests.datafiles`` (e.g.
+``MDAnalysisTests:PSF``). ``topology`` is one path for every trajectory or a list with one per trajectory.
+
+What is stored, per trajectory (a scene):
+
+- positions of the selected atoms (``selection``: ``backbone``, ``all``, or any MDAnalysis selection string),
+  in Å, every ``stride``-th frame; no unwrapping across periodic boundaries is done;
+- velocities in Å/ps: from the file when every frame carries them (``velocities: file``, or ``auto``),
+  otherwise forward differences v(t) = (x(t + 1) − x(t)) / Δt over stored frames (SPEC §6; with the
+  nominal 1 ps of the DIMS files this is exactly x(t + 1) − x(t)); the last frame, which has no successor,
+  is dropped;
+- node scalar ``charge``: the topology's partial charges in e (0 when the topology has none, with a note).
+
+Splits (``split``):
+
+- ``time`` (default): every trajectory is cut into consecutive blocks of ``split_fractions`` of its frames,
+  first block train, then val, then test; each split holds one scene per trajectory. Train never sees the
+  later frames, which are the part a model must extrapolate to.
+- ``trajectory``: whole trajectories per split, in the given order, by ``split_fractions`` of their number
+  (at least one each, so at least three trajectories).
+
+Scenes of one split share a frame count (``datasets/store.py``), so longer blocks are cut to the shortest
+one of their split; the generator attributes record every cut.
+
+Δt and cutoff (SPEC §6: 15 frames, 10 Å, on one long equilibrium trajectory): the radius stays 10 Å. The
+built-in trajectories have about 100 frames, so a 60/20/20 time split leaves val and test blocks of 19 to 20
+frames; ``protein_adk`` therefore uses Δt = 5 frames (15 would leave at most 5 samples per val/test
+block). With longer trajectories set ``dataset.delta_t=15``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasets.store import StoreError, atomic_store, create_split, write_root_attrs
+from dist_egnn.keys import SPLITS
+
+SELECTIONS = {"backbone": "backbone", "all": "all"}
+VELOCITY_SOURCES = ("auto", "file", "difference")
+SPLIT_MODES = ("time", "trajectory")
+NODE_SCALARS = ["charge"]
+TESTS_PREFIX = "MDAnalysisTests:"
+
+
+@dataclass
+class MDConfig:
+    """Parameters of one MD store; defaults: the built-in AdK example."""
+
+    topology: Any = "MDAnalysisTests:PSF"            # one path for all trajectories, or a list (one each)
+    trajectories: list[str] = field(default_factory=lambda: ["MDAnalysisTests:DCD", "MDAnalysisTests:DCD2"])
+    selection: str = "backbone"                      # backbone | all | an MDAnalysis selection string
+    velocities: str = "auto"                         # auto | file | difference
+    split: str = "time"                              # time | trajectory
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    stride: int = 1                                  # keep every stride-th frame of the files
+    frames_per_write: int = 64                       # frames buffered per write (memory vs. write count)
+
+
+def resolve_path(path: str) -> str:
+    """A file path, with ``MDAnalysisTests:NAME`` looked up in ``MDAnalysisTests.datafiles``."""
+    path = str(path)
+    if path.startswith(TESTS_PREFIX):
+        name = path[len(TESTS_PREFIX):]
+        try:
+            import MDAnalysisTests.datafiles as datafiles
+        except ImportError as err:
+            raise ValueError(f"{path}: MDAnalysisTests is not installed; pip install -e '.[md]' "
+                             f"or give the file's path instead") from err
+        if not hasattr(datafiles, name):
+            raise ValueError(f"{path}: MDAnalysisTests.datafiles has no file named {name!r} "
+                             f"(e.g. PSF, DCD, DCD2, GRO, TRR)")
+        return str(getattr(datafiles, name))
+    return path
+
+
+def open_universe(topology: str, trajectory: str):
+    """An MDAnalysis Universe, with errors that name the file and say what to do."""
+    import warnings
+
+    import MDAnalysis as mda
+
+    for kind, path, key in (("topology", topology, "topology"), ("trajectory", trajectory, "trajectories")):
+        if not Path(path).exists():
+            raise StoreError(f"{path}: {kind} file does not exist; fix dataset.md.{key}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mda.Universe(topology, trajectory)
+    except Exception as err:  # MDAnalysis raises ValueError, TypeError, OSError... by format
+        raise StoreError(f"MDAnalysis cannot read topology {topology} with trajectory {trajectory} "
+                         f"({type(err).__name__}: {err}); give files in a format MDAnalysis reads "
+                         f"(PSF/PDB/GRO/TPR topologies; DCD/XTC/TRR/NetCDF trajectories, ...)") from err
+
+
+@dataclass
+class _Trajectory:
+    topology: str
+    path: str
+    universe: Any
+    atoms: Any
+    frames: int          # stored frames after stride and (for differences) dropping the last
+    dt: float            # ps between stored frames
+    stride: int          # file frames per stored frame
+    from_file: bool      # velocities read from the file
+
+
+def _open_all(cfg: MDConfig) -> list[_Trajectory]:
+    paths = [resolve_path(p) for p in cfg.trajectories]
+    if not paths:
+        raise ValueError("dataset.md.trajectories is empty: give at least one trajectory file")
+    tops = cfg.topology if isinstance(cfg.topology, (list, tuple)) else [cfg.topology]
+    tops = [resolve_path(t) for t in (tops if len(tops) > 1 else tops * len(paths))]
+    if len(tops) != len(paths):
+        raise ValueError(f"dataset.md.topology lists {len(tops)} files for {len(paths)} trajectories: "
+                         f"give one topology for all, or one per trajectory")
+    if cfg.velocities not in VELOCITY_SOURCES:
+        raise ValueError(f"dataset.md.velocities={cfg.velocities!r}: choose one of {VELOCITY_SOURCES}")
+    if cfg.stride < 1:
+        raise ValueError(f"dataset.md.stride={cfg.stride}: must be >= 1")
+    selection = SELECTIONS.get(cfg.selection, cfg.selection)
+    out = []
+    for top, path in zip(tops, paths):
+        universe = open_universe(top, path)
+        try:
+            atoms = universe.select_atoms(selection)
+        except Exception as err:
+            raise ValueError(f"dataset.md.selection={cfg.selection!r} is not a valid MDAnalysis selection "
+                             f"({err}); use backbone, all, or e.g. 'protein and name CA'") from err
+        if atoms.n_atoms == 0:
+            raise ValueError(f"dataset.md.selection={cfg.selection!r} selects no atom of {top}; "
+                             f"use backbone, all, or another selection")
+        traj = universe.trajectory
+        has_file_velocities = bool(traj.ts.has_velocities)
+        if cfg.velocities == "file" and not has_file_velocities:
+            raise ValueError(f"{path}: holds no velocities, but dataset.md.velocities=file; use auto or difference")
+        from_file = has_file_velocities and cfg.velocities != "difference"
+        frames = len(range(0, len(traj), cfg.stride)) - (0 if from_file else 1)
+        if frames < 2:
+            raise ValueError(f"{path}: {len(traj)} frames (stride {cfg.stride}) leave {frames} stored frames; "
+                             f"need at least 2 (lower dataset.md.stride)")
+        dt = float(traj.dt) * cfg.stride
+        if not np.isfinite(dt) or dt <= 0:
+            raise ValueError(f"{path}: frame interval {traj.dt!r} ps is not a positive number")
+        out.append(_Trajectory(top, path, universe, atoms, frames, dt, cfg.stride, from_file))
+    dts = [t.dt for t in out]
+    if max(dts) > min(dts) * (1 + 1e-3):
+        raise ValueError("trajectories have different frame intervals ("
+                         + ", ".join(f"{Path(t.path).name}: {t.dt:g} ps" for t in out)
+                         + "); one store has one Δt: use trajectories of one kind, or strides that equalise them")
+    return out
+
+
+def _layout(cfg: MDConfig, trajs: list[_Trajectory]) -> tuple[dict[str, list[tuple[int, int, int]]], list[str]]:
+    """Per split, its scenes as (trajectory index, first stored frame, frame count), counts equal per split;
+    and a note for every block cut to the shortest of its split."""
+    fractions = np.asarray(cfg.split_fractions, dtype=float)
+    if len(fractions) != 3 or np.any(fractions <= 0):
+        raise ValueError(f"dataset.md.split_fractions={list(cfg.split_fractions)}: give three positive numbers "
+                         f"(train, val, test)")
+    fractions = fractions / fractions.sum()
+    layout: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS}
+    if cfg.split == "time":
+        for k, t in enumerate(trajs):
+            n_train = int(round(fractions[0] * t.frames))
+            n_val = int(round(fractions[1] * t.frames))
+            bounds = [0, n_train, n_train + n_val, t.frames]
+            for s, split in enumerate(SPLITS):
+                layout[split].append((k, bounds[s], bounds[s + 1] - bounds[s]))
+    elif cfg.split == "trajectory":
+        if len(trajs) < 3:
+            raise ValueError(f"dataset.md.split=trajectory needs at least 3 trajectories (one per split), got "
+                             f"{len(trajs)}; add trajectories or use split=time")
+        n_val = max(1, int(round(fractions[1] * len(trajs))))
+        n_test = max(1, int(round(fractions[2] * len(trajs))))
+        n_train = len(trajs) - n_val - n_test
+        if n_train < 1:
+            raise ValueError(f"dataset.md.split_fractions={list(cfg.split_fractions)} leaves no training trajectory")
+        owner = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+        for k, (t, split) in enumerate(zip(trajs, owner)):
+            layout[split].append((k, 0, t.frames))
+    else:
+        raise ValueError(f"dataset.md.split={cfg.split!r}: choose one of {SPLIT_MODES}")
+    notes = []
+    for split, scenes in layout.items():
+        shortest = min(count for _, _, count in scenes)
+        if shortest < 2:
+            raise ValueError(f"split {split} gets a block of {shortest} frames; need at least 2 "
+                             f"(change dataset.md.split_fractions or use longer trajectories)")
+        notes += [f"{split}: {Path(trajs[k].path).name} frames {first}..{first + count - 1} cut to the "
+                  f"{shortest} of the split's shortest block" for k, first, count in scenes if count > shortest]
+        layout[split] = [(k, first, shortest) for k, first, _ in scenes]
+    return layout, notes
+
+
+def _charges(traj: _Trajectory) -> tuple[np.ndarray, bool]:
+    try:
+        return np.asarray(traj.atoms.charges, dtype=np.float32), True
+    except Exception:  # MDAnalysis NoDataError: the topology has no charges
+        return np.zeros(traj.atoms.n_atoms, np.float32), False
+
+
+def generate_md(path: str | Path, cfg: MDConfig, dataset: str = "protein", overwrite: bool = False,
+                progress: bool = True, radius: float | None = 10.0) -> Path:
+    """Read every trajectory once, frame by frame, and write the store at ``path`` atomically."""
+    from tqdm.auto import tqdm
+
+    trajs = _open_all(cfg)
+    layout, notes = _layout(cfg, trajs)
+    charges = []
+    for t in trajs:
+        q, ok = _charges(t)
+        charges.append(q)
+        if not ok:
+            notes.append(f"{Path(t.topology).name} has no partial charges: node scalar charge is 0")
+    for note in notes:
+        print(f"note: {note}")
+    total = sum(t.frames for t in trajs)
+    bar = tqdm(total=total, desc=f"reading {dataset}", unit="frame", disable=not progress)
+    generator = dict(asdict(cfg), topology=[t.topology for t in trajs], trajectories=[t.path for t in trajs],
+                     velocities_from_file=[t.from_file for t in trajs], notes=notes, reader="MDAnalysis",
+                     layout={s: [[Path(trajs[k].path).name, first, count] for k, first, count in v]
+                             for s, v in layout.items()})
+    with atomic_store(path, overwrite=overwrite) as root:
+        write_root_attrs(root, dataset=dataset, source="md", dt=trajs[0].dt,
+                         units={"length": "angstrom", "time": "ps", "velocity": "angstrom/ps", "charge": "e"},
+                         radius=radius, node_scalars=NODE_SCALARS, generator=generator)
+        groups = {}
+        for split, scenes in layout.items():
+            group = create_split(root, split, [trajs[k].atoms.n_atoms for k, _, _ in scenes], scenes[0][2],
+                                 num_scalars=len(NODE_SCALARS))
+            ptr = group["scene_ptr"][:]
+            for s, (k, _, _) in enumerate(scenes):
+                group["node_scalars"][ptr[s]:ptr[s + 1]] = charges[k][:, None]
+            groups[split] = (group, ptr)
+        for k, traj in enumerate(trajs):
+            # where each stored frame of this trajectory goes: (split group, scene's node slice, frame row)
+            targets = {}
+            for split, scenes in layout.items():
+                for s, (owner, first, count) in enumerate(scenes):
+                    if owner == k:
+                        for row in range(count):
+                            targets[first + row] = (split, s, row)
+            _stream(traj, targets, groups, cfg.frames_per_write, bar)
+    bar.close()
+    return Path(path)
+
+
+def _stream(traj: _Trajectory, targets: dict[int, tuple[str, int, int]], groups: dict, per_write: int, bar) -> None:
+    """Read one trajectory frame by frame; buffer stored frames and write them in blocks."""
+    buffers: dict[tuple[str, int], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    previous = None
+    stored = -1
+
+    def flush(key: tuple[str, int]) -> None:
+        rows = buffers.pop(key, {})
+        if not rows:
+            return
+        group, ptr = groups[key[0]]
+        nodes = slice(int(ptr[key[1]]), int(ptr[key[1] + 1]))
+        order = sorted(rows)
+        for lo in _runs(order):
+            hi = lo[-1] + 1
+            group["pos"][lo[0]:hi, nodes] = np.stack([rows[r][0] for r in lo])
+            group["vel"][lo[0]:hi, nodes] = np.stack([rows[r][1] for r in lo])
+
+    def put(index: int, pos: np.ndarray, vel: np.ndarray) -> None:
+        target = targets.get(index)
+        bar.update(1)
+        if target is None:
+            return
+        split, scene, row = target
+        key = (split, scene)
+        buffers.setdefault(key, {})[row] = (pos, vel)
+        if len(buffers[key]) >= per_write:
+            flush(key)
+
+    for _ in traj.universe.trajectory[::traj.stride]:
+        pos = traj.atoms.positions.astype(np.float32)
+        if traj.from_file:
+            stored += 1
+            put(stored, pos, traj.atoms.velocities.astype(np.float32))
+        else:
+            if previous is not None:
+                stored += 1
+                put(stored, previous, ((pos.astype(np.float64) - previous) / traj.dt).astype(np.float32))
+            previous = pos
+    for key in list(buffers):
+        flush(key)
+    if stored + 1 != traj.frames:
+        raise StoreError(f"{traj.path}: read {stored + 1} frames, expected {traj.frames}; the file may be truncated")
+
+
+def _runs(rows: list[int]) -> list[list[int]]:
+    """Split sorted row numbers into runs of consecutive numbers."""
+    runs: list[list[int]] = []
+    for r in rows:
+        if runs and r == runs[-1][-1] + 1:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
+
+

@@ -1,0 +1,432 @@
+"""SPH fluid scenes through SPlisHSPlasH's Python bindings (pysplishsplash), the simulator behind Water-3D and
+Fluid113K (SPEC §6).
+
+Scene recipe (one scene = one trajectory), after the DistEGNN paper's Fluid113K:
+
+- a static box of ``box`` = (width, height, depth) (default 5 × 10 × 5), x and z centred on 0, floor at y = 0,
+  gravity −9.81 along y; particle radius ``particle_radius`` (0.025: spacing 0.05); DFSPH pressure solver,
+  standard viscosity, CFL time stepping (steps of at most 5 ms), volume-map walls (Bender et al. 2019);
+- one block of fluid: a regular lattice of ``nx × ny × nz`` ≈ ``num_particles`` particles whose side ratios
+  are drawn in [1/aspect, aspect], turned by a uniformly random rotation about its centre (redrawn until
+  the turned block fits in the box) and placed at a uniformly random position where the whole turned block
+  lies inside the box, two particle radii from the walls; every particle starts with the same random
+  velocity (uniform direction, speed uniform in [0, max_speed]);
+- frames at ``fps`` (50): frame k is the state at exactly t = k / fps (the step before a frame time is
+  shortened to land on it), k = 0 .. round(duration · fps) − 1; positions in m, velocities in m/s straight
+  from the simulator (not finite differences).
+
+Every scene draws its recipe from its own seed (``seed``, split, scene index), so a scene does not depend on
+which worker ran it or whether the run was resumed. The simulator itself uses OpenMP and is not bitwise
+reproducible across thread counts; the recipe is.
+
+How a store is made (:func:`generate_sph`):
+
+1. Each scene runs in its own Python subprocess (``python -m datasets.sph_scene SPEC OUT``, a small module
+   that imports only NumPy and the library): the library is a process-wide singleton and may crash
+   (segfault) on a bad scene; a crash costs that scene a retry (``retries``), not the run. Scenes run in
+   parallel through dask (``datasets.parallel.map_tasks``: threads that wait on the subprocesses, or the
+   workers of a dask.distributed cluster), ``threads_per_scene`` OpenMP threads each.
+2. A scene streams its frames into memory-mapped ``pos.npy``/``vel.npy`` in a temporary folder, renamed to
+   ``<store>.work/<split>-<scene>`` when the scene is complete: the rename is the durable record that the
+   scene is done. Its log is ``<store>.work/logs/<split>-<scene>.log``. Memory per subprocess: the
+   simulator's state plus one frame.
+3. When every scene is done, the scenes are copied a few frames at a time into the store (written to a
+   temporary sibling, renamed into place: ``datasets.store.atomic_store``), and the work folder is deleted.
+
+Interrupted or failed runs keep every completed scene; the same command resumes with the missing ones. The
+work folder remembers the parameters it was made with: a re-run with other parameters stops with an error
+instead of mixing scenes (``prepare.overwrite=true`` starts over). Run options (retries, timeout, threads)
+may change between runs.
+
+The walls' volume map is computed once per work folder (by the first scene, alone, before the others start)
+and cached in ``<store>.work/scenes/Cache`` (SPlisHSPlasH's own cache), because it costs minutes for the
+5 × 10 × 5 box. The walls are a unit cube written by :func:`unit_cube_obj`, scaled to the box.
+
+Particles are read and written through ``FluidModel.getFieldBuffer(name)``, a NumPy view of the simulator's
+own arrays (one copy per stored frame, instead of 10^5 ``getPosition(i)`` calls); z-sorting is switched
+off so that row i is the same particle in every frame.
+
+Importing ``pysplishsplash`` segfaults on some machines (its bundled GL dispatch library clashes with the
+system one); ``datasets.sph_scene.import_pysplishsplash`` loads the system ``libGLdispatch`` first, and only
+subprocesses import the library at all, so a crash there never takes the parent down.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from datasets.parallel import available_cores, map_tasks
+from datasets.store import StoreError, atomic_store, create_split, write_root_attrs
+from dist_egnn.keys import SPLITS
+
+SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
+RECIPE_VERSION = 1            # bump when the recipe changes the data: old work folders are then refused
+NODE_SCALARS = ["type"]       # particle type: 0 = fluid (one phase here)
+ROTATION_TRIES = 100         # random rotations tried until the turned block fits in the box
+
+
+@dataclass
+class SPHConfig:
+    """Parameters of one SPH store (see the module docstring for the recipe)."""
+
+    num_particles: int = 2000          # target particles per scene; the lattice gives within a few %
+    train: int = 4
+    val: int = 1
+    test: int = 1
+    duration: float = 1.0              # simulated seconds per scene
+    fps: float = 50.0                  # stored frames per second
+    box: list[float] = field(default_factory=lambda: [5.0, 10.0, 5.0])
+    particle_radius: float = 0.025
+    max_speed: float = 1.0             # initial block speed, m/s
+    aspect: float = 1.5                # block side ratios in [1/aspect, aspect]
+    viscosity: float = 0.01            # standard viscosity coefficient
+    map_cell: float | None = None      # volume-map grid cell (m); None: the kernel support, 4 radii
+    seed: int = 0
+    retries: int = 1                   # extra attempts for a scene whose subprocess crashed
+    timeout_s: float | None = None     # wall-clock limit per scene attempt
+    threads_per_scene: int | None = None  # OpenMP threads per scene; None: cores / parallel scenes
+
+    @property
+    def num_frames(self) -> int:
+        return int(round(self.duration * self.fps))
+
+    def scenes(self, split: str) -> int:
+        return int(getattr(self, split))
+
+
+# ----------------------------------------------------------------------------------------------- recipe
+def scene_recipe(cfg: SPHConfig, split: str, scene: int) -> dict[str, Any]:
+    """The random initial condition of one scene, from that scene's own seed (JSON-ready)."""
+    rng = np.random.default_rng([cfg.seed, SPLIT_SEED_OFFSET[split], scene])
+    spacing = 2.0 * cfg.particle_radius
+    ratios = np.exp(rng.uniform(-np.log(cfg.aspect), np.log(cfg.aspect), size=3))
+    ratios /= np.prod(ratios) ** (1.0 / 3.0)
+    counts = np.maximum(1, np.round(cfg.num_particles ** (1.0 / 3.0) * ratios)).astype(int)
+    nudges = np.array(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij")).reshape(3, -1).T
+    candidates = np.maximum(1, counts + nudges)              # the lattice closest to num_particles
+    counts = candidates[np.argmin(np.abs(np.prod(candidates, axis=1) - cfg.num_particles))]   # first of ties
+    half = counts * spacing / 2.0                          # half extent of the lattice (cell-centred)
+    box = np.asarray(cfg.box, dtype=float)
+    for _ in range(ROTATION_TRIES):                        # a long block may fit only when turned some ways
+        rotation = _random_rotation(rng)
+        reach = np.abs(rotation) @ half                    # half extent of the turned block's bounding box
+        lower = np.array([-box[0] / 2, 0.0, -box[2] / 2]) + reach + spacing
+        upper = np.array([box[0] / 2, box[1], box[2] / 2]) - reach - spacing
+        if np.all(lower <= upper):
+            break
+    else:
+        raise ValueError(f"sph: a block of {int(np.prod(counts))} particles ({np.round(2 * half, 2).tolist()} m) "
+                         f"does not fit turned in the box {[float(b) for b in box]} m ({ROTATION_TRIES} random "
+                         f"rotations tried); lower dataset.sph.num_particles or enlarge dataset.sph.box")
+    centre = rng.uniform(lower, upper)
+    direction = rng.normal(size=3)
+    velocity = direction / np.linalg.norm(direction) * rng.uniform(0.0, cfg.max_speed)
+    return dict(split=split, scene=scene, counts=counts.tolist(), num_particles=int(np.prod(counts)),
+                rotation=rotation.tolist(), centre=centre.tolist(), velocity=velocity.tolist())
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random proper rotation (QR of a Gaussian matrix, signs fixed)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def stop_time(cfg: SPHConfig) -> float:
+    """Simulated time at which the run stops: just after the last frame."""
+    return (cfg.num_frames - 1) / cfg.fps + 1e-4
+
+
+def scene_file(cfg: SPHConfig, recipe: dict[str, Any], geometry: str) -> dict[str, Any]:
+    """The SPlisHSPlasH scene (JSON) of one recipe. The block is created axis-aligned at the box centre;
+    the subprocess turns, moves and launches it before the first step."""
+    box = [float(b) for b in cfg.box]
+    spacing = 2.0 * cfg.particle_radius
+    extent = (np.asarray(recipe["counts"]) + 1) * spacing     # SPlisHSPlasH fills [start + d, end - d] every d
+    start = np.array([0.0, box[1] / 2, 0.0]) - extent / 2
+    cell = cfg.map_cell or 4.0 * cfg.particle_radius
+    return {
+        "Configuration": {
+            "particleRadius": cfg.particle_radius, "simulationMethod": 4, "gravitation": [0.0, -9.81, 0.0],
+            "timeStepSize": 0.005, "cflMethod": 1, "cflFactor": 1, "cflMaxTimeStepSize": 0.005,
+            "boundaryHandlingMethod": 2, "enableZSort": False,   # z-sort would reorder particles between frames
+            "stopAt": stop_time(cfg),
+            "DFSPH": {"minIterations": 2, "maxIterations": 100, "maxError": 0.05, "maxIterationsV": 100,
+                      "maxErrorV": 0.1, "enableDivergenceSolver": True},
+        },
+        "Materials": [{"id": "Fluid", "density0": 1000, "viscosityMethod": 1, "viscosity": cfg.viscosity,
+                       "maxEmitterParticles": 0}],
+        "RigidBodies": [{"geometryFile": geometry, "translation": [0.0, box[1] / 2, 0.0],
+                         "rotationAxis": [1, 0, 0], "rotationAngle": 0, "scale": box, "isDynamic": False,
+                         "isWall": True, "mapInvert": True, "mapThickness": 0.0,
+                         "mapResolution": [max(4, int(np.ceil(b / cell))) for b in box]}],
+        "FluidBlocks": [{"denseMode": 0, "start": start.tolist(), "end": (start + extent).tolist()}],
+    }
+
+
+# ------------------------------------------------------------------------------------------- subprocess
+def simulator_available(timeout: float = 120.0) -> tuple[bool, str]:
+    """Whether pysplishsplash imports here (probed in a subprocess, since a failed import may segfault)."""
+    probe = "from datasets.sph_scene import import_pysplishsplash; import_pysplishsplash()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout,
+                              cwd=_repo_root(), env=_child_env(1))
+    except subprocess.TimeoutExpired:
+        return False, f"importing pysplishsplash took more than {timeout:.0f} s"
+    if proc.returncode == 0:
+        return True, "pysplishsplash imports"
+    what = (f"the import crashed with signal {-proc.returncode}" if proc.returncode < 0
+            else ((proc.stderr or proc.stdout).strip().splitlines() or [f"exit code {proc.returncode}"])[-1])
+    return False, f"pysplishsplash does not import ({what}); install it with pip install -e '.[sph]'"
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parents[1])
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([_repo_root(), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+# --------------------------------------------------------------------------------------------- parent
+def work_folder(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".work")
+
+
+def _scene_name(split: str, scene: int) -> str:
+    return f"{split}-{scene:05d}"
+
+
+def _generator_record(cfg: SPHConfig) -> dict[str, Any]:
+    return dict(asdict(cfg), recipe_version=RECIPE_VERSION, simulator="SPlisHSPlasH via pysplishsplash")
+
+
+# fields that do not change the data: a resumed run may change them
+_RUN_OPTIONS = ("retries", "timeout_s", "threads_per_scene")
+
+
+def _data_keys(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in _RUN_OPTIONS}
+
+
+def _prepare_work(work: Path, cfg: SPHConfig, overwrite: bool) -> None:
+    """Create the work folder, or check that an existing one was made with the same parameters."""
+    record = _generator_record(cfg)
+    marker = work / "generator.json"
+    if work.exists() and overwrite:
+        shutil.rmtree(work)
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        changed = sorted(k for k in set(_data_keys(old)) | set(_data_keys(record)) if old.get(k) != record.get(k))
+        if changed:
+            raise StoreError(f"{work} holds scenes of an interrupted run made with other parameters "
+                             f"({', '.join(f'{k}: {old.get(k)!r} -> {record.get(k)!r}' for k in changed)}); "
+                             f"restore them to resume, or pass prepare.overwrite=true (or delete {work}) to start over")
+        return
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    (work / "scenes").mkdir(exist_ok=True)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, marker)
+
+
+def _geometry_file(work: Path) -> str:
+    """A unit cube (OBJ, 12 triangles, outward normals) for the walls, written once into the work folder.
+
+    The winding matters: with ``mapInvert`` the fluid lives inside the cube, and a cube whose triangles face
+    inward would put every particle inside the wall (they then barely move).
+    """
+    path = work / "scenes" / "UnitBox.obj"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(unit_cube_obj())
+        os.replace(tmp, path)
+    return str(path.resolve())
+
+
+def unit_cube_obj() -> str:
+    """The OBJ text of the cube [-0.5, 0.5]^3 with counter-clockwise (outward-facing) triangles."""
+    corners = np.array([(x, y, z) for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+    faces = []
+    for axis in range(3):
+        for side in (-0.5, 0.5):
+            quad = [i for i in range(8) if corners[i, axis] == side]          # 4 corners of one face
+            centre = corners[quad].mean(axis=0)
+            u, v = [a for a in range(3) if a != axis]
+            quad.sort(key=lambda i: np.arctan2(corners[i, v] - centre[v], corners[i, u] - centre[u]))
+            for tri in ((quad[0], quad[1], quad[2]), (quad[0], quad[2], quad[3])):
+                a, b, c = corners[list(tri)]
+                if np.dot(np.cross(b - a, c - a), centre) < 0:                 # make the normal point outward
+                    tri = (tri[0], tri[2], tri[1])
+                faces.append(tri)
+    return ("".join(f"v {x} {y} {z}\n" for x, y, z in corners)
+            + "".join(f"f {a + 1} {b + 1} {c + 1}\n" for a, b, c in faces))
+
+
+def run_scene_task(task: dict[str, Any]) -> dict[str, Any]:
+    """One dask task: run one scene's subprocess (with retries); report, never raise, a failure."""
+    out = Path(task["out"])
+    if out.exists():
+        return dict(task, ok=True, attempts=0)
+    log = Path(task["log"])
+    error = ""
+    for attempt in range(1, task["retries"] + 2):
+        with open(log, "a") as sink:
+            sink.write(f"--- attempt {attempt}\n")
+            sink.flush()
+            try:
+                proc = subprocess.run(scene_command(task["spec"], task["out"]), stdout=sink, stderr=subprocess.STDOUT,
+                                      cwd=_repo_root(), env=_child_env(task["threads"]), timeout=task["timeout_s"])
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                code = None
+        if code == 0 and out.exists():
+            return dict(task, ok=True, attempts=attempt)
+        error = (f"timed out after {task['timeout_s']} s" if code is None
+                 else f"crashed with signal {-code}" if code < 0
+                 else f"exited with code {code}" if code else "exited without writing its output")
+        for stale in out.parent.glob(f".{out.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return dict(task, ok=False, attempts=task["retries"] + 1, error=error, tail=_tail(log))
+
+
+def _tail(log: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def scene_command(spec_path: str, out_path: str) -> list[str]:
+    """The command line of one scene's subprocess (this worker's Python)."""
+    return [sys.executable, "-m", "datasets.sph_scene", str(spec_path), str(out_path)]
+
+
+def scene_task(cfg: SPHConfig, recipe: dict[str, Any], work: Path, name: str, threads: int) -> dict[str, Any]:
+    """Write one scene's SPlisHSPlasH scene file and subprocess spec into ``work``; return its task.
+
+    Scenes that share ``work`` share the walls' volume-map cache (``work/scenes/Cache``).
+    """
+    (work / "scenes").mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    spec_path = work / "scenes" / f"{name}.spec.json"
+    scene_path = work / "scenes" / f"{name}.json"
+    out = work / name
+    if not out.exists():
+        scene_path.write_text(json.dumps(scene_file(cfg, recipe, _geometry_file(work)), indent=1))
+        spec_path.write_text(json.dumps(dict(recipe=recipe, num_frames=cfg.num_frames, fps=cfg.fps,
+                                             scene_file=str(scene_path.resolve()), stop_at=stop_time(cfg),
+                                             output=str((work / "scenes" / f"output-{name}").resolve()))))
+    return dict(name=name, out=str(out), log=str(work / "logs" / f"{name}.log"), spec=str(spec_path),
+                threads=threads, retries=cfg.retries, timeout_s=cfg.timeout_s, num_particles=recipe["num_particles"])
+
+
+def _scene_tasks(cfg: SPHConfig, work: Path, threads: int) -> list[dict[str, Any]]:
+    return [scene_task(cfg, scene_recipe(cfg, split, scene), work, _scene_name(split, scene), threads)
+            for split in SPLITS for scene in range(cfg.scenes(split))]
+
+
+def generate_sph(path: str | Path, cfg: SPHConfig, dataset: str = "fluid", overwrite: bool = False,
+                 progress: bool = True, scheduler: str = "auto", workers: int | None = None,
+                 cluster: str | None = None, radius: float | None = 0.075) -> Path:
+    """Simulate every scene (resuming an interrupted run) and write a validated-layout store at ``path``.
+
+    ``radius`` is stored as the store's default radius-graph cutoff.
+    """
+    path = Path(path).absolute()           # subprocesses run in the repository root
+    if path.exists() and not overwrite:
+        raise StoreError(f"{path} already exists; delete it or pass prepare.overwrite=true to replace it")
+    if cluster is None:                    # on a cluster the workers' environment is what counts
+        ok, reason = simulator_available()
+        if not ok:
+            raise ValueError(f"cannot simulate dataset {dataset!r}: {reason}")
+    if cfg.num_frames < 2:
+        raise ValueError(f"sph: duration {cfg.duration} s at {cfg.fps} fps gives {cfg.num_frames} frames; "
+                         f"need at least 2 (raise dataset.sph.duration)")
+    for split in SPLITS:                       # every recipe must fit before anything is written
+        for scene in range(cfg.scenes(split)):
+            scene_recipe(cfg, split, scene)
+    work = work_folder(path)
+    _prepare_work(work, cfg, overwrite)
+    parallel = workers or available_cores()
+    threads = cfg.threads_per_scene or max(1, available_cores() // parallel)
+    tasks = _scene_tasks(cfg, work, threads)
+    pending = [t for t in tasks if not Path(t["out"]).exists()]
+    if len(pending) < len(tasks):
+        print(f"resuming {dataset}: {len(tasks) - len(pending)} of {len(tasks)} scenes already simulated in {work}")
+    print(f"simulating {len(pending)} scenes of ~{cfg.num_particles} particles x {cfg.num_frames} frames "
+          f"(logs: {work / 'logs'})", flush=True)
+    failed = []
+    if pending and not any((work / "scenes" / "Cache").glob("*.cdm")):
+        # the first scene computes the walls' volume map; the others then read it from the cache
+        first = dict(pending[0], threads=cfg.threads_per_scene or available_cores())   # alone: every core
+        failed += [r for _, r in map_tasks(run_scene_task, [first], scheduler="sync", progress=progress,
+                                           desc=f"simulating {dataset} (first scene + wall map)", unit="scene")
+                   if not r["ok"]]
+        pending = pending[1:]
+        if failed and not any((work / "scenes" / "Cache").glob("*.cdm")):
+            pending = []          # no wall map: the others would all fail the same way (and race on the cache)
+    if pending:
+        failed += [r for _, r in map_tasks(run_scene_task, pending, scheduler=scheduler, workers=parallel,
+                                           cluster=cluster, progress=progress, desc=f"simulating {dataset}",
+                                           unit="scene") if not r["ok"]]
+    if failed:
+        lines = "\n".join(f"  {r['name']}: {r['error']} after {r['attempts']} attempt(s); log {r['log']}:\n"
+                          f"    " + r["tail"].replace("\n", "\n    ") for r in failed)
+        done = sum(Path(t["out"]).exists() for t in tasks)
+        raise StoreError(f"{len(failed)} of {len(tasks)} scenes failed; {done} completed scenes are kept in {work} "
+                         f"and the same command resumes with the rest:\n{lines}")
+    _assemble(path, work, cfg, dataset, radius, overwrite, progress)
+    shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def _assemble(path: Path, work: Path, cfg: SPHConfig, dataset: str, radius: float | None, overwrite: bool,
+              progress: bool) -> None:
+    """Copy the completed scenes into the store, a few frames at a time (memory: a few scene frames)."""
+    from tqdm.auto import tqdm
+
+    total = sum(cfg.scenes(s) for s in SPLITS)
+    bar = tqdm(total=total, desc=f"writing {path.name}", unit="scene", disable=not progress)
+    with atomic_store(path, overwrite=overwrite) as root:
+        write_root_attrs(root, dataset=dataset, source="sph", dt=1.0 / cfg.fps,
+                         units={"length": "m", "time": "s", "velocity": "m/s"}, radius=radius,
+                         node_scalars=NODE_SCALARS, generator=_generator_record(cfg))
+        for split in SPLITS:
+            folders = [work / _scene_name(split, s) for s in range(cfg.scenes(split))]
+            metas = [json.loads((f / "scene.json").read_text()) for f in folders]
+            group = create_split(root, split, [m["num_particles"] for m in metas], cfg.num_frames,
+                                 num_scalars=len(NODE_SCALARS))
+            group.attrs["recipes"] = [dict(m["recipe"], steps=m["steps"], threads=m["threads"],
+                                           simulation_s=round(float(m["simulation_s"]), 3),
+                                           seconds_per_frame=m.get("seconds_per_frame")) for m in metas]
+            for s, folder in enumerate(folders):
+                _copy_scene(group, s, folder)
+                bar.update(1)
+    bar.close()
+
+
+def _copy_scene(group: zarr.Group, index: int, folder: Path, frames_per_write: int = 8) -> None:
+    ptr = group["scene_ptr"]
+    start, stop = int(ptr[index]), int(ptr[index + 1])
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("pos", "vel")}
+    frames = arrays["pos"].shape[0]
+    for first in range(0, frames, frames_per_write):
+        last = min(first + frames_per_write, frames)
+        for name, values in arrays.items():
+            group[name][first:last, start:stop] = values[first:last]
+    group["node_scalars"][start:stop] = np.zeros((stop - start, len(NODE_SCALARS)), np.float32)

@@ -1,0 +1,153 @@
+"""SPH fluids through SPlisHSPlasH: the scene recipe, the generated store, crash isolation and resume."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+import datasets.sph as sph
+from datasets.sph import SPHConfig, generate_sph, scene_recipe, unit_cube_obj, work_folder
+from datasets.store import StoreError, open_store
+
+TINY = dict(num_particles=120, train=1, val=1, test=1, duration=0.06, box=[0.8, 1.6, 0.8], retries=0)
+
+_available = None
+
+
+def require_simulator():
+    global _available
+    if _available is None:
+        _available = sph.simulator_available()
+    if not _available[0]:
+        pytest.skip(_available[1])
+
+
+# ------------------------------------------------------------------------------------------ recipe only
+def test_recipe_is_a_function_of_seed_split_and_scene():
+    cfg = SPHConfig(**TINY)
+    assert scene_recipe(cfg, "train", 0) == scene_recipe(cfg, "train", 0)
+    assert scene_recipe(cfg, "train", 0) != scene_recipe(cfg, "val", 0)
+    assert scene_recipe(cfg, "train", 0) != scene_recipe(SPHConfig(**{**TINY, "seed": 1}), "train", 0)
+
+
+@pytest.mark.parametrize("scene", range(5))
+def test_turned_block_lies_inside_the_box(scene):
+    cfg = SPHConfig(num_particles=113_000)               # Fluid113K in the 5 x 10 x 5 box
+    recipe = scene_recipe(cfg, "train", scene)
+    rotation = np.asarray(recipe["rotation"])
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(rotation) == pytest.approx(1.0)
+    counts = np.asarray(recipe["counts"])
+    assert abs(np.prod(counts) - 113_000) / 113_000 < 0.05
+    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * counts * 0.025
+    turned = corners @ rotation.T + recipe["centre"]
+    assert np.all(turned.min(axis=0) >= [-2.5, 0, -2.5]) and np.all(turned.max(axis=0) <= [2.5, 10, 2.5])
+
+
+def test_block_that_cannot_fit_names_the_fix():
+    with pytest.raises(ValueError, match="dataset.sph.num_particles or enlarge dataset.sph.box"):
+        scene_recipe(SPHConfig(num_particles=100_000, box=[1.0, 1.0, 1.0]), "train", 0)
+
+
+def test_wall_cube_faces_point_outward():
+    # guards the walls: inward-facing triangles put every particle inside the wall, where they barely move
+    lines = unit_cube_obj().splitlines()
+    vertices = np.array([[float(x) for x in line.split()[1:]] for line in lines if line.startswith("v ")])
+    faces = [[int(i) - 1 for i in line.split()[1:]] for line in lines if line.startswith("f ")]
+    assert len(faces) == 12
+    for a, b, c in faces:
+        normal = np.cross(vertices[b] - vertices[a], vertices[c] - vertices[a])
+        assert np.dot(normal, (vertices[a] + vertices[b] + vertices[c]) / 3) > 0
+
+
+# --------------------------------------------------------------------------------------- with simulator
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    require_simulator()
+    path = tmp_path_factory.mktemp("sph") / "tiny.zarr"
+    return generate_sph(path, SPHConfig(**TINY), dataset="tiny", progress=False, workers=2)
+
+
+def test_store_is_valid_and_documented(tiny_store):
+    info = open_store(tiny_store, check_values=True)
+    assert info.attrs["source"] == "sph" and info.attrs["radius"] == pytest.approx(0.075)
+    assert info.attrs["dt"] == pytest.approx(0.02) and info.attrs["units"]["length"] == "m"
+    assert info.node_scalars == ["type"]
+    cfg = SPHConfig(**TINY)
+    for split in ("train", "val", "test"):
+        recipe = scene_recipe(cfg, split, 0)
+        meta = info.splits[split]
+        assert meta.num_frames == 3 and meta.num_nodes == recipe["num_particles"]
+    assert not work_folder(tiny_store).exists()                        # cleaned up once complete
+
+
+def test_frame_zero_is_the_turned_moved_launched_lattice(tiny_store):
+    group = zarr.open_group(str(tiny_store))["train"]
+    recipe = scene_recipe(SPHConfig(**TINY), "train", 0)
+    pos0, vel0 = group["pos"][0], group["vel"][0]
+    np.testing.assert_allclose(pos0.mean(axis=0), recipe["centre"], atol=1e-5)
+    np.testing.assert_allclose(vel0, np.broadcast_to(recipe["velocity"], vel0.shape), atol=1e-6)
+    gaps = np.sort(np.linalg.norm(pos0[:, None] - pos0[None], axis=-1), axis=1)[:, 1]
+    np.testing.assert_allclose(gaps, 0.05, atol=1e-5)                 # lattice spacing: two particle radii
+
+
+def test_particles_move_under_gravity_with_simulator_velocities(tiny_store):
+    group = zarr.open_group(str(tiny_store))["train"]
+    pos, vel = group["pos"][:], group["vel"][:]
+    displacement = (pos[1:] - pos[:-1]) / 0.02
+    mean_velocity = 0.5 * (vel[1:] + vel[:-1])
+    assert np.abs(displacement - mean_velocity).mean() < 0.05         # velocities belong to the positions
+    assert (vel[-1, :, 1] - vel[0, :, 1]).mean() < -0.2               # falling: ~ -9.81 m/s^2 x 0.04 s
+    assert np.all(pos[..., 1] > 0) and np.all(np.abs(pos[..., [0, 2]]) < 0.4)
+
+
+def test_a_crashing_scene_is_reported_and_the_rerun_resumes(tmp_path, monkeypatch):
+    require_simulator()
+    path = tmp_path / "resume.zarr"
+    cfg = SPHConfig(**TINY)
+    real = sph.scene_command
+    crash = [sys.executable, "-c", "import os; os.abort()"]             # a segfault-like death by signal
+    monkeypatch.setattr(sph, "scene_command", lambda spec, out: crash if "val-" in out else real(spec, out))
+    with pytest.raises(StoreError, match=r"1 of 3 scenes failed.*same command resumes(?s:.*)val-00000: crashed"):
+        generate_sph(path, cfg, progress=False, workers=2)
+    work = work_folder(path)
+    assert not path.exists()
+    assert sorted(p.name for p in work.glob("*-0000*")) == ["test-00000", "train-00000"]
+    before = np.load(work / "train-00000" / "pos.npy")
+
+    ran = []
+    monkeypatch.setattr(sph, "scene_command", lambda spec, out: ran.append(out) or real(spec, out))
+    generate_sph(path, cfg, progress=False, workers=2)
+    assert [p.rsplit("/", 1)[-1] for p in ran] == ["val-00000"]   # completed scenes are not run again
+    open_store(path, check_values=True)
+    np.testing.assert_array_equal(zarr.open_group(str(path))["train/pos"][:], before)
+    assert not work.exists()
+
+
+def test_resuming_with_other_parameters_is_refused(tmp_path):
+    path = tmp_path / "mixed.zarr"
+    work = work_folder(path)
+    sph._prepare_work(work, SPHConfig(**TINY), overwrite=False)
+    with pytest.raises(StoreError, match=r"other parameters \(num_particles: 120 -> 150\).*prepare.overwrite=true"):
+        sph._prepare_work(work, SPHConfig(**{**TINY, "num_particles": 150}), overwrite=False)
+    sph._prepare_work(work, SPHConfig(**{**TINY, "retries": 3}), overwrite=False)   # run options may change
+    sph._prepare_work(work, SPHConfig(**{**TINY, "num_particles": 150}), overwrite=True)
+    assert json.loads((work / "generator.json").read_text())["num_particles"] == 150
+
+
+def test_existing_store_is_kept(tiny_store):
+    with pytest.raises(StoreError, match="already exists"):
+        generate_sph(tiny_store, SPHConfig(**TINY), progress=False)
+
+
+def test_scenes_run_on_a_dask_distributed_cluster(tmp_path):
+    require_simulator()
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        path = generate_sph(tmp_path / "cluster.zarr", SPHConfig(**TINY), progress=False,
+                            cluster=cluster.scheduler_address)
+    info = open_store(path, check_values=True)
+    assert [info.splits[s].num_nodes for s in ("train", "val", "test")] == \
+        [scene_recipe(SPHConfig(**TINY), s, 0)["num_particles"] for s in ("train", "val", "test")]
