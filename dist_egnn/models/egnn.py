@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from dist_egnn.comm import SingleProcess
 from dist_egnn.keys import RECEIVER, SENDER
 from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp, velocity_mlp
+from dist_egnn.models.fused import edge_messages
 from dist_egnn.models.ops import count_per_segment, scatter_sum, split_columns
 
 
@@ -58,7 +59,11 @@ class EGNNLayer(nn.Module):
     """One EGNN layer: terms (1), (4) and (6) above.
 
     ``extra_node_inputs`` widens phi_h's input for subclasses that add more aggregated messages (FastEGNN).
+    ``fused`` (default True) runs the per-edge work through the hand-written, recomputing autograd functions
+    of :mod:`dist_egnn.models.fused`; False runs the plain autograd composition (same maths, more memory).
     """
+
+    fused: bool = True
 
     def __init__(self, hidden: int, edge_features: int, node_attrs: int, extra_node_inputs: int = 0):
         super().__init__()
@@ -82,30 +87,38 @@ class EGNNLayer(nn.Module):
         """mean_j m_ij (N, H) and mean_j (x_i - x_j) phi_x(m_ij) (N, 3).
 
         The first Linear of phi_e is applied in pieces: the h_i and h_j blocks once per node, then gathered
-        onto the edges, so no (E, 2H + 1 + D) input is ever built. With ``edge_chunk_size`` set, edges are
-        processed in chunks whose intermediates are recomputed in backward: edge memory stays at one chunk.
+        onto the edges, so no (E, 2H + 1 + D) input is ever built. The edge work itself runs in
+        :class:`~dist_egnn.models.fused.EdgeMessages` (chunks of ``edge_chunk_size`` edges, recomputed in
+        backward: no (E, H) tensor is kept); ``fused = False`` runs the plain autograd version below.
         """
         n_owned = ctx.inv_degree.shape[0]
         first = self.edge_mlp[0]
         w_recv, w_send, w_edge = split_columns(first, [self.hidden, self.hidden, 1 + self.edge_features])
         proj_recv = torch.addmm(first.bias, h_all[:n_owned], w_recv.t())   # (N, H), bias folded in
         proj_send = h_all @ w_send.t()                                     # (N_all, H)
+        if self.fused:
+            msg_sum, disp_sum = edge_messages(proj_recv, proj_send, pos_all, ctx.edge_index, ctx.edge_attr, w_edge,
+                                              self.edge_mlp[2], self.coord_mlp, ctx.edge_chunk_size)
+        else:
+            msg_sum, disp_sum = self._edge_block_autograd(proj_recv, proj_send, pos_all, ctx, w_edge)
+        return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
 
+    def _edge_block_autograd(self, proj_recv: Tensor, proj_send: Tensor, pos_all: Tensor, ctx: GraphContext,
+                             w_edge: Tensor) -> tuple[Tensor, Tensor]:
+        """The same sums with plain autograd; ``edge_chunk_size`` chunks go through torch checkpointing."""
         num_edges = ctx.edge_index.shape[1]
         chunk = ctx.edge_chunk_size
         if not chunk or num_edges <= chunk:
-            msg_sum, disp_sum = self._edge_block(proj_recv, proj_send, pos_all, ctx.edge_index, ctx.edge_attr,
-                                                 w_edge)
-        else:
-            msg_sum = proj_recv.new_zeros(n_owned, self.hidden)
-            disp_sum = pos_all.new_zeros(n_owned, 3)
-            for start in range(0, num_edges, chunk):
-                part = slice(start, start + chunk)
-                m, d = checkpoint(self._edge_block, proj_recv, proj_send, pos_all, ctx.edge_index[:, part],
-                                  ctx.edge_attr[part], w_edge, use_reentrant=False)
-                msg_sum = msg_sum + m
-                disp_sum = disp_sum + d
-        return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
+            return self._edge_block(proj_recv, proj_send, pos_all, ctx.edge_index, ctx.edge_attr, w_edge)
+        msg_sum = proj_recv.new_zeros(proj_recv.shape[0], self.hidden)
+        disp_sum = pos_all.new_zeros(proj_recv.shape[0], 3)
+        for start in range(0, num_edges, chunk):
+            part = slice(start, start + chunk)
+            m, d = checkpoint(self._edge_block, proj_recv, proj_send, pos_all, ctx.edge_index[:, part],
+                              ctx.edge_attr[part], w_edge, use_reentrant=False)
+            msg_sum = msg_sum + m
+            disp_sum = disp_sum + d
+        return msg_sum, disp_sum
 
     def _edge_block(self, proj_recv: Tensor, proj_send: Tensor, pos_all: Tensor, edge_index: Tensor,
                     edge_attr: Tensor, w_edge: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,6 +163,11 @@ class EquivariantModel(nn.Module):
         self.edge_chunk_size = edge_chunk_size
         self.embedding = nn.Linear(node_features, hidden)
         self.comm = comm if comm is not None else SingleProcess()
+
+    def set_fused(self, fused: bool) -> None:
+        """Run the per-edge work through the fused functions (True, default) or plain autograd (False)."""
+        for layer in self.layers:
+            layer.fused = bool(fused)
 
     def set_comm(self, comm) -> None:
         """Use another communicator (e.g. a distributed one) from the next forward on."""
