@@ -19,47 +19,50 @@ def _weights(*shapes):
     return [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
 
 
-def _edge_inputs(n_owned=6, n_halo=3, edges=17, edge_features=2, seed=0):
+N_OWNED = 6
+
+
+def _edge_inputs(n_halo=3, edges=17, edge_features=2, seed=0):
     torch.manual_seed(seed)
-    n_all = n_owned + n_halo
-    recv = torch.randint(0, n_owned - 1, (edges,))           # the last owned node receives nothing: isolated
+    n_all = N_OWNED + n_halo
+    recv = torch.randint(0, N_OWNED - 1, (edges,))           # the last owned node receives nothing: isolated
     send = torch.randint(0, n_all, (edges,))                  # senders include halo rows
-    proj_recv, proj_send, pos_all = _weights((n_owned, H), (n_all, H), (n_all, 3))
-    edge_attr, w_geo, w2, b2, wx, bx, vx = _weights((edges, edge_features), (H, 1 + edge_features), (H, H), (H,),
-                                                    (H, H), (H,), (1, H))
-    return proj_recv, proj_send, pos_all, recv, send, edge_attr, w_geo, w2, b2, wx, bx, vx
+    h_all, pos_all, edge_attr = _weights((n_all, H), (n_all, 3), (edges, edge_features))
+    w_recv, w_send, w_geo, b1, w2, b2, wx, bx, vx = _weights((H, H), (H, H), (H, 1 + edge_features), (H,), (H, H),
+                                                             (H,), (H, H), (H,), (1, H))
+    return h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx, vx
 
 
 @pytest.mark.parametrize("chunk", [4, 17, 1000])
 def test_edge_messages_backward_matches_finite_differences(chunk):
     inputs = _edge_inputs()
-    assert gradcheck(lambda *a: EdgeMessages.apply(*a, chunk), inputs, eps=1e-6, atol=1e-7)
+    assert gradcheck(lambda *a: EdgeMessages.apply(*a, N_OWNED, chunk), inputs, eps=1e-6, atol=1e-7)
 
 
 def test_edge_messages_with_no_edges():
     inputs = _edge_inputs(edges=0)
-    msg, disp = EdgeMessages.apply(*inputs, 8)
+    msg, disp = EdgeMessages.apply(*inputs, N_OWNED, 8)
     assert msg.abs().sum() == 0 and disp.abs().sum() == 0
-    assert gradcheck(lambda *a: EdgeMessages.apply(*a, 8), inputs, eps=1e-6, atol=1e-7)
+    assert gradcheck(lambda *a: EdgeMessages.apply(*a, N_OWNED, 8), inputs, eps=1e-6, atol=1e-7)
 
 
 def test_edge_messages_gradient_reaches_halo_rows():
     inputs = _edge_inputs()
-    msg, disp = EdgeMessages.apply(*inputs, 4)
+    msg, disp = EdgeMessages.apply(*inputs, N_OWNED, 4)
     (msg.sum() + disp.square().sum()).backward()
-    proj_send, pos_all, send = inputs[1], inputs[2], inputs[4]
-    halo_senders = send[send >= 6].unique()
+    h_all, pos_all, send = inputs[0], inputs[1], inputs[3]
+    halo_senders = send[send >= N_OWNED].unique()
     assert halo_senders.numel() > 0
-    assert (proj_send.grad[halo_senders].abs().sum(1) > 0).all()
+    assert (h_all.grad[halo_senders].abs().sum(1) > 0).all()
     assert (pos_all.grad[halo_senders].abs().sum(1) > 0).all()
 
 
 def _virtual_inputs(nodes=7, graphs=2, channels=3, seed=0):
     torch.manual_seed(seed)
     batch = torch.arange(graphs).repeat_interleave(torch.tensor([4, nodes - 4]))
-    per_node, per_channel, dist, w_dist = _weights((nodes, H), (graphs, channels, H), (nodes, channels), (H,))
+    h, per_channel, dist, w_h, w_dist = _weights((nodes, H), (graphs, channels, H), (nodes, channels), (H, H), (H,))
     w2, b2, wa, ba, va, wb, bb, vb = _weights((H, H), (H,), (H, H), (H,), (1, H), (H, H), (H,), (1, H))
-    return per_node, per_channel, dist, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb
+    return h, per_channel, dist, w_h, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 100])

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp
-from dist_egnn.models.egnn import EGNNLayer, EquivariantModel, GraphContext, Prediction, _cat_attr
+from dist_egnn.models.egnn import EGNNLayer, EquivariantModel, GraphContext, Prediction
 from dist_egnn.models.fused import virtual_messages
 from dist_egnn.models.ops import split_columns
 
@@ -50,11 +50,12 @@ class FastEGNNLayer(EGNNLayer):
         virtual_message, to_virtual, pull, push = self.virtual_messages(h, pos, virtual_h, virtual_pos, gram,
                                                                          ctx)              # (3)
         pos_new = (pos + displacement + self.virtual_pull(to_virtual, pull)                # (4)
-                   + self.velocity_term(h, vel))
+                   + self.recomputed(self.velocity_term, h, vel))
         virtual_move, virtual_message_mean = ctx.graph_means(
             self.virtual_displacement(to_virtual, push), virtual_message)                  # (5), (7) one sum
         virtual_pos_new = virtual_pos + virtual_move                                      # (5)
-        h_new = h + self.node_mlp(_cat_attr([h, message, virtual_message.mean(dim=1)], ctx.node_attr))  # (6)
+        h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h, message,
+                                    virtual_message.mean(dim=1))                          # (6)
         virtual_h_new = virtual_h + self.virtual_feature_update(virtual_h, virtual_message_mean)        # (7)
         return h_new, pos_new, virtual_h_new, virtual_pos_new
 
@@ -77,13 +78,13 @@ class FastEGNNLayer(EGNNLayer):
         w_h, w_s, w_dist, w_gram = split_columns(first, [self.hidden, self.hidden, 1, self.virtual_channels])
         to_virtual = pos.unsqueeze(-1) - virtual_pos[ctx.batch]                           # (N, 3, C)
         dist = torch.linalg.vector_norm(to_virtual, dim=1)                                # (N, C)
-        per_node = h @ w_h.t()                                                            # (N, H)
         per_channel = virtual_h.transpose(1, 2) @ w_s.t() + gram @ w_gram.t() + first.bias  # (B, C, H)
         if self.fused:
-            message, pull, push = virtual_messages(per_node, per_channel, dist, w_dist.squeeze(1), ctx.batch,
+            message, pull, push = virtual_messages(h, per_channel, dist, w_h, w_dist.squeeze(1), ctx.batch,
                                                    self.virtual_edge_mlp[2], self.virtual_coord_mlp,
                                                    self.virtual_pos_mlp, ctx.edge_chunk_size)
             return message, to_virtual, pull.unsqueeze(1), push.unsqueeze(1)
+        per_node = h @ w_h.t()                                                            # (N, H)
         pre = per_node.unsqueeze(1) + per_channel[ctx.batch] + dist.unsqueeze(-1) * w_dist.squeeze(1)
         message = self.virtual_edge_mlp[3](self.virtual_edge_mlp[2](self.virtual_edge_mlp[1](pre)))
         pull = self.virtual_coord_mlp(message).transpose(1, 2)                           # (N, 1, C)

@@ -79,19 +79,23 @@ def _new_grads(w2, b2, heads) -> dict:
 class EdgeMessages(torch.autograd.Function):
     """Sum over received edges of m_ij and of (x_i - x_j) phi_x(m_ij), without keeping any (E, H) tensor.
 
-    Inputs: proj_recv (N, H) = h_i W_recv^T + b1, proj_send (N_all, H) = h_j W_send^T, pos_all (N_all, 3),
-    recv (E,) < N, send (E,) < N_all, edge_attr (E, D), w_geo (H, 1 + D) (columns of the first Linear of
-    phi_e for [|x_i - x_j|^2, e_ij]), w2 (H, H), b2 (H,) (second Linear of phi_e), wx (H, H), bx (H,),
-    vx (1, H) (phi_x), chunk_size.
+    Inputs: h_all (N_all, H) owned rows first, pos_all (N_all, 3), recv (E,) < N, send (E,) < N_all,
+    edge_attr (E, D), then phi_e's first Linear cut by input columns: w_recv (H, H), w_send (H, H),
+    w_geo (H, 1 + D) (for [|x_i - x_j|^2, e_ij]) and b1 (H,); phi_e's second Linear w2 (H, H), b2 (H,);
+    phi_x: wx (H, H), bx (H,), vx (1, H); n_owned N; chunk_size.
     Outputs: message sum (N, H), displacement sum (N, 3) (divide by the degree for means).
+
+    The node projections h_i W_recv^T + b1 and h_j W_send^T are computed here once per node (not per edge)
+    and recomputed in backward, so only the inputs are kept.
     """
 
     @staticmethod
-    def forward(ctx, proj_recv, proj_send, pos_all, recv, send, edge_attr, w_geo, w2, b2, wx, bx, vx,
-                chunk_size):
-        n = proj_recv.shape[0]
-        msg_sum = proj_recv.new_zeros(n, proj_recv.shape[1])
-        disp_sum = pos_all.new_zeros(n, 3)
+    def forward(ctx, h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx, vx,
+                n_owned, chunk_size):
+        proj_recv = torch.addmm(b1, h_all[:n_owned], w_recv.t())                # (N, H)
+        proj_send = h_all @ w_send.t()                                           # (N_all, H)
+        msg_sum = h_all.new_zeros(n_owned, h_all.shape[1])
+        disp_sum = pos_all.new_zeros(n_owned, 3)
         heads = [(wx, bx, vx)]
         for start in range(0, recv.shape[0], chunk_size):
             r, s = recv[start:start + chunk_size], send[start:start + chunk_size]
@@ -100,22 +104,25 @@ class EdgeMessages(torch.autograd.Function):
             _a1, _pre2, m, ((_c, _act, weight),) = _rows_forward(pre1, w2, b2, heads)
             msg_sum.index_add_(0, r, m)
             disp_sum.index_add_(0, r, diff * weight)
-        ctx.save_for_backward(proj_recv, proj_send, pos_all, recv, send, edge_attr, w_geo, w2, b2, wx, bx, vx)
-        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx,
+                              vx)
+        ctx.n_owned, ctx.chunk_size = n_owned, chunk_size
         return msg_sum, disp_sum
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_msg, grad_disp):
-        proj_recv, proj_send, pos_all, recv, send, edge_attr, w_geo, w2, b2, wx, bx, vx = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
+        h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx, vx = ctx.saved_tensors
+        n_owned, chunk_size = ctx.n_owned, ctx.chunk_size
+        proj_recv = torch.addmm(b1, h_all[:n_owned], w_recv.t())
+        proj_send = h_all @ w_send.t()
         heads = [(wx, bx, vx)]
         grads = _new_grads(w2, b2, heads)
         g_recv = torch.zeros_like(proj_recv)
         g_send = torch.zeros_like(proj_send)
         g_pos = torch.zeros_like(pos_all)
         g_wgeo = torch.zeros_like(w_geo)
-        g_attr = torch.zeros_like(edge_attr) if ctx.needs_input_grad[5] else None
+        g_attr = torch.zeros_like(edge_attr) if ctx.needs_input_grad[4] else None
         grad_msg = grad_msg.contiguous()
         grad_disp = grad_disp.contiguous()
         for start in range(0, recv.shape[0], chunk_size):
@@ -138,8 +145,10 @@ class EdgeMessages(torch.autograd.Function):
                 g_attr[part] = g_geo[:, 1:]
             g_pos.index_add_(0, r, g_diff)
             g_pos.index_add_(0, s, g_diff, alpha=-1.0)
-        return (g_recv, g_send, g_pos, None, None, g_attr, g_wgeo, grads["w2"], grads["b2"], grads["w0"],
-                grads["b0"], grads["v0"], None)
+        g_h = g_send @ w_send                                                   # (N_all, H)
+        g_h[:n_owned].addmm_(g_recv, w_recv)
+        return (g_h, g_pos, None, None, g_attr, g_recv.t() @ h_all[:n_owned], g_send.t() @ h_all, g_wgeo,
+                g_recv.sum(0), grads["w2"], grads["b2"], grads["w0"], grads["b0"], grads["v0"], None, None)
 
 
 def _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr, w_geo):
@@ -151,31 +160,36 @@ def _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr, w_geo):
     return diff, geo, pre1
 
 
-def edge_messages(proj_recv: Tensor, proj_send: Tensor, pos_all: Tensor, edge_index: Tensor, edge_attr: Tensor,
-                  w_geo: Tensor, message_linear: torch.nn.Linear, coord_mlp: torch.nn.Sequential,
+def edge_messages(h_all: Tensor, pos_all: Tensor, edge_index: Tensor, edge_attr: Tensor, n_owned: int,
+                  first_linear: torch.nn.Linear, message_linear: torch.nn.Linear, coord_mlp: torch.nn.Sequential,
                   chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """:class:`EdgeMessages` with the weights taken from phi_e's second Linear and phi_x."""
-    return EdgeMessages.apply(proj_recv, proj_send, pos_all, edge_index[0], edge_index[1], edge_attr, w_geo,
-                              message_linear.weight, message_linear.bias, coord_mlp[0].weight, coord_mlp[0].bias,
-                              coord_mlp[2].weight, int(chunk_size or DEFAULT_CHUNK))
+    """:class:`EdgeMessages` with the weights of phi_e (first Linear cut as [h_i | h_j | geometry]) and phi_x."""
+    hidden = h_all.shape[1]
+    w_recv, w_send, w_geo = torch.split(first_linear.weight, [hidden, hidden, first_linear.in_features - 2 * hidden],
+                                        dim=1)
+    return EdgeMessages.apply(h_all, pos_all, edge_index[0], edge_index[1], edge_attr, w_recv, w_send, w_geo,
+                              first_linear.bias, message_linear.weight, message_linear.bias, coord_mlp[0].weight,
+                              coord_mlp[0].bias, coord_mlp[2].weight, int(n_owned), int(chunk_size or DEFAULT_CHUNK))
 
 
 # -- real-virtual pairs: term (3) and the heads of terms (4) and (5) ----------------------------------------
 class VirtualMessages(torch.autograd.Function):
     """m_ic (N, C, H) and two scalar heads phi_xv(m_ic), phi_X(m_ic) (N, C) without keeping (N, C, H) tensors.
 
-    Inputs: per_node (N, H) = h_i W_h^T, per_channel (B, C, H) = s_c W_s^T + g_c W_g^T + b1, dist (N, C) =
-    |x_i - z_c|, w_dist (H,), batch (N,), w2 (H, H), b2 (H,), then (W, b, v) of phi_xv and of phi_X,
-    chunk_size (real nodes per chunk; a chunk has C times as many rows).
+    Inputs: h (N, H), per_channel (B, C, H) = s_c W_s^T + g_c W_g^T + b1, dist (N, C) = |x_i - z_c|,
+    w_h (H, H) and w_dist (H,) (the h_i and distance columns of phi_ev's first Linear), batch (N,),
+    w2 (H, H), b2 (H,), then (W, b, v) of phi_xv and of phi_X, chunk_size (real nodes per chunk; a chunk has
+    C times as many rows).
     The returned m_ic is only reduced by the caller (means over c and over the graph), whose backward does
     not keep it, so no (N, C, H) tensor outlives the forward of the layer.
     """
 
     @staticmethod
-    def forward(ctx, per_node, per_channel, dist, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb, chunk_size):
+    def forward(ctx, h, per_channel, dist, w_h, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb, chunk_size):
         n, c = dist.shape
-        hidden = per_node.shape[1]
-        message = per_node.new_empty(n, c, hidden)
+        hidden = w2.shape[0]
+        per_node = h @ w_h.t()                                                   # (N, H)
+        message = h.new_empty(n, c, hidden)
         head_a = dist.new_empty(n, c)
         head_b = dist.new_empty(n, c)
         heads = [(wa, ba, va), (wb, bb, vb)]
@@ -186,16 +200,17 @@ class VirtualMessages(torch.autograd.Function):
             message[part] = m.view(-1, c, hidden)
             head_a[part] = sa.view(-1, c)
             head_b[part] = sb.view(-1, c)
-        ctx.save_for_backward(per_node, per_channel, dist, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb)
+        ctx.save_for_backward(h, per_channel, dist, w_h, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb)
         ctx.chunk_size = chunk_size
         return message, head_a, head_b
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_message, grad_a, grad_b):
-        per_node, per_channel, dist, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb = ctx.saved_tensors
+        h, per_channel, dist, w_h, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb = ctx.saved_tensors
         n, c = dist.shape
-        hidden = per_node.shape[1]
+        hidden = w2.shape[0]
+        per_node = h @ w_h.t()
         heads = [(wa, ba, va), (wb, bb, vb)]
         grads = _new_grads(w2, b2, heads)
         g_node = torch.zeros_like(per_node)
@@ -210,14 +225,13 @@ class VirtualMessages(torch.autograd.Function):
                    else grad_message[part].reshape(-1, hidden).clone())
             g_s = [None if g is None else g[part].reshape(-1, 1) for g in (grad_a, grad_b)]
             g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, g_m, g_s, w2, heads, grads)
-            dist_rows = dist[part].reshape(-1, 1)
-            g_wdist += (g_pre1 * dist_rows).sum(0)
+            g_wdist += (dist[part].reshape(1, -1) @ g_pre1).squeeze(0)
             g_pre1 = g_pre1.view(-1, c, hidden)
             g_node[part] = g_pre1.sum(1)
             g_channel.index_add_(0, batch[part], g_pre1)
             g_dist[part] = g_pre1 @ w_dist
-        return (g_node, g_channel, g_dist, g_wdist, None, grads["w2"], grads["b2"], grads["w0"], grads["b0"],
-                grads["v0"], grads["w1"], grads["b1"], grads["v1"], None)
+        return (g_node @ w_h, g_channel, g_dist, g_node.t() @ h, g_wdist, None, grads["w2"], grads["b2"],
+                grads["w0"], grads["b0"], grads["v0"], grads["w1"], grads["b1"], grads["v1"], None)
 
 
 def _virtual_pre1(per_node, per_channel, dist, w_dist, batch):
@@ -227,12 +241,12 @@ def _virtual_pre1(per_node, per_channel, dist, w_dist, batch):
     return pre1.view(-1, pre1.shape[-1])
 
 
-def virtual_messages(per_node: Tensor, per_channel: Tensor, dist: Tensor, w_dist: Tensor, batch: Tensor,
+def virtual_messages(h: Tensor, per_channel: Tensor, dist: Tensor, w_h: Tensor, w_dist: Tensor, batch: Tensor,
                      message_linear: torch.nn.Linear, pull_mlp: torch.nn.Sequential,
                      push_mlp: torch.nn.Sequential, chunk_size: int | None = None):
     """:class:`VirtualMessages` with the weights of phi_ev's second Linear, phi_xv and phi_X."""
     rows = int(chunk_size or DEFAULT_CHUNK)
     nodes_per_chunk = max(1, rows // max(1, dist.shape[1]))
-    return VirtualMessages.apply(per_node, per_channel, dist, w_dist, batch, message_linear.weight,
+    return VirtualMessages.apply(h, per_channel, dist, w_h, w_dist, batch, message_linear.weight,
                                  message_linear.bias, pull_mlp[0].weight, pull_mlp[0].bias, pull_mlp[2].weight,
                                  push_mlp[0].weight, push_mlp[0].bias, push_mlp[2].weight, nodes_per_chunk)
