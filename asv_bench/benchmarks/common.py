@@ -12,9 +12,13 @@ Setting ``DIST_EGNN_BENCH_TINY=1`` replaces every size by ``tiny`` so the whole 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,3 +127,83 @@ def peak_memory_bytes(fn) -> int:
     before = _status_kib("VmRSS")
     fn()
     return max(_status_kib("VmHWM") - before, 0) * 1024
+
+
+def memory_in_subprocess(size: str, model: str, **model_kwargs) -> dict:
+    """Peak memory of one training step of ``model`` on graph ``size``, measured in a fresh process.
+
+    A fresh interpreter per measurement keeps one variant's freed memory from hiding another's peak. glibc's
+    malloc is pinned to a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_=65536``) so large tensors go back to
+    the system when freed and the high-water mark tracks live tensors, as a GPU allocator's peak would.
+    Returns ``{"edges", "nodes", "step_bytes", "bytes_per_edge", "process_peak_bytes"}``.
+    """
+    code = ("import json, sys; from benchmarks.common import _memory_probe; "
+            "print(json.dumps(_memory_probe(*json.loads(sys.argv[1]))))")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([size, model, model_kwargs])], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(size: str, model: str, model_kwargs: dict) -> dict:
+    torch.set_num_threads(1)           # memory does not depend on threads; one keeps the probe quiet
+    g = graph(size)
+    net = make_model(model, **model_kwargs)
+    training_step(net, graph("tiny"))  # first-call allocations (thread pools, kernels) out of the measurement
+    step = peak_memory_bytes(lambda: training_step(net, g))
+    edges = int(g["edge_index"].shape[1])
+    return {"edges": edges, "nodes": int(g["pos"].shape[0]), "step_bytes": step,
+            "bytes_per_edge": step / max(edges, 1), "process_peak_bytes": _status_kib("VmHWM") * 1024}
+
+
+# -- the dense matrix multiplies of a step, recorded and replayed alone ---------------------------------
+_MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "mv", "addmv", "addmv_"}
+
+
+def record_matmuls(fn) -> list[tuple[str, tuple]]:
+    """The (op, operand shapes) of every matrix multiply that ``fn()`` dispatches, backward included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in _MATMULS:
+                calls.append((name, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a
+                                          for a in args[:3])))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        fn()
+    return calls
+
+
+def replay_matmuls(calls: list[tuple[str, tuple]], dtype=torch.float32):
+    """A function that runs the recorded multiplies again on random operands of the same shapes."""
+    gen = torch.Generator().manual_seed(0)
+    prepared = []
+    for name, shapes in calls:
+        operands = [torch.randn(s, generator=gen, dtype=dtype) if isinstance(s, tuple) else s for s in shapes]
+        op = getattr(torch, name.rstrip("_"))
+        prepared.append((op, operands))
+
+    def run():
+        for op, operands in prepared:
+            op(*operands)
+    return run
+
+
+def flops(calls: list[tuple[str, tuple]]) -> float:
+    """Floating-point operations of recorded multiplies (2 per multiply-add)."""
+    total = 0.0
+    for name, shapes in calls:
+        a, b = (shapes[1], shapes[2]) if name.startswith(("add", "badd")) else (shapes[0], shapes[1])
+        if len(a) == 1:                                          # matrix-vector
+            total += 2.0 * b[0] * a[0] if name.endswith("mv") else 0.0
+        elif len(a) == 3:
+            total += 2.0 * a[0] * a[1] * a[2] * b[2]
+        else:
+            total += 2.0 * a[0] * a[1] * b[-1]
+    return total
