@@ -246,8 +246,10 @@ class EGNN(EquivariantModel):
         edge_features: D, width of the invariant edge attributes e_ij.
         node_attrs: A, width of the optional invariant attributes a_i given to every layer.
         hidden: H. layers: number of layers.
-        edge_chunk_size: process edges in chunks of this size with recomputation in backward
-            (bounded edge memory); None keeps every edge tensor (fastest).
+        edge_chunk_size: rows (edges, or real-virtual pairs) per chunk of the fused message blocks, which
+            keep no per-edge tensor for backward and recompute each chunk instead; None: 16384
+            (``dist_egnn.models.fused.DEFAULT_CHUNK``). After ``set_fused(False)`` (plain autograd): chunks
+            through torch checkpointing, None keeps every edge tensor.
         comm: communication seam, default single process.
 
     Call: ``model(node_features (N, F), pos (N, 3), vel (N, 3), edge_index (2, E), edge_attr (E, D),
