@@ -137,3 +137,27 @@ def test_fused_model_with_no_edges_has_finite_gradients(model_cls):
     pred = model(**{**graph.kwargs(), "edge_index": graph.edge_index[:, :0], "edge_attr": graph.edge_attr[:0]})
     pred.pos.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("model_cls", [EGNN, FastEGNN])
+def test_chunks_on_worker_threads_equal_chunks_in_sequence(model_cls, monkeypatch):
+    # guards: a race between worker threads (shared rows written twice, an accumulator lost in the sum)
+    from dist_egnn.models import fused
+    torch.manual_seed(0)
+    kwargs, comm = _graph_with_halo_and_isolated_nodes()
+    model = model_cls(edge_chunk_size=6, comm=comm).double()
+    results = []
+    for parallel, threads in [(False, 1), (True, 2), (True, 3)]:
+        monkeypatch.setattr(fused, "PARALLEL_CHUNKS", parallel)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model.zero_grad()
+            pred = model(**kwargs)
+            (pred.pos.square().sum()).backward()
+        finally:
+            torch.set_num_threads(old)
+        results.append((pred.pos.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    for pos, grads in results[1:]:
+        assert torch.allclose(pos, results[0][0], rtol=1e-12, atol=1e-12)
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(grads, results[0][1]))

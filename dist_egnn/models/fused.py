@@ -22,6 +22,8 @@ both, and ``torch.autograd.gradcheck`` checks the hand-written backward in float
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -30,7 +32,56 @@ from torch.nn import functional as F
 DEFAULT_CHUNK = 16384
 """Rows per chunk: (16384, 64) float32 is 4 MiB, so a chunk's intermediates stay in the CPU's last-level cache."""
 
+PARALLEL_CHUNKS = True
+"""Spread the chunks over ``torch.get_num_threads()`` worker threads, each running its ops single-threaded.
+
+One join per block instead of one OpenMP barrier per small op: as fast on an idle machine, and robust on a
+busy one, where a barrier waits for a descheduled partner thread (see asv_bench/PERF_NOTES.md). False:
+chunks run one after the other in the calling thread, with torch's usual intra-op threads.
+"""
+
 _silu_backward = torch.ops.aten.silu_backward
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _single_threaded_worker():
+    torch.set_num_threads(1)          # OpenMP and MKL thread counts are per calling thread: this worker only
+
+
+def _run_chunks(total: int, chunk_size: int, work) -> list:
+    """``work(starts)`` on groups of chunk starts, one contiguous group per worker; the list of results.
+
+    ``work`` runs without autograd recording and must only write disjoint rows of shared outputs; whatever
+    it accumulates across chunks it returns, and the caller adds the workers' results up.
+    """
+    starts = list(range(0, total, chunk_size))
+    workers = min(torch.get_num_threads(), len(starts)) if PARALLEL_CHUNKS else 1
+    if workers <= 1:
+        with torch.no_grad():
+            return [work(starts)]
+    bounds = [round(k * len(starts) / workers) for k in range(workers + 1)]
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="dist-egnn-chunks",
+                                             initializer=_single_threaded_worker)
+
+    def no_grad_work(group):
+        with torch.no_grad():
+            return work(group)
+    futures = [_pools[workers].submit(no_grad_work, starts[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return [f.result() for f in futures]
+
+
+def _add_up(results: list):
+    """Element-wise sum of the workers' results (tensors, tuples and dicts of tensors)."""
+    first = results[0]
+    for other in results[1:]:
+        pairs = first.items() if isinstance(first, dict) else enumerate(first)
+        for key, value in pairs:
+            if isinstance(value, (dict, tuple, list)):
+                _add_up([value, other[key]])
+            elif value is not None:
+                value += other[key]
+    return first
 
 
 # -- the shared row network: SiLU(Linear(SiLU(pre1))) and its scalar heads ---------------------------------
@@ -94,16 +145,24 @@ class EdgeMessages(torch.autograd.Function):
                 n_owned, chunk_size):
         proj_recv = torch.addmm(b1, h_all[:n_owned], w_recv.t())                # (N, H)
         proj_send = h_all @ w_send.t()                                           # (N_all, H)
-        msg_sum = h_all.new_zeros(n_owned, h_all.shape[1])
-        disp_sum = pos_all.new_zeros(n_owned, 3)
         heads = [(wx, bx, vx)]
-        for start in range(0, recv.shape[0], chunk_size):
-            r, s = recv[start:start + chunk_size], send[start:start + chunk_size]
-            diff, geo, pre1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s,
-                                           edge_attr[start:start + chunk_size], w_geo)
-            _a1, _pre2, m, ((_c, _act, weight),) = _rows_forward(pre1, w2, b2, heads)
-            msg_sum.index_add_(0, r, m)
-            disp_sum.index_add_(0, r, diff * weight)
+
+        def work(starts):
+            msg_sum = h_all.new_zeros(n_owned, h_all.shape[1])
+            disp_sum = pos_all.new_zeros(n_owned, 3)
+            for start in starts:
+                r, s = recv[start:start + chunk_size], send[start:start + chunk_size]
+                diff, geo, pre1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s,
+                                               edge_attr[start:start + chunk_size], w_geo)
+                _a1, _pre2, m, ((_c, _act, weight),) = _rows_forward(pre1, w2, b2, heads)
+                msg_sum.index_add_(0, r, m)
+                disp_sum.index_add_(0, r, diff * weight)
+            return msg_sum, disp_sum
+
+        if recv.shape[0]:
+            msg_sum, disp_sum = _add_up(_run_chunks(recv.shape[0], chunk_size, work))
+        else:
+            msg_sum, disp_sum = h_all.new_zeros(n_owned, h_all.shape[1]), pos_all.new_zeros(n_owned, 3)
         ctx.save_for_backward(h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx,
                               vx)
         ctx.n_owned, ctx.chunk_size = n_owned, chunk_size
@@ -117,34 +176,41 @@ class EdgeMessages(torch.autograd.Function):
         proj_recv = torch.addmm(b1, h_all[:n_owned], w_recv.t())
         proj_send = h_all @ w_send.t()
         heads = [(wx, bx, vx)]
-        grads = _new_grads(w2, b2, heads)
-        g_recv = torch.zeros_like(proj_recv)
-        g_send = torch.zeros_like(proj_send)
-        g_pos = torch.zeros_like(pos_all)
-        g_wgeo = torch.zeros_like(w_geo)
         g_attr = torch.zeros_like(edge_attr) if ctx.needs_input_grad[4] else None
         grad_msg = grad_msg.contiguous()
         grad_disp = grad_disp.contiguous()
-        for start in range(0, recv.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
-            r, s = recv[part], send[part]
-            diff, geo, pre1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr[part], w_geo)
-            a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads)
-            weight = head_values[0][2]                                         # phi_x(m_ij) (e, 1)
-            g_disp_e = grad_disp.index_select(0, r)                             # (e, 3)
-            g_weight = (g_disp_e * diff).sum(1, keepdim=True)                   # (e, 1)
-            g_diff = g_disp_e * weight                                          # (e, 3)
-            g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, grad_msg.index_select(0, r), [g_weight],
-                                    w2, heads, grads)
-            g_recv.index_add_(0, r, g_pre1)
-            g_send.index_add_(0, s, g_pre1)
-            g_wgeo.addmm_(g_pre1.t(), geo)
-            g_geo = g_pre1 @ w_geo                                              # (e, 1 + D)
-            g_diff.addcmul_(diff, g_geo[:, :1], value=2.0)                      # through |x_i - x_j|^2
-            if g_attr is not None:
-                g_attr[part] = g_geo[:, 1:]
-            g_pos.index_add_(0, r, g_diff)
-            g_pos.index_add_(0, s, g_diff, alpha=-1.0)
+
+        def work(starts):
+            grads = _new_grads(w2, b2, heads)
+            g_recv, g_send = torch.zeros_like(proj_recv), torch.zeros_like(proj_send)
+            g_pos, g_wgeo = torch.zeros_like(pos_all), torch.zeros_like(w_geo)
+            for start in starts:
+                part = slice(start, start + chunk_size)
+                r, s = recv[part], send[part]
+                diff, geo, pre1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr[part], w_geo)
+                a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads)
+                weight = head_values[0][2]                                         # phi_x(m_ij) (e, 1)
+                g_disp_e = grad_disp.index_select(0, r)                             # (e, 3)
+                g_weight = (g_disp_e * diff).sum(1, keepdim=True)                   # (e, 1)
+                g_diff = g_disp_e * weight                                          # (e, 3)
+                g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, grad_msg.index_select(0, r),
+                                        [g_weight], w2, heads, grads)
+                g_recv.index_add_(0, r, g_pre1)
+                g_send.index_add_(0, s, g_pre1)
+                g_wgeo.addmm_(g_pre1.t(), geo)
+                g_geo = g_pre1 @ w_geo                                              # (e, 1 + D)
+                g_diff.addcmul_(diff, g_geo[:, :1], value=2.0)                      # through |x_i - x_j|^2
+                if g_attr is not None:
+                    g_attr[part] = g_geo[:, 1:]
+                g_pos.index_add_(0, r, g_diff)
+                g_pos.index_add_(0, s, g_diff, alpha=-1.0)
+            return g_recv, g_send, g_pos, g_wgeo, grads
+
+        if recv.shape[0]:
+            g_recv, g_send, g_pos, g_wgeo, grads = _add_up(_run_chunks(recv.shape[0], chunk_size, work))
+        else:
+            g_recv, g_send, g_pos = torch.zeros_like(proj_recv), torch.zeros_like(proj_send), torch.zeros_like(pos_all)
+            g_wgeo, grads = torch.zeros_like(w_geo), _new_grads(w2, b2, heads)
         g_h = g_send @ w_send                                                   # (N_all, H)
         g_h[:n_owned].addmm_(g_recv, w_recv)
         return (g_h, g_pos, None, None, g_attr, g_recv.t() @ h_all[:n_owned], g_send.t() @ h_all, g_wgeo,
@@ -193,13 +259,18 @@ class VirtualMessages(torch.autograd.Function):
         head_a = dist.new_empty(n, c)
         head_b = dist.new_empty(n, c)
         heads = [(wa, ba, va), (wb, bb, vb)]
-        for start in range(0, n, chunk_size):
-            part = slice(start, start + chunk_size)
-            pre1 = _virtual_pre1(per_node[part], per_channel, dist[part], w_dist, batch[part])
-            _a1, _pre2, m, ((_, _, sa), (_, _, sb)) = _rows_forward(pre1, w2, b2, heads)
-            message[part] = m.view(-1, c, hidden)
-            head_a[part] = sa.view(-1, c)
-            head_b[part] = sb.view(-1, c)
+
+        def work(starts):
+            for start in starts:
+                part = slice(start, start + chunk_size)
+                pre1 = _virtual_pre1(per_node[part], per_channel, dist[part], w_dist, batch[part])
+                _a1, _pre2, m, ((_, _, sa), (_, _, sb)) = _rows_forward(pre1, w2, b2, heads)
+                message[part] = m.view(-1, c, hidden)
+                head_a[part] = sa.view(-1, c)
+                head_b[part] = sb.view(-1, c)
+
+        if n:
+            _run_chunks(n, chunk_size, work)
         ctx.save_for_backward(h, per_channel, dist, w_h, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb)
         ctx.chunk_size = chunk_size
         return message, head_a, head_b
@@ -212,24 +283,33 @@ class VirtualMessages(torch.autograd.Function):
         hidden = w2.shape[0]
         per_node = h @ w_h.t()
         heads = [(wa, ba, va), (wb, bb, vb)]
-        grads = _new_grads(w2, b2, heads)
         g_node = torch.zeros_like(per_node)
-        g_channel = torch.zeros_like(per_channel)
         g_dist = torch.zeros_like(dist)
-        g_wdist = torch.zeros_like(w_dist)
-        for start in range(0, n, ctx.chunk_size):
-            part = slice(start, start + ctx.chunk_size)
-            pre1 = _virtual_pre1(per_node[part], per_channel, dist[part], w_dist, batch[part])
-            a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads)
-            g_m = (torch.zeros_like(m) if grad_message is None
-                   else grad_message[part].reshape(-1, hidden).clone())
-            g_s = [None if g is None else g[part].reshape(-1, 1) for g in (grad_a, grad_b)]
-            g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, g_m, g_s, w2, heads, grads)
-            g_wdist += (dist[part].reshape(1, -1) @ g_pre1).squeeze(0)
-            g_pre1 = g_pre1.view(-1, c, hidden)
-            g_node[part] = g_pre1.sum(1)
-            g_channel.index_add_(0, batch[part], g_pre1)
-            g_dist[part] = g_pre1 @ w_dist
+        chunk_size = ctx.chunk_size
+
+        def work(starts):
+            grads = _new_grads(w2, b2, heads)
+            g_channel, g_wdist = torch.zeros_like(per_channel), torch.zeros_like(w_dist)
+            for start in starts:
+                part = slice(start, start + chunk_size)
+                pre1 = _virtual_pre1(per_node[part], per_channel, dist[part], w_dist, batch[part])
+                a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads)
+                g_m = (torch.zeros_like(m) if grad_message is None
+                       else grad_message[part].reshape(-1, hidden).clone())
+                g_s = [None if g is None else g[part].reshape(-1, 1) for g in (grad_a, grad_b)]
+                g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, g_m, g_s, w2, heads, grads)
+                g_wdist += (dist[part].reshape(1, -1) @ g_pre1).squeeze(0)
+                g_pre1 = g_pre1.view(-1, c, hidden)
+                g_node[part] = g_pre1.sum(1)
+                g_channel.index_add_(0, batch[part], g_pre1)
+                g_dist[part] = g_pre1 @ w_dist
+            return g_channel, g_wdist, grads
+
+        if n:
+            g_channel, g_wdist, grads = _add_up(_run_chunks(n, chunk_size, work))
+        else:
+            g_channel, g_wdist = torch.zeros_like(per_channel), torch.zeros_like(w_dist)
+            grads = _new_grads(w2, b2, heads)
         return (g_node @ w_h, g_channel, g_dist, g_node.t() @ h, g_wdist, None, grads["w2"], grads["b2"],
                 grads["w0"], grads["b0"], grads["v0"], grads["w1"], grads["b1"], grads["v1"], None)
 
