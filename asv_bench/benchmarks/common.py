@@ -135,6 +135,8 @@ def memory_in_subprocess(size: str, model: str, **model_kwargs) -> dict:
     A fresh interpreter per measurement keeps one variant's freed memory from hiding another's peak. glibc's
     malloc is pinned to a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_=65536``) so large tensors go back to
     the system when freed and the high-water mark tracks live tensors, as a GPU allocator's peak would.
+    The probe runs with torch's default thread count (``DIST_EGNN_PROBE_THREADS`` overrides it): each
+    worker thread of the fused blocks holds its own node-sized gradient accumulators.
     Returns ``{"edges", "nodes", "step_bytes", "bytes_per_edge", "process_peak_bytes"}``.
     """
     code = ("import json, sys; from benchmarks.common import _memory_probe; "
@@ -147,7 +149,8 @@ def memory_in_subprocess(size: str, model: str, **model_kwargs) -> dict:
 
 
 def _memory_probe(size: str, model: str, model_kwargs: dict) -> dict:
-    torch.set_num_threads(1)           # memory does not depend on threads; one keeps the probe quiet
+    if os.environ.get("DIST_EGNN_PROBE_THREADS"):
+        torch.set_num_threads(int(os.environ["DIST_EGNN_PROBE_THREADS"]))
     g = graph(size)
     net = make_model(model, **model_kwargs)
     training_step(net, graph("tiny"))  # first-call allocations (thread pools, kernels) out of the measurement
