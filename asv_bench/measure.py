@@ -62,6 +62,7 @@ def main():
     parser.add_argument("--out", default="asv_bench/measure.json")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=["speed", "memory", "fluid", "roofline"])
+    parser.add_argument("--threads", nargs="*", type=int, default=[2, 1])
     args = parser.parse_args()
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
@@ -100,7 +101,7 @@ def main():
         del g113
     if "roofline" in args.only:
         for model in ("fastegnn", "reference-fastegnn"):
-            for threads in (2, 1):
+            for threads in args.threads:
                 results[f"roofline_20k_{model}_{threads}t"] = roofline(model, g20, args.reps, threads)
                 print(f"roofline_20k_{model}_{threads}t", results[f"roofline_20k_{model}_{threads}t"], flush=True)
                 save()

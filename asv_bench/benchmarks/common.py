@@ -178,8 +178,14 @@ def record_matmuls(fn) -> list[tuple[str, tuple]]:
                                           for a in args[:3])))
             return func(*args, **(kwargs or {}))
 
-    with Recorder():
-        fn()
+    from dist_egnn.models import fused
+    parallel = fused.PARALLEL_CHUNKS
+    fused.PARALLEL_CHUNKS = False          # dispatch modes are per thread: keep every multiply in this one
+    try:
+        with Recorder():
+            fn()
+    finally:
+        fused.PARALLEL_CHUNKS = parallel
     return calls
 
 
