@@ -141,7 +141,7 @@ class ModelConfig:
     edge_features: int = II("len:${dataset.edge_features}")
     node_attrs: int = 0
     cutoff_rate: float = 0.0                  # edge dropping r (SPEC §2), applied when graphs are built
-    edge_chunk_size: Optional[int] = None     # edges per chunk with recomputation; None: no chunking
+    edge_chunk_size: Optional[int] = None     # edges per recomputed chunk; None: the default, 16384
 
 
 @dataclass

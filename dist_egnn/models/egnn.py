@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from dist_egnn.comm import SingleProcess
 from dist_egnn.keys import RECEIVER, SENDER
 from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp, velocity_mlp
+from dist_egnn.models.fused import edge_messages
 from dist_egnn.models.ops import count_per_segment, scatter_sum, split_columns
 
 
@@ -58,7 +59,11 @@ class EGNNLayer(nn.Module):
     """One EGNN layer: terms (1), (4) and (6) above.
 
     ``extra_node_inputs`` widens phi_h's input for subclasses that add more aggregated messages (FastEGNN).
+    ``fused`` (default True) runs the per-edge work through the hand-written, recomputing autograd functions
+    of :mod:`dist_egnn.models.fused`; False runs the plain autograd composition (same maths, more memory).
     """
+
+    fused: bool = True
 
     def __init__(self, hidden: int, edge_features: int, node_attrs: int, extra_node_inputs: int = 0):
         super().__init__()
@@ -73,39 +78,58 @@ class EGNNLayer(nn.Module):
         """(h (N, H), pos (N, 3), vel (N, 3)) -> (h' (N, H), pos' (N, 3))."""
         h_all, pos_all = ctx.comm.exchange_halo(h, pos)
         message, displacement = self.real_messages(h_all, pos_all, ctx)
-        pos_new = pos + displacement + self.velocity_term(h, vel)
-        h_new = h + self.node_mlp(_cat_attr([h, message], ctx.node_attr))
+        pos_new = pos + displacement + self.recomputed(self.velocity_term, h, vel)
+        h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h, message)
         return h_new, pos_new
+
+    # -- term (6) ------------------------------------------------------------------------------------------
+    def feature_update(self, node_attr: Tensor | None, h: Tensor, *messages: Tensor) -> Tensor:
+        """phi_h([h_i, mean_j m_ij, (mean_c m_ic,) a_i]): (N, H)."""
+        return self.node_mlp(_cat_attr([h, *messages], node_attr))
+
+    def recomputed(self, fn, *args):
+        """``fn(*args)``; with ``fused``, its node-sized intermediates are recomputed in backward, not kept."""
+        if self.fused and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     # -- term (1) and the real part of (4) -------------------------------------------------------------
     def real_messages(self, h_all: Tensor, pos_all: Tensor, ctx: GraphContext) -> tuple[Tensor, Tensor]:
         """mean_j m_ij (N, H) and mean_j (x_i - x_j) phi_x(m_ij) (N, 3).
 
         The first Linear of phi_e is applied in pieces: the h_i and h_j blocks once per node, then gathered
-        onto the edges, so no (E, 2H + 1 + D) input is ever built. With ``edge_chunk_size`` set, edges are
-        processed in chunks whose intermediates are recomputed in backward: edge memory stays at one chunk.
+        onto the edges, so no (E, 2H + 1 + D) input is ever built. The edge work itself runs in
+        :class:`~dist_egnn.models.fused.EdgeMessages` (chunks of ``edge_chunk_size`` edges, recomputed in
+        backward: no (E, H) tensor is kept); ``fused = False`` runs the plain autograd version below.
         """
         n_owned = ctx.inv_degree.shape[0]
+        if self.fused:
+            msg_sum, disp_sum = edge_messages(h_all, pos_all, ctx.edge_index, ctx.edge_attr, n_owned,
+                                              self.edge_mlp[0], self.edge_mlp[2], self.coord_mlp, ctx.edge_chunk_size)
+            return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
         first = self.edge_mlp[0]
         w_recv, w_send, w_edge = split_columns(first, [self.hidden, self.hidden, 1 + self.edge_features])
         proj_recv = torch.addmm(first.bias, h_all[:n_owned], w_recv.t())   # (N, H), bias folded in
         proj_send = h_all @ w_send.t()                                     # (N_all, H)
+        msg_sum, disp_sum = self._edge_block_autograd(proj_recv, proj_send, pos_all, ctx, w_edge)
+        return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
 
+    def _edge_block_autograd(self, proj_recv: Tensor, proj_send: Tensor, pos_all: Tensor, ctx: GraphContext,
+                             w_edge: Tensor) -> tuple[Tensor, Tensor]:
+        """The same sums with plain autograd; ``edge_chunk_size`` chunks go through torch checkpointing."""
         num_edges = ctx.edge_index.shape[1]
         chunk = ctx.edge_chunk_size
         if not chunk or num_edges <= chunk:
-            msg_sum, disp_sum = self._edge_block(proj_recv, proj_send, pos_all, ctx.edge_index, ctx.edge_attr,
-                                                 w_edge)
-        else:
-            msg_sum = proj_recv.new_zeros(n_owned, self.hidden)
-            disp_sum = pos_all.new_zeros(n_owned, 3)
-            for start in range(0, num_edges, chunk):
-                part = slice(start, start + chunk)
-                m, d = checkpoint(self._edge_block, proj_recv, proj_send, pos_all, ctx.edge_index[:, part],
-                                  ctx.edge_attr[part], w_edge, use_reentrant=False)
-                msg_sum = msg_sum + m
-                disp_sum = disp_sum + d
-        return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
+            return self._edge_block(proj_recv, proj_send, pos_all, ctx.edge_index, ctx.edge_attr, w_edge)
+        msg_sum = proj_recv.new_zeros(proj_recv.shape[0], self.hidden)
+        disp_sum = pos_all.new_zeros(proj_recv.shape[0], 3)
+        for start in range(0, num_edges, chunk):
+            part = slice(start, start + chunk)
+            m, d = checkpoint(self._edge_block, proj_recv, proj_send, pos_all, ctx.edge_index[:, part],
+                              ctx.edge_attr[part], w_edge, use_reentrant=False)
+            msg_sum = msg_sum + m
+            disp_sum = disp_sum + d
+        return msg_sum, disp_sum
 
     def _edge_block(self, proj_recv: Tensor, proj_send: Tensor, pos_all: Tensor, edge_index: Tensor,
                     edge_attr: Tensor, w_edge: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,6 +160,9 @@ class EquivariantModel(nn.Module):
     this process. A distributed trainer injects its communicator with :meth:`set_comm`.
     """
 
+    sort_edges: bool = True
+    """Reorder edges by receiver at the start of a forward (same sums, better memory locality)."""
+
     def __init__(self, node_features: int, edge_features: int, node_attrs: int, hidden: int, layers: int,
                  edge_chunk_size: int | None, comm=None):
         super().__init__()
@@ -150,6 +177,11 @@ class EquivariantModel(nn.Module):
         self.edge_chunk_size = edge_chunk_size
         self.embedding = nn.Linear(node_features, hidden)
         self.comm = comm if comm is not None else SingleProcess()
+
+    def set_fused(self, fused: bool) -> None:
+        """Run the per-edge work through the fused functions (True, default) or plain autograd (False)."""
+        for layer in self.layers:
+            layer.fused = bool(fused)
 
     def set_comm(self, comm) -> None:
         """Use another communicator (e.g. a distributed one) from the next forward on."""
@@ -193,6 +225,10 @@ class EquivariantModel(nn.Module):
             num_graphs = int(batch.max()) + 1 if n else 1
 
         recv = edge_index[RECEIVER]
+        if self.sort_edges and num_edges > 1 and not bool((recv[1:] >= recv[:-1]).all()):
+            # edges by receiver: each chunk gathers and scatters over a narrow band of node rows
+            order = torch.argsort(recv, stable=True)
+            edge_index, edge_attr, recv = edge_index[:, order], edge_attr[order], recv[order]
         degree = count_per_segment(recv, n, pos.dtype)
         inv_degree = torch.where(degree > 0, 1.0 / degree.clamp(min=1), torch.zeros_like(degree)).unsqueeze(1)
         (node_count,) = self.comm.sum_over_parts(count_per_segment(batch, num_graphs, pos.dtype).unsqueeze(1))
@@ -210,8 +246,10 @@ class EGNN(EquivariantModel):
         edge_features: D, width of the invariant edge attributes e_ij.
         node_attrs: A, width of the optional invariant attributes a_i given to every layer.
         hidden: H. layers: number of layers.
-        edge_chunk_size: process edges in chunks of this size with recomputation in backward
-            (bounded edge memory); None keeps every edge tensor (fastest).
+        edge_chunk_size: rows (edges, or real-virtual pairs) per chunk of the fused message blocks, which
+            keep no per-edge tensor for backward and recompute each chunk instead; None: 16384
+            (``dist_egnn.models.fused.DEFAULT_CHUNK``). After ``set_fused(False)`` (plain autograd): chunks
+            through torch checkpointing, None keeps every edge tensor.
         comm: communication seam, default single process.
 
     Call: ``model(node_features (N, F), pos (N, 3), vel (N, 3), edge_index (2, E), edge_attr (E, D),

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp
-from dist_egnn.models.egnn import EGNNLayer, EquivariantModel, GraphContext, Prediction, _cat_attr
+from dist_egnn.models.egnn import EGNNLayer, EquivariantModel, GraphContext, Prediction
+from dist_egnn.models.fused import virtual_messages
 from dist_egnn.models.ops import split_columns
 
 
@@ -46,14 +47,15 @@ class FastEGNNLayer(EGNNLayer):
         h_all, pos_all = ctx.comm.exchange_halo(h, pos)
         message, displacement = self.real_messages(h_all, pos_all, ctx)                   # (1)
         gram = self.virtual_geometry(pos, virtual_pos, ctx)                                # (2)
-        virtual_message, to_virtual = self.virtual_messages(h, pos, virtual_h, virtual_pos, gram, ctx)  # (3)
-
-        pos_new = (pos + displacement + self.virtual_pull(virtual_message, to_virtual)     # (4)
-                   + self.velocity_term(h, vel))
+        virtual_message, to_virtual, pull, push = self.virtual_messages(h, pos, virtual_h, virtual_pos, gram,
+                                                                         ctx)              # (3)
+        pos_new = (pos + displacement + self.virtual_pull(to_virtual, pull)                # (4)
+                   + self.recomputed(self.velocity_term, h, vel))
         virtual_move, virtual_message_mean = ctx.graph_means(
-            self.virtual_displacement(virtual_message, to_virtual), virtual_message)       # (5), (7) one sum
+            self.virtual_displacement(to_virtual, push), virtual_message)                  # (5), (7) one sum
         virtual_pos_new = virtual_pos + virtual_move                                      # (5)
-        h_new = h + self.node_mlp(_cat_attr([h, message, virtual_message.mean(dim=1)], ctx.node_attr))  # (6)
+        h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h, message,
+                                    virtual_message.mean(dim=1))                          # (6)
         virtual_h_new = virtual_h + self.virtual_feature_update(virtual_h, virtual_message_mean)        # (7)
         return h_new, pos_new, virtual_h_new, virtual_pos_new
 
@@ -64,30 +66,38 @@ class FastEGNNLayer(EGNNLayer):
         return centred.transpose(1, 2) @ centred
 
     def virtual_messages(self, h: Tensor, pos: Tensor, virtual_h: Tensor, virtual_pos: Tensor, gram: Tensor,
-                         ctx: GraphContext) -> tuple[Tensor, Tensor]:
-        """(3) m_ic (N, C, H), and x_i - z_c (N, 3, C) for the coordinate terms.
+                         ctx: GraphContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(3) m_ic (N, C, H), x_i - z_c (N, 3, C), and the heads phi_xv(m_ic), phi_X(m_ic) (N, 1, C).
 
         The first Linear of phi_ev is applied in pieces: the h_i block per real node, the s_c and g_c blocks
-        per graph and channel, the distance as a rank-1 term; nothing (N, C, 2H + 1 + C) is built.
+        per graph and channel, the distance as a rank-1 term; nothing (N, C, 2H + 1 + C) is built. With
+        ``fused`` the MLP and both heads run in :class:`~dist_egnn.models.fused.VirtualMessages`, which keeps
+        no (N, C, H) intermediate for backward.
         """
         first = self.virtual_edge_mlp[0]
         w_h, w_s, w_dist, w_gram = split_columns(first, [self.hidden, self.hidden, 1, self.virtual_channels])
         to_virtual = pos.unsqueeze(-1) - virtual_pos[ctx.batch]                           # (N, 3, C)
         dist = torch.linalg.vector_norm(to_virtual, dim=1)                                # (N, C)
-        per_node = h @ w_h.t()                                                            # (N, H)
         per_channel = virtual_h.transpose(1, 2) @ w_s.t() + gram @ w_gram.t() + first.bias  # (B, C, H)
+        if self.fused:
+            message, pull, push = virtual_messages(h, per_channel, dist, w_h, w_dist.squeeze(1), ctx.batch,
+                                                   self.virtual_edge_mlp[2], self.virtual_coord_mlp,
+                                                   self.virtual_pos_mlp, ctx.edge_chunk_size)
+            return message, to_virtual, pull.unsqueeze(1), push.unsqueeze(1)
+        per_node = h @ w_h.t()                                                            # (N, H)
         pre = per_node.unsqueeze(1) + per_channel[ctx.batch] + dist.unsqueeze(-1) * w_dist.squeeze(1)
         message = self.virtual_edge_mlp[3](self.virtual_edge_mlp[2](self.virtual_edge_mlp[1](pre)))
-        return message, to_virtual
+        pull = self.virtual_coord_mlp(message).transpose(1, 2)                           # (N, 1, C)
+        push = self.virtual_pos_mlp(message).transpose(1, 2)                             # (N, 1, C)
+        return message, to_virtual, pull, push
 
-    def virtual_pull(self, virtual_message: Tensor, to_virtual: Tensor) -> Tensor:
+    def virtual_pull(self, to_virtual: Tensor, pull: Tensor) -> Tensor:
         """Virtual part of (4): mean_c (x_i - z_c) phi_xv(m_ic): (N, 3)."""
-        weight = self.virtual_coord_mlp(virtual_message).transpose(1, 2)                 # (N, 1, C)
-        return (to_virtual * weight).mean(dim=2)
+        return (to_virtual * pull).mean(dim=2)
 
-    def virtual_displacement(self, virtual_message: Tensor, to_virtual: Tensor) -> Tensor:
+    def virtual_displacement(self, to_virtual: Tensor, push: Tensor) -> Tensor:
         """Per real node, the summand of (5): (z_c - x_i) phi_X(m_ic): (N, 3, C)."""
-        return -to_virtual * self.virtual_pos_mlp(virtual_message).transpose(1, 2)
+        return -to_virtual * push
 
     def virtual_feature_update(self, virtual_h: Tensor, virtual_message_mean: Tensor) -> Tensor:
         """(7) phi_hv([s_c, mean_i m_ic]): (B, H, C)."""

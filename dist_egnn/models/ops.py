@@ -6,9 +6,23 @@ from torch import Tensor, nn
 
 
 def scatter_sum(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
-    """Sum the rows of ``values`` (M, *S) into ``num_segments`` rows chosen by ``index`` (M,)."""
-    out = values.new_zeros((num_segments, *values.shape[1:]))
-    return out.index_add_(0, index, values)
+    """Sum the rows of ``values`` (M, *S) into ``num_segments`` rows chosen by ``index`` (M,).
+
+    Autograd keeps only ``index`` (``Tensor.index_add_`` would also keep ``values`` for backward).
+    """
+    return _ScatterSum.apply(values, index, num_segments)
+
+
+class _ScatterSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: Tensor, index: Tensor, num_segments: int) -> Tensor:
+        ctx.save_for_backward(index)
+        return values.new_zeros((num_segments, *values.shape[1:])).index_add_(0, index, values)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
 
 
 def count_per_segment(index: Tensor, num_segments: int, dtype: torch.dtype) -> Tensor:

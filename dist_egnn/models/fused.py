@@ -1,0 +1,332 @@
+"""Fused message blocks: the per-edge work of a layer with a hand-written backward, in chunks, recomputed.
+
+Both message kinds of FastEGNN run the same small network on many rows (real edges ij, or real-virtual
+pairs ic), with the same shape (SPEC §2):
+
+    pre1 = [first Linear of phi_e, applied in pieces]          (rows, H)   per-node parts gathered per row
+    m    = SiLU(W2 SiLU(pre1) + b2)                             (rows, H)   the message
+    s_k  = w_k · SiLU(W_k m + b_k)                              (rows, 1)   one scalar per coordinate head k
+
+Autograd would keep every (rows, H) intermediate of every layer until backward: ~6 of them, ~1.5 KB per
+edge per layer in float32. The functions here keep none: rows are processed in chunks of
+``chunk_size``; forward computes a chunk, reduces it onto nodes and drops it; backward recomputes the
+chunk's forward from the (small) saved inputs and applies the chain rule by hand, chunk by chunk. Every
+(rows, H) pass then runs on a chunk that fits in cache, and each SiLU derivative is one fused
+``silu_backward`` pass.
+
+Shapes: N owned real nodes, N_all = N + halo rows, E edges (receivers < N, senders < N_all), B graphs,
+C virtual nodes, H hidden, D edge features.
+
+The maths is the same as the plain autograd composition in ``egnn.py`` / ``fastegnn.py``; tests compare
+both, and ``torch.autograd.gradcheck`` checks the hand-written backward in float64.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+DEFAULT_CHUNK = 16384
+"""Rows per chunk: (16384, 64) float32 is 4 MiB, so a chunk's intermediates stay in the CPU's last-level cache."""
+
+PARALLEL_CHUNKS = True
+"""Spread the chunks over ``torch.get_num_threads()`` worker threads, each running its ops single-threaded.
+
+One join per block instead of one OpenMP barrier per small op: as fast on an idle machine, and robust on a
+busy one, where a barrier waits for a descheduled partner thread (see asv_bench/PERF_NOTES.md). False:
+chunks run one after the other in the calling thread, with torch's usual intra-op threads.
+"""
+
+_silu_backward = torch.ops.aten.silu_backward
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _single_threaded_worker():
+    torch.set_num_threads(1)          # OpenMP and MKL thread counts are per calling thread: this worker only
+
+
+def _run_chunks(total: int, chunk_size: int, work) -> list:
+    """``work(starts)`` on groups of chunk starts, one contiguous group per worker; the list of results.
+
+    ``work`` runs without autograd recording and must only write disjoint rows of shared outputs; whatever
+    it accumulates across chunks it returns, and the caller adds the workers' results up.
+    """
+    starts = list(range(0, total, chunk_size))
+    workers = min(torch.get_num_threads(), len(starts)) if PARALLEL_CHUNKS else 1
+    if workers <= 1:
+        with torch.no_grad():
+            return [work(starts)]
+    bounds = [round(k * len(starts) / workers) for k in range(workers + 1)]
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="dist-egnn-chunks",
+                                             initializer=_single_threaded_worker)
+
+    def no_grad_work(group):
+        with torch.no_grad():
+            return work(group)
+    futures = [_pools[workers].submit(no_grad_work, starts[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return [f.result() for f in futures]
+
+
+def _add_up(results: list):
+    """Element-wise sum of the workers' results (tensors, tuples and dicts of tensors)."""
+    first = results[0]
+    for other in results[1:]:
+        pairs = first.items() if isinstance(first, dict) else enumerate(first)
+        for key, value in pairs:
+            if isinstance(value, (dict, tuple, list)):
+                _add_up([value, other[key]])
+            elif value is not None:
+                value += other[key]
+    return first
+
+
+# -- the shared row network: SiLU(Linear(SiLU(pre1))) and its scalar heads ---------------------------------
+def _rows_forward(pre1: Tensor, w2: Tensor, b2: Tensor, heads: list[tuple[Tensor, Tensor, Tensor]]):
+    """pre1 (R, H) -> (a1, pre2, m, [(c_pre, c_act, s)]): every intermediate of one chunk, s (R, 1)."""
+    a1 = F.silu(pre1)
+    pre2 = torch.addmm(b2, a1, w2.t())
+    m = F.silu(pre2)
+    head_values = []
+    for wk, bk, vk in heads:
+        c_pre = torch.addmm(bk, m, wk.t())
+        c_act = F.silu(c_pre)
+        head_values.append((c_pre, c_act, c_act @ vk.t()))
+    return a1, pre2, m, head_values
+
+
+def _rows_backward(pre1, a1, pre2, m, head_values, grad_m: Tensor, grad_s: list[Tensor | None], w2: Tensor,
+                   heads, grads: dict) -> Tensor:
+    """Chain rule through :func:`_rows_forward`; accumulates weight gradients into ``grads``.
+
+    grad_m (R, H) is consumed (written in place). Returns grad of pre1 (R, H).
+    """
+    for k, ((wk, _bk, vk), (c_pre, c_act, _s), g_s) in enumerate(zip(heads, head_values, grad_s)):
+        if g_s is None:
+            continue
+        grads[f"v{k}"].addmm_(g_s.t(), c_act)                      # d s / d v_k = c_act
+        g_cpre = _silu_backward(g_s @ vk, c_pre)                   # (R, 1) x (1, H): outer product
+        grads[f"w{k}"].addmm_(g_cpre.t(), m)
+        grads[f"b{k}"] += g_cpre.sum(0)
+        grad_m.addmm_(g_cpre, wk)
+    g_pre2 = _silu_backward(grad_m, pre2)
+    grads["w2"].addmm_(g_pre2.t(), a1)
+    grads["b2"] += g_pre2.sum(0)
+    return _silu_backward(g_pre2 @ w2, pre1)
+
+
+def _new_grads(w2, b2, heads) -> dict:
+    grads = {"w2": torch.zeros_like(w2), "b2": torch.zeros_like(b2)}
+    for k, (wk, bk, vk) in enumerate(heads):
+        grads[f"w{k}"], grads[f"b{k}"], grads[f"v{k}"] = (torch.zeros_like(wk), torch.zeros_like(bk),
+                                                          torch.zeros_like(vk))
+    return grads
+
+
+# -- real-real edges: term (1) and the real-real part of term (4) -----------------------------------------
+class EdgeMessages(torch.autograd.Function):
+    """Sum over received edges of m_ij and of (x_i - x_j) phi_x(m_ij), without keeping any (E, H) tensor.
+
+    Inputs: h_all (N_all, H) owned rows first, pos_all (N_all, 3), recv (E,) < N, send (E,) < N_all,
+    edge_attr (E, D), then phi_e's first Linear cut by input columns: w_recv (H, H), w_send (H, H),
+    w_geo (H, 1 + D) (for [|x_i - x_j|^2, e_ij]) and b1 (H,); phi_e's second Linear w2 (H, H), b2 (H,);
+    phi_x: wx (H, H), bx (H,), vx (1, H); n_owned N; chunk_size.
+    Outputs: message sum (N, H), displacement sum (N, 3) (divide by the degree for means).
+
+    The node projections h_i W_recv^T + b1 and h_j W_send^T are computed here once per node (not per edge)
+    and recomputed in backward, so only the inputs are kept.
+    """
+
+    @staticmethod
+    def forward(ctx, h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx, vx,
+                n_owned, chunk_size):
+        proj_recv = torch.addmm(b1, h_all[:n_owned], w_recv.t())                # (N, H)
+        proj_send = h_all @ w_send.t()                                           # (N_all, H)
+        heads = [(wx, bx, vx)]
+
+        def work(starts):
+            msg_sum = h_all.new_zeros(n_owned, h_all.shape[1])
+            disp_sum = pos_all.new_zeros(n_owned, 3)
+            for start in starts:
+                r, s = recv[start:start + chunk_size], send[start:start + chunk_size]
+                diff, geo, pre1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s,
+                                               edge_attr[start:start + chunk_size], w_geo)
+                _a1, _pre2, m, ((_c, _act, weight),) = _rows_forward(pre1, w2, b2, heads)
+                msg_sum.index_add_(0, r, m)
+                disp_sum.index_add_(0, r, diff * weight)
+            return msg_sum, disp_sum
+
+        if recv.shape[0]:
+            msg_sum, disp_sum = _add_up(_run_chunks(recv.shape[0], chunk_size, work))
+        else:
+            msg_sum, disp_sum = h_all.new_zeros(n_owned, h_all.shape[1]), pos_all.new_zeros(n_owned, 3)
+        ctx.save_for_backward(h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx,
+                              vx)
+        ctx.n_owned, ctx.chunk_size = n_owned, chunk_size
+        return msg_sum, disp_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_msg, grad_disp):
+        h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx, vx = ctx.saved_tensors
+        n_owned, chunk_size = ctx.n_owned, ctx.chunk_size
+        proj_recv = torch.addmm(b1, h_all[:n_owned], w_recv.t())
+        proj_send = h_all @ w_send.t()
+        heads = [(wx, bx, vx)]
+        g_attr = torch.zeros_like(edge_attr) if ctx.needs_input_grad[4] else None
+        grad_msg = grad_msg.contiguous()
+        grad_disp = grad_disp.contiguous()
+
+        def work(starts):
+            grads = _new_grads(w2, b2, heads)
+            g_recv, g_send = torch.zeros_like(proj_recv), torch.zeros_like(proj_send)
+            g_pos, g_wgeo = torch.zeros_like(pos_all), torch.zeros_like(w_geo)
+            for start in starts:
+                part = slice(start, start + chunk_size)
+                r, s = recv[part], send[part]
+                diff, geo, pre1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr[part], w_geo)
+                a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads)
+                weight = head_values[0][2]                                         # phi_x(m_ij) (e, 1)
+                g_disp_e = grad_disp.index_select(0, r)                             # (e, 3)
+                g_weight = (g_disp_e * diff).sum(1, keepdim=True)                   # (e, 1)
+                g_diff = g_disp_e * weight                                          # (e, 3)
+                g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, grad_msg.index_select(0, r),
+                                        [g_weight], w2, heads, grads)
+                g_recv.index_add_(0, r, g_pre1)
+                g_send.index_add_(0, s, g_pre1)
+                g_wgeo.addmm_(g_pre1.t(), geo)
+                g_geo = g_pre1 @ w_geo                                              # (e, 1 + D)
+                g_diff.addcmul_(diff, g_geo[:, :1], value=2.0)                      # through |x_i - x_j|^2
+                if g_attr is not None:
+                    g_attr[part] = g_geo[:, 1:]
+                g_pos.index_add_(0, r, g_diff)
+                g_pos.index_add_(0, s, g_diff, alpha=-1.0)
+            return g_recv, g_send, g_pos, g_wgeo, grads
+
+        if recv.shape[0]:
+            g_recv, g_send, g_pos, g_wgeo, grads = _add_up(_run_chunks(recv.shape[0], chunk_size, work))
+        else:
+            g_recv, g_send, g_pos = torch.zeros_like(proj_recv), torch.zeros_like(proj_send), torch.zeros_like(pos_all)
+            g_wgeo, grads = torch.zeros_like(w_geo), _new_grads(w2, b2, heads)
+        g_h = g_send @ w_send                                                   # (N_all, H)
+        g_h[:n_owned].addmm_(g_recv, w_recv)
+        return (g_h, g_pos, None, None, g_attr, g_recv.t() @ h_all[:n_owned], g_send.t() @ h_all, g_wgeo,
+                g_recv.sum(0), grads["w2"], grads["b2"], grads["w0"], grads["b0"], grads["v0"], None, None)
+
+
+def _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr, w_geo):
+    """x_i - x_j (e, 3), [|x_i - x_j|^2, e_ij] (e, 1 + D) and pre1 (e, H) of one chunk of edges."""
+    diff = pos_all.index_select(0, r) - pos_all.index_select(0, s)
+    geo = torch.cat([(diff * diff).sum(1, keepdim=True), edge_attr], dim=1)
+    pre1 = torch.addmm(proj_recv.index_select(0, r), geo, w_geo.t())
+    pre1 += proj_send.index_select(0, s)
+    return diff, geo, pre1
+
+
+def edge_messages(h_all: Tensor, pos_all: Tensor, edge_index: Tensor, edge_attr: Tensor, n_owned: int,
+                  first_linear: torch.nn.Linear, message_linear: torch.nn.Linear, coord_mlp: torch.nn.Sequential,
+                  chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """:class:`EdgeMessages` with the weights of phi_e (first Linear cut as [h_i | h_j | geometry]) and phi_x."""
+    hidden = h_all.shape[1]
+    w_recv, w_send, w_geo = torch.split(first_linear.weight, [hidden, hidden, first_linear.in_features - 2 * hidden],
+                                        dim=1)
+    return EdgeMessages.apply(h_all, pos_all, edge_index[0], edge_index[1], edge_attr, w_recv, w_send, w_geo,
+                              first_linear.bias, message_linear.weight, message_linear.bias, coord_mlp[0].weight,
+                              coord_mlp[0].bias, coord_mlp[2].weight, int(n_owned), int(chunk_size or DEFAULT_CHUNK))
+
+
+# -- real-virtual pairs: term (3) and the heads of terms (4) and (5) ----------------------------------------
+class VirtualMessages(torch.autograd.Function):
+    """m_ic (N, C, H) and two scalar heads phi_xv(m_ic), phi_X(m_ic) (N, C) without keeping (N, C, H) tensors.
+
+    Inputs: h (N, H), per_channel (B, C, H) = s_c W_s^T + g_c W_g^T + b1, dist (N, C) = |x_i - z_c|,
+    w_h (H, H) and w_dist (H,) (the h_i and distance columns of phi_ev's first Linear), batch (N,),
+    w2 (H, H), b2 (H,), then (W, b, v) of phi_xv and of phi_X, chunk_size (real nodes per chunk; a chunk has
+    C times as many rows).
+    The returned m_ic is only reduced by the caller (means over c and over the graph), whose backward does
+    not keep it, so no (N, C, H) tensor outlives the forward of the layer.
+    """
+
+    @staticmethod
+    def forward(ctx, h, per_channel, dist, w_h, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb, chunk_size):
+        n, c = dist.shape
+        hidden = w2.shape[0]
+        per_node = h @ w_h.t()                                                   # (N, H)
+        message = h.new_empty(n, c, hidden)
+        head_a = dist.new_empty(n, c)
+        head_b = dist.new_empty(n, c)
+        heads = [(wa, ba, va), (wb, bb, vb)]
+
+        def work(starts):
+            for start in starts:
+                part = slice(start, start + chunk_size)
+                pre1 = _virtual_pre1(per_node[part], per_channel, dist[part], w_dist, batch[part])
+                _a1, _pre2, m, ((_, _, sa), (_, _, sb)) = _rows_forward(pre1, w2, b2, heads)
+                message[part] = m.view(-1, c, hidden)
+                head_a[part] = sa.view(-1, c)
+                head_b[part] = sb.view(-1, c)
+
+        if n:
+            _run_chunks(n, chunk_size, work)
+        ctx.save_for_backward(h, per_channel, dist, w_h, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb)
+        ctx.chunk_size = chunk_size
+        return message, head_a, head_b
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_message, grad_a, grad_b):
+        h, per_channel, dist, w_h, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb = ctx.saved_tensors
+        n, c = dist.shape
+        hidden = w2.shape[0]
+        per_node = h @ w_h.t()
+        heads = [(wa, ba, va), (wb, bb, vb)]
+        g_node = torch.zeros_like(per_node)
+        g_dist = torch.zeros_like(dist)
+        chunk_size = ctx.chunk_size
+
+        def work(starts):
+            grads = _new_grads(w2, b2, heads)
+            g_channel, g_wdist = torch.zeros_like(per_channel), torch.zeros_like(w_dist)
+            for start in starts:
+                part = slice(start, start + chunk_size)
+                pre1 = _virtual_pre1(per_node[part], per_channel, dist[part], w_dist, batch[part])
+                a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads)
+                g_m = (torch.zeros_like(m) if grad_message is None
+                       else grad_message[part].reshape(-1, hidden).clone())
+                g_s = [None if g is None else g[part].reshape(-1, 1) for g in (grad_a, grad_b)]
+                g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, g_m, g_s, w2, heads, grads)
+                g_wdist += (dist[part].reshape(1, -1) @ g_pre1).squeeze(0)
+                g_pre1 = g_pre1.view(-1, c, hidden)
+                g_node[part] = g_pre1.sum(1)
+                g_channel.index_add_(0, batch[part], g_pre1)
+                g_dist[part] = g_pre1 @ w_dist
+            return g_channel, g_wdist, grads
+
+        if n:
+            g_channel, g_wdist, grads = _add_up(_run_chunks(n, chunk_size, work))
+        else:
+            g_channel, g_wdist = torch.zeros_like(per_channel), torch.zeros_like(w_dist)
+            grads = _new_grads(w2, b2, heads)
+        return (g_node @ w_h, g_channel, g_dist, g_node.t() @ h, g_wdist, None, grads["w2"], grads["b2"],
+                grads["w0"], grads["b0"], grads["v0"], grads["w1"], grads["b1"], grads["v1"], None)
+
+
+def _virtual_pre1(per_node, per_channel, dist, w_dist, batch):
+    """pre1 of one chunk of real nodes, flattened to (n C, H) rows."""
+    pre1 = per_channel.index_select(0, batch) + per_node.unsqueeze(1)           # (n, C, H)
+    pre1 += dist.unsqueeze(-1) * w_dist
+    return pre1.view(-1, pre1.shape[-1])
+
+
+def virtual_messages(h: Tensor, per_channel: Tensor, dist: Tensor, w_h: Tensor, w_dist: Tensor, batch: Tensor,
+                     message_linear: torch.nn.Linear, pull_mlp: torch.nn.Sequential,
+                     push_mlp: torch.nn.Sequential, chunk_size: int | None = None):
+    """:class:`VirtualMessages` with the weights of phi_ev's second Linear, phi_xv and phi_X."""
+    rows = int(chunk_size or DEFAULT_CHUNK)
+    nodes_per_chunk = max(1, rows // max(1, dist.shape[1]))
+    return VirtualMessages.apply(h, per_channel, dist, w_h, w_dist, batch, message_linear.weight,
+                                 message_linear.bias, pull_mlp[0].weight, pull_mlp[0].bias, pull_mlp[2].weight,
+                                 push_mlp[0].weight, push_mlp[0].bias, push_mlp[2].weight, nodes_per_chunk)
