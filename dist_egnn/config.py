@@ -16,6 +16,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from datasets.synthetic import SyntheticConfig
+
 
 @dataclass
 class PathsConfig:
@@ -41,24 +43,6 @@ class NBodyGenerator:
     box_size: Optional[float] = None
     seed: int = 0
     scenes_per_batch: int = 100
-
-
-@dataclass
-class SyntheticGenerator:
-    """Parameters of the synthetic particle flows (datasets.synthetic.SyntheticConfig)."""
-
-    num_particles: int = 113_000
-    neighbors: float = 24.0
-    radius: float = 0.075
-    train: int = 1
-    val: int = 1
-    test: int = 1
-    frames: int = 12
-    dt: float = 0.02
-    speed: float = 0.5
-    modes: int = 4
-    substeps: int = 4
-    seed: int = 0
 
 
 @dataclass
@@ -125,7 +109,7 @@ class DatasetConfig:
     mmd_samples: Optional[int] = None         # real nodes per graph per virtual node for MMD; None: all
     prefetch: int = 2                         # batches read ahead in a background thread (0: none)
     nbody: Optional[NBodyGenerator] = None
-    synthetic: Optional[SyntheticGenerator] = None
+    synthetic: Optional[SyntheticConfig] = None      # datasets/synthetic.py
     sph: Optional[SPHGenerator] = None
     md: Optional[MDGenerator] = None
     gns: Optional[GNSConverter] = None
