@@ -1,8 +1,9 @@
 """Scaling measurements: real multi-rank steps, and per-rank critical-path projections where cores run out.
 
 A machine with fewer cores than ranks cannot run P ranks in parallel. What it can do is run each rank's
-step by itself, in turn, with the machine to itself: :func:`measure_part` times part p's training step
-(forward, loss, backward, optimizer step) in a fresh process with one thread, with :class:`PartTwin`
+step by itself, in turn: :func:`measure_part` times part p's training step (forward, loss, backward,
+optimizer step) in a fresh process with one thread, as the CPU time the process used (what a core of its
+own would take: unlike wall time, it does not grow when other jobs share the machine), with :class:`PartTwin`
 standing in for the communicator: it returns the same shapes (local sums for the global means, halo rows
 appended) and counts what the real collectives would move. A P-rank step then takes about
 
@@ -105,19 +106,21 @@ def measure_part(cfg_container: dict, part: int, parts: int, halo: bool, steps: 
     groups = type("Groups", (), {"parts": parts, "env": None})()
     engine = PlainEngine(model, torch.optim.Adam(model.parameters(), lr=t.lr), groups)
     ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=1)
-    times, edges, nodes, rows, full = [], [], [], [], []
+    times, walls, edges, nodes, rows, full = [], [], [], [], [], []
     for k in range(steps + 1):
         batch = data.build(list(map(int, ids[k % len(ids)])), t.seed, 1)
         twin.reset()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         train_step(engine, twin, batch, cfg, torch.device("cpu"), dtype, parts)
         if k:                                                          # the first step warms up
-            times.append(time.perf_counter() - started)
+            times.append(time.process_time() - cpu_started)
+            walls.append(time.perf_counter() - started)
         edges.append(batch.num_edges)
         nodes.append(batch.graph.pos.shape[0])
         rows.append(batch.plan.num_recv if batch.plan is not None else 0)
         full.append(batch.full_edges)
-    return dict(part=part, parts=parts, halo=halo, step_time_s=statistics.median(times), steps=len(times),
+    return dict(part=part, parts=parts, halo=halo, step_time_s=statistics.median(times),
+                wall_time_s=statistics.median(walls), steps=len(times),
                 edges=float(np.mean(edges)), owned=float(np.mean(nodes)), halo_rows=float(np.mean(rows)),
                 allreduce_calls=twin.allreduce_calls, allreduce_bytes=twin.allreduce_bytes,
                 halo_calls=twin.halo_calls, halo_bytes=twin.halo_bytes,
