@@ -8,8 +8,8 @@ For every P and halo mode it reports two kinds of figures, and says which is whi
 * ``real``: the real distributed training (``torchrun --nproc-per-node P launch/train.py engine=ddp ...``,
   a few steps), for P up to ``real_max_ranks`` (the machine's cores): these ran in parallel. P = 1 also
   runs with every core (``python launch/train.py``), the baseline a user would compare with.
-* ``projected``: each part's step timed alone in turn with one thread, the slowest taken, the measured
-  communication cost added (``dist_egnn.scaling``): what P ranks with a core each would take.
+* ``projected``: each part's step timed alone in turn with one thread (CPU time), the slowest taken, the
+  measured communication cost added (``dist_egnn.scaling``): what P ranks with a core each would take.
 
 The projection at P = 2 is compared with the real 2-rank run. Speedups are always given with edges per
 rank and the dropped-edge fraction beside them: a random split gives each rank ~E/P² edge work in drop
@@ -147,9 +147,10 @@ def write_table(rows: list[dict[str, Any]], cfg, path: Path) -> None:
            "edges_per_rank": "{:,.0f}", "dropped_edge_fraction": "{:.1%}", "peak_mem_mb": "{:,.0f}",
            "added_mem_mb": "{:,.0f}", "owned_per_rank": "{:,.0f}", "halo_rows_per_rank": "{:,.0f}"}
     lines = [f"# Scaling: {cfg.data}, {cfg.partition} partitions", "",
-             "`real`: ran in parallel here (P ranks, cores shared); `projected`: each part's step timed alone "
-             "with one thread, slowest part + modelled communication (dist_egnn/scaling.py). Speedup is "
-             "against P = 1 of the same kind.", "",
+             "`real`: ran in parallel here (P ranks sharing this machine's cores; wall time, so it includes "
+             "whatever else ran on the machine); `projected`: each part's step alone with one thread (its "
+             "CPU time), slowest part + modelled communication (dist_egnn/scaling.py). Speedup is against "
+             "P = 1 of the same kind.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = [fmt.get(c, "{}").format(r[c]) if r.get(c) is not None else "" for c in COLUMNS]
