@@ -6,12 +6,14 @@ Off unless the environment variable ``DIST_EGNN_FAULTS`` is set, e.g.::
     DIST_EGNN_FAULTS="kill@4:1"             rank 1 SIGKILLs itself during step 4 (mid-step: after the forward)
     DIST_EGNN_FAULTS="hang@4:1"             rank 1 stops responding during step 4 (sleeps)
     DIST_EGNN_FAULTS="nan_loss@2,inf_grad@5"
+    DIST_EGNN_FAULTS="sigterm@3,kill@5:1#1"  SIGTERM in step 3 of the first attempt, then rank 1 killed in
+                                            step 5 of the second (torchrun --max-restarts=2)
 
 Kinds: ``sigterm``, ``sigint``, ``kill``, ``hang`` fire after the forward of the step (the other ranks are
 then inside, or about to enter, the backward's collectives); ``nan_loss`` makes the rank's loss share NaN;
 ``inf_grad`` puts Inf in one gradient after the backward. Steps count optimizer steps of the run from 1
-(global, across epochs and resumes). A fault fires only in the first attempt of a torchrun restart loop
-(``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a restarted run gets past it.
+(global, across epochs and resumes). A fault fires only in its attempt of a torchrun restart loop
+(``#N``, default 0: ``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a restarted run gets past it.
 """
 from __future__ import annotations
 
@@ -30,21 +32,24 @@ class Fault:
     kind: str
     step: int
     rank: int = 0
+    attempt: int = 0
 
 
 def planned(environ=os.environ) -> list[Fault]:
-    """The faults ``DIST_EGNN_FAULTS`` asks for (none in a restarted attempt)."""
+    """The faults ``DIST_EGNN_FAULTS`` asks for in this attempt."""
     spec = environ.get("DIST_EGNN_FAULTS", "").strip()
-    if not spec or int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+    if not spec:
         return []
+    attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     faults = []
     for item in spec.split(","):
         kind, _, where = item.strip().partition("@")
+        where, _, when = where.partition("#")
         step, _, rank = where.partition(":")
-        if kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit()):
-            raise ValueError(f"DIST_EGNN_FAULTS={spec!r}: {item!r} is not KIND@STEP[:RANK] with KIND in {KINDS}")
-        faults.append(Fault(kind, int(step), int(rank or 0)))
-    return faults
+        if kind not in KINDS or not step.isdigit() or not (rank or "0").isdigit() or not (when or "0").isdigit():
+            raise ValueError(f"DIST_EGNN_FAULTS={spec!r}: {item!r} is not KIND@STEP[:RANK][#ATTEMPT] with KIND in {KINDS}")
+        faults.append(Fault(kind, int(step), int(rank or 0), int(when or 0)))
+    return [f for f in faults if f.attempt == attempt]
 
 
 class Injector:

@@ -257,9 +257,8 @@ class Trainer:
             self.state["step"] += 1
             self.state["global_step"] += 1
             self.state["skipped"] += skipped
-            taken = 0.0 if skipped else 1.0
-            self.totals += [taken * terms.total.item(), taken * terms.mse.item(), batch.num_edges, batch.full_edges,
-                            time.perf_counter() - started, 1.0, float(skipped)]
+            loss, mse = (0.0, 0.0) if skipped else (terms.total.item(), terms.mse.item())
+            self.totals += [loss, mse, batch.num_edges, batch.full_edges, time.perf_counter() - started, 1.0, skipped]
             bar.update(1)
             every = t.checkpoint_every_steps
             last_before_evaluation = self.state["step"] == len(batch_ids) and self.evaluates(epoch)
