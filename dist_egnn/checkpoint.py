@@ -88,9 +88,17 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({type(err).__name__}: {str(err)[:300]}); "
-                              f"it is damaged or not a dist-egnn checkpoint: delete it (and its manifest) to "
-                              f"resume from an older one") from err
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({why(err)}); it is damaged or not a "
+                              f"dist-egnn checkpoint: delete it (and its manifest) to resume from an older one") from err
+
+
+def why(err: Exception) -> str:
+    """The telling part of a loading error: for torch's weights_only refusal, the line naming what it refused."""
+    text = str(err)
+    if text.startswith("Weights only load failed"):
+        telling = [p.strip() for p in text.split("\n\n")[1:] if p.strip() and not p.strip().startswith("Check the doc")]
+        text = "weights_only=True refused it: " + (telling[0] if telling else text)
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 # ---------------------------------------------------------------------------------------- config identity
@@ -285,6 +293,5 @@ def check_weights_only(path: Path) -> None:
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path} does not load with weights_only=True ({type(err).__name__}: "
-                              f"{str(err)[:300]}); it is damaged or holds objects that could run code, "
-                              f"so it is not loaded") from err
+        raise CheckpointError(f"{path} does not load with weights_only=True ({why(err)}); it is damaged or "
+                              f"holds objects that could run code, so it is not loaded") from err
