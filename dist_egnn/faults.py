@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class Injector:
 
     def after_forward(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         for fault in self._due(step, ("sigterm", "sigint", "kill", "hang", "nan_loss")):
+            announce(fault)
             if fault.kind == "nan_loss":
                 loss = loss * float("nan")
             elif fault.kind == "hang":
@@ -74,8 +76,15 @@ class Injector:
         return loss
 
     def after_backward(self, step: int, parameters) -> None:
-        if self._due(step, ("inf_grad",)):
+        for fault in self._due(step, ("inf_grad",)):
+            announce(fault)
             for p in parameters:
                 if p.grad is not None:
                     p.grad.view(-1)[0] = float("inf")
                     return
+
+
+def announce(fault: Fault) -> None:
+    """One line on stderr with the wall-clock time, so drills can time what follows."""
+    print(f"fault injected: {fault.kind} in step {fault.step} on rank {fault.rank} at {time.time():.3f}",
+          file=sys.stderr, flush=True)
