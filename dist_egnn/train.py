@@ -349,10 +349,7 @@ class Trainer:
         if client is not None:
             self.restore(client)
             if self.is_main:
-                where = (f"in epoch {self.state['epoch'] + 1} after step {self.state['step']}" if self.state["step"]
-                         else f"after epoch {self.state['epoch']}")
-                print(f"resumed from {self.checkpoints.resumed} {where} (global step {self.state['global_step']})",
-                      flush=True)
+                print(f"resumed from {self.checkpoints.resumed} {self.position()}", flush=True)
         if self.is_main:
             checkpoint.write_text_atomic(OmegaConf.to_yaml(to_container(self.cfg)), self.run_dir / "config.yaml")
 
@@ -389,12 +386,16 @@ class Trainer:
             self.totals = totals.sum(axis=0) if self.is_main else np.zeros(TOTALS)
         checkpoint.set_rng_state(client["rng"])
 
+    def position(self) -> str:
+        """Where training stands, in words: "in epoch 3 after step 2" or "after epoch 2"."""
+        epoch, step = self.state["epoch"], self.state["step"]
+        where = f"in epoch {epoch + 1} after step {step}" if step else f"after epoch {epoch}"
+        return f"{where} (global step {self.state['global_step']})"
+
     def stopped(self, manifest: Path) -> guard.Stopped:
         who = self.signals.received or "a stop signal on another rank"
-        return guard.Stopped(f"stopped by {who} at epoch {self.state['epoch'] + (self.state['step'] > 0)}, step "
-                             f"{self.state['step']} (global step {self.state['global_step']}): checkpoint "
-                             f"{manifest.with_suffix('')} written; continue with resume=auto "
-                             f"(hydra.run.dir={self.run_dir})")
+        return guard.Stopped(f"stopped by {who} {self.position()}: checkpoint {manifest.with_suffix('')} written; "
+                             f"continue with resume=auto (hydra.run.dir={self.run_dir})")
 
     def stop_nonfinite(self, epoch: int, batch: RankBatch, terms, loss_bad: bool, grads_bad: bool,
                        bad_grads: list[str]) -> None:

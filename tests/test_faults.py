@@ -58,7 +58,7 @@ after step 4 and finishes."""
     proc = torchrun(root, "restarted", "resume=auto", restarts=2, faults="sigterm@3,kill@5:1#1")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "stopped by SIGTERM at epoch 2, step 1" in out and "stopped by a stop signal on another rank" in out
+    assert "stopped by SIGTERM in epoch 2 after step 1" in out and "stopped by a stop signal on another rank" in out
     assert "epoch-00002-step-000001 in epoch 2 after step 1 (global step 3)" in out      # after the signal
     assert "engine/epoch-00002 after epoch 2 (global step 4)" in out                     # killed in step 5: none lost
     assert results(root / "restarted") == results(root / "reference")

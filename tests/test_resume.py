@@ -39,7 +39,7 @@ def test_stopped_and_resumed_run_equals_one_that_never_stopped(root, monkeypatch
     metrics.jsonl all continue where the signal stopped the run, bit for bit."""
     run = root / f"stopped-{fault}"
     monkeypatch.setenv("DIST_EGNN_FAULTS", fault)
-    with pytest.raises(guard.Stopped, match=f"stopped by SIG(TERM|INT) at epoch 2, step {tag[-1]} .*resume=auto"):
+    with pytest.raises(guard.Stopped, match=f"stopped by SIG(TERM|INT) in epoch 2 after step {tag[-1]} .*resume=auto"):
         fit(root / "data", run)
     monkeypatch.delenv("DIST_EGNN_FAULTS")
     assert checkpoint.latest_tag(run / "checkpoints" / "engine") == tag
@@ -129,7 +129,7 @@ def test_incomplete_checkpoints_are_never_picked_and_pruning_keeps_best(tmp_path
 
 
 @pytest.mark.parametrize("fault, code, message", [
-    ("sigint@2", guard.EXIT_STOPPED, "stopped by SIGINT at epoch 1, step 2"),
+    ("sigint@2", guard.EXIT_STOPPED, "stopped by SIGINT in epoch 1 after step 2"),
     ("nan_loss@1", guard.EXIT_NONFINITE, "non-finite loss and gradients at epoch 1, step 1")])
 def test_exit_codes_of_the_launcher(root, fault, code, message):
     """Guards `python launch/train.py`: a stop signal and NaN each exit with their own code and message."""
