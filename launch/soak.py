@@ -6,9 +6,10 @@
 Same configuration as launch/train.py (checkpoints, evaluations and all); the default soak is 25 epochs of
 the built-in N-body set (500 steps of 10 graphs), a resume point every 50 steps. Writes into
 ``<run dir>/soak/``: ``rank<R>.csv`` (step, rss_mb, elapsed_s) for every rank, and from rank 0
-``memory.png`` (RSS against step, every rank) and ``summary.json``: RSS after warm-up (10% of the steps)
-and at the end, the maximum, and the slope of a straight line fitted to the second half in MB per 100
-steps. Flat memory means a slope near 0 and an end value close to the warm-up value.
+``memory.png`` (RSS against step, every rank) and ``summary.json``: the mean RSS of each tenth of the run,
+the growth from the first tenth after warm-up to the last, the maximum, and a straight line fitted after
+warm-up (slope and standard error, MB per 100 steps). Flat memory: block means without a trend, a slope
+within about two standard errors of 0.
 """
 from __future__ import annotations
 
@@ -51,34 +52,61 @@ class SoakTrainer(Trainer):
         return result
 
 
-def summarize(samples: np.ndarray) -> dict[str, float]:
-    """RSS after warm-up and at the end, maximum, and the second half's slope (MB per 100 steps)."""
+def summarize(samples: np.ndarray, blocks: int = 10) -> dict:
+    """Mean RSS of each tenth of the run, the growth from the first block after warm-up (the first tenth) to
+    the last, and a straight line fitted after warm-up (slope and its standard error, MB per 100 steps).
+
+    RSS after a step swings by hundreds of MB with the allocator; block means and the slope's error say
+    whether anything grows beneath that.
+    """
     steps, rss = samples[:, 0], samples[:, 1]
-    warm = max(1, len(steps) // 10)
-    half = len(steps) // 2
-    slope = float(np.polyfit(steps[half:], rss[half:], 1)[0] * 100) if len(steps) - half >= 2 else 0.0
-    return dict(steps=int(steps[-1]), rss_after_warmup_mb=float(rss[warm - 1]), rss_end_mb=float(rss[-1]),
-                rss_max_mb=float(rss.max()), growth_after_warmup_mb=float(rss[-1] - rss[warm - 1]),
-                slope_second_half_mb_per_100_steps=slope)
+    size = max(1, len(steps) // blocks)
+    means = [float(rss[i:i + size].mean()) for i in range(0, len(rss) - size + 1, size)]
+    after = slice(size, None)
+    slope = stderr = 0.0
+    if len(steps[after]) >= 3:
+        coef, cov = np.polyfit(steps[after], rss[after], 1, cov=True)
+        slope, stderr = float(coef[0] * 100), float(np.sqrt(cov[0, 0]) * 100)
+    return dict(steps=int(steps[-1]), block_steps=size, block_mean_rss_mb=[round(m, 1) for m in means],
+                rss_max_mb=float(rss.max()), growth_after_warmup_mb=(means[-1] - means[1]) if len(means) > 1 else 0.0,
+                slope_after_warmup_mb_per_100_steps=slope, slope_stderr_mb_per_100_steps=stderr)
 
 
-def plot(per_rank: list[np.ndarray], path: Path, title: str) -> None:
+def plot(per_rank: list[np.ndarray], summaries: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for rank, samples in enumerate(per_rank):
-        ax.plot(samples[:, 0], samples[:, 1], label=f"rank {rank}", lw=1)
+    for rank, (samples, summary) in enumerate(zip(per_rank, summaries)):
+        line, = ax.plot(samples[:, 0], samples[:, 1], lw=0.6, alpha=0.45, label=f"rank {rank}, after each step")
+        size = summary["block_steps"]
+        centres = [samples[i * size:(i + 1) * size, 0].mean() for i in range(len(summary["block_mean_rss_mb"]))]
+        ax.plot(centres, summary["block_mean_rss_mb"], "o-", color=line.get_color(), lw=1.5, ms=3,
+                label=f"rank {rank}, mean of {size} steps")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("resident memory (MB)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(out: Path, world_size: int, about: dict) -> dict:
+    """summary.json and memory.png from the ranks' CSV files in ``out``."""
+    per_rank = [np.loadtxt(out / f"rank{r}.csv", delimiter=",", skiprows=1, ndmin=2) for r in range(world_size)]
+    summaries = [summarize(s) for s in per_rank]
+    summary = dict(world_size=world_size, **about, per_rank=summaries)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    worst = max(summaries, key=lambda s: s["slope_after_warmup_mb_per_100_steps"])
+    plot(per_rank, summaries, out / "memory.png",
+         f"{about.get('model')} on {about.get('dataset')}, {world_size} rank(s), {about.get('engine')}: "
+         f"{worst['steps']} steps; after warm-up {worst['slope_after_warmup_mb_per_100_steps']:+.1f} "
+         f"± {worst['slope_stderr_mb_per_100_steps']:.1f} MB per 100 steps")
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -100,17 +128,9 @@ def main(cfg: DictConfig) -> None:
                fmt=["%d", "%.2f", "%.3f"])
     comm.barrier()
     if env.rank == 0:
-        per_rank = [np.loadtxt(out / f"rank{r}.csv", delimiter=",", skiprows=1, ndmin=2)
-                    for r in range(env.world_size)]
-        summary = dict(world_size=env.world_size, engine=trainer.engine_name, model=cfg.model.name,
-                       dataset=cfg.dataset.name, batch_size=cfg.trainer.batch_size,
-                       checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
-                       per_rank=[summarize(s) for s in per_rank])
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        worst = max(summary["per_rank"], key=lambda s: abs(s["slope_second_half_mb_per_100_steps"]))
-        plot(per_rank, out / "memory.png",
-             f"{cfg.model.name} on {cfg.dataset.name}, {env.world_size} rank(s), {trainer.engine_name}: "
-             f"{worst['steps']} steps, slope of 2nd half {worst['slope_second_half_mb_per_100_steps']:+.2f} MB/100 steps")
+        summary = report(out, env.world_size, dict(engine=trainer.engine_name, model=cfg.model.name,
+                                                   dataset=cfg.dataset.name, batch_size=cfg.trainer.batch_size,
+                                                   checkpoint_every_steps=cfg.trainer.checkpoint_every_steps))
         print(json.dumps(summary))
         print(f"soak results: {out}")
     comm.shutdown()

@@ -18,4 +18,5 @@ def test_soak_records_memory_per_step(tmp_path):
     assert rows[0] == "step,rss_mb,elapsed_s" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["per_rank"][0]["steps"] == 4 and summary["per_rank"][0]["rss_max_mb"] > 0
+    assert len(summary["per_rank"][0]["block_mean_rss_mb"]) == 4
     assert (out / "memory.png").stat().st_size > 0
