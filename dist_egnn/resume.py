@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from dist_egnn import checkpoint, comm
 from dist_egnn.checkpoint import CheckpointError
@@ -102,8 +102,10 @@ class Checkpoints:
         return path
 
     # -- starting a run ---------------------------------------------------------------------------------
-    def start(self, mode: str | None, metrics: MetricsLog) -> dict[str, Any] | None:
-        """Every rank calls it; returns the client state of the checkpoint resumed from, or None (fresh start)."""
+    def start(self, mode: str | None, metrics: MetricsLog,
+              check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+        """Every rank calls it; returns the client state of the checkpoint resumed from, or None (fresh start).
+        ``check(client)`` may refuse the loaded state (raise) before anything in the run directory changes."""
         verdict = ""
         if self.is_main:
             try:
@@ -122,6 +124,8 @@ class Checkpoints:
                 raise CheckpointError(f"{self.directory / tag}: trainer state schema_version "
                                       f"{client.get('schema_version')} is newer than this dist-egnn reads "
                                       f"({checkpoint.SCHEMA_VERSION}); upgrade dist-egnn")
+            if check is not None:
+                check(client)
         if self.is_main and mode:
             metrics.cut_to(int(lines))
             checkpoint.remove_leftovers(self.directory)

@@ -345,7 +345,7 @@ class Trainer:
 
     def start(self) -> None:
         """A fresh run or ``resume=auto`` (dist_egnn.resume); then rank 0 writes config.yaml."""
-        client = self.checkpoints.start(self.cfg.get("resume"), self.metrics)
+        client = self.checkpoints.start(self.cfg.get("resume"), self.metrics, check=self.check_resumable)
         if client is not None:
             self.restore(client)
             if self.is_main:
@@ -369,16 +369,19 @@ class Trainer:
                     data_parallel=self.groups.data_parallel, rng=checkpoint.rng_state(),
                     config_hash=self.checkpoints.hash)
 
+    def check_resumable(self, client: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint needs the same graph groups: they decide which batches each rank takes."""
+        if client["trainer"]["step"] and client["data_parallel"] != self.groups.data_parallel:
+            raise checkpoint.CheckpointError(
+                f"{self.checkpoints.resumed}: written mid-epoch with {client['data_parallel']} graph groups "
+                f"(world size / distributed.parts), this launch has {self.groups.data_parallel}, so the epoch's "
+                f"batches differ: resume with {client['data_parallel']} graph groups, or delete the step "
+                f"checkpoints (and their .json) written after the last evaluation")
+
     def restore(self, client: dict[str, Any]) -> None:
         """Undo :meth:`client_state` (every rank). Mid-epoch, the running sums continue on the rank that
         had them (same world size) or all on rank 0 (another world size: equal up to rounding)."""
         self.state.update(client["trainer"])
-        if self.state["step"] and client["data_parallel"] != self.groups.data_parallel:
-            raise checkpoint.CheckpointError(
-                f"{self.checkpoints.directory}: the checkpoint was written mid-epoch with "
-                f"{client['data_parallel']} graph groups (world size / distributed.parts), this launch has "
-                f"{self.groups.data_parallel}: the epoch's batches differ. Resume with "
-                f"{client['data_parallel']} graph groups, or delete the step checkpoints after the last evaluation")
         totals = client["totals"].numpy()
         if totals.shape[0] == self.env.world_size:
             self.totals = totals[self.env.rank].copy()
