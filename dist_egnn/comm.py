@@ -257,13 +257,16 @@ def check_world(world_size: int, parts: int) -> None:
 
 
 _STORE = None        # the rendezvous store of this process, when shared_run_stamp made it before the groups
+_WAIT_GROUP = None   # every rank, with the long timeout of barrier(timeout_s) (e.g. while rank 0 prepares data)
 
 
 def shared_run_stamp(env: DistEnv, timeout_s: float = 300.0) -> str:
     """Rank 0's start time as ``YYYY-mm-dd_HH-MM-SS``, the same string on every rank (one run directory).
 
     Uses the launcher's rendezvous address (MASTER_ADDR, MASTER_PORT) before any process group exists: the
-    store made here is reused by :func:`init_groups`.
+    store made here is reused by :func:`init_groups`. Under ``torchrun --max-restarts`` the agent's store
+    outlives a failed attempt, and the stamp of the first attempt is kept: a restarted run writes into the
+    same run directory (and ``resume=auto`` finds its checkpoints).
     """
     global _STORE
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -273,23 +276,31 @@ def shared_run_stamp(env: DistEnv, timeout_s: float = 300.0) -> str:
     host_it = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
     _STORE = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)),
                            env.world_size, host_it, timeout=datetime.timedelta(seconds=timeout_s))
-    if env.rank == 0:
+    if env.rank == 0 and not _STORE.check(["dist_egnn/run_stamp"]):
         _STORE.set("dist_egnn/run_stamp", stamp)
     return _STORE.get("dist_egnn/run_stamp").decode()
 
 
-def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float) -> Groups:
+def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float,
+                wait_timeout_s: float | None = None) -> Groups:
     """Start the default process group (if the launcher has not) and the graph groups.
 
     Every collective inherits ``timeout_s``: a rank that dies mid-step makes the others fail with a timeout
-    error instead of waiting forever.
+    error instead of waiting forever. ``wait_timeout_s``: the timeout of :func:`barrier` with a timeout
+    (a gloo group of every rank made here, while all ranks are present).
     """
+    global _WAIT_GROUP
     check_world(env.world_size, parts)
     if not env.distributed:                    # one process: whole graphs, or all P parts in sequence
         return Groups(env, 1, None, None, 0, 0, 1)
     data_parallel = env.world_size // parts
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_STORE,
+        store = _STORE
+        if store is not None:
+            # One key space per torchrun attempt: the agent's store keeps the keys of a failed attempt, and
+            # reusing them would point the new ranks at the dead ranks' addresses.
+            store = dist.PrefixStore(f"dist_egnn/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=store,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     graph = data = None
     for g in range(data_parallel):            # every rank must create every group, in the same order
@@ -298,6 +309,8 @@ def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float) -> Gro
         data_group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s), backend="gloo")
         if env.rank in ranks:
             graph, data = model_group, data_group
+    if wait_timeout_s is not None:
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_timeout_s))
     return Groups(env, parts, graph, data, env.rank % parts, env.rank // parts, data_parallel)
 
 
@@ -310,11 +323,36 @@ def default_backend(device: torch.device) -> str:
 def all_reduce_numbers(values: list[float], op: str = "sum", group=None, device="cpu") -> list[float]:
     """Reduce a few Python numbers over ``group`` (default: every rank); identity without distribution."""
     if not (dist.is_available() and dist.is_initialized()):
-        return list(values)
+        return [float(v) for v in values]
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=ops[op], group=group)
     return tensor.tolist()
+
+
+def agree(flags: list[bool], device="cpu") -> list[bool]:
+    """Each flag true on any rank -> true on every rank (one small all-reduce MAX; identity in one process).
+
+    The trainer's per-step verdict: non-finite loss, non-finite gradients, stop requested. Every rank must
+    call it at the same point; a rank that got a signal or a NaN thus stops all of them at the same step.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [bool(f) for f in flags]
+    tensor = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in tensor.tolist()]
+
+
+def broadcast_text(text: str, src: int = 0, device="cpu") -> str:
+    """Rank ``src``'s string on every rank (UTF-8 bytes; no pickling); identity in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return text
+    data = torch.tensor(list(text.encode()) if dist.get_rank() == src else [], dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src)
+    buffer = data.to(device) if dist.get_rank() == src else torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, src)
+    return bytes(buffer.cpu().tolist()).decode()
 
 
 def check_same_samples(sample_ids: list[int], group, device="cpu") -> None:
@@ -359,15 +397,20 @@ def all_gather_arrays(array, group, device="cpu") -> list:
 
 
 def barrier(timeout_s: float | None = None) -> None:
-    """Wait for every rank; ``timeout_s`` overrides the group's timeout (gloo), e.g. while rank 0 prepares data."""
+    """Wait for every rank. With ``timeout_s`` (e.g. while rank 0 prepares data), wait on the group that
+    :func:`init_groups` made with ``wait_timeout_s`` if there is one, else a monitored barrier (gloo)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if timeout_s is not None and dist.get_backend() == "gloo":
+    if timeout_s is not None and _WAIT_GROUP is not None:
+        dist.barrier(group=_WAIT_GROUP)
+    elif timeout_s is not None and dist.get_backend() == "gloo":
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
     else:
         dist.barrier()
 
 
 def shutdown() -> None:
+    global _WAIT_GROUP
+    _WAIT_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -152,6 +152,9 @@ class TrainerConfig:
     num_threads: Optional[int] = None         # None: all cores of this process's share
     progress: bool = True
     steps_per_epoch: Optional[int] = None     # at most this many training steps per epoch (None: the whole split)
+    checkpoint_every_steps: int = 0           # also a resume point every this many steps; 0: only at evaluations
+    keep_last: int = 3                        # engine checkpoints kept (newest); the best evaluation's is kept too
+    nonfinite: str = "stop"                   # NaN/Inf loss or gradients: stop (diagnostic checkpoint) | skip the step
 
 
 @dataclass
@@ -231,9 +234,16 @@ def check(cfg: DictConfig | Config) -> None:
         problems.append(f"loss.mmd_target={cfg.loss.mmd_target!r}: choose truth or prediction")
     if cfg.trainer.dtype not in ("float32", "float64"):
         problems.append(f"trainer.dtype={cfg.trainer.dtype!r}: choose float32 or float64")
-    for key in ("max_epochs", "batch_size", "eval_batch_size", "eval_every", "patience"):
+    for key in ("max_epochs", "batch_size", "eval_batch_size", "eval_every", "patience", "keep_last"):
         if getattr(cfg.trainer, key) < 1:
             problems.append(f"trainer.{key}={getattr(cfg.trainer, key)}: must be >= 1")
+    if cfg.trainer.checkpoint_every_steps < 0:
+        problems.append(f"trainer.checkpoint_every_steps={cfg.trainer.checkpoint_every_steps}: must be >= 0 "
+                        f"(0: checkpoints at evaluations only)")
+    if cfg.trainer.nonfinite not in ("stop", "skip"):
+        problems.append(f"trainer.nonfinite={cfg.trainer.nonfinite!r}: choose stop or skip")
+    if cfg.get("resume") not in (None, "auto"):
+        problems.append(f"resume={cfg.get('resume')!r}: only resume=auto is supported (or leave resume unset)")
     if cfg.model.node_features != len(cfg.dataset.node_features):
         problems.append(f"model.node_features={cfg.model.node_features} but dataset.node_features lists "
                         f"{len(cfg.dataset.node_features)} features {list(cfg.dataset.node_features)}: "

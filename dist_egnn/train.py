@@ -14,15 +14,23 @@ The run directory receives (rank 0 writes):
                          model's collectives), edges_per_rank, dropped_edge_fraction, peak_mem_mb, ...; the
                          last line is the test evaluation of the best model and also carries test_mse
     checkpoints/best.pt  the model with the best validation MSE, portable (torch.load(weights_only=True))
-    checkpoints/engine/  the engine's checkpoints of each evaluation (model, optimizer, trainer state),
-                         tagged epoch-NNNNN; ``resume=auto`` continues from the newest
+    checkpoints/engine/  resume points: model, optimizer, trainer state (epoch, step in the epoch, early
+                         stopping, the epoch's running sums, RNG states), each completed by a manifest
+                         (config hash, file hashes); written after every evaluation (epoch-NNNNN), every
+                         ``trainer.checkpoint_every_steps`` steps and on SIGTERM/SIGINT
+                         (epoch-NNNNN-step-SSSSSS); the newest ``trainer.keep_last`` and the best are kept
+    checkpoints/diagnostic/  the state before a step whose loss or gradients were NaN/Inf (trainer.nonfinite=stop)
+
+Resuming (``resume=auto``, dist_egnn.resume) continues from the newest complete checkpoint, mid-epoch at the
+next batch: the batch order is a function of (seed, epoch) and the step index is saved, so a run stopped and
+resumed ends with the same parameters and metrics as one that never stopped. Nothing else in training draws
+random numbers (the MMD node sample is keyed by (seed, epoch, sample, node)); the global generators are
+restored anyway. metrics.jsonl keeps one line per evaluation across resumes (see dist_egnn.resume).
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,13 +43,14 @@ from tqdm.auto import tqdm
 from datasets.prefetch import prefetch
 from datasets.prepare import prepare_dataset
 from datasets.store import StoreInfo, open_store
-from dist_egnn import checkpoint, comm
+from dist_egnn import checkpoint, comm, faults, guard
 from dist_egnn.config import check, to_container
 from dist_egnn.engines import build_engine, resolve_engine
 from dist_egnn.keys import SPLITS
 from dist_egnn.losses import objective, sample_nodes
 from dist_egnn.models import EGNN, FastEGNN
 from dist_egnn.rank_data import RankBatch, RankData
+from dist_egnn.resume import Checkpoints, MetricsLog
 from partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -97,8 +106,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
 
 
-def train_step(engine, communicator, batch: RankBatch, cfg, device: torch.device, dtype: torch.dtype, parts: int):
-    """One training step of one rank's share of a batch: forward, loss share, backward, optimizer step.
+def forward_loss(engine, communicator, batch: RankBatch, cfg, device: torch.device, dtype: torch.dtype,
+                 parts: int):
+    """Forward and loss share of one rank's share of a batch (no backward).
 
     ``parts`` is P of the graph group (1 for one process): the loss share's MMD part is divided by it and
     the engine's ``loss_scale`` undoes its gradient averaging (see dist_egnn.engines.base). Returns the
@@ -114,29 +124,20 @@ def train_step(engine, communicator, batch: RankBatch, cfg, device: torch.device
         selected = sample_nodes(graph.batch, graph.num_graphs, loss_cfg.mmd_samples * cfg.model.virtual_channels,
                                 node_count=torch.as_tensor(batch.graph_nodes, device=device),
                                 keys=torch.as_tensor(batch.mmd_keys, device=device))
-    terms = objective(pred.pos, graph.target, pred.virtual_pos, graph.batch, graph.num_graphs,
-                      mmd_weight=loss_cfg.mmd_weight, mmd_sigma=loss_cfg.mmd_sigma, mmd_kernel=loss_cfg.mmd_kernel,
-                      mmd_target=loss_cfg.mmd_target, selected=selected, comm=communicator,
-                      total_nodes=float(batch.total_nodes), parts=parts)
+    return objective(pred.pos, graph.target, pred.virtual_pos, graph.batch, graph.num_graphs,
+                     mmd_weight=loss_cfg.mmd_weight, mmd_sigma=loss_cfg.mmd_sigma, mmd_kernel=loss_cfg.mmd_kernel,
+                     mmd_target=loss_cfg.mmd_target, selected=selected, comm=communicator,
+                     total_nodes=float(batch.total_nodes), parts=parts)
+
+
+def train_step(engine, communicator, batch: RankBatch, cfg, device: torch.device, dtype: torch.dtype, parts: int):
+    """One plain training step (forward, loss share, backward, optimizer step), as the scaling study times
+    it; :meth:`Trainer.step` adds the non-finite guard and fault injection. Returns the loss terms."""
+    terms = forward_loss(engine, communicator, batch, cfg, device, dtype, parts)
     engine.zero_grad()
     engine.backward(terms.total * engine.loss_scale)
     engine.step()
     return terms
-
-
-class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl and flushes it to disk at once (rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
 
 class Trainer:
@@ -163,13 +164,11 @@ class Trainer:
         self.dtype = DTYPES[t.dtype]
         torch.set_num_threads(thread_share(self.env, t.num_threads))
         backend = d.backend if d.backend != "auto" else comm.default_backend(self.device)
-        self.groups = comm.init_groups(self.env, d.parts, backend, d.timeout_s)
+        self.groups = comm.init_groups(self.env, d.parts, backend, d.timeout_s, d.prepare_timeout_s)
         self.collective_device = self.device if backend == "nccl" else torch.device("cpu")
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(cfg)))
         self.progress = t.progress and self.is_main
 
         self.info, splits = self.open_data()
@@ -183,14 +182,21 @@ class Trainer:
                                    cfg, self.groups)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
-        self.engine_dir = self.run_dir / "checkpoints" / "engine"
-        self.state = dict(epoch=0, best=dict(val_mse=float("inf"), epoch=0), stale=0)
+        self.checkpoints = Checkpoints(self.engine, self.run_dir, to_container(cfg), t.keep_last, self.is_main,
+                                       self.collective_device)
+        # epoch: epochs completed; step: steps done in the next one; global_step: steps of the run (skipped too)
+        self.state = dict(epoch=0, step=0, global_step=0, best=dict(val_mse=float("inf"), epoch=0), best_tag=None,
+                          stale=0, skipped=0)
+        self.totals = np.zeros(TOTALS)               # the running epoch sums of this rank (see train_epoch)
+        self.signals = guard.StopSignals()
+        self.faults = faults.Injector(self.env.rank)
 
     # -- data -----------------------------------------------------------------------------------------
     def open_data(self):
         """The store and its splits; in a multi-rank run, rank 0 prepares what is missing while others wait."""
         d = self.cfg.dataset
-        if self.env.distributed and not Path(d.store).exists():
+        # Agreed before rank 0 starts writing: a rank that looked later would see a half-written store.
+        if self.env.distributed and comm.agree([not Path(d.store).exists()], self.collective_device)[0]:
             if self.is_main:
                 open_dataset_store(d, progress=self.progress)
             comm.barrier(self.cfg.distributed.prepare_timeout_s)
@@ -204,7 +210,9 @@ class Trainer:
             return {name: RankData(data) for name, data in splits.items()}
         sequential = not self.env.distributed           # one process runs all P parts (drop-mode reference)
         path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed)
-        if stale is not None:                       # every rank saw the same answer: no one waits in vain
+        # Agreed before rank 0 starts building: every rank takes the same branch, no one waits in vain.
+        if comm.agree([stale is not None], self.collective_device)[0]:
+            stale = stale or "stale as another rank saw it"
             if not self.cfg.dataset.auto_prepare:
                 raise StalePartitionError(f"{path}: {stale}; build it with `python launch/prepare.py "
                                           f"dataset={self.cfg.dataset.name} distributed.parts={d.parts} "
@@ -223,36 +231,45 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train with early stopping, then evaluate the best model on the test split."""
+        """Train with early stopping, then evaluate the best model on the test split.
+
+        Raises guard.Stopped after a stop signal (a checkpoint is written first) and guard.NonFiniteError on
+        NaN/Inf with ``trainer.nonfinite=stop`` (after a diagnostic checkpoint).
+        """
         t = self.cfg.trainer
-        self.maybe_resume()
+        self.start()
         steps = min(self.data["train"].num_steps(t.batch_size, self.groups.data_parallel),
                     t.steps_per_epoch or float("inf"))
         first = self.state["epoch"] + 1
-        bar = tqdm(total=(t.max_epochs - first + 1) * steps, desc="training", unit="step", disable=not self.progress)
-        for epoch in range(first, t.max_epochs + 1):
-            if self.state["stale"] >= t.patience:
-                break
-            started = time.perf_counter()
-            record = self.train_epoch(epoch, bar)
-            self.state["epoch"] = epoch
-            if epoch % t.eval_every and epoch != t.max_epochs:
-                continue
-            record = dict(epoch=epoch, **record, val_mse=self.evaluate("val"),
-                          epoch_time_s=time.perf_counter() - started)
-            improved = record["val_mse"] < self.state["best"]["val_mse"]
-            if improved:
-                self.state["best"], self.state["stale"] = dict(record), 0
-                self.save_best(epoch, record["val_mse"])
-            else:
-                self.state["stale"] += 1
-            self.metrics.write(record)
-            self.engine.save(self.engine_dir, f"epoch-{epoch:05d}", dict(self.state))
-            bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_mse=f"{record['val_mse']:.4g}",
-                            best=f"{self.state['best']['val_mse']:.4g}")
-            if self.state["stale"] >= t.patience:
-                bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {self.state['stale']} evaluations")
-                break
+        bar = tqdm(total=(t.max_epochs - first + 1) * steps, initial=self.state["step"], desc="training",
+                   unit="step", disable=not self.progress)
+        with self.signals:
+            for epoch in range(first, t.max_epochs + 1):
+                if self.state["stale"] >= t.patience:
+                    break
+                started = time.perf_counter()
+                record = self.train_epoch(epoch, bar)
+                self.state.update(epoch=epoch, step=0)
+                if not self.evaluates(epoch):
+                    continue
+                record = dict(epoch=epoch, **record, val_mse=self.evaluate("val"),
+                              epoch_time_s=time.perf_counter() - started)
+                tag = checkpoint.evaluation_tag(epoch)
+                if record["val_mse"] < self.state["best"]["val_mse"]:
+                    self.state.update(best=dict(record), best_tag=tag, stale=0)
+                    self.save_best(epoch, record["val_mse"])
+                else:
+                    self.state["stale"] += 1
+                self.metrics.write(record)
+                self.save_checkpoint(tag)
+                bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_mse=f"{record['val_mse']:.4g}",
+                                best=f"{self.state['best']['val_mse']:.4g}")
+                if self.state["stale"] >= t.patience:
+                    bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {self.state['stale']} "
+                              f"evaluations (to continue, resume=auto with a larger trainer.patience)")
+                    break
+                if comm.agree([self.signals.received], self.collective_device)[0]:
+                    raise self.stopped(tag)
         bar.close()
 
         self.engine.import_state(checkpoint.load(self.best_path, map_location=self.device)["model"])
@@ -260,45 +277,83 @@ class Trainer:
         self.metrics.write(final)
         return final
 
+    def evaluates(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` ends with an evaluation (and its checkpoint)."""
+        return epoch % self.cfg.trainer.eval_every == 0 or epoch == self.cfg.trainer.max_epochs
+
     def train_epoch(self, epoch: int, bar: tqdm) -> dict[str, Any]:
-        """One pass over the training split; returns the epoch's training record (global over ranks)."""
+        """One pass over the training split, from step ``state["step"]`` (> 0 when resuming mid-epoch);
+        returns the epoch's training record (global over ranks)."""
         t, g = self.cfg.trainer, self.groups
         self.engine.train()
         data = self.data["train"]
         batch_ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, group=g.data_index,
                                    groups=g.data_parallel, equal_steps=True)[:t.steps_per_epoch]
+        if self.state["step"] == 0:
+            self.totals = np.zeros(TOTALS)
         if isinstance(self.comm, comm.GraphParallel):
             self.comm.stats.reset()                  # not the evaluation's collectives
-        totals = np.zeros(5)              # loss share, MSE share, edges, full edges, collective seconds (this rank)
-        step_times = []
-        for batch in prefetch(data.batches(batch_ids, seed=t.seed, epoch=epoch), self.cfg.dataset.prefetch):
+        warm_up = True                               # the first step of a process's epoch loop is not timed
+        batches = data.batches(batch_ids[self.state["step"]:], seed=t.seed, epoch=epoch)
+        for batch in prefetch(batches, self.cfg.dataset.prefetch):
             started = time.perf_counter()
-            terms = self.step(batch)
-            step_times.append(time.perf_counter() - started)
+            terms, skipped, stop = self.step(batch, epoch)
+            seconds = time.perf_counter() - started
             comm_seconds = self.comm.stats.reset().seconds if isinstance(self.comm, comm.GraphParallel) else 0.0
-            totals += [terms.total.item(), terms.mse.item(), batch.num_edges, batch.full_edges, comm_seconds]
+            self.state["step"] += 1
+            self.state["global_step"] += 1
+            self.state["skipped"] += skipped
+            loss, mse = (0.0, 0.0) if skipped else (terms.total.item(), terms.mse.item())
+            timed = [0.0, 0.0, seconds, 1.0] if warm_up else [seconds, 1.0, 0.0, 0.0]
+            self.totals += [loss, mse, batch.num_edges, batch.full_edges, skipped, comm_seconds, *timed]
+            warm_up = False
             bar.update(1)
-        return self.epoch_record(totals, step_times, len(batch_ids))
+            every = t.checkpoint_every_steps
+            last_before_evaluation = self.state["step"] == len(batch_ids) and self.evaluates(epoch)
+            if stop or (every and self.state["global_step"] % every == 0 and not last_before_evaluation):
+                tag = self.save_checkpoint(checkpoint.step_tag(epoch, self.state["step"]))
+                if stop:
+                    raise self.stopped(tag)
+        return self.epoch_record(self.totals, len(batch_ids))
 
-    def step(self, batch: RankBatch):
-        """Forward, loss share, backward and optimizer step of this rank's share of one batch."""
+    def step(self, batch: RankBatch, epoch: int):
+        """Forward, loss share, backward, the agreed non-finite/stop verdict, and the optimizer step of this
+        rank's share of one batch. Returns (loss terms, whether the step was skipped, whether to stop)."""
+        number = self.state["global_step"] + 1
         if isinstance(self.comm, comm.GraphParallel):
             comm.check_same_samples(batch.sample_ids, self.groups.graph, self.collective_device)
-        return train_step(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts)
+        terms = forward_loss(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts)
+        terms.total = self.faults.after_forward(number, terms.total)
+        self.engine.zero_grad()
+        self.engine.backward(terms.total * self.engine.loss_scale)
+        self.faults.after_backward(number, self.engine.module.parameters())
+        loss_bad, bad_grads = guard.nonfinite(terms.total, self.engine.module.named_parameters())
+        loss_bad, grads_bad, stop = comm.agree([loss_bad, bad_grads, self.signals.received], self.collective_device)
+        if loss_bad or grads_bad:
+            if self.cfg.trainer.nonfinite == "stop":
+                self.stop_nonfinite(epoch, batch, terms, loss_bad, grads_bad, bad_grads)
+            self.engine.zero_grad()
+            return terms, True, stop
+        self.engine.step()
+        return terms, False, stop
 
-    def epoch_record(self, totals: np.ndarray, step_times: list[float], steps: int) -> dict[str, Any]:
+    def epoch_record(self, totals: np.ndarray, steps: int) -> dict[str, Any]:
         """Sum the ranks' shares into global numbers; maxima over ranks for time, edges and memory."""
         g = self.groups
         loss, mse, edges, full = comm.all_reduce_numbers(list(totals[:4]), "sum", device=self.collective_device)
-        mean_step = float(np.mean(step_times[1:] or step_times)) if step_times else 0.0   # first step: warm-up
+        skipped = int(totals[4])                                 # agreed: the same on every rank
+        timed_seconds, timed_steps, warm_seconds, warm_steps = totals[6:10]
+        # Mean wall time per step, leaving out each epoch loop's first (warm-up) step when there are others.
+        mean_step = timed_seconds / timed_steps if timed_steps else warm_seconds / max(warm_steps, 1.0)
         step_max, edges_max, mem_max, comm_max = comm.all_reduce_numbers(
-            [mean_step, totals[2] / max(steps, 1), peak_memory_mb(self.device), totals[4] / max(steps, 1)], "max",
+            [mean_step, totals[2] / max(steps, 1), peak_memory_mb(self.device), totals[5] / max(steps, 1)], "max",
             device=self.collective_device)
-        batches = max(steps, 1) * g.data_parallel
+        batches = max(steps - skipped, 1) * g.data_parallel
         return dict(train_loss=loss / batches, train_mse=mse / batches, world_size=self.env.world_size,
                     parts=self.cfg.distributed.parts, halo=self.cfg.distributed.halo, engine=self.engine_name,
                     step_time_s=step_max, comm_time_s=comm_max, edges_per_rank=edges_max,
-                    dropped_edge_fraction=1.0 - edges / max(full / g.parts, 1.0), peak_mem_mb=mem_max)
+                    dropped_edge_fraction=1.0 - edges / max(full / g.parts, 1.0), peak_mem_mb=mem_max,
+                    skipped_steps=skipped)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> float:
@@ -324,23 +379,85 @@ class Trainer:
         """The portable best model (rank 0 writes; every rank takes part when the engine shards weights)."""
         state = self.engine.export_state()
         if self.is_main:
-            checkpoint.save_atomic(dict(model=state, epoch=epoch, val_mse=val_mse, config=to_container(self.cfg)),
-                                   self.best_path)
+            checkpoint.save_atomic(dict(model=state, epoch=epoch, val_mse=val_mse, config=to_container(self.cfg),
+                                        schema_version=checkpoint.SCHEMA_VERSION), self.best_path)
         comm.barrier()
 
-    def maybe_resume(self) -> None:
-        """``resume=auto``: continue from the engine checkpoint of the latest evaluation, if there is one."""
-        mode = self.cfg.get("resume")
-        if not mode:
-            return
-        if mode != "auto":
-            raise ValueError(f"resume={mode!r}: only resume=auto is supported")
-        tag = self.engine.latest_tag(self.engine_dir)
-        if tag is None:
+    def start(self) -> None:
+        """A fresh run or ``resume=auto`` (dist_egnn.resume); then rank 0 writes config.yaml."""
+        client = self.checkpoints.start(self.cfg.get("resume"), self.metrics, check=self.check_resumable)
+        if client is not None:
+            self.restore(client)
             if self.is_main:
-                print(f"resume=auto: no checkpoint in {self.engine_dir}, starting from scratch", file=sys.stderr)
-            return
-        client = self.engine.load(self.engine_dir, tag)
-        self.state.update({k: client[k] for k in ("epoch", "best", "stale") if k in client})
+                print(f"resumed from {self.checkpoints.resumed} {self.position()}", flush=True)
         if self.is_main:
-            print(f"resumed from {self.engine_dir} after epoch {self.state['epoch']}")
+            checkpoint.write_text_atomic(OmegaConf.to_yaml(to_container(self.cfg)), self.run_dir / "config.yaml")
+
+    def save_checkpoint(self, tag: str, **details) -> Path:
+        """A resume point at the current position (every rank calls it); returns its manifest path."""
+        return self.checkpoints.save(tag, (self.state["epoch"], self.state["step"]), self.client_state(),
+                                     metrics_lines=self.metrics.lines, keep=[self.state["best_tag"]], **details)
+
+    def client_state(self) -> dict[str, Any]:
+        """The trainer's part of a checkpoint: position, early stopping, every rank's running epoch sums
+        (gathered: rows by rank), RNG states, and what the sums depend on (world size, graph groups)."""
+        totals = self.totals
+        if self.env.distributed:
+            totals = np.stack(comm.all_gather_arrays(totals, None, self.collective_device))
+        return dict(schema_version=checkpoint.SCHEMA_VERSION, trainer=dict(self.state),
+                    totals=torch.as_tensor(np.atleast_2d(totals)), world_size=self.env.world_size,
+                    data_parallel=self.groups.data_parallel, rng=checkpoint.rng_state(),
+                    config_hash=self.checkpoints.hash)
+
+    def check_resumable(self, client: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint needs the same graph groups: they decide which batches each rank takes."""
+        if client["trainer"]["step"] and client["data_parallel"] != self.groups.data_parallel:
+            raise checkpoint.CheckpointError(
+                f"{self.checkpoints.resumed}: written mid-epoch with {client['data_parallel']} graph groups "
+                f"(world size / distributed.parts), this launch has {self.groups.data_parallel}, so the epoch's "
+                f"batches differ: resume with {client['data_parallel']} graph groups, or delete the step "
+                f"checkpoints (and their .json) written after the last evaluation")
+
+    def restore(self, client: dict[str, Any]) -> None:
+        """Undo :meth:`client_state` (every rank). Mid-epoch, the running sums continue on the rank that
+        had them (same world size) or all on rank 0 (another world size: equal up to rounding)."""
+        self.state.update(client["trainer"])
+        totals = client["totals"].numpy()
+        if totals.shape[0] == self.env.world_size:
+            self.totals = totals[self.env.rank].copy()
+        else:
+            self.totals = totals.sum(axis=0) if self.is_main else np.zeros(TOTALS)
+        checkpoint.set_rng_state(client["rng"])
+
+    def position(self) -> str:
+        """Where training stands, in words: "in epoch 3 after step 2" or "after epoch 2"."""
+        epoch, step = self.state["epoch"], self.state["step"]
+        where = f"in epoch {epoch + 1} after step {step}" if step else f"after epoch {epoch}"
+        return f"{where} (global step {self.state['global_step']})"
+
+    def stopped(self, manifest: Path) -> guard.Stopped:
+        who = self.signals.received or "a stop signal on another rank"
+        return guard.Stopped(f"stopped by {who} {self.position()}: checkpoint {manifest.with_suffix('')} written; "
+                             f"continue with resume=auto (hydra.run.dir={self.run_dir})")
+
+    def stop_nonfinite(self, epoch: int, batch: RankBatch, terms, loss_bad: bool, grads_bad: bool,
+                       bad_grads: list[str]) -> None:
+        """Write the state before this step to checkpoints/diagnostic/ and raise guard.NonFiniteError."""
+        what = " and ".join(["loss"] * loss_bad + ["gradients"] * grads_bad)
+        step = self.state["step"] + 1
+        tag = f"nonfinite-{checkpoint.step_tag(epoch, step)}"
+        manifest = self.checkpoints.save(
+            tag, (self.state["epoch"], self.state["step"]), self.client_state(), metrics_lines=self.metrics.lines,
+            diagnostic=True, reason=f"non-finite {what}", epoch=epoch, step=step,
+            global_step=self.state["global_step"] + 1, samples=list(batch.sample_ids),
+            loss_share=float(terms.total.detach()), nonfinite_gradients=bad_grads[:50])
+        raise guard.NonFiniteError(
+            f"non-finite {what} at epoch {epoch}, step {step} (global step {self.state['global_step'] + 1}, batch "
+            f"samples {list(batch.sample_ids)[:10]}): the model and optimizer before this step are in "
+            f"{manifest.with_suffix('')} (details in {manifest.name}); lower trainer.lr, check the data, or set "
+            f"trainer.nonfinite=skip to skip such steps")
+
+
+# Running epoch sums per rank: loss share, MSE share, edges, full edges, skipped steps, collective seconds,
+# timed step seconds, timed steps, warm-up step seconds, warm-up steps.
+TOTALS = 10

@@ -5,20 +5,26 @@
     torchrun --nproc-per-node P launch/train.py engine=ddp distributed.parts=P [overrides]
 
 Prints the run directory at start and end; it holds config.yaml, metrics.jsonl and checkpoints/ (see
-dist_egnn.train). Every rank of a launch writes into rank 0's run directory.
+dist_egnn.train). Every rank of a launch writes into rank 0's run directory. Continue a stopped or finished
+run with ``resume=auto`` and the same ``hydra.run.dir``.
+
+Exit codes: 0 finished; 2 bad input or configuration (nothing changed); 3 NaN/Inf loss or gradients
+(diagnostic checkpoint written); 75 stopped by SIGTERM/SIGINT after writing a checkpoint; 1 another error,
+e.g. a rank that died or hung (the others fail within ``distributed.timeout_s``).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import traceback
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from datasets.store import StoreError
-from dist_egnn import comm
+from dist_egnn import comm, guard
 from dist_egnn.config import register
 from dist_egnn.train import Trainer
 
@@ -52,14 +58,34 @@ def main(cfg: DictConfig) -> None:
         print(f"run directory: {run_dir}", flush=True)
     try:
         result = Trainer(cfg, run_dir, env).fit()
+    except guard.Stopped as err:
+        finish(env, f"{err}", guard.EXIT_STOPPED)
+    except guard.NonFiniteError as err:
+        finish(env, f"error (rank {env.rank}): {err}", guard.EXIT_NONFINITE)
     except (StoreError, ValueError, FileNotFoundError) as err:
-        print(f"error (rank {env.rank}): {err}", file=sys.stderr)
-        comm.shutdown()
-        sys.exit(2)
+        finish(env, f"error (rank {env.rank}): {err}", guard.EXIT_BAD_INPUT)
+    except RuntimeError as err:
+        if not env.distributed:
+            raise
+        # A collective failed: another rank died or hung (distributed.timeout_s), or this rank's own error.
+        # The process group may be broken, so leave without tearing it down.
+        traceback.print_exc()
+        print(f"error (rank {env.rank}): {type(err).__name__}: {str(err)[:500]}\nThe run stops on every rank "
+              f"(a dead or hung rank fails the others' collectives within distributed.timeout_s="
+              f"{cfg.distributed.timeout_s:g} s); continue it with resume=auto (hydra.run.dir={run_dir})",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(guard.EXIT_RANK_FAILED)
     comm.shutdown()
     if env.rank == 0:
         print(json.dumps(result))
         print(f"run directory: {run_dir}")
+
+
+def finish(env: comm.DistEnv, message: str, code: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    comm.shutdown()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

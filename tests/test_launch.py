@@ -101,16 +101,22 @@ def test_deepspeed_launcher_as_typed(data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_metrics(data_dir / "ds", data_dir / "single-float32", 1e-5)
     assert records(data_dir / "ds")[0]["engine"] == "deepspeed"
-    assert (data_dir / "ds" / "checkpoints" / "engine" / "latest").read_text().strip() == "epoch-00002"
+    engine_dir = data_dir / "ds" / "checkpoints" / "engine"
+    assert (engine_dir / "latest").read_text().strip() == "epoch-00002"
+    assert (engine_dir / "epoch-00002.json").exists(), "a DeepSpeed tag is complete only with its manifest"
     assert not list(data_dir.glob("ds/*/metrics.jsonl")), "ranks must share one run directory"
 
 
 def test_resume_with_a_different_number_of_parts(data_dir):
-    """Guards resumability across P: a DeepSpeed run at P = 2 continues at P = 1 (ZeRO stage 0)."""
+    """Guards resumability across P: a DeepSpeed run at P = 2 continues at P = 1 (ZeRO stage 0), from its
+    newest complete tag, even when DeepSpeed's `latest` names a tag cut short (no manifest)."""
     shutil.copytree(data_dir / "ds", data_dir / "ds-resumed")
+    engine_dir = data_dir / "ds-resumed" / "checkpoints" / "engine"
+    shutil.copytree(engine_dir / "epoch-00002", engine_dir / "epoch-00003-step-000001")     # no manifest
+    (engine_dir / "latest").write_text("epoch-00003-step-000001")
     proc = launch(deepspeed(1), data_dir, "ds-resumed", "trainer.max_epochs=3", "resume=auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout
+    assert "epoch-00002 after epoch 2" in proc.stdout and "ignoring incomplete checkpoints" in proc.stderr
     evaluations = [r for r in records(data_dir / "ds-resumed") if "test_mse" not in r]
     assert [r["epoch"] for r in evaluations] == [1, 2, 3]
     assert evaluations[-1]["parts"] == 1

@@ -9,7 +9,9 @@ only between steps), so the engines differ in how gradients are combined and che
   0.55 and 0.55 (one device's loss 1.1): scaled 1.1 and 1.1, averaged over 2 ranks: 1.1.
 * checkpoints: plain, DDP and FSDP write one portable file ``<dir>/<tag>.pt`` (full model and optimizer
   state, client state), so a run can resume under another engine or another P; DeepSpeed writes its own
-  directory format through ``save_checkpoint``/``load_checkpoint``.
+  directory format through ``save_checkpoint``/``load_checkpoint``. Either way the trainer completes a
+  checkpoint by writing its manifest after the engine's files (``dist_egnn.checkpoint``): ``latest_tag``
+  sees only complete ones.
 """
 from __future__ import annotations
 
@@ -80,13 +82,19 @@ class Engine:
 
     def load(self, directory: str | Path, tag: str) -> dict[str, Any]:
         """Restore model and optimizer from ``<directory>/<tag>.pt``; returns the client state."""
-        state = checkpoint.load(Path(directory) / f"{tag}.pt")
-        self.import_state(state["model"])
-        self.load_optimizer_state(state["optimizer"])
+        path = Path(directory) / f"{tag}.pt"
+        state = checkpoint.load(path)
+        try:
+            self.import_state(state["model"])
+            self.load_optimizer_state(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise checkpoint.CheckpointError(
+                f"{path} does not fit this model and optimizer ({type(err).__name__}: {str(err)[:300]}); it was "
+                f"written for another model configuration: resume with that configuration or start a new run "
+                f"directory") from err
         return state.get("client", {})
 
     @staticmethod
     def latest_tag(directory: str | Path) -> str | None:
-        """The newest complete checkpoint's tag in ``directory`` (tags sort by age), or None."""
-        tags = sorted(p.stem for p in Path(directory).glob("*.pt") if not p.name.startswith("."))
-        return tags[-1] if tags else None
+        """The newest complete checkpoint's tag in ``directory`` (one with its manifest), or None."""
+        return checkpoint.latest_tag(directory)

@@ -4,12 +4,15 @@ On CPU DeepSpeed picks its CPU accelerator and gloo; on GPUs, nccl. The optimize
 passed in (a config "Adam" would JIT-build FusedAdam for minutes, see STACK.md). Checkpoints go through
 ``save_checkpoint``/``load_checkpoint`` with the trainer's client state; with ZeRO stage 0 (default) model
 and optimizer states are whole in every checkpoint, so a run can resume with another P or world size.
+DeepSpeed's own ``latest`` file is not used: the trainer's manifest (``dist_egnn.checkpoint``) marks a tag
+complete, so a tag cut short is never loaded even if ``latest`` names it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from dist_egnn import checkpoint
 from dist_egnn.engines.base import Engine
 
 
@@ -53,13 +56,19 @@ class DeepSpeedEngine(Engine):
         return Path(directory) / tag
 
     def load(self, directory, tag):
-        path, client = self.model.load_checkpoint(str(directory), tag=tag)
+        """DeepSpeed loads with ``weights_only=False``: every file of the tag is first checked to unpickle
+        with ``weights_only=True`` (no code can run), and the trainer has checked them against the manifest."""
+        files = sorted((Path(directory) / tag).rglob("*.pt"))
+        if not files:
+            raise checkpoint.CheckpointError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
+        for path in files:
+            checkpoint.check_weights_only(path)
+        try:
+            path, client = self.model.load_checkpoint(str(directory), tag=tag)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise checkpoint.CheckpointError(
+                f"{Path(directory) / tag} does not fit this model and optimizer ({type(err).__name__}: "
+                f"{str(err)[:300]}); resume with the run's model configuration or start a new run directory") from err
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
+            raise checkpoint.CheckpointError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
         return client or {}
-
-    @staticmethod
-    def latest_tag(directory):
-        """DeepSpeed records the tag of its newest complete checkpoint in ``<directory>/latest``."""
-        latest = Path(directory) / "latest"
-        return latest.read_text().strip() if latest.is_file() else None

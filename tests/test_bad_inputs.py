@@ -1,0 +1,218 @@
+"""The catalogue of bad inputs: configurations, stores, partitions, checkpoints, run directories.
+
+Each case damages a copy of good material (a tiny store with stored partitions, a finished run with its
+checkpoints), runs what a user would run, and checks three things: the error is of the documented kind,
+its message names the file or field and the fix, and nothing that existed before was changed (every file's
+SHA-256 is the same afterwards). Guards against silent damage, half-applied resumes and unsafe unpickling.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import zarr
+
+from datasets.store import StoreError
+from dist_egnn.checkpoint import CheckpointError, sha256
+from partitioners.artifacts import StalePartitionError, load_assignments, prepare_partitions
+from runs import config, digest, fit
+
+STORE = "nbody_small.zarr"
+PARTITION = "nbody_small.partitions/random-p2-s0.zarr"
+LAST = "checkpoints/engine/epoch-00002"             # the newest checkpoint of the finished run
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """data/: the store and random partitions for P = 2 and 3; done/: a finished 2-epoch run."""
+    root = tmp_path_factory.mktemp("pristine")
+    fit(root / "data", root / "done", "trainer.max_epochs=2")
+    for parts in (2, 3):
+        prepare_partitions(splits(root / "data"), "random", parts, 0, progress=False)
+    return root
+
+
+def splits(data: Path, *overrides: str):
+    from dist_egnn.train import load_splits, open_dataset_store
+    cfg = config(data, *overrides)
+    return load_splits(cfg, open_dataset_store(cfg.dataset, progress=False))
+
+
+@dataclass
+class Case:
+    """``damage`` prepares the bad input in the case directory; ``run`` does what a user would do."""
+
+    damage: Callable[[Path], None]
+    run: Callable[[Path], object]
+    error: type[BaseException]
+    says: tuple[str, ...]                      # fragments the message must hold: the file or field, the fix
+
+
+def nothing(_: Path) -> None:
+    pass
+
+
+def train(*overrides: str, run: str = "new") -> Callable[[Path], object]:
+    return lambda case: fit(case / "data", case / run, *overrides)
+
+
+def resume(*overrides: str) -> Callable[[Path], object]:
+    return train("trainer.max_epochs=2", "resume=auto", *overrides, run="done")
+
+
+def edit_attrs(path: str, **attrs) -> Callable[[Path], None]:
+    def damage(case: Path) -> None:
+        group = zarr.open_group(str(case / "data" / path), mode="r+")
+        group.attrs.update(attrs)
+    return damage
+
+
+def set_nan(case: Path) -> None:
+    zarr.open_group(str(case / "data" / STORE), mode="r+")["val/pos"][0, 0, 0] = float("nan")
+
+
+def delete_array(case: Path) -> None:
+    shutil.rmtree(case / "data" / STORE / "val" / "vel")
+
+
+def store_is_a_file(case: Path) -> None:
+    shutil.rmtree(case / "data" / STORE)
+    (case / "data" / STORE).write_text("not a zarr store")
+
+
+def truncate_checkpoint(case: Path) -> None:
+    path = case / "done" / f"{LAST}.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_manifest(**fields) -> Callable[[Path], None]:
+    def damage(case: Path) -> None:
+        path = case / "done" / f"{LAST}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return damage
+
+
+def garble_manifest(case: Path) -> None:
+    (case / "done" / f"{LAST}.json").write_text('{"format": "dist-egnn-checkpoint", "schema_ver')
+
+
+def replace_checkpoint(make: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Write another file in place of the newest checkpoint and update its manifest to match (as someone
+    copying a checkpoint from elsewhere would): only the content check can stop it."""
+    def damage(case: Path) -> None:
+        path = case / "done" / f"{LAST}.pt"
+        make(path)
+        manifest_path = path.with_suffix(".json")
+        manifest = json.loads(manifest_path.read_text())
+        manifest["files"][path.name] = dict(bytes=path.stat().st_size, sha256=sha256(path))
+        manifest_path.write_text(json.dumps(manifest))
+    return damage
+
+
+def other_model_shape(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    state["model"] = {k: torch.cat([v, v]) if v.dim() else v for k, v in state["model"].items()}
+    torch.save(state, path)
+
+
+class Payload:
+    """An object whose unpickling would run a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious(path: Path) -> None:
+    torch.save({"model": Payload(path.parent / "PWNED"), "optimizer": {}}, path)
+
+
+def cut_metrics(case: Path) -> None:
+    path = case / "done" / "metrics.jsonl"
+    path.write_text(path.read_text().splitlines(keepends=True)[0])
+
+
+def stale_partition(case: Path):
+    return prepare_partitions(splits(case / "data", "dataset.radius=2.0"), "random", 2, 0, rebuild=False,
+                              progress=False)
+
+
+def rank_data_with_other_parts(case: Path):
+    from dist_egnn.rank_data import RankData
+    data = splits(case / "data")["train"]
+    return RankData(data, 0, 2, assignments=load_assignments(case / "data" / PARTITION.replace("p2", "p3"), "train"))
+
+
+CASES = {
+    # configurations: rejected before anything is read or written
+    "unknown key": Case(nothing, train("trainer.learning_rate=0.1"), Exception, ("learning_rate", "trainer")),
+    "wrong type": Case(nothing, train("trainer.max_epochs=many"), Exception, ("trainer.max_epochs", "many")),
+    "nonfinite policy": Case(nothing, train("trainer.nonfinite=ignore"), ValueError,
+                             ("trainer.nonfinite='ignore'", "choose stop or skip")),
+    "negative checkpoint interval": Case(nothing, train("trainer.checkpoint_every_steps=-1"), ValueError,
+                                         ("trainer.checkpoint_every_steps=-1", ">= 0")),
+    "keep no checkpoint": Case(nothing, train("trainer.keep_last=0"), ValueError, ("trainer.keep_last=0", ">= 1")),
+    "resume mode": Case(nothing, train("resume=latest"), ValueError, ("resume='latest'", "resume=auto")),
+    "feature width": Case(nothing, train("model.node_features=3"), ValueError,
+                          ("model.node_features=3", "dataset.node_features")),
+    "halo mode": Case(nothing, train("distributed.parts=2", "distributed.halo=full"), ValueError,
+                      ("distributed.halo='full'", "'exact'")),
+    # dataset stores
+    "missing store": Case(nothing, train("dataset.auto_prepare=false", "paths.data=elsewhere"), StoreError,
+                          ("does not exist", "prepare.py")),
+    "newer store schema": Case(edit_attrs(STORE, schema_version=99), train(), StoreError,
+                               (STORE, "schema_version 99", "upgrade dist-egnn")),
+    "missing array": Case(delete_array, train(), StoreError, ("val", "'vel' is missing", "prepare the dataset again")),
+    "NaN in store": Case(set_nan, train(), StoreError, ("val/pos: NaN or Inf",)),
+    "store is a file": Case(store_is_a_file, train(), StoreError, (STORE, "not a readable zarr group", "prepare")),
+    # stored partitions
+    "stale partition": Case(nothing, stale_partition, StalePartitionError,
+                            ("random-p2-s0.zarr", "radius", "launch/prepare.py distributed.parts=2")),
+    "partition schema": Case(edit_attrs(PARTITION, schema_version=7), lambda case: load_assignments(
+        case / "data" / PARTITION, "train"), StalePartitionError, ("random-p2-s0.zarr", "schema_version 7", "prepare")),
+    "partition for other P": Case(nothing, rank_data_with_other_parts, ValueError,
+                                  ("random-p3-s0.zarr", "3 parts but distributed.parts=2", "prepare")),
+    # checkpoints and run directories (resume=auto on the finished run)
+    "truncated checkpoint": Case(truncate_checkpoint, resume(), CheckpointError,
+                                 ("epoch-00002.pt", "damaged", "delete epoch-00002.json")),
+    "newer checkpoint schema": Case(edit_manifest(schema_version=99), resume(), CheckpointError,
+                                    ("epoch-00002.json", "schema_version 99", "upgrade dist-egnn")),
+    "garbled manifest": Case(garble_manifest, resume(), CheckpointError, ("epoch-00002.json", "cannot be read", "delete")),
+    "changed configuration": Case(nothing, resume("model.hidden=32"), CheckpointError,
+                                  ("epoch-00002.json", "model.hidden: 64 -> 32", "new run directory")),
+    "wrong model shape": Case(replace_checkpoint(other_model_shape), resume(), CheckpointError,
+                              ("epoch-00002.pt", "does not fit this model", "size mismatch")),
+    "malicious pickle": Case(replace_checkpoint(malicious), resume(), CheckpointError,
+                             ("epoch-00002.pt", "cannot be loaded safely", "GLOBAL posix.system")),
+    "metrics log cut": Case(cut_metrics, resume(), CheckpointError, ("metrics.jsonl", "holds 1 complete lines", "restore")),
+    "fresh run in a used directory": Case(nothing, train(run="done"), CheckpointError,
+                                          ("already holds a run", "resume=auto", "hydra.run.dir")),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(pristine, tmp_path, monkeypatch, name):
+    case = CASES[name]
+    shutil.copytree(pristine, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    case.damage(tmp_path)
+    before = digest(tmp_path)
+    with pytest.raises(case.error) as caught:
+        case.run(tmp_path)
+    message = str(caught.value)
+    for fragment in case.says:
+        assert fragment in message, f"{fragment!r} not in: {message}"
+    assert digest(tmp_path) == before, "existing data changed"
+    assert not (tmp_path / "done" / "checkpoints" / "engine" / "PWNED").exists()
+
+
+def test_the_catalogue_is_long_enough():
+    assert len(CASES) >= 15

@@ -1,0 +1,141 @@
+"""Checkpoints and resume on one process: exact resume mid-epoch, continuing a finished run, stop signals, the
+NaN/Inf guard, keep-last-K pruning and checkpoints that are complete only with their manifest.
+
+Runs happen in this process (tests/runs.py) on a tiny N-body set: 3 epochs of 2 steps, a resume point after
+every step. Faults are injected through the real paths (dist_egnn.faults): the process sends itself the
+signal, the loss share becomes NaN, a gradient becomes Inf.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_egnn import checkpoint, guard
+from runs import ROOT, TINY, engine_checkpoint, fit, max_difference, records, results
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """The store and a reference run that never stopped (3 epochs)."""
+    root = tmp_path_factory.mktemp("resume")
+    fit(root / "data", root / "reference")
+    return root
+
+
+def final_state(run_dir: Path) -> dict:
+    return engine_checkpoint(run_dir, "epoch-00003")
+
+
+@pytest.mark.parametrize("fault, tag", [("sigterm@3", "epoch-00002-step-000001"),      # mid-epoch
+                                        ("sigint@4", "epoch-00002-step-000002")])      # before an evaluation
+def test_stopped_and_resumed_run_equals_one_that_never_stopped(root, monkeypatch, fault, tag):
+    """Guards exact resume: the batch position, optimizer state, early stopping, the epoch's running sums and
+    metrics.jsonl all continue where the signal stopped the run, bit for bit."""
+    run = root / f"stopped-{fault}"
+    monkeypatch.setenv("DIST_EGNN_FAULTS", fault)
+    with pytest.raises(guard.Stopped, match=f"stopped by SIG(TERM|INT) in epoch 2 after step {tag[-1]} .*resume=auto"):
+        fit(root / "data", run)
+    monkeypatch.delenv("DIST_EGNN_FAULTS")
+    assert checkpoint.latest_tag(run / "checkpoints" / "engine") == tag
+    assert len(records(run)) == 1                                   # epoch 1 only
+
+    fit(root / "data", run, "resume=auto")
+    assert results(run) == results(root / "reference")              # one line per evaluation, then the test line
+    got, want = final_state(run), final_state(root / "reference")
+    assert max_difference(got["model"], want["model"]) == 0.0
+    assert max_difference(got["optimizer"], want["optimizer"]) == 0.0
+    best = [torch.load(r / "checkpoints" / "best.pt", weights_only=True)["model"] for r in (run, root / "reference")]
+    assert max_difference(*best) == 0.0
+
+
+def test_finished_run_continues_when_max_epochs_is_raised(root):
+    """Guards continuing a finished run: the old test line is superseded, the result equals a longer run."""
+    run = root / "short"
+    fit(root / "data", run, "trainer.max_epochs=2")
+    assert "test_mse" in records(run)[-1] and len(records(run)) == 3
+    fit(root / "data", run, "trainer.max_epochs=3", "resume=auto")
+    assert results(run) == results(root / "reference")
+    superseded = [json.loads(line) for line in (run / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert len(superseded) == 1 and "test_mse" in superseded[0]
+    assert max_difference(final_state(run)["model"], final_state(root / "reference")["model"]) == 0.0
+
+
+def test_keep_last_and_best(root):
+    """Guards pruning in a real run: the newest trainer.keep_last=3 checkpoints and the best one remain."""
+    manifests = checkpoint.complete_checkpoints(root / "reference" / "checkpoints" / "engine")
+    best_tag = engine_checkpoint(root / "reference", "epoch-00003")["client"]["trainer"]["best_tag"]
+    tags = [m["tag"] for m in manifests]
+    assert set(tags) == {"epoch-00002", "epoch-00003-step-000001", "epoch-00003", best_tag}
+    assert all(m["config_hash"] == manifests[0]["config_hash"] for m in manifests)
+
+
+def test_nonfinite_loss_stops_with_a_diagnostic_checkpoint(root, monkeypatch):
+    """Guards trainer.nonfinite=stop: the message names epoch, step and what was NaN; the diagnostic checkpoint
+    holds the state before the bad step, is never resumed from, and a resume continues exactly."""
+    run = root / "nan"
+    monkeypatch.setenv("DIST_EGNN_FAULTS", "nan_loss@3")
+    with pytest.raises(guard.NonFiniteError, match=r"non-finite loss and gradients at epoch 2, step 1 \(global step 3"
+                                                   r".*trainer.nonfinite=skip"):
+        fit(root / "data", run)
+    monkeypatch.delenv("DIST_EGNN_FAULTS")
+    diagnostic = run / "checkpoints" / "diagnostic"
+    report = json.loads((diagnostic / "nonfinite-epoch-00002-step-000001.json").read_text())
+    assert report["reason"] == "non-finite loss and gradients" and len(report["samples"]) == 3
+    before = torch.load(diagnostic / "nonfinite-epoch-00002-step-000001.pt", weights_only=True)
+    assert max_difference(before["model"], engine_checkpoint(run, "epoch-00001")["model"]) == 0.0
+
+    fit(root / "data", run, "resume=auto")                          # the cause is gone: continue
+    assert results(run) == results(root / "reference")
+
+
+def test_nonfinite_gradient_skips_the_step(root, monkeypatch):
+    """Guards trainer.nonfinite=skip: the step with an Inf gradient is skipped, counted, and training goes on."""
+    run = root / "skip"
+    monkeypatch.setenv("DIST_EGNN_FAULTS", "inf_grad@2")
+    fit(root / "data", run, "trainer.nonfinite=skip")
+    lines = records(run)
+    assert [r.get("skipped_steps") for r in lines[:-1]] == [1, 0, 0]
+    assert all(torch.isfinite(v).all() for v in final_state(run)["model"].values())
+    assert lines[-1]["test_mse"] == lines[-1]["test_mse"]           # not NaN
+
+
+def test_incomplete_checkpoints_are_never_picked_and_pruning_keeps_best(tmp_path):
+    """Guards "complete only with its metadata": files without a manifest (a save cut short, a DeepSpeed tag
+    that `latest` names) are ignored and later removed; keep-last-K keeps the best tag too."""
+    for i, (tag, position) in enumerate([("epoch-00001", (1, 0)), ("epoch-00002-step-000001", (1, 1)),
+                                         ("epoch-00002", (2, 0)), ("epoch-00003", (3, 0))]):
+        (tmp_path / f"{tag}.pt").write_bytes(b"x" * (i + 1))
+        checkpoint.write_manifest(tmp_path, tag, position=list(position), config_hash="h")
+    (tmp_path / "epoch-00004.pt").write_bytes(b"torn")                         # plain engine, cut short
+    (tmp_path / "epoch-00005").mkdir()                                          # DeepSpeed, cut short
+    (tmp_path / "epoch-00005" / "mp_rank_00_model_states.pt").write_bytes(b"torn")
+    (tmp_path / "latest").write_text("epoch-00005")
+    (tmp_path / ".epoch-00006.pt.1234abcd.tmp").write_bytes(b"torn")
+
+    assert checkpoint.latest_tag(tmp_path) == "epoch-00003"
+    assert checkpoint.incomplete_tags(tmp_path) == ["epoch-00004", "epoch-00005"]
+    assert checkpoint.prune(tmp_path, keep_last=2, keep=["epoch-00001"]) == ["epoch-00002-step-000001"]
+    assert [m["tag"] for m in checkpoint.complete_checkpoints(tmp_path)] == ["epoch-00001", "epoch-00002", "epoch-00003"]
+    assert checkpoint.remove_leftovers(tmp_path) == ["epoch-00004", "epoch-00005"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["epoch-00001.pt", "epoch-00001.json", "epoch-00002.pt", "epoch-00002.json", "epoch-00003.pt",
+         "epoch-00003.json", "latest"])
+
+
+@pytest.mark.parametrize("fault, code, message", [
+    ("sigint@2", guard.EXIT_STOPPED, "stopped by SIGINT in epoch 1 after step 2"),
+    ("nan_loss@1", guard.EXIT_NONFINITE, "non-finite loss and gradients at epoch 1, step 1")])
+def test_exit_codes_of_the_launcher(root, fault, code, message):
+    """Guards `python launch/train.py`: a stop signal and NaN each exit with their own code and message."""
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"paths.data={root / 'data'}",
+           f"hydra.run.dir={root / ('cli-' + fault)}", *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "DIST_EGNN_FAULTS": fault, "HYDRA_FULL_ERROR": "0"})
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert message in proc.stderr
