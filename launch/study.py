@@ -3,7 +3,9 @@
 A study (``launch/conf/study/NAME.yaml``) is a list of labelled runs, each a set of ``launch/train.py``
 overrides, trained once per seed on one dataset under one named budget. Every run is a separate process
 (``python launch/train.py``, or ``deepspeed --num_gpus R launch/train.py`` for ``ranks: R``), so a study
-trains exactly what a user would. Finished runs are kept and skipped when the study is started again.
+trains exactly what a user would. Runs go seed by seed (every label's first seed, then the second...), and
+finished runs are kept and skipped when the study is started again; an unfinished one resumes from its
+newest checkpoint (``resume=auto``). ``wall_time_s`` is the time of the launch that finished a run.
 
 Writes, after every finished run:
     docs/results/<study>[-<budget>].json   one record per run: study, dataset, model, seed, test_mse, ...
@@ -77,7 +79,7 @@ def train_command(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, d
         launcher = [sys.executable, script]
     return [*launcher, f"dataset={spec.dataset}", f"paths.data={data_dir}", *spec.common,
             *spec.budgets[spec.budget], *run.overrides, f"trainer.seed={seed}", f"hydra.run.dir={run_dir}",
-            "trainer.progress=false"]
+            "trainer.progress=false", "resume=auto"]
 
 
 def finished_record(run_dir: Path) -> dict[str, Any] | None:
@@ -128,13 +130,14 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path) -> N
 def main(cfg: DictConfig) -> None:
     spec = cfg.study
     base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
-    jobs = [(run, seed) for run in spec.runs for seed in spec.seeds]
+    # Seed-major: every run's first seed before any second seed, so a study cut short already compares them all.
+    jobs = [(run, seed) for seed in spec.seeds for run in spec.runs]
     records = []
     bar = tqdm(jobs, desc=f"study {spec.name}", unit="run", disable=not cfg.progress)
     for run, seed in bar:
         run_dir = base / run.label / f"seed{seed}"
         if finished_record(run_dir) is None:
-            shutil.rmtree(run_dir, ignore_errors=True)            # an unfinished run starts over
+            # resume=auto: a run cut short continues from its newest checkpoint (a new one starts fresh).
             cmd = train_command(spec, run, seed, run_dir, cfg.paths.data)
             bar.write(f"running {run.label} seed {seed}: {' '.join(cmd)}")
             started = time.perf_counter()

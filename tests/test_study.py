@@ -39,7 +39,8 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     proc = run_study(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = json.loads((tmp_path / "results" / "tiny.json").read_text())
-    assert [(r["label"], r["seed"]) for r in records] == [("egnn", 0), ("egnn", 1), ("fastegnn", 0), ("fastegnn", 1)]
+    # seed-major: every label's first seed before any second seed
+    assert [(r["label"], r["seed"]) for r in records] == [("egnn", 0), ("fastegnn", 0), ("egnn", 1), ("fastegnn", 1)]
     for r in records:
         assert {"study", "dataset", "model", "seed", "test_mse", "cutoff_rate", "parts", "halo"} <= set(r)
         assert r["study"] == "tiny" and r["dataset"] == "nbody_small" and r["test_mse"] > 0
@@ -51,6 +52,15 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     again = run_study(tmp_path)                               # everything finished: nothing is retrained
     assert again.returncode == 0 and "running" not in again.stdout + again.stderr
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
+
+    # A run cut short after its last checkpoint (no test line yet) resumes instead of starting over.
+    metrics = Path(records[-1]["run_dir"]) / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
+    resumed = run_study(tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resume=auto" in resumed.stdout + resumed.stderr and resumed.stdout.count("running ") == 1
+    again_records = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert again_records[-1]["test_mse"] == records[-1]["test_mse"]
 
 
 def test_unknown_budget_is_a_clear_error(tmp_path):
