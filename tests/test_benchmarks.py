@@ -63,3 +63,28 @@ def test_reference_model_is_the_same_function_with_the_same_parameters(ours_cls,
     for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in (a, b)]   # unused: None or 0
         assert torch.allclose(*grads, rtol=1e-9, atol=1e-11), name
+
+
+def test_asv_runs_a_benchmark_and_publish_builds_the_dashboard(tmp_path):
+    """The real asv tool end to end on the installed environment: run one benchmark, publish the HTML."""
+    asv = Path(sys.executable).with_name("asv")
+    conf = json.loads(re.sub(r"^\s*//.*$", "", (BENCH / "asv.conf.json").read_text(), flags=re.M))
+    conf.update(repo=str(BENCH.parent), benchmark_dir=str(BENCH / "benchmarks"), env_dir=str(tmp_path / "env"),
+                results_dir=str(tmp_path / "results"), html_dir=str(tmp_path / "html"))
+    (tmp_path / "asv.conf.json").write_text(json.dumps(conf))
+    # HOME: asv keeps its machine description in ~/.asv-machine.json; the test leaves the user's alone.
+    env = {**os.environ, "DIST_EGNN_BENCH_TINY": "1", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    commit = subprocess.run(["git", "-C", str(BENCH.parent), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    if not commit:
+        pytest.skip("not a git checkout: asv needs a commit hash")
+    for cmd in (["machine", "--yes", "--machine", "ci"],
+                ["run", "--python=same", "--quick", "--machine", "ci", "--bench", "mmd", f"--set-commit-hash={commit}"],
+                ["publish"]):
+        out = subprocess.run([str(asv), *cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = list((tmp_path / "results" / "ci").glob("*.json"))
+    assert any(r.name != "machine.json" for r in results)
+    assert (tmp_path / "html" / "index.html").exists() and (tmp_path / "html" / "index.json").exists()
+    index = json.loads((tmp_path / "html" / "index.json").read_text())
+    assert any(name.startswith("mmd.") for name in index["benchmarks"])
