@@ -50,7 +50,7 @@ class ScalingConfig:
     parts: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     halo: list[str] = field(default_factory=lambda: ["exact", "none"])
     steps: int = 4                                  # timed steps per measurement (after one warm-up step)
-    real_max_ranks: int = 2                         # real runs up to this many ranks (this machine's cores)
+    real_max_ranks: int = 2                         # real runs up to this many ranks (this machine's cores; 0: none)
     link_repeats: int = 20                          # repetitions of each collective when measuring α and β
     overrides: list[str] = field(default_factory=list)   # extra launch/train.py overrides (model, paths, ...)
     results_dir: str = "docs/results"
@@ -129,8 +129,7 @@ def rows_of(cfg, out: Path) -> list[dict[str, Any]]:
                              peak_mem_mb=real["peak_mem_mb"], threads_per_rank=max(1, cfg.real_max_ranks // parts)))
             bar.update(1)
     bar.close()
-    base = {kind: next(r["step_time_s"] for r in rows if r["kind"] == kind and r["parts"] == 1)
-            for kind in ("projected", "real")}
+    base = {r["kind"]: r["step_time_s"] for r in rows if r["parts"] == 1}     # real_max_ranks=0: projections only
     for r in rows:
         r["speedup"] = base[r["kind"]] / r["step_time_s"]
         r["efficiency"] = r["speedup"] / r["parts"]
