@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from datasets.nbody import NBodyConfig
 from datasets.synthetic import SyntheticConfig
 
 
@@ -23,26 +24,6 @@ from datasets.synthetic import SyntheticConfig
 class PathsConfig:
     data: str = "data"          # every dataset store lives at <data>/<dataset.name>.zarr
     runs: str = "runs"          # run directories are created under here
-
-
-@dataclass
-class NBodyGenerator:
-    """Parameters of the N-body simulator (datasets.nbody.NBodyConfig); defaults: the paper's set."""
-
-    num_particles: int = 100
-    train: int = 5000
-    val: int = 2000
-    test: int = 2000
-    steps: int = 5000
-    sample_every: int = 100
-    dt: float = 0.001
-    interaction: float = 1.0
-    loc_std: float = 1.0
-    vel_norm: float = 0.5
-    max_force: float = 100.0
-    box_size: Optional[float] = None
-    seed: int = 0
-    scenes_per_batch: int = 100
 
 
 @dataclass
@@ -108,7 +89,7 @@ class DatasetConfig:
     mmd_weight: float = 0.03
     mmd_samples: Optional[int] = None         # real nodes per graph per virtual node for MMD; None: all
     prefetch: int = 2                         # batches read ahead in a background thread (0: none)
-    nbody: Optional[NBodyGenerator] = None
+    nbody: Optional[NBodyConfig] = None               # datasets/nbody.py
     synthetic: Optional[SyntheticConfig] = None      # datasets/synthetic.py
     sph: Optional[SPHGenerator] = None
     md: Optional[MDGenerator] = None
