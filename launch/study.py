@@ -11,6 +11,7 @@ Writes, after every finished run:
     docs/results/<study>[-<budget>].json   one record per run: study, dataset, model, seed, test_mse, ...
     docs/results/<study>[-<budget>].md     mean ± std over seeds per run label, change vs the baseline
     docs/results/<study>[-<budget>].png    the same as a bar chart
+    docs/results/<study>[-<budget>]-trivial.json   test MSE of zero motion and constant velocity (for scale)
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from typing import Any, Optional
 import hydra
 import yaml
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from dist_egnn.baselines import trivial_baselines
 from dist_egnn.config import PathsConfig
 from dist_egnn.reporting import bar_plot, markdown_table, summarise, write_json
 
@@ -111,7 +113,20 @@ def results_stem(spec: DictConfig) -> str:
     return spec.name if spec.budget == "default" else f"{spec.name}-{spec.budget}"
 
 
-def write_results(spec: DictConfig, records: list[dict], results_dir: Path) -> None:
+def trivial_reference(spec: DictConfig, run_dir: Path, results_dir: Path) -> dict[str, Any]:
+    """Zero-motion and constant-velocity test MSE (dist_egnn.baselines) on the study's data, computed once
+    from a finished run's resolved configuration and kept in ``<stem>-trivial.json``."""
+    path = results_dir / f"{results_stem(spec)}-trivial.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    reference = trivial_baselines(OmegaConf.create(yaml.safe_load((run_dir / "config.yaml").read_text())))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(reference, indent=1) + "\n")
+    return reference
+
+
+def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
+                  trivial: dict[str, Any] | None = None) -> None:
     stem = results_stem(spec)
     write_json(records, results_dir / f"{stem}.json")
     rows = summarise(records)
@@ -122,7 +137,12 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path) -> N
         f"# Study: {title}\n\n{spec.description.strip()}\n\nTest MSE per run label over seeds "
         f"{sorted({r['seed'] for r in records})}; records in `{stem}.json`, command "
         f"`python launch/study.py study={spec.name} study.budget={spec.budget}`.\n\n"
-        + markdown_table(rows, baseline=spec.baseline, extra_columns=settings))
+        + markdown_table(rows, baseline=spec.baseline, extra_columns=settings)
+        + ("" if trivial is None else
+           f"\nPredictors that learn nothing, on the same {trivial['test_samples']} test samples: zero motion "
+           f"(x(t + Δt) = x(t)) {trivial['zero_motion_mse']:.4g}; constant velocity (x(t) + αv(t), α = "
+           f"{trivial['constant_velocity_alpha']:.4g} fitted on training samples) "
+           f"{trivial['constant_velocity_mse']:.4g} (`{stem}-trivial.json`).\n"))
     bar_plot(rows, results_dir / f"{stem}.png", title=title)
 
 
@@ -147,7 +167,8 @@ def main(cfg: DictConfig) -> None:
                          f"{(proc.stdout + proc.stderr)[-3000:]}")
             (run_dir / "study_wall_time_s").write_text(f"{time.perf_counter() - started:.1f}\n")
         records.append(make_record(spec, run, seed, run_dir))
-        write_results(spec, records, Path(cfg.results_dir))
+        trivial = trivial_reference(spec, run_dir, Path(cfg.results_dir))
+        write_results(spec, records, Path(cfg.results_dir), trivial)
     print(f"results: {Path(cfg.results_dir) / results_stem(spec)}.{{json,md,png}}")
 
 

@@ -48,6 +48,9 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     table = (tmp_path / "results" / "tiny.md").read_text()
     assert "| fastegnn |" in table and "vs egnn" in table
     assert (tmp_path / "results" / "tiny.png").stat().st_size > 1000
+    trivial = json.loads((tmp_path / "results" / "tiny-trivial.json").read_text())
+    assert trivial["dataset"] == "nbody_small" and trivial["constant_velocity_mse"] < trivial["zero_motion_mse"]
+    assert "constant velocity" in table
 
     again = run_study(tmp_path)                               # everything finished: nothing is retrained
     assert again.returncode == 0 and "running" not in again.stdout + again.stderr

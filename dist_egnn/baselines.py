@@ -1,0 +1,56 @@
+"""Reference errors of predictors that learn nothing, for reading a study's test MSE.
+
+A trained model is only interesting by how far it gets below these:
+
+    zero motion          x(t + Δt) ≈ x(t)
+    constant velocity    x(t + Δt) ≈ x(t) + α v(t), one scalar α fitted by least squares on the training
+                         split (so the frame time and the velocity units of each source need not be known)
+
+Both are measured over the same test samples and nodes as ``test_mse`` (mean over every node and coordinate).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+FIT_SAMPLES = 500          # training samples used to fit α (spread over the split)
+
+
+def _sums(dataset, indices, alpha: float | None = None) -> tuple[float, float, float, float, int]:
+    """Sums over the samples: |d|², d·v, |v|² (d = target - pos), squared error of x + αv, and count."""
+    dd = dv = vv = err = 0.0
+    count = 0
+    for start in range(0, len(indices), 50):
+        for s in dataset.read(indices[start:start + 50]):
+            d = (s.target - s.pos).astype(np.float64)
+            v = s.vel.astype(np.float64)
+            dd += float(np.sum(d * d))
+            dv += float(np.sum(d * v))
+            vv += float(np.sum(v * v))
+            if alpha is not None:
+                err += float(np.sum((d - alpha * v) ** 2))
+            count += d.size
+    return dd, dv, vv, err, count
+
+
+def trivial_baselines(cfg: DictConfig) -> dict[str, Any]:
+    """Test MSE of the zero-motion and the constant-velocity predictor for a resolved training config."""
+    from dist_egnn.train import load_splits, open_dataset_store
+
+    cfg = cfg.copy()
+    cfg.model.cutoff_rate = 0.0                   # graphs are not used; keep reading cheap and identical
+    splits = load_splits(cfg, open_dataset_store(cfg.dataset, progress=False))
+    return dict(dataset=cfg.dataset.name, **score(splits["train"], splits["test"]))
+
+
+def score(train, test) -> dict[str, Any]:
+    """Fit α on (up to FIT_SAMPLES of) ``train`` and score both predictors on all of ``test``; the splits
+    are anything with ``len`` and ``read(indices) -> samples with pos, vel, target``."""
+    fit_ids = np.unique(np.linspace(0, len(train) - 1, min(FIT_SAMPLES, len(train))).astype(int))
+    _, dv, vv, _, _ = _sums(train, fit_ids)
+    alpha = dv / vv if vv > 0 else 0.0
+    dd, _, _, err, count = _sums(test, np.arange(len(test)), alpha)
+    return dict(test_samples=len(test), zero_motion_mse=dd / count, constant_velocity_mse=err / count,
+                constant_velocity_alpha=alpha, fit_samples=len(fit_ids))
