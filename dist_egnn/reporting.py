@@ -57,7 +57,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], metric: str = "test_mse", bas
     for r in rows:
         cols = (extra_columns or {}).get(r["group"], {})
         cells = [r["group"], *(str(cols.get(k, "")) for k in extra_names),
-                 f"{r['mean']:.4g} ± {r['std']:.2g}", str(r["n"]), f"{r['min']:.4g}", f"{r['max']:.4g}"]
+                 f"{r['mean']:.4g} ± {r['std']:.2g}" if r["n"] > 1 else f"{r['mean']:.4g} (one seed)",
+                 str(r["n"]), f"{r['min']:.4g}", f"{r['max']:.4g}"]
         if base is not None:
             cells.append(f"{100 * relative_change(r['mean'], base):+.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
