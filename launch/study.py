@@ -1,4 +1,4 @@
-"""Accuracy studies: ``python launch/study.py study=NAME [study.budget=paper] [study.seeds=[0,1,2]]``.
+"""Accuracy studies: ``python launch/study.py study=NAME [study.budget=paper] [study.seeds=[0,1,2]] [train=false]``.
 
 A study (``launch/conf/study/NAME.yaml``) is a list of labelled runs, each a set of ``launch/train.py``
 overrides, trained once per seed on one dataset under one named budget. Every run is a separate process
@@ -63,6 +63,7 @@ class StudyRoot:
     paths: PathsConfig = field(default_factory=PathsConfig)
     results_dir: str = "docs/results"
     progress: bool = True
+    train: bool = True          # false: only tabulate the runs already finished (skip the others)
 
 
 ConfigStore.instance().store(name="study_schema", node=StudyRoot)
@@ -156,6 +157,9 @@ def main(cfg: DictConfig) -> None:
     bar = tqdm(jobs, desc=f"study {spec.name}", unit="run", disable=not cfg.progress)
     for run, seed in bar:
         run_dir = base / run.label / f"seed{seed}"
+        if finished_record(run_dir) is None and not cfg.train:
+            bar.write(f"skipping {run.label} seed {seed}: not finished (train=false)")
+            continue
         if finished_record(run_dir) is None:
             # resume=auto: a run cut short continues from its newest checkpoint (a new one starts fresh).
             cmd = train_command(spec, run, seed, run_dir, cfg.paths.data)
@@ -169,7 +173,10 @@ def main(cfg: DictConfig) -> None:
         records.append(make_record(spec, run, seed, run_dir))
         trivial = trivial_reference(spec, run_dir, Path(cfg.results_dir))
         write_results(spec, records, Path(cfg.results_dir), trivial)
-    print(f"results: {Path(cfg.results_dir) / results_stem(spec)}.{{json,md,png}}")
+    if records:
+        print(f"results: {Path(cfg.results_dir) / results_stem(spec)}.{{json,md,png}}")
+    else:
+        print("no finished runs yet: nothing written")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,13 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     assert again_records[-1]["test_mse"] == records[-1]["test_mse"]
 
 
+def test_train_false_tabulates_finished_runs_only(tmp_path):
+    proc = run_study(tmp_path, "train=false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipping egnn seed 0" in proc.stdout + proc.stderr and "nothing written" in proc.stdout
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
 def test_unknown_budget_is_a_clear_error(tmp_path):
     proc = run_study(tmp_path, "study.budget=huge")
     assert proc.returncode != 0 and "study.budget='huge'" in proc.stdout + proc.stderr
