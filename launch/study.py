@@ -157,10 +157,11 @@ def main(cfg: DictConfig) -> None:
     bar = tqdm(jobs, desc=f"study {spec.name}", unit="run", disable=not cfg.progress)
     for run, seed in bar:
         run_dir = base / run.label / f"seed{seed}"
-        if finished_record(run_dir) is None and not cfg.train:
+        finished = finished_record(run_dir) is not None
+        if not finished and not cfg.train:
             bar.write(f"skipping {run.label} seed {seed}: not finished (train=false)")
             continue
-        if finished_record(run_dir) is None:
+        if not finished:
             # resume=auto: a run cut short continues from its newest checkpoint (a new one starts fresh).
             cmd = train_command(spec, run, seed, run_dir, cfg.paths.data)
             bar.write(f"running {run.label} seed {seed}: {' '.join(cmd)}")
