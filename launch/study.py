@@ -107,7 +107,15 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> 
                 best_epoch=final.get("epoch"), cutoff_rate=config["model"].get("cutoff_rate", 0.0),
                 virtual_channels=config["model"].get("virtual_channels"), parts=distributed.get("parts", 1),
                 halo=distributed.get("halo", "none"), partition=distributed.get("partition"),
-                ranks=run.ranks, wall_time_s=wall_time_s, run_dir=str(run_dir))
+                ranks=run.ranks, dropped_edge_fraction=final.get("dropped_edge_fraction"),
+                edges_per_rank=final.get("edges_per_rank"), wall_time_s=wall_time_s, run_dir=str(run_dir))
+
+
+def dropped_edges(records: list[dict], label: str) -> str:
+    """Mean fraction of real edges a run never used (edge dropping r, or cut edges lost in drop mode)."""
+    fractions = [r["dropped_edge_fraction"] for r in records
+                 if r["label"] == label and r.get("dropped_edge_fraction") is not None]
+    return f"{100 * sum(fractions) / len(fractions):.1f}%" if fractions else ""
 
 
 def results_stem(spec: DictConfig) -> str:
@@ -131,8 +139,8 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
     stem = results_stem(spec)
     write_json(records, results_dir / f"{stem}.json")
     rows = summarise(records)
-    settings = {r["label"]: {"model": r["model"], "r": r["cutoff_rate"], "P": r["parts"], "halo": r["halo"]}
-                for r in records}
+    settings = {r["label"]: {"model": r["model"], "r": r["cutoff_rate"], "P": r["parts"], "halo": r["halo"],
+                             "dropped edges": dropped_edges(records, r["label"])} for r in records}
     title = f"{spec.name} ({spec.dataset}, budget {spec.budget})"
     (results_dir / f"{stem}.md").write_text(
         f"# Study: {title}\n\n{spec.description.strip()}\n\nTest MSE per run label over seeds "

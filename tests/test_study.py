@@ -44,9 +44,10 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     for r in records:
         assert {"study", "dataset", "model", "seed", "test_mse", "cutoff_rate", "parts", "halo"} <= set(r)
         assert r["study"] == "tiny" and r["dataset"] == "nbody_small" and r["test_mse"] > 0
+        assert r["dropped_edge_fraction"] == 0.0 and r["edges_per_rank"] > 0     # complete graph, r = 0
     assert {r["model"] for r in records} == {"egnn", "fastegnn"}
     table = (tmp_path / "results" / "tiny.md").read_text()
-    assert "| fastegnn |" in table and "vs egnn" in table
+    assert "| fastegnn |" in table and "vs egnn" in table and "| dropped edges |" in table and "| 0.0% |" in table
     assert (tmp_path / "results" / "tiny.png").stat().st_size > 1000
     trivial = json.loads((tmp_path / "results" / "tiny-trivial.json").read_text())
     assert trivial["dataset"] == "nbody_small" and trivial["constant_velocity_mse"] < trivial["zero_motion_mse"]
