@@ -11,8 +11,8 @@ Autograd would keep every (rows, H) intermediate of every layer until backward: 
 edge per layer in float32. The functions here keep none: rows are processed in chunks of
 ``chunk_size``; forward computes a chunk, reduces it onto nodes and drops it; backward recomputes the
 chunk's forward from the (small) saved inputs and applies the chain rule by hand, chunk by chunk. Every
-(rows, H) pass then runs on a chunk that fits in cache, and each SiLU derivative is one fused
-``silu_backward`` pass.
+(rows, H) pass then runs on a chunk that fits in cache, and each SiLU and SiLU derivative is one pass of
+the C kernel in ``native.py`` (torch's where it does not apply).
 
 Shapes: N owned real nodes, N_all = N + halo rows, E edges (receivers < N, senders < N_all), B graphs,
 C virtual nodes, H hidden, D edge features.
@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.nn import functional as F
+
+from dist_egnn.models.native import silu, silu_backward
 
 DEFAULT_CHUNK = 16384
 """Rows per chunk: (16384, 64) float32 is 4 MiB, so a chunk's intermediates stay in the CPU's last-level cache."""
@@ -40,7 +41,6 @@ busy one, where a barrier waits for a descheduled partner thread (see asv_bench/
 chunks run one after the other in the calling thread, with torch's usual intra-op threads.
 """
 
-_silu_backward = torch.ops.aten.silu_backward
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -87,13 +87,13 @@ def _add_up(results: list):
 # -- the shared row network: SiLU(Linear(SiLU(pre1))) and its scalar heads ---------------------------------
 def _rows_forward(pre1: Tensor, w2: Tensor, b2: Tensor, heads: list[tuple[Tensor, Tensor, Tensor]]):
     """pre1 (R, H) -> (a1, pre2, m, [(c_pre, c_act, s)]): every intermediate of one chunk, s (R, 1)."""
-    a1 = F.silu(pre1)
+    a1 = silu(pre1)
     pre2 = torch.addmm(b2, a1, w2.t())
-    m = F.silu(pre2)
+    m = silu(pre2)
     head_values = []
     for wk, bk, vk in heads:
         c_pre = torch.addmm(bk, m, wk.t())
-        c_act = F.silu(c_pre)
+        c_act = silu(c_pre)
         head_values.append((c_pre, c_act, c_act @ vk.t()))
     return a1, pre2, m, head_values
 
@@ -108,14 +108,14 @@ def _rows_backward(pre1, a1, pre2, m, head_values, grad_m: Tensor, grad_s: list[
         if g_s is None:
             continue
         grads[f"v{k}"].addmm_(g_s.t(), c_act)                      # d s / d v_k = c_act
-        g_cpre = _silu_backward(g_s @ vk, c_pre)                   # (R, 1) x (1, H): outer product
+        g_cpre = silu_backward(g_s @ vk, c_pre)                # (R, 1) x (1, H): outer product
         grads[f"w{k}"].addmm_(g_cpre.t(), m)
         grads[f"b{k}"] += g_cpre.sum(0)
         grad_m.addmm_(g_cpre, wk)
-    g_pre2 = _silu_backward(grad_m, pre2)
+    g_pre2 = silu_backward(grad_m, pre2)
     grads["w2"].addmm_(g_pre2.t(), a1)
     grads["b2"] += g_pre2.sum(0)
-    return _silu_backward(g_pre2 @ w2, pre1)
+    return silu_backward(g_pre2 @ w2, pre1)
 
 
 def _new_grads(w2, b2, heads) -> dict:

@@ -1,0 +1,106 @@
+"""SiLU and its derivative from a small C kernel (``silu_avx2.c``) where it applies, else from torch.
+
+The kernel is compiled with the system C compiler at first use into a per-user cache
+(``$DIST_EGNN_CACHE`` or ``~/.cache/dist_egnn``, keyed by a hash of the source and flags, written atomically so
+concurrent ranks can race safely) and called through ctypes, which releases the GIL, so the chunk workers of
+``fused.py`` run it in parallel. It applies to contiguous float32 CPU tensors on a CPU with AVX2; everything
+else (float64, CUDA, no compiler, ``DIST_EGNN_NATIVE=0``) takes torch's ``silu`` / ``silu_backward``, which
+is also the reference the tests compare it with (a few float32 ulp apart).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+SOURCE = Path(__file__).with_name("silu_avx2.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DIST_EGNN_CACHE") or Path.home() / ".cache" / "dist_egnn")
+
+
+def _build() -> ctypes.CDLL | None:
+    """Compile (or reuse) and load the kernel; None where it cannot apply, with a warning if that is a surprise."""
+    if os.environ.get("DIST_EGNN_NATIVE", "1") == "0":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn("dist_egnn: no C compiler found (set CC): SiLU runs on torch's kernel (slower, same maths)")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / f"silu_avx2-{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            try:
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+                               text=True, timeout=120)
+                os.replace(tmp, target)                 # atomic: another rank may have finished first, same bytes
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        warnings.warn(f"dist_egnn: could not build {SOURCE.name} with {compiler} into {target.parent} ({detail}); "
+                      "SiLU runs on torch's kernel (slower, same maths). DIST_EGNN_NATIVE=0 silences this.")
+        return None
+    library.silu_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    library.silu_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return library
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first call; None where it does not apply."""
+    global _library, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _library = _build()
+                _tried = True
+    return _library
+
+
+def _applies(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x), without autograd (the fused blocks' backward is written by hand)."""
+    lib = library()
+    if lib is None or not _applies(x):
+        return F.silu(x)
+    out = torch.empty_like(x)
+    lib.silu_forward(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
+def silu_backward(grad: Tensor, x: Tensor) -> Tensor:
+    """grad * d silu(x) / dx."""
+    lib = library()
+    if lib is None or not _applies(grad, x) or grad.shape != x.shape:
+        return torch.ops.aten.silu_backward(grad, x)
+    out = torch.empty_like(x)
+    lib.silu_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel())
+    return out

@@ -1,0 +1,79 @@
+"""The C SiLU kernel (dist_egnn.models.native): same values as torch's, same model, safe fallback.
+
+Guards: a wrong polynomial or range reduction (values over the whole float range, ragged tails that miss the
+8-lane loop), NaN turned into a number, a fused model whose float32 training step drifts from torch's, and a
+failed build that crashes training instead of falling back to torch.
+"""
+import shutil
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dist_egnn.models import FastEGNN, native
+from equivariance import random_graph
+
+APPLIES = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("cc") is not None
+needs_kernel = pytest.mark.skipif(not APPLIES, reason="no AVX2 CPU or no C compiler: torch's SiLU is used")
+
+
+@needs_kernel
+def test_kernel_builds_where_it_applies():
+    assert native.library() is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 1000, 65_537])
+def test_silu_and_derivative_match_torch(size):
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(size, generator=gen) * 30
+    x[: min(size, 6)] = torch.tensor([0.0, 1e-30, -87.5, 88.5, -200.0, 200.0])[: min(size, 6)]
+    grad = torch.randn(size, generator=gen)
+    assert torch.allclose(native.silu(x), F.silu(x), rtol=2e-6, atol=1e-30)
+    assert torch.allclose(native.silu_backward(grad, x), torch.ops.aten.silu_backward(grad, x), rtol=2e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_nan_stays_nan():
+    x = torch.tensor([float("nan"), 1.0] * 8)
+    assert native.silu(x).isnan().tolist() == x.isnan().tolist()
+    assert native.silu_backward(torch.ones_like(x), x).isnan().tolist() == x.isnan().tolist()
+
+
+def test_float64_and_strided_inputs_use_torch():
+    x = torch.randn(16, 9, dtype=torch.float64)
+    assert torch.equal(native.silu(x), F.silu(x))
+    strided = torch.randn(9, 16).t()
+    assert torch.equal(native.silu(strided), F.silu(strided))
+
+
+@needs_kernel
+def test_fused_float32_step_matches_torch_silu(monkeypatch):
+    graph = random_graph()
+    torch.manual_seed(0)
+    model = FastEGNN(edge_chunk_size=7)
+    kwargs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in graph.kwargs().items()}
+    results = []
+    for use_kernel in (True, False):
+        monkeypatch.setattr(native, "_library", native.library() if use_kernel else None)
+        model.zero_grad()
+        pred = model(**kwargs)
+        (pred.pos.square().sum() + pred.virtual_pos.square().sum()).backward()
+        results.append((pred.pos.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (pos_kernel, grads_kernel), (pos_torch, grads_torch) = results
+    assert torch.allclose(pos_kernel, pos_torch, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_kernel, grads_torch):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setenv("DIST_EGNN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")                       # a "compiler" that always fails
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(UserWarning, match="could not build silu_avx2.c"):
+        assert native.library() is None
+    x = torch.randn(100)
+    assert torch.equal(native.silu(x), F.silu(x))
+    assert list((tmp_path / "cache").iterdir()) == []        # no half-written library left behind
