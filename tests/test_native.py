@@ -1,4 +1,4 @@
-"""The C SiLU kernel (dist_egnn.models.native): same values as torch's, same model, safe fallback.
+"""The C kernels of the fused blocks (dist_egnn.models.native): same values as torch's, same model, fallback.
 
 Guards: a wrong polynomial or range reduction (values over the whole float range, ragged tails that miss the
 8-lane loop), NaN turned into a number, a fused model whose float32 training step drifts from torch's, and a
@@ -31,6 +31,23 @@ def test_silu_and_derivative_match_torch(size):
     grad = torch.randn(size, generator=gen)
     assert torch.allclose(native.silu(x), F.silu(x), rtol=2e-6, atol=1e-30)
     assert torch.allclose(native.silu_backward(grad, x), torch.ops.aten.silu_backward(grad, x), rtol=2e-6, atol=1e-6)
+
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden", [64, 13])                   # 13: lanes beyond the last 8-wide block
+def test_edge_first_layer_and_head_backward_match_torch(hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    proj_recv, proj_send = torch.randn(20, hidden, generator=gen), torch.randn(31, hidden, generator=gen)
+    recv, send = torch.randint(0, 20, (50,), generator=gen), torch.randint(0, 31, (50,), generator=gen)
+    geo, w_geo = torch.randn(50, 3, generator=gen), torch.randn(hidden, 3, generator=gen)
+    pre1, a1 = native.edge_pre1_silu(proj_recv, proj_send, recv, send, geo, w_geo)
+    expected = proj_recv[recv] + proj_send[send] + geo @ w_geo.t()
+    assert torch.allclose(pre1, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(a1, F.silu(expected), rtol=1e-5, atol=1e-5)
+    g, v = torch.randn(50, 1, generator=gen), torch.randn(1, hidden, generator=gen)
+    assert torch.allclose(native.silu_backward_outer(g, v, pre1), torch.ops.aten.silu_backward(g @ v, pre1),
+                          rtol=2e-6, atol=1e-6)
 
 
 @needs_kernel
@@ -72,7 +89,7 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("DIST_EGNN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", "false")                       # a "compiler" that always fails
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    with pytest.warns(UserWarning, match="could not build silu_avx2.c"):
+    with pytest.warns(UserWarning, match="could not build fused_avx2.c"):
         assert native.library() is None
     x = torch.randn(100)
     assert torch.equal(native.silu(x), F.silu(x))

@@ -11,8 +11,8 @@ Autograd would keep every (rows, H) intermediate of every layer until backward: 
 edge per layer in float32. The functions here keep none: rows are processed in chunks of
 ``chunk_size``; forward computes a chunk, reduces it onto nodes and drops it; backward recomputes the
 chunk's forward from the (small) saved inputs and applies the chain rule by hand, chunk by chunk. Every
-(rows, H) pass then runs on a chunk that fits in cache, and each SiLU and SiLU derivative is one pass of
-the C kernel in ``native.py`` (torch's where it does not apply).
+(rows, H) pass then runs on a chunk that fits in cache; the C kernels in ``native.py`` (torch's where they do
+not apply) make each SiLU, each SiLU derivative and the first layer of an edge chunk one pass.
 
 Shapes: N owned real nodes, N_all = N + halo rows, E edges (receivers < N, senders < N_all), B graphs,
 C virtual nodes, H hidden, D edge features.
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dist_egnn.models.native import silu, silu_backward
+from dist_egnn.models.native import edge_pre1_silu, silu, silu_backward, silu_backward_outer
 
 DEFAULT_CHUNK = 16384
 """Rows per chunk: (16384, 64) float32 is 4 MiB, so a chunk's intermediates stay in the CPU's last-level cache."""
@@ -85,9 +85,12 @@ def _add_up(results: list):
 
 
 # -- the shared row network: SiLU(Linear(SiLU(pre1))) and its scalar heads ---------------------------------
-def _rows_forward(pre1: Tensor, w2: Tensor, b2: Tensor, heads: list[tuple[Tensor, Tensor, Tensor]]):
-    """pre1 (R, H) -> (a1, pre2, m, [(c_pre, c_act, s)]): every intermediate of one chunk, s (R, 1)."""
-    a1 = silu(pre1)
+def _rows_forward(pre1: Tensor, w2: Tensor, b2: Tensor, heads: list[tuple[Tensor, Tensor, Tensor]],
+                  a1: Tensor | None = None):
+    """pre1 (R, H) -> (a1, pre2, m, [(c_pre, c_act, s)]): every intermediate of one chunk, s (R, 1).
+
+    ``a1`` = SiLU(pre1) when the caller already has it."""
+    a1 = silu(pre1) if a1 is None else a1
     pre2 = torch.addmm(b2, a1, w2.t())
     m = silu(pre2)
     head_values = []
@@ -108,7 +111,7 @@ def _rows_backward(pre1, a1, pre2, m, head_values, grad_m: Tensor, grad_s: list[
         if g_s is None:
             continue
         grads[f"v{k}"].addmm_(g_s.t(), c_act)                      # d s / d v_k = c_act
-        g_cpre = silu_backward(g_s @ vk, c_pre)                # (R, 1) x (1, H): outer product
+        g_cpre = silu_backward_outer(g_s, vk, c_pre)           # (g_s vk) * silu'(c_pre), (R, H)
         grads[f"w{k}"].addmm_(g_cpre.t(), m)
         grads[f"b{k}"] += g_cpre.sum(0)
         grad_m.addmm_(g_cpre, wk)
@@ -152,9 +155,9 @@ class EdgeMessages(torch.autograd.Function):
             disp_sum = pos_all.new_zeros(n_owned, 3)
             for start in starts:
                 r, s = recv[start:start + chunk_size], send[start:start + chunk_size]
-                diff, geo, pre1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s,
-                                               edge_attr[start:start + chunk_size], w_geo)
-                _a1, _pre2, m, ((_c, _act, weight),) = _rows_forward(pre1, w2, b2, heads)
+                diff, _geo, pre1, a1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s,
+                                                    edge_attr[start:start + chunk_size], w_geo)
+                _a1, _pre2, m, ((_c, _act, weight),) = _rows_forward(pre1, w2, b2, heads, a1)
                 msg_sum.index_add_(0, r, m)
                 disp_sum.index_add_(0, r, diff * weight)
             return msg_sum, disp_sum
@@ -187,8 +190,8 @@ class EdgeMessages(torch.autograd.Function):
             for start in starts:
                 part = slice(start, start + chunk_size)
                 r, s = recv[part], send[part]
-                diff, geo, pre1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr[part], w_geo)
-                a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads)
+                diff, geo, pre1, a1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr[part], w_geo)
+                a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads, a1)
                 weight = head_values[0][2]                                         # phi_x(m_ij) (e, 1)
                 g_disp_e = grad_disp.index_select(0, r)                             # (e, 3)
                 g_weight = (g_disp_e * diff).sum(1, keepdim=True)                   # (e, 1)
@@ -218,12 +221,11 @@ class EdgeMessages(torch.autograd.Function):
 
 
 def _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr, w_geo):
-    """x_i - x_j (e, 3), [|x_i - x_j|^2, e_ij] (e, 1 + D) and pre1 (e, H) of one chunk of edges."""
+    """x_i - x_j (e, 3), [|x_i - x_j|^2, e_ij] (e, 1 + D), pre1 and SiLU(pre1) (e, H) of one chunk of edges."""
     diff = pos_all.index_select(0, r) - pos_all.index_select(0, s)
     geo = torch.cat([(diff * diff).sum(1, keepdim=True), edge_attr], dim=1)
-    pre1 = torch.addmm(proj_recv.index_select(0, r), geo, w_geo.t())
-    pre1 += proj_send.index_select(0, s)
-    return diff, geo, pre1
+    pre1, a1 = edge_pre1_silu(proj_recv, proj_send, r, s, geo, w_geo)
+    return diff, geo, pre1, a1
 
 
 def edge_messages(h_all: Tensor, pos_all: Tensor, edge_index: Tensor, edge_attr: Tensor, n_owned: int,

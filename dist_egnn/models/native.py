@@ -1,11 +1,11 @@
-"""SiLU and its derivative from a small C kernel (``silu_avx2.c``) where it applies, else from torch.
+"""The fused blocks' elementwise work from small C kernels (``fused_avx2.c``) where they apply, else torch.
 
 The kernel is compiled with the system C compiler at first use into a per-user cache
 (``$DIST_EGNN_CACHE`` or ``~/.cache/dist_egnn``, keyed by a hash of the source and flags, written atomically so
 concurrent ranks can race safely) and called through ctypes, which releases the GIL, so the chunk workers of
 ``fused.py`` run it in parallel. It applies to contiguous float32 CPU tensors on a CPU with AVX2; everything
-else (float64, CUDA, no compiler, ``DIST_EGNN_NATIVE=0``) takes torch's ``silu`` / ``silu_backward``, which
-is also the reference the tests compare it with (a few float32 ulp apart).
+else (float64, CUDA, no compiler, ``DIST_EGNN_NATIVE=0``) takes the torch composition beside each function,
+which is also the reference the tests compare it with (a few float32 ulp apart).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-SOURCE = Path(__file__).with_name("silu_avx2.c")
+SOURCE = Path(__file__).with_name("fused_avx2.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -43,11 +43,12 @@ def _build() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        warnings.warn("dist_egnn: no C compiler found (set CC): SiLU runs on torch's kernel (slower, same maths)")
+        warnings.warn("dist_egnn: no C compiler found (set CC): the fused blocks run on torch's kernels (slower, "
+                      "same maths)")
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"silu_avx2-{key}.so"
+    target = cache_dir() / f"fused_avx2-{key}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -64,10 +65,12 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", "") or err
         warnings.warn(f"dist_egnn: could not build {SOURCE.name} with {compiler} into {target.parent} ({detail}); "
-                      "SiLU runs on torch's kernel (slower, same maths). DIST_EGNN_NATIVE=0 silences this.")
+                      "the fused blocks run on torch's kernels (slower, same maths). DIST_EGNN_NATIVE=0 silences this.")
         return None
     library.silu_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     library.silu_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    library.edge_pre1_silu.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    library.silu_backward_outer.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     return library
 
 
@@ -84,6 +87,10 @@ def library() -> ctypes.CDLL | None:
 
 def _applies(*tensors: Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _indices_apply(*indices: Tensor) -> bool:
+    return all(t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous() for t in indices)
 
 
 def silu(x: Tensor) -> Tensor:
@@ -103,4 +110,35 @@ def silu_backward(grad: Tensor, x: Tensor) -> Tensor:
         return torch.ops.aten.silu_backward(grad, x)
     out = torch.empty_like(x)
     lib.silu_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
+def edge_pre1_silu(proj_recv: Tensor, proj_send: Tensor, recv: Tensor, send: Tensor, geo: Tensor,
+                   w_geo: Tensor) -> tuple[Tensor, Tensor]:
+    """pre1 = proj_recv[recv] + proj_send[send] + geo @ w_geo^T and SiLU(pre1), each (e, H).
+
+    proj_recv (N, H), proj_send (N_all, H), recv / send (e,), geo (e, G), w_geo (H, G).
+    """
+    lib = library()
+    if lib is None or not (_applies(proj_recv, proj_send, geo) and _indices_apply(recv, send)
+                           and w_geo.dtype == torch.float32 and w_geo.device.type == "cpu"):
+        pre1 = torch.addmm(proj_recv.index_select(0, recv), geo, w_geo.t())
+        pre1 += proj_send.index_select(0, send)
+        return pre1, silu(pre1)
+    e, hidden = recv.shape[0], proj_recv.shape[1]
+    w_geo_t = w_geo.t().contiguous()
+    pre1 = proj_recv.new_empty(e, hidden)
+    a1 = proj_recv.new_empty(e, hidden)
+    lib.edge_pre1_silu(proj_recv.data_ptr(), proj_send.data_ptr(), recv.data_ptr(), send.data_ptr(), geo.data_ptr(),
+                       w_geo_t.data_ptr(), e, hidden, geo.shape[1], pre1.data_ptr(), a1.data_ptr())
+    return pre1, a1
+
+
+def silu_backward_outer(grad: Tensor, v: Tensor, x: Tensor) -> Tensor:
+    """silu_backward(grad @ v, x) for grad (R, 1), v (1, H), x (R, H): a scalar head's backward in one pass."""
+    lib = library()
+    if lib is None or not _applies(grad, v, x) or grad.numel() != x.shape[0] or v.numel() != x.shape[1]:
+        return silu_backward(grad @ v, x)
+    out = torch.empty_like(x)
+    lib.silu_backward_outer(grad.data_ptr(), v.data_ptr(), x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
     return out
