@@ -420,13 +420,9 @@ class Trainer:
 
     def restore(self, client: dict[str, Any]) -> None:
         """Undo :meth:`client_state` (every rank). Mid-epoch, the running sums continue on the rank that
-        had them (same world size) or all on rank 0 (another world size: equal up to rounding)."""
+        had them (same world size) or on rank 0 (another world size: equal up to rounding; :func:`resumed_totals`)."""
         self.state.update(client["trainer"])
-        totals = client["totals"].numpy()
-        if totals.shape[0] == self.env.world_size:
-            self.totals = totals[self.env.rank].copy()
-        else:
-            self.totals = totals.sum(axis=0) if self.is_main else np.zeros(TOTALS)
+        self.totals = resumed_totals(client["totals"].numpy(), self.env.rank, self.env.world_size)
         checkpoint.set_rng_state(client["rng"])
 
     def position(self) -> str:
@@ -461,3 +457,19 @@ class Trainer:
 # Running epoch sums per rank: loss share, MSE share, edges, full edges, skipped steps, collective seconds,
 # timed step seconds, timed steps, warm-up step seconds, warm-up steps.
 TOTALS = 10
+
+
+def resumed_totals(saved: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This rank's running epoch sums from a checkpoint's (old ranks, TOTALS) rows.
+
+    Same world size: the rank's own row. Another world size: rank 0 takes the sums of the additive columns
+    and the maximum of the collective seconds (a per-rank time, reported as a maximum over ranks); every rank
+    keeps the skipped-step count, which all ranks agree on (summing it would multiply it by the old world size).
+    """
+    if saved.shape[0] == world_size:
+        return saved[rank].copy()
+    totals = saved.sum(axis=0) if rank == 0 else np.zeros(TOTALS)
+    if rank == 0:
+        totals[5] = saved[:, 5].max()
+    totals[4] = saved[0, 4]
+    return totals

@@ -139,3 +139,19 @@ def test_exit_codes_of_the_launcher(root, fault, code, message):
                           env={**os.environ, "DIST_EGNN_FAULTS": fault, "HYDRA_FULL_ERROR": "0"})
     assert proc.returncode == code, proc.stderr[-2000:]
     assert message in proc.stderr
+
+
+def test_running_sums_move_to_another_world_size():
+    # guards: the skipped-step count (agreed by every rank) summed over the old ranks onto rank 0 only, so
+    # the new ranks disagree on it; the collective seconds (a maximum over ranks) summed
+    import numpy as np
+
+    from dist_egnn.train import TOTALS, resumed_totals
+    saved = np.arange(2 * TOTALS, dtype=float).reshape(2, TOTALS)
+    saved[:, 4] = 3                                                # 3 skipped steps, on both old ranks
+    assert np.array_equal(resumed_totals(saved, 1, 2), saved[1])   # same world size: own row
+    rank0, rank1, rank2 = (resumed_totals(saved, r, 3) for r in range(3))
+    assert rank0[4] == rank1[4] == rank2[4] == 3
+    assert rank0[5] == saved[:, 5].max() and rank1[5] == 0
+    additive = [0, 1, 2, 3, 6, 7, 8, 9]
+    assert np.array_equal(rank0[additive], saved[:, additive].sum(0)) and not rank1[additive].any()
