@@ -156,3 +156,16 @@ def test_missing_partition_without_auto_prepare(data_dir):
                   "engine=ddp", "dataset.auto_prepare=false", timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("distributed.parts=2 distributed.partition=spatial") >= 1
+
+
+def test_deepspeed_config_switches_its_default_clipping_off():
+    # guards: DeepSpeed clips gradients at global norm 1.0 unless the config says otherwise, so an omitted
+    # key made DeepSpeed runs train differently from DDP and one process (gradients ~1000x smaller on SPH)
+    from omegaconf import OmegaConf
+
+    from dist_egnn.engines.deepspeed import deepspeed_config
+    cfg = OmegaConf.create({"trainer": {"batch_size": 2, "device": "cpu", "dtype": "float32"},
+                            "engine": {"zero_stage": 0, "gradient_clipping": 0.0}})
+    assert deepspeed_config(cfg)["gradient_clipping"] == 0.0
+    cfg.engine.gradient_clipping = 2.5
+    assert deepspeed_config(cfg)["gradient_clipping"] == 2.5

@@ -24,9 +24,10 @@ def deepspeed_config(cfg) -> dict[str, Any]:
         "zero_optimization": {"stage": int(cfg.engine.zero_stage)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # Always explicit: DeepSpeed's own default is 1.0 (clip at global norm 1), which the other engines
+        # do not do; 0.0 switches clipping off.
+        "gradient_clipping": float(cfg.engine.gradient_clipping),
     }
-    if cfg.engine.gradient_clipping:
-        config["gradient_clipping"] = float(cfg.engine.gradient_clipping)
     if cfg.trainer.device.startswith("cuda") and cfg.trainer.dtype == "bfloat16":
         config["bf16"] = {"enabled": True}
     return config
