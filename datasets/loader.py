@@ -90,6 +90,24 @@ def collate(samples: list[GraphSample]) -> GraphBatch:
                       num_graphs=len(samples))
 
 
+VELOCITY_UNITS = ("store", "horizon")
+
+
+def velocity_scale(unit: str, delta_t: int, frame_dt: float) -> float:
+    """The factor that turns stored velocities into ``unit``.
+
+    ``store``: as stored (1.0). ``horizon``: displacement over the task's time step, v · Δt · (time between
+    stored frames), so that the model's φ_v(h)·v term starts near the constant-velocity prediction whatever
+    the store's time unit. An SPH store in m/s with Δt = 20 frames at 50 fps otherwise feeds velocities
+    2.5x the displacement they predict (and |v| up to 50 into the first layer), which made training diverge.
+    """
+    if unit == "store":
+        return 1.0
+    if unit == "horizon":
+        return float(delta_t) * float(frame_dt)
+    raise ValueError(f"dataset.velocity_unit={unit!r}: choose one of {VELOCITY_UNITS}")
+
+
 class TrajectoryDataset:
     """The samples of one split of a store, read on demand.
 
@@ -102,12 +120,14 @@ class TrajectoryDataset:
         node_features, edge_features: feature recipes (``datasets.graphs``).
         radius: radius-graph cutoff; None uses the store's ``radius`` attribute (None there: complete graph).
         max_neighbors: optional cap of senders per receiver. cutoff_rate: edge dropping (SPEC §2).
+        velocity_scale: factor applied to the stored velocities as they are read (inputs and the speed
+            feature alike); see ``velocity_scale``.
     """
 
     def __init__(self, info: StoreInfo, split: str, *, delta_t: int, frame_start: int = 0,
                  frame_stop: int | None = None, frame_stride: int = 1, node_features: list[str],
                  edge_features: list[str], radius: float | None = None, max_neighbors: int | None = None,
-                 cutoff_rate: float = 0.0):
+                 cutoff_rate: float = 0.0, velocity_scale: float = 1.0):
         self.info = info
         self.split = split
         self.meta = info.splits[split]
@@ -129,6 +149,9 @@ class TrajectoryDataset:
         group = zarr.open_group(str(info.path), mode="r")[split]
         self._pos = da.from_zarr(group["pos"])
         self._vel = da.from_zarr(group["vel"])
+        if velocity_scale != 1.0:
+            self._vel = (self._vel * np.float32(velocity_scale)).astype(np.float32)
+        self.velocity_scale = velocity_scale
         self._scalars = da.from_zarr(group["node_scalars"])
 
     def __len__(self) -> int:

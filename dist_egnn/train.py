@@ -79,18 +79,19 @@ def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreI
 
 def load_splits(cfg: DictConfig, info: StoreInfo):
     """The train/val/test ``TrajectoryDataset`` of the configured dataset."""
-    from datasets.loader import TrajectoryDataset
+    from datasets.loader import TrajectoryDataset, velocity_scale
 
     d = cfg.dataset
     missing = [n for n in d.node_features if n != "speed" and n not in info.node_scalars]
     if missing:
         raise ValueError(f"dataset.node_features names {missing}, which store {info.path} does not hold "
                          f"(its node scalars: {info.node_scalars}); fix dataset.node_features")
+    scale = velocity_scale(d.velocity_unit, d.delta_t, info.attrs["dt"])
     return {split: TrajectoryDataset(info, split, delta_t=d.delta_t, frame_start=d.frame_start,
                                      frame_stop=d.frame_stop, frame_stride=d.frame_stride,
                                      node_features=list(d.node_features), edge_features=list(d.edge_features),
                                      radius=d.radius, max_neighbors=d.max_neighbors,
-                                     cutoff_rate=cfg.model.cutoff_rate)
+                                     cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale)
             for split in SPLITS}
 
 

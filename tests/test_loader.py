@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from datasets.loader import TrajectoryDataset
+from datasets.loader import TrajectoryDataset, velocity_scale
 from datasets.nbody import NBodyConfig, generate_nbody
 from datasets.store import StoreError, open_store
 
@@ -33,6 +33,21 @@ def test_sample_order_depends_only_on_seed_and_epoch(store):
     assert sample_ids(a, seed=3, epoch=1) == sample_ids(b, seed=3, epoch=1)
     assert sample_ids(a, seed=3, epoch=1) != sample_ids(a, seed=3, epoch=2)
     assert sorted(sample_ids(a, seed=3, epoch=1)) == sorted(sample_ids(a, seed=4, epoch=1))
+
+
+def test_horizon_velocity_unit_scales_inputs_and_speed_alike(store):
+    info = open_store(store)
+    scale = velocity_scale("horizon", 2, info.attrs["dt"])
+    assert scale == pytest.approx(2 * info.attrs["dt"]) and velocity_scale("store", 2, 0.5) == 1.0
+    plain, scaled = dataset(store).read([1])[0], dataset(store, velocity_scale=scale).read([1])[0]
+    np.testing.assert_allclose(scaled.vel, plain.vel * scale, rtol=1e-6)
+    np.testing.assert_allclose(scaled.node_features[:, 0], plain.node_features[:, 0] * scale, rtol=1e-6)
+    np.testing.assert_array_equal(scaled.pos, plain.pos)
+    np.testing.assert_array_equal(scaled.target, plain.target)
+    (part,) = dataset(store, velocity_scale=scale).read_parts([1], [np.arange(3)], [np.arange(3, 6)])
+    np.testing.assert_allclose(part.vel, plain.vel[:3] * scale, rtol=1e-6)
+    with pytest.raises(ValueError, match="dataset.velocity_unit='mps': choose one of"):
+        velocity_scale("mps", 2, 0.5)
 
 
 def test_delta_t_beyond_the_end_names_the_store_and_the_fix(store):
