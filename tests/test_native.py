@@ -45,6 +45,8 @@ def test_edge_first_layer_and_head_backward_match_torch(hidden):
     expected = proj_recv[recv] + proj_send[send] + geo @ w_geo.t()
     assert torch.allclose(pre1, expected, rtol=1e-5, atol=1e-5)
     assert torch.allclose(a1, F.silu(expected), rtol=1e-5, atol=1e-5)
+    no_pre1, a1_only = native.edge_pre1_silu(proj_recv, proj_send, recv, send, geo, w_geo, keep_pre1=False)
+    assert no_pre1 is None and torch.equal(a1_only, a1)
     g, v = torch.randn(50, 1, generator=gen), torch.randn(1, hidden, generator=gen)
     assert torch.allclose(native.silu_backward_outer(g, v, pre1), torch.ops.aten.silu_backward(g @ v, pre1),
                           rtol=2e-6, atol=1e-6)

@@ -156,7 +156,7 @@ class EdgeMessages(torch.autograd.Function):
             for start in starts:
                 r, s = recv[start:start + chunk_size], send[start:start + chunk_size]
                 diff, _geo, pre1, a1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s,
-                                                    edge_attr[start:start + chunk_size], w_geo)
+                                                    edge_attr[start:start + chunk_size], w_geo, keep_pre1=False)
                 _a1, _pre2, m, ((_c, _act, weight),) = _rows_forward(pre1, w2, b2, heads, a1)
                 msg_sum.index_add_(0, r, m)
                 disp_sum.index_add_(0, r, diff * weight)
@@ -220,11 +220,12 @@ class EdgeMessages(torch.autograd.Function):
                 g_recv.sum(0), grads["w2"], grads["b2"], grads["w0"], grads["b0"], grads["v0"], None, None)
 
 
-def _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr, w_geo):
-    """x_i - x_j (e, 3), [|x_i - x_j|^2, e_ij] (e, 1 + D), pre1 and SiLU(pre1) (e, H) of one chunk of edges."""
+def _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr, w_geo, keep_pre1: bool = True):
+    """x_i - x_j (e, 3), [|x_i - x_j|^2, e_ij] (e, 1 + D), pre1 and SiLU(pre1) (e, H) of one chunk of edges
+    (pre1 may be None without ``keep_pre1``: only backward needs it)."""
     diff = pos_all.index_select(0, r) - pos_all.index_select(0, s)
     geo = torch.cat([(diff * diff).sum(1, keepdim=True), edge_attr], dim=1)
-    pre1, a1 = edge_pre1_silu(proj_recv, proj_send, r, s, geo, w_geo)
+    pre1, a1 = edge_pre1_silu(proj_recv, proj_send, r, s, geo, w_geo, keep_pre1)
     return diff, geo, pre1, a1
 
 

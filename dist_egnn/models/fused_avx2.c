@@ -57,27 +57,28 @@ void silu_backward(const float* g, const float* x, float* out, int64_t n) {
 
 /* The first layer of the edge network for a chunk of e edges, in one pass instead of five:
    pre1[k] = proj_recv[recv[k]] + proj_send[send[k]] + geo[k] @ w_geo_t   (h wide; geo is (e, g), w_geo_t (g, h))
-   a1[k]   = silu(pre1[k]).  Rows of proj_recv / proj_send are h floats, contiguous. */
+   a1[k]   = silu(pre1[k]).  Rows of proj_recv / proj_send are h floats, contiguous. pre1 may be NULL: the
+   forward pass needs only a1, and skipping the store saves one (e, h) write per chunk. */
 void edge_pre1_silu(const float* proj_recv, const float* proj_send, const int64_t* recv, const int64_t* send,
                     const float* geo, const float* w_geo_t, int64_t e, int64_t h, int64_t g, float* pre1, float* a1) {
   for (int64_t k = 0; k < e; ++k) {
     const float* pr = proj_recv + recv[k] * h;
     const float* ps = proj_send + send[k] * h;
     const float* gk = geo + k * g;
-    float* out = pre1 + k * h;
+    float* out = pre1 ? pre1 + k * h : NULL;
     float* act = a1 + k * h;
     int64_t j = 0;
     for (; j + 8 <= h; j += 8) {
       __m256 v = _mm256_add_ps(_mm256_loadu_ps(pr + j), _mm256_loadu_ps(ps + j));
       for (int64_t c = 0; c < g; ++c)
         v = _mm256_fmadd_ps(_mm256_set1_ps(gk[c]), _mm256_loadu_ps(w_geo_t + c * h + j), v);
-      _mm256_storeu_ps(out + j, v);
+      if (pre1) _mm256_storeu_ps(out + j, v);
       _mm256_storeu_ps(act + j, silu8(v));
     }
     for (; j < h; ++j) {
       float v = pr[j] + ps[j];
       for (int64_t c = 0; c < g; ++c) v += gk[c] * w_geo_t[c * h + j];
-      out[j] = v;
+      if (pre1) out[j] = v;
       act[j] = silu1(v);
     }
   }

@@ -114,23 +114,25 @@ def silu_backward(grad: Tensor, x: Tensor) -> Tensor:
 
 
 def edge_pre1_silu(proj_recv: Tensor, proj_send: Tensor, recv: Tensor, send: Tensor, geo: Tensor,
-                   w_geo: Tensor) -> tuple[Tensor, Tensor]:
+                   w_geo: Tensor, keep_pre1: bool = True) -> tuple[Tensor | None, Tensor]:
     """pre1 = proj_recv[recv] + proj_send[send] + geo @ w_geo^T and SiLU(pre1), each (e, H).
 
-    proj_recv (N, H), proj_send (N_all, H), recv / send (e,), geo (e, G), w_geo (H, G).
+    proj_recv (N, H), proj_send (N_all, H), recv / send (e,), geo (e, G), w_geo (H, G). With ``keep_pre1``
+    False the C kernel does not store pre1 (only backward needs it) and None is returned in its place.
     """
     lib = library()
     if lib is None or not (_applies(proj_recv, proj_send, geo) and _indices_apply(recv, send)
                            and w_geo.dtype == torch.float32 and w_geo.device.type == "cpu"):
         pre1 = torch.addmm(proj_recv.index_select(0, recv), geo, w_geo.t())
         pre1 += proj_send.index_select(0, send)
-        return pre1, silu(pre1)
+        return (pre1 if keep_pre1 else None), silu(pre1)
     e, hidden = recv.shape[0], proj_recv.shape[1]
     w_geo_t = w_geo.t().contiguous()
-    pre1 = proj_recv.new_empty(e, hidden)
+    pre1 = proj_recv.new_empty(e, hidden) if keep_pre1 else None
     a1 = proj_recv.new_empty(e, hidden)
     lib.edge_pre1_silu(proj_recv.data_ptr(), proj_send.data_ptr(), recv.data_ptr(), send.data_ptr(), geo.data_ptr(),
-                       w_geo_t.data_ptr(), e, hidden, geo.shape[1], pre1.data_ptr(), a1.data_ptr())
+                       w_geo_t.data_ptr(), e, hidden, geo.shape[1], pre1.data_ptr() if keep_pre1 else None,
+                       a1.data_ptr())
     return pre1, a1
 
 
