@@ -86,7 +86,8 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
     if missing:
         raise ValueError(f"dataset.node_features names {missing}, which store {info.path} does not hold "
                          f"(its node scalars: {info.node_scalars}); fix dataset.node_features")
-    scale = velocity_scale(d.velocity_unit, d.delta_t, info.attrs["dt"])
+    # configurations saved before velocity_unit existed used the store's unit
+    scale = velocity_scale(d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
     return {split: TrajectoryDataset(info, split, delta_t=d.delta_t, frame_start=d.frame_start,
                                      frame_stop=d.frame_stop, frame_stride=d.frame_stride,
                                      node_features=list(d.node_features), edge_features=list(d.edge_features),

@@ -124,11 +124,15 @@ def results_stem(spec: DictConfig) -> str:
 
 def trivial_reference(spec: DictConfig, run_dir: Path, results_dir: Path) -> dict[str, Any]:
     """Zero-motion and constant-velocity test MSE (dist_egnn.baselines) on the study's data, computed once
-    from a finished run's resolved configuration and kept in ``<stem>-trivial.json``."""
+    from a finished run's resolved configuration and kept in ``<stem>-trivial.json`` with the dataset
+    settings it was computed for (recomputed when they change, e.g. the velocity unit)."""
     path = results_dir / f"{results_stem(spec)}-trivial.json"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     if path.exists():
-        return json.loads(path.read_text())
-    reference = trivial_baselines(OmegaConf.create(yaml.safe_load((run_dir / "config.yaml").read_text())))
+        kept = json.loads(path.read_text())
+        if kept.get("dataset_config") == config["dataset"]:
+            return kept
+    reference = dict(trivial_baselines(OmegaConf.create(config)), dataset_config=config["dataset"])
     results_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(reference, indent=1) + "\n")
     return reference

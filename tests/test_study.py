@@ -57,6 +57,13 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     assert again.returncode == 0 and "running" not in again.stdout + again.stderr
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
 
+    # The trivial references are kept with the dataset settings they were computed for; stale ones are redone.
+    stale = dict(trivial, dataset_config=dict(trivial["dataset_config"], velocity_unit="horizon"),
+                 constant_velocity_mse=-1.0)
+    (tmp_path / "results" / "tiny-trivial.json").write_text(json.dumps(stale))
+    assert run_study(tmp_path, "train=false").returncode == 0
+    assert json.loads((tmp_path / "results" / "tiny-trivial.json").read_text()) == trivial
+
     # A run cut short after its last checkpoint (no test line yet) resumes instead of starting over.
     metrics = Path(records[-1]["run_dir"]) / "metrics.jsonl"
     metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
