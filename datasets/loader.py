@@ -151,7 +151,6 @@ class TrajectoryDataset:
         self._vel = da.from_zarr(group["vel"])
         if velocity_scale != 1.0:
             self._vel = (self._vel * np.float32(velocity_scale)).astype(np.float32)
-        self.velocity_scale = velocity_scale
         self._scalars = da.from_zarr(group["node_scalars"])
 
     def __len__(self) -> int:

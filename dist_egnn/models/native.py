@@ -131,7 +131,7 @@ def edge_pre1_silu(proj_recv: Tensor, proj_send: Tensor, recv: Tensor, send: Ten
     pre1 = proj_recv.new_empty(e, hidden) if keep_pre1 else None
     a1 = proj_recv.new_empty(e, hidden)
     lib.edge_pre1_silu(proj_recv.data_ptr(), proj_send.data_ptr(), recv.data_ptr(), send.data_ptr(), geo.data_ptr(),
-                       w_geo_t.data_ptr(), e, hidden, geo.shape[1], pre1.data_ptr() if keep_pre1 else None,
+                       w_geo_t.data_ptr(), e, hidden, geo.shape[1], None if pre1 is None else pre1.data_ptr(),
                        a1.data_ptr())
     return pre1, a1
 
