@@ -53,6 +53,21 @@ def test_edge_first_layer_and_head_backward_match_torch(hidden):
 
 
 @needs_kernel
+@pytest.mark.parametrize("width", [(64,), (3,), (3, 13)])       # message rows, displacements, virtual channels
+def test_index_add_rows_matches_torch(width):
+    gen = torch.Generator().manual_seed(len(width))
+    index = torch.randint(0, 40, (300,), generator=gen)
+    source = torch.randn(300, *width, generator=gen)
+    start = torch.randn(40, *width, generator=gen)
+    for alpha in (1.0, -1.0):
+        out = start.clone()
+        native.index_add_rows(out, index, source, alpha=alpha)
+        assert torch.allclose(out, start.clone().index_add_(0, index, source, alpha=alpha), rtol=1e-6, atol=1e-6)
+    with pytest.raises(IndexError, match="out of range"):
+        native.index_add_rows(start.clone(), index + 1, source)          # index 40 would write past the end
+
+
+@needs_kernel
 def test_nan_stays_nan():
     x = torch.tensor([float("nan"), 1.0] * 8)
     assert native.silu(x).isnan().tolist() == x.isnan().tolist()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dist_egnn.models.native import edge_pre1_silu, silu, silu_backward, silu_backward_outer
+from dist_egnn.models.native import edge_pre1_silu, index_add_rows, silu, silu_backward, silu_backward_outer
 
 DEFAULT_CHUNK = 16384
 """Rows per chunk: (16384, 64) float32 is 4 MiB, so a chunk's intermediates stay in the CPU's last-level cache."""
@@ -158,8 +158,8 @@ class EdgeMessages(torch.autograd.Function):
                 diff, _geo, pre1, a1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s,
                                                     edge_attr[start:start + chunk_size], w_geo, keep_pre1=False)
                 _a1, _pre2, m, ((_c, _act, weight),) = _rows_forward(pre1, w2, b2, heads, a1)
-                msg_sum.index_add_(0, r, m)
-                disp_sum.index_add_(0, r, diff * weight)
+                index_add_rows(msg_sum, r, m)
+                index_add_rows(disp_sum, r, diff * weight)
             return msg_sum, disp_sum
 
         if recv.shape[0]:
@@ -198,15 +198,15 @@ class EdgeMessages(torch.autograd.Function):
                 g_diff = g_disp_e * weight                                          # (e, 3)
                 g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, grad_msg.index_select(0, r),
                                         [g_weight], w2, heads, grads)
-                g_recv.index_add_(0, r, g_pre1)
-                g_send.index_add_(0, s, g_pre1)
+                index_add_rows(g_recv, r, g_pre1)
+                index_add_rows(g_send, s, g_pre1)
                 g_wgeo.addmm_(g_pre1.t(), geo)
                 g_geo = g_pre1 @ w_geo                                              # (e, 1 + D)
                 g_diff.addcmul_(diff, g_geo[:, :1], value=2.0)                      # through |x_i - x_j|^2
                 if g_attr is not None:
                     g_attr[part] = g_geo[:, 1:]
-                g_pos.index_add_(0, r, g_diff)
-                g_pos.index_add_(0, s, g_diff, alpha=-1.0)
+                index_add_rows(g_pos, r, g_diff)
+                index_add_rows(g_pos, s, g_diff, alpha=-1.0)
             return g_recv, g_send, g_pos, g_wgeo, grads
 
         if recv.shape[0]:
@@ -304,7 +304,7 @@ class VirtualMessages(torch.autograd.Function):
                 g_wdist += (dist[part].reshape(1, -1) @ g_pre1).squeeze(0)
                 g_pre1 = g_pre1.view(-1, c, hidden)
                 g_node[part] = g_pre1.sum(1)
-                g_channel.index_add_(0, batch[part], g_pre1)
+                index_add_rows(g_channel, batch[part], g_pre1)
                 g_dist[part] = g_pre1 @ w_dist
             return g_channel, g_wdist, grads
 

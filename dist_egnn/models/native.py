@@ -71,6 +71,7 @@ def _build() -> ctypes.CDLL | None:
     library.silu_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     library.edge_pre1_silu.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
     library.silu_backward_outer.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
+    library.index_add_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     return library
 
 
@@ -144,3 +145,18 @@ def silu_backward_outer(grad: Tensor, v: Tensor, x: Tensor) -> Tensor:
     out = torch.empty_like(x)
     lib.silu_backward_outer(grad.data_ptr(), v.data_ptr(), x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
     return out
+
+
+def index_add_rows(out: Tensor, index: Tensor, source: Tensor, alpha: float = 1.0) -> None:
+    """out.index_add_(0, index, source, alpha=alpha), in place; rows of ``source`` are rows of ``out`` (trailing
+    dimensions flattened). Not thread-safe on a shared ``out``: each chunk worker adds into its own."""
+    lib = library()
+    rows = source.shape[0]
+    if (lib is None or not (_applies(out, source) and _indices_apply(index)) or out.dtype != source.dtype
+            or index.shape != (rows,) or out.shape[1:] != source.shape[1:]):
+        out.index_add_(0, index, source, alpha=alpha)
+        return
+    if rows and (int(index.min()) < 0 or int(index.max()) >= out.shape[0]):
+        raise IndexError(f"index_add_rows: index out of range for {out.shape[0]} rows")
+    width = source[0].numel() if rows else 0
+    lib.index_add_rows(out.data_ptr(), index.data_ptr(), source.data_ptr(), rows, width, alpha)
