@@ -50,6 +50,18 @@ def test_edge_first_layer_and_head_backward_match_torch(hidden):
     g, v = torch.randn(50, 1, generator=gen), torch.randn(1, hidden, generator=gen)
     assert torch.allclose(native.silu_backward_outer(g, v, pre1), torch.ops.aten.silu_backward(g @ v, pre1),
                           rtol=2e-6, atol=1e-6)
+    g_a1 = torch.randn(50, hidden, generator=gen)
+    expected_pre1 = torch.ops.aten.silu_backward(g_a1, pre1)
+    outs = [torch.randn(20, hidden, generator=gen), torch.randn(31, hidden, generator=gen), torch.randn(hidden, 3)]
+    starts = [t.clone() for t in outs]
+    g_geo = native.edge_pre1_backward(g_a1, pre1, recv, send, geo, w_geo, *outs)
+    assert torch.allclose(g_geo, expected_pre1 @ w_geo, rtol=1e-5, atol=1e-5)
+    for out, start, expected in zip(outs, starts, (starts[0].index_add(0, recv, expected_pre1),
+                                                   starts[1].index_add(0, send, expected_pre1),
+                                                   starts[2] + expected_pre1.t() @ geo)):
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match="out of range"):
+        native.edge_pre1_backward(g_a1, pre1, recv, send + 1, geo, w_geo, *outs)    # send 31 would write past the end
 
 
 @needs_kernel

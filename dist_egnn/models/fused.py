@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dist_egnn.models.native import edge_pre1_silu, index_add_rows, silu, silu_backward, silu_backward_outer
+from dist_egnn.models.native import (edge_pre1_backward, edge_pre1_silu, index_add_rows, silu, silu_backward,
+                                    silu_backward_outer)
 
 DEFAULT_CHUNK = 16384
 """Rows per chunk: (16384, 64) float32 is 4 MiB, so a chunk's intermediates stay in the CPU's last-level cache."""
@@ -102,10 +103,11 @@ def _rows_forward(pre1: Tensor, w2: Tensor, b2: Tensor, heads: list[tuple[Tensor
 
 
 def _rows_backward(pre1, a1, pre2, m, head_values, grad_m: Tensor, grad_s: list[Tensor | None], w2: Tensor,
-                   heads, grads: dict) -> Tensor:
+                   heads, grads: dict, through_first_silu: bool = True) -> Tensor:
     """Chain rule through :func:`_rows_forward`; accumulates weight gradients into ``grads``.
 
-    grad_m (R, H) is consumed (written in place). Returns grad of pre1 (R, H).
+    grad_m (R, H) is consumed (written in place). Returns grad of pre1 (R, H), or of a1 = SiLU(pre1) without
+    ``through_first_silu`` (for a caller whose kernel folds that step into its own backward).
     """
     for k, ((wk, _bk, vk), (c_pre, c_act, _s), g_s) in enumerate(zip(heads, head_values, grad_s)):
         if g_s is None:
@@ -118,7 +120,8 @@ def _rows_backward(pre1, a1, pre2, m, head_values, grad_m: Tensor, grad_s: list[
     g_pre2 = silu_backward(grad_m, pre2)
     grads["w2"].addmm_(g_pre2.t(), a1)
     grads["b2"] += g_pre2.sum(0)
-    return silu_backward(g_pre2 @ w2, pre1)
+    g_a1 = g_pre2 @ w2
+    return silu_backward(g_a1, pre1) if through_first_silu else g_a1
 
 
 def _new_grads(w2, b2, heads) -> dict:
@@ -196,12 +199,9 @@ class EdgeMessages(torch.autograd.Function):
                 g_disp_e = grad_disp.index_select(0, r)                             # (e, 3)
                 g_weight = (g_disp_e * diff).sum(1, keepdim=True)                   # (e, 1)
                 g_diff = g_disp_e * weight                                          # (e, 3)
-                g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, grad_msg.index_select(0, r),
-                                        [g_weight], w2, heads, grads)
-                index_add_rows(g_recv, r, g_pre1)
-                index_add_rows(g_send, s, g_pre1)
-                g_wgeo.addmm_(g_pre1.t(), geo)
-                g_geo = g_pre1 @ w_geo                                              # (e, 1 + D)
+                g_a1 = _rows_backward(pre1, a1, pre2, m, head_values, grad_msg.index_select(0, r),
+                                      [g_weight], w2, heads, grads, through_first_silu=False)
+                g_geo = edge_pre1_backward(g_a1, pre1, r, s, geo, w_geo, g_recv, g_send, g_wgeo)   # (e, 1 + D)
                 g_diff.addcmul_(diff, g_geo[:, :1], value=2.0)                      # through |x_i - x_j|^2
                 if g_attr is not None:
                     g_attr[part] = g_geo[:, 1:]

@@ -72,6 +72,7 @@ def _build() -> ctypes.CDLL | None:
     library.edge_pre1_silu.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
     library.silu_backward_outer.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     library.index_add_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    library.edge_pre1_backward.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
     return library
 
 
@@ -137,6 +138,46 @@ def edge_pre1_silu(proj_recv: Tensor, proj_send: Tensor, recv: Tensor, send: Ten
     return pre1, a1
 
 
+EDGE_GEO_MAX = 16
+"""Widest geometry input [|x_i - x_j|^2, e_ij] the C backward of the first edge layer takes (edge features + 1)."""
+
+
+def _check_rows(index: Tensor, rows: int, name: str) -> None:
+    """The kernels write rows ``index`` of a (rows, ...) tensor: refuse indices that would write elsewhere."""
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
+        raise IndexError(f"{name}: index out of range for {rows} rows")
+
+
+def edge_pre1_backward(g_a1: Tensor, pre1: Tensor, recv: Tensor, send: Tensor, geo: Tensor, w_geo: Tensor,
+                       g_recv: Tensor, g_send: Tensor, g_wgeo: Tensor) -> Tensor:
+    """Backward of :func:`edge_pre1_silu` for one chunk, given the gradient g_a1 (e, H) of SiLU(pre1).
+
+    Adds the gradients of proj_recv into g_recv (N, H), of proj_send into g_send (N_all, H) and of w_geo into
+    g_wgeo (H, G), in place; returns the gradient of geo (e, G). One pass in C (five with torch).
+    """
+    lib = library()
+    e, hidden = pre1.shape
+    small_float32 = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (w_geo, g_wgeo))  # any strides
+    if (lib is None or not (_applies(g_a1, pre1, geo, g_recv, g_send) and _indices_apply(recv, send) and small_float32)
+            or geo.shape[1] > EDGE_GEO_MAX or g_a1.shape != pre1.shape or g_recv.shape[1] != hidden
+            or g_send.shape[1] != hidden):
+        g_pre1 = silu_backward(g_a1, pre1)
+        index_add_rows(g_recv, recv, g_pre1)
+        index_add_rows(g_send, send, g_pre1)
+        g_wgeo.addmm_(g_pre1.t(), geo)
+        return g_pre1 @ w_geo
+    _check_rows(recv, g_recv.shape[0], "edge_pre1_backward (recv)")
+    _check_rows(send, g_send.shape[0], "edge_pre1_backward (send)")
+    w_geo_t = w_geo.t().contiguous()
+    g_wgeo_t = torch.zeros_like(w_geo_t)
+    g_geo = geo.new_empty(e, geo.shape[1])
+    lib.edge_pre1_backward(g_a1.data_ptr(), pre1.data_ptr(), recv.data_ptr(), send.data_ptr(), geo.data_ptr(),
+                           w_geo_t.data_ptr(), e, hidden, geo.shape[1], g_recv.data_ptr(), g_send.data_ptr(),
+                           g_wgeo_t.data_ptr(), g_geo.data_ptr())
+    g_wgeo += g_wgeo_t.t()
+    return g_geo
+
+
 def silu_backward_outer(grad: Tensor, v: Tensor, x: Tensor) -> Tensor:
     """silu_backward(grad @ v, x) for grad (R, 1), v (1, H), x (R, H): a scalar head's backward in one pass."""
     lib = library()
@@ -156,7 +197,6 @@ def index_add_rows(out: Tensor, index: Tensor, source: Tensor, alpha: float = 1.
             or index.shape != (rows,) or out.shape[1:] != source.shape[1:]):
         out.index_add_(0, index, source, alpha=alpha)
         return
-    if rows and (int(index.min()) < 0 or int(index.max()) >= out.shape[0]):
-        raise IndexError(f"index_add_rows: index out of range for {out.shape[0]} rows")
+    _check_rows(index, out.shape[0], "index_add_rows")
     width = source[0].numel() if rows else 0
     lib.index_add_rows(out.data_ptr(), index.data_ptr(), source.data_ptr(), rows, width, alpha)
