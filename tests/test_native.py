@@ -80,6 +80,30 @@ def test_index_add_rows_matches_torch(width):
 
 
 @needs_kernel
+@pytest.mark.parametrize("hidden", [64, 13])
+def test_virtual_first_layer_and_backward_match_torch(hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    n, c, graphs = 30, 3, 2
+    per_node, per_channel = torch.randn(n, hidden, generator=gen), torch.randn(graphs, c, hidden, generator=gen)
+    dist, batch = torch.rand(n, c, generator=gen), torch.randint(0, graphs, (n,), generator=gen)
+    w_dist = torch.randn(hidden, 5, generator=gen)[:, 2]                       # a column: strided, as in the model
+    pre1, a1 = native.virtual_pre1_silu(per_node, per_channel, dist, w_dist, batch)
+    expected = (per_node.unsqueeze(1) + per_channel[batch] + dist.unsqueeze(-1) * w_dist).reshape(-1, hidden)
+    assert torch.allclose(pre1, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(a1, F.silu(expected), rtol=1e-5, atol=1e-5)
+    assert native.virtual_pre1_silu(per_node, per_channel, dist, w_dist, batch, keep_pre1=False)[0] is None
+    g_a1 = torch.randn(n * c, hidden, generator=gen)
+    g_pre1 = torch.ops.aten.silu_backward(g_a1, pre1).view(n, c, hidden)
+    g_channel, g_wdist = torch.randn(graphs, c, hidden, generator=gen), torch.randn(hidden, generator=gen)
+    start_channel, start_wdist = g_channel.clone(), g_wdist.clone()
+    g_node, g_dist = native.virtual_pre1_backward(g_a1, pre1, dist, w_dist, batch, g_channel, g_wdist)
+    assert torch.allclose(g_node, g_pre1.sum(1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(g_dist, g_pre1 @ w_dist, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(g_channel, start_channel.index_add(0, batch, g_pre1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(g_wdist, start_wdist + (dist.unsqueeze(-1) * g_pre1).sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_nan_stays_nan():
     x = torch.tensor([float("nan"), 1.0] * 8)
     assert native.silu(x).isnan().tolist() == x.isnan().tolist()

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from dist_egnn.models.native import (edge_pre1_backward, edge_pre1_silu, index_add_rows, silu, silu_backward,
-                                    silu_backward_outer)
+                                    silu_backward_outer, virtual_pre1_backward, virtual_pre1_silu)
 
 DEFAULT_CHUNK = 16384
 """Rows per chunk: (16384, 64) float32 is 4 MiB, so a chunk's intermediates stay in the CPU's last-level cache."""
@@ -266,8 +266,9 @@ class VirtualMessages(torch.autograd.Function):
         def work(starts):
             for start in starts:
                 part = slice(start, start + chunk_size)
-                pre1 = _virtual_pre1(per_node[part], per_channel, dist[part], w_dist, batch[part])
-                _a1, _pre2, m, ((_, _, sa), (_, _, sb)) = _rows_forward(pre1, w2, b2, heads)
+                _, a1 = virtual_pre1_silu(per_node[part], per_channel, dist[part], w_dist, batch[part],
+                                          keep_pre1=False)
+                _a1, _pre2, m, ((_, _, sa), (_, _, sb)) = _rows_forward(None, w2, b2, heads, a1)
                 message[part] = m.view(-1, c, hidden)
                 head_a[part] = sa.view(-1, c)
                 head_b[part] = sb.view(-1, c)
@@ -295,17 +296,15 @@ class VirtualMessages(torch.autograd.Function):
             g_channel, g_wdist = torch.zeros_like(per_channel), torch.zeros_like(w_dist)
             for start in starts:
                 part = slice(start, start + chunk_size)
-                pre1 = _virtual_pre1(per_node[part], per_channel, dist[part], w_dist, batch[part])
-                a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads)
+                pre1, a1 = virtual_pre1_silu(per_node[part], per_channel, dist[part], w_dist, batch[part])
+                a1, pre2, m, head_values = _rows_forward(pre1, w2, b2, heads, a1)
                 g_m = (torch.zeros_like(m) if grad_message is None
                        else grad_message[part].reshape(-1, hidden).clone())
                 g_s = [None if g is None else g[part].reshape(-1, 1) for g in (grad_a, grad_b)]
-                g_pre1 = _rows_backward(pre1, a1, pre2, m, head_values, g_m, g_s, w2, heads, grads)
-                g_wdist += (dist[part].reshape(1, -1) @ g_pre1).squeeze(0)
-                g_pre1 = g_pre1.view(-1, c, hidden)
-                g_node[part] = g_pre1.sum(1)
-                index_add_rows(g_channel, batch[part], g_pre1)
-                g_dist[part] = g_pre1 @ w_dist
+                g_a1 = _rows_backward(pre1, a1, pre2, m, head_values, g_m, g_s, w2, heads, grads,
+                                      through_first_silu=False)
+                g_node[part], g_dist[part] = virtual_pre1_backward(g_a1, pre1, dist[part], w_dist, batch[part],
+                                                                   g_channel, g_wdist)
             return g_channel, g_wdist, grads
 
         if n:
@@ -315,13 +314,6 @@ class VirtualMessages(torch.autograd.Function):
             grads = _new_grads(w2, b2, heads)
         return (g_node @ w_h, g_channel, g_dist, g_node.t() @ h, g_wdist, None, grads["w2"], grads["b2"],
                 grads["w0"], grads["b0"], grads["v0"], grads["w1"], grads["b1"], grads["v1"], None)
-
-
-def _virtual_pre1(per_node, per_channel, dist, w_dist, batch):
-    """pre1 of one chunk of real nodes, flattened to (n C, H) rows."""
-    pre1 = per_channel.index_select(0, batch) + per_node.unsqueeze(1)           # (n, C, H)
-    pre1 += dist.unsqueeze(-1) * w_dist
-    return pre1.view(-1, pre1.shape[-1])
 
 
 def virtual_messages(h: Tensor, per_channel: Tensor, dist: Tensor, w_h: Tensor, w_dist: Tensor, batch: Tensor,

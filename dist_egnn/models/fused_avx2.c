@@ -177,3 +177,73 @@ void edge_pre1_backward(const float* restrict g_a1, const float* restrict pre1, 
     }
   }
 }
+
+/* The first layer of the real-virtual network for n real nodes x C virtual nodes (rows i * C + c of h floats):
+     pre1[i, c] = per_node[i] + per_channel[batch[i], c] + dist[i, c] w_dist,   a1 = silu(pre1)
+   per_node (n, h), per_channel (B, C, h), dist (n, C), w_dist (h,). pre1 may be NULL (forward needs only a1). */
+void virtual_pre1_silu(const float* restrict per_node, const float* restrict per_channel, const float* restrict dist,
+                       const float* restrict w_dist, const int64_t* restrict batch, int64_t n, int64_t c, int64_t h,
+                       float* restrict pre1, float* restrict a1) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* pn = per_node + i * h;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float* pc = per_channel + (batch[i] * c + ch) * h;
+      const int64_t row = (i * c + ch) * h;
+      const float d = dist[i * c + ch];
+      const __m256 dv = _mm256_set1_ps(d);
+      int64_t j = 0;
+      for (; j + 8 <= h; j += 8) {
+        __m256 v = _mm256_fmadd_ps(dv, _mm256_loadu_ps(w_dist + j),
+                                   _mm256_add_ps(_mm256_loadu_ps(pn + j), _mm256_loadu_ps(pc + j)));
+        if (pre1) _mm256_storeu_ps(pre1 + row + j, v);
+        _mm256_storeu_ps(a1 + row + j, silu8(v));
+      }
+      for (; j < h; ++j) {
+        float v = pn[j] + pc[j] + d * w_dist[j];
+        if (pre1) pre1[row + j] = v;
+        a1[row + j] = silu1(v);
+      }
+    }
+  }
+}
+
+/* Its backward, given g_a1 (the gradient of a1), in one pass: with g = g_a1 silu'(pre1) (not stored),
+     g_node[i] = sum_c g[i, c]           (written)      g_channel[batch[i], c] += g[i, c]   (accumulated)
+     g_dist[i, c] = g[i, c] . w_dist     (written)      g_wdist += dist[i, c] g[i, c]        (accumulated)
+   g_channel and g_wdist belong to the caller's thread; g_node and g_dist are this chunk's rows. */
+void virtual_pre1_backward(const float* restrict g_a1, const float* restrict pre1, const float* restrict dist,
+                           const float* restrict w_dist, const int64_t* restrict batch, int64_t n, int64_t c,
+                           int64_t h, float* restrict g_node, float* restrict g_channel, float* restrict g_wdist,
+                           float* restrict g_dist) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* gn = g_node + i * h;
+    for (int64_t j = 0; j < h; ++j) gn[j] = 0.0f;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      float* gc = g_channel + (batch[i] * c + ch) * h;
+      const int64_t row = (i * c + ch) * h;
+      const float d = dist[i * c + ch];
+      const __m256 dv = _mm256_set1_ps(d);
+      __m256 dot = _mm256_setzero_ps();
+      float tail = 0.0f;
+      int64_t j = 0;
+      for (; j + 8 <= h; j += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(g_a1 + row + j), dsilu8(_mm256_loadu_ps(pre1 + row + j)));
+        _mm256_storeu_ps(gn + j, _mm256_add_ps(_mm256_loadu_ps(gn + j), v));
+        _mm256_storeu_ps(gc + j, _mm256_add_ps(_mm256_loadu_ps(gc + j), v));
+        _mm256_storeu_ps(g_wdist + j, _mm256_fmadd_ps(dv, v, _mm256_loadu_ps(g_wdist + j)));
+        dot = _mm256_fmadd_ps(v, _mm256_loadu_ps(w_dist + j), dot);
+      }
+      for (; j < h; ++j) {
+        float v = g_a1[row + j] * dsilu1(pre1[row + j]);
+        gn[j] += v;
+        gc[j] += v;
+        g_wdist[j] += d * v;
+        tail += v * w_dist[j];
+      }
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(dot), _mm256_extractf128_ps(dot, 1));
+      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+      g_dist[i * c + ch] = _mm_cvtss_f32(s) + tail;
+    }
+  }
+}

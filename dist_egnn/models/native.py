@@ -73,6 +73,8 @@ def _build() -> ctypes.CDLL | None:
     library.silu_backward_outer.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     library.index_add_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     library.edge_pre1_backward.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+    library.virtual_pre1_silu.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    library.virtual_pre1_backward.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
     return library
 
 
@@ -176,6 +178,54 @@ def edge_pre1_backward(g_a1: Tensor, pre1: Tensor, recv: Tensor, send: Tensor, g
                            g_wgeo_t.data_ptr(), g_geo.data_ptr())
     g_wgeo += g_wgeo_t.t()
     return g_geo
+
+
+def virtual_pre1_silu(per_node: Tensor, per_channel: Tensor, dist: Tensor, w_dist: Tensor, batch: Tensor,
+                      keep_pre1: bool = True) -> tuple[Tensor | None, Tensor]:
+    """pre1[i, c] = per_node[i] + per_channel[batch[i], c] + dist[i, c] w_dist and SiLU(pre1), as (n C, H) rows.
+
+    per_node (n, H), per_channel (B, C, H), dist (n, C), w_dist (H,), batch (n,). Without ``keep_pre1`` the C
+    kernel does not store pre1 and None is returned in its place.
+    """
+    lib = library()
+    n, c = dist.shape
+    hidden = per_node.shape[1]
+    if (lib is None or not (_applies(per_node, per_channel, dist) and _indices_apply(batch))
+            or w_dist.dtype != torch.float32 or per_channel.shape[1:] != (c, hidden)):
+        pre1 = per_channel.index_select(0, batch) + per_node.unsqueeze(1)              # (n, C, H)
+        pre1 += dist.unsqueeze(-1) * w_dist
+        pre1 = pre1.view(-1, hidden)
+        return (pre1 if keep_pre1 else None), silu(pre1)
+    _check_rows(batch, per_channel.shape[0], "virtual_pre1_silu (batch)")               # reads only, but cheap
+    w_dist = w_dist.contiguous()
+    pre1 = per_node.new_empty(n * c, hidden) if keep_pre1 else None
+    a1 = per_node.new_empty(n * c, hidden)
+    lib.virtual_pre1_silu(per_node.data_ptr(), per_channel.data_ptr(), dist.data_ptr(), w_dist.data_ptr(),
+                          batch.data_ptr(), n, c, hidden, None if pre1 is None else pre1.data_ptr(), a1.data_ptr())
+    return pre1, a1
+
+
+def virtual_pre1_backward(g_a1: Tensor, pre1: Tensor, dist: Tensor, w_dist: Tensor, batch: Tensor,
+                          g_channel: Tensor, g_wdist: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of :func:`virtual_pre1_silu` given the gradient g_a1 (n C, H) of SiLU(pre1): adds into g_channel
+    (B, C, H) and g_wdist (H,) in place and returns the gradients of per_node (n, H) and dist (n, C)."""
+    lib = library()
+    n, c = dist.shape
+    hidden = pre1.shape[1]
+    if (lib is None or not (_applies(g_a1, pre1, dist, g_channel, g_wdist) and _indices_apply(batch))
+            or w_dist.dtype != torch.float32 or g_a1.shape != pre1.shape or g_channel.shape[1:] != (c, hidden)):
+        g_pre1 = silu_backward(g_a1, pre1)
+        g_wdist += (dist.reshape(1, -1) @ g_pre1).squeeze(0)
+        g_pre1 = g_pre1.view(-1, c, hidden)
+        index_add_rows(g_channel, batch, g_pre1)
+        return g_pre1.sum(1), g_pre1 @ w_dist
+    _check_rows(batch, g_channel.shape[0], "virtual_pre1_backward (batch)")
+    w_dist = w_dist.contiguous()
+    g_node, g_dist = pre1.new_empty(n, hidden), pre1.new_empty(n, c)
+    lib.virtual_pre1_backward(g_a1.data_ptr(), pre1.data_ptr(), dist.data_ptr(), w_dist.data_ptr(), batch.data_ptr(),
+                              n, c, hidden, g_node.data_ptr(), g_channel.data_ptr(), g_wdist.data_ptr(),
+                              g_dist.data_ptr())
+    return g_node, g_dist
 
 
 def silu_backward_outer(grad: Tensor, v: Tensor, x: Tensor) -> Tensor:
