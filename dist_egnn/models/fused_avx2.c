@@ -1,4 +1,4 @@
-/* AVX2 + FMA kernels of the fused edge blocks (fused.py), float32, 8 lanes, called through ctypes by native.py.
+/* AVX2 + FMA kernels of the fused message blocks (fused.py), float32, 8 lanes, called through ctypes by native.py.
 
    ATen's SiLU spends ~1.3 ns per element in its exp on this project's CPU, and the fused blocks run nine
    SiLU passes per edge and layer; the first layer of the edge network is five passes (two gathers, a K = 3
@@ -7,7 +7,10 @@
    few float32 ulp of expf), SiLU and its derivative in one pass each, and the first layer in one pass.
    NaN in gives NaN out (x itself is a factor of every result).
    Row scatter-adds too: ATen's index_add_ costs ~1 ns per element here through its generic iterator, a plain
-   row loop a quarter of that.
+   row loop a quarter of that. The backward of both first layers (edge and real-virtual) is one pass each:
+   SiLU derivative, scatter-adds and the thin products with the geometry columns, which MKL ran as slowly as
+   a full (rows, H) x (H, H) product. In order below: exp, SiLU, SiLU', edge first layer, head backward, row
+   scatter-add, edge first-layer backward, real-virtual first layer and its backward.
 */
 #include <immintrin.h>
 #include <stdint.h>
