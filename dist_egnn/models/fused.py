@@ -12,7 +12,8 @@ edge per layer in float32. The functions here keep none: rows are processed in c
 ``chunk_size``; forward computes a chunk, reduces it onto nodes and drops it; backward recomputes the
 chunk's forward from the (small) saved inputs and applies the chain rule by hand, chunk by chunk. Every
 (rows, H) pass then runs on a chunk that fits in cache; the C kernels in ``native.py`` (torch's where they do
-not apply) make each SiLU, each SiLU derivative and the first layer of an edge chunk one pass.
+not apply) make each SiLU, each SiLU derivative, each scatter-add, and the first layer of a chunk (edge or
+real-virtual) and its backward one pass each.
 
 Shapes: N owned real nodes, N_all = N + halo rows, E edges (receivers < N, senders < N_all), B graphs,
 C virtual nodes, H hidden, D edge features.
@@ -283,7 +284,7 @@ class VirtualMessages(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_message, grad_a, grad_b):
         h, per_channel, dist, w_h, w_dist, batch, w2, b2, wa, ba, va, wb, bb, vb = ctx.saved_tensors
-        n, c = dist.shape
+        n = dist.shape[0]
         hidden = w2.shape[0]
         per_node = h @ w_h.t()
         heads = [(wa, ba, va), (wb, bb, vb)]

@@ -97,6 +97,22 @@ def _indices_apply(*indices: Tensor) -> bool:
     return all(t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous() for t in indices)
 
 
+def _shapes_fit(*pairs: tuple[Tensor, tuple[int, ...]]) -> bool:
+    """Every tensor has the shape given: the C kernels trust their arguments' sizes, so a mismatch takes the
+    torch composition, which raises a readable error instead of reading or writing out of bounds."""
+    return all(tuple(t.shape) == tuple(shape) for t, shape in pairs)
+
+
+def _check_rows(index: Tensor, rows: int, name: str) -> None:
+    """The kernels read or write rows ``index`` of a (rows, ...) tensor: refuse indices that would go elsewhere."""
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
+        raise IndexError(f"{name}: index out of range for {rows} rows")
+
+
+EDGE_GEO_MAX = 16
+"""Widest geometry input [|x_i - x_j|^2, e_ij] the C backward of the first edge layer takes (edge features + 1)."""
+
+
 def silu(x: Tensor) -> Tensor:
     """x * sigmoid(x), without autograd (the fused blocks' backward is written by hand)."""
     lib = library()
@@ -125,12 +141,16 @@ def edge_pre1_silu(proj_recv: Tensor, proj_send: Tensor, recv: Tensor, send: Ten
     False the C kernel does not store pre1 (only backward needs it) and None is returned in its place.
     """
     lib = library()
+    e, hidden = recv.shape[0], proj_recv.shape[1]
     if lib is None or not (_applies(proj_recv, proj_send, geo) and _indices_apply(recv, send)
-                           and w_geo.dtype == torch.float32 and w_geo.device.type == "cpu"):
+                           and w_geo.dtype == torch.float32 and w_geo.device.type == "cpu"
+                           and _shapes_fit((send, (e,)), (geo, (e, geo.shape[1])), (w_geo, (hidden, geo.shape[1])),
+                                           (proj_send, (proj_send.shape[0], hidden)))):
         pre1 = torch.addmm(proj_recv.index_select(0, recv), geo, w_geo.t())
         pre1 += proj_send.index_select(0, send)
         return (pre1 if keep_pre1 else None), silu(pre1)
-    e, hidden = recv.shape[0], proj_recv.shape[1]
+    _check_rows(recv, proj_recv.shape[0], "edge_pre1_silu (recv)")
+    _check_rows(send, proj_send.shape[0], "edge_pre1_silu (send)")
     w_geo_t = w_geo.t().contiguous()
     pre1 = proj_recv.new_empty(e, hidden) if keep_pre1 else None
     a1 = proj_recv.new_empty(e, hidden)
@@ -138,16 +158,6 @@ def edge_pre1_silu(proj_recv: Tensor, proj_send: Tensor, recv: Tensor, send: Ten
                        w_geo_t.data_ptr(), e, hidden, geo.shape[1], None if pre1 is None else pre1.data_ptr(),
                        a1.data_ptr())
     return pre1, a1
-
-
-EDGE_GEO_MAX = 16
-"""Widest geometry input [|x_i - x_j|^2, e_ij] the C backward of the first edge layer takes (edge features + 1)."""
-
-
-def _check_rows(index: Tensor, rows: int, name: str) -> None:
-    """The kernels write rows ``index`` of a (rows, ...) tensor: refuse indices that would write elsewhere."""
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
-        raise IndexError(f"{name}: index out of range for {rows} rows")
 
 
 def edge_pre1_backward(g_a1: Tensor, pre1: Tensor, recv: Tensor, send: Tensor, geo: Tensor, w_geo: Tensor,
@@ -160,9 +170,12 @@ def edge_pre1_backward(g_a1: Tensor, pre1: Tensor, recv: Tensor, send: Tensor, g
     lib = library()
     e, hidden = pre1.shape
     small_float32 = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (w_geo, g_wgeo))  # any strides
+    g = geo.shape[1]
     if (lib is None or not (_applies(g_a1, pre1, geo, g_recv, g_send) and _indices_apply(recv, send) and small_float32)
-            or geo.shape[1] > EDGE_GEO_MAX or g_a1.shape != pre1.shape or g_recv.shape[1] != hidden
-            or g_send.shape[1] != hidden):
+            or g > EDGE_GEO_MAX or not _shapes_fit((g_a1, (e, hidden)), (recv, (e,)), (send, (e,)), (geo, (e, g)),
+                                                   (w_geo, (hidden, g)), (g_wgeo, (hidden, g)),
+                                                   (g_recv, (g_recv.shape[0], hidden)),
+                                                   (g_send, (g_send.shape[0], hidden)))):
         g_pre1 = silu_backward(g_a1, pre1)
         index_add_rows(g_recv, recv, g_pre1)
         index_add_rows(g_send, send, g_pre1)
@@ -191,12 +204,14 @@ def virtual_pre1_silu(per_node: Tensor, per_channel: Tensor, dist: Tensor, w_dis
     n, c = dist.shape
     hidden = per_node.shape[1]
     if (lib is None or not (_applies(per_node, per_channel, dist) and _indices_apply(batch))
-            or w_dist.dtype != torch.float32 or per_channel.shape[1:] != (c, hidden)):
+            or w_dist.dtype != torch.float32
+            or not _shapes_fit((per_node, (n, hidden)), (batch, (n,)), (w_dist, (hidden,)),
+                               (per_channel, (per_channel.shape[0], c, hidden)))):
         pre1 = per_channel.index_select(0, batch) + per_node.unsqueeze(1)              # (n, C, H)
         pre1 += dist.unsqueeze(-1) * w_dist
         pre1 = pre1.view(-1, hidden)
         return (pre1 if keep_pre1 else None), silu(pre1)
-    _check_rows(batch, per_channel.shape[0], "virtual_pre1_silu (batch)")               # reads only, but cheap
+    _check_rows(batch, per_channel.shape[0], "virtual_pre1_silu (batch)")
     w_dist = w_dist.contiguous()
     pre1 = per_node.new_empty(n * c, hidden) if keep_pre1 else None
     a1 = per_node.new_empty(n * c, hidden)
@@ -213,7 +228,9 @@ def virtual_pre1_backward(g_a1: Tensor, pre1: Tensor, dist: Tensor, w_dist: Tens
     n, c = dist.shape
     hidden = pre1.shape[1]
     if (lib is None or not (_applies(g_a1, pre1, dist, g_channel, g_wdist) and _indices_apply(batch))
-            or w_dist.dtype != torch.float32 or g_a1.shape != pre1.shape or g_channel.shape[1:] != (c, hidden)):
+            or w_dist.dtype != torch.float32
+            or not _shapes_fit((pre1, (n * c, hidden)), (g_a1, (n * c, hidden)), (batch, (n,)), (w_dist, (hidden,)),
+                               (g_wdist, (hidden,)), (g_channel, (g_channel.shape[0], c, hidden)))):
         g_pre1 = silu_backward(g_a1, pre1)
         g_wdist += (dist.reshape(1, -1) @ g_pre1).squeeze(0)
         g_pre1 = g_pre1.view(-1, c, hidden)
