@@ -51,7 +51,11 @@ class GraphContext:
 
     def graph_means(self, *per_node: Tensor) -> tuple[Tensor, ...]:
         """Exact per-graph means over all real nodes of all processes: (N, *S) -> (B, *S) for each input."""
-        sums = self.comm.sum_over_parts(*(scatter_sum(v, self.batch, self.num_graphs) for v in per_node))
+        return self.means_of_sums(*(scatter_sum(v, self.batch, self.num_graphs) for v in per_node))
+
+    def means_of_sums(self, *local_sums: Tensor) -> tuple[Tensor, ...]:
+        """Per-graph means from per-graph sums over this process's real nodes: (B, *S) -> (B, *S) each."""
+        sums = self.comm.sum_over_parts(*local_sums)
         return tuple(s / self.node_count.view(-1, *([1] * (s.dim() - 1))) for s in sums)
 
 

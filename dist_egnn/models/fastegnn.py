@@ -12,8 +12,8 @@ One layer reads (h, x, S, Z) and writes all four; every term uses the layer's in
     s_c'  = s_c + phi_hv([s_c, mean_i m_ic])                                         (7) virtual features
 
 ``mean_i`` runs over ALL real nodes of the graph. When a graph is split over processes, those means (and
-the centroid) are the only global quantities; they go through ``ctx.graph_means``, which sums over
-processes via the injected communicator, so this file is the same for one and many processes.
+the centroid) are the only global quantities; they go through ``ctx.graph_means`` / ``ctx.means_of_sums``,
+which sum over processes via the injected communicator, so this file is the same for one and many processes.
 
 Shapes: N real nodes, B graphs, C virtual nodes per graph, H hidden.
     h (N, H)  pos (N, 3)  vel (N, 3)  virtual_h (B, H, C)  virtual_pos (B, 3, C)
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp
 from dist_egnn.models.egnn import EGNNLayer, EquivariantModel, GraphContext, Prediction
 from dist_egnn.models.fused import virtual_messages
-from dist_egnn.models.ops import split_columns
+from dist_egnn.models.ops import scatter_sum, split_columns
 
 
 class FastEGNNLayer(EGNNLayer):
@@ -47,15 +47,14 @@ class FastEGNNLayer(EGNNLayer):
         h_all, pos_all = ctx.comm.exchange_halo(h, pos)
         message, displacement = self.real_messages(h_all, pos_all, ctx)                   # (1)
         gram = self.virtual_geometry(pos, virtual_pos, ctx)                                # (2)
-        virtual_message, to_virtual, pull, push = self.virtual_messages(h, pos, virtual_h, virtual_pos, gram,
-                                                                         ctx)              # (3)
+        channel_mean, graph_sum, to_virtual, pull, push = self.virtual_messages(h, pos, virtual_h, virtual_pos,
+                                                                                gram, ctx)  # (3)
         pos_new = (pos + displacement + self.virtual_pull(to_virtual, pull)                # (4)
                    + self.recomputed(self.velocity_term, h, vel))
-        virtual_move, virtual_message_mean = ctx.graph_means(
-            self.virtual_displacement(to_virtual, push), virtual_message)                  # (5), (7) one sum
+        virtual_move, virtual_message_mean = ctx.means_of_sums(                            # (5), (7) one sum
+            scatter_sum(self.virtual_displacement(to_virtual, push), ctx.batch, ctx.num_graphs), graph_sum)
         virtual_pos_new = virtual_pos + virtual_move                                      # (5)
-        h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h, message,
-                                    virtual_message.mean(dim=1))                          # (6)
+        h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h, message, channel_mean)   # (6)
         virtual_h_new = virtual_h + self.virtual_feature_update(virtual_h, virtual_message_mean)        # (7)
         return h_new, pos_new, virtual_h_new, virtual_pos_new
 
@@ -66,13 +65,14 @@ class FastEGNNLayer(EGNNLayer):
         return centred.transpose(1, 2) @ centred
 
     def virtual_messages(self, h: Tensor, pos: Tensor, virtual_h: Tensor, virtual_pos: Tensor, gram: Tensor,
-                         ctx: GraphContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(3) m_ic (N, C, H), x_i - z_c (N, 3, C), and the heads phi_xv(m_ic), phi_X(m_ic) (N, 1, C).
+                         ctx: GraphContext) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(3) The two reductions of m_ic the layer uses, mean_c m_ic (N, H) and the per-graph sum over this
+        process's nodes (B, C, H); x_i - z_c (N, 3, C); the heads phi_xv(m_ic), phi_X(m_ic) (N, 1, C).
 
         The first Linear of phi_ev is applied in pieces: the h_i block per real node, the s_c and g_c blocks
         per graph and channel, the distance as a rank-1 term; nothing (N, C, 2H + 1 + C) is built. With
-        ``fused`` the MLP and both heads run in :class:`~dist_egnn.models.fused.VirtualMessages`, which keeps
-        no (N, C, H) intermediate for backward.
+        ``fused`` the MLP and both heads run in :class:`~dist_egnn.models.fused.VirtualMessages`, which
+        builds no (N, C, H) tensor at all.
         """
         first = self.virtual_edge_mlp[0]
         w_h, w_s, w_dist, w_gram = split_columns(first, [self.hidden, self.hidden, 1, self.virtual_channels])
@@ -80,16 +80,17 @@ class FastEGNNLayer(EGNNLayer):
         dist = torch.linalg.vector_norm(to_virtual, dim=1)                                # (N, C)
         per_channel = virtual_h.transpose(1, 2) @ w_s.t() + gram @ w_gram.t() + first.bias  # (B, C, H)
         if self.fused:
-            message, pull, push = virtual_messages(h, per_channel, dist, w_h, w_dist.squeeze(1), ctx.batch,
-                                                   self.virtual_edge_mlp[2], self.virtual_coord_mlp,
-                                                   self.virtual_pos_mlp, ctx.edge_chunk_size)
-            return message, to_virtual, pull.unsqueeze(1), push.unsqueeze(1)
+            channel_mean, graph_sum, pull, push = virtual_messages(
+                h, per_channel, dist, w_h, w_dist.squeeze(1), ctx.batch, self.virtual_edge_mlp[2],
+                self.virtual_coord_mlp, self.virtual_pos_mlp, ctx.edge_chunk_size)
+            return channel_mean, graph_sum, to_virtual, pull.unsqueeze(1), push.unsqueeze(1)
         per_node = h @ w_h.t()                                                            # (N, H)
         pre = per_node.unsqueeze(1) + per_channel[ctx.batch] + dist.unsqueeze(-1) * w_dist.squeeze(1)
         message = self.virtual_edge_mlp[3](self.virtual_edge_mlp[2](self.virtual_edge_mlp[1](pre)))
         pull = self.virtual_coord_mlp(message).transpose(1, 2)                           # (N, 1, C)
         push = self.virtual_pos_mlp(message).transpose(1, 2)                             # (N, 1, C)
-        return message, to_virtual, pull, push
+        return (message.mean(dim=1), scatter_sum(message, ctx.batch, ctx.num_graphs), to_virtual, pull,
+                push)
 
     def virtual_pull(self, to_virtual: Tensor, pull: Tensor) -> Tensor:
         """Virtual part of (4): mean_c (x_i - z_c) phi_xv(m_ic): (N, 3)."""
