@@ -31,6 +31,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dist_egnn.baselines import trivial_baselines
+from dist_egnn.checkpoint import write_text_atomic
 from dist_egnn.config import PathsConfig
 from dist_egnn.reporting import bar_plot, markdown_table, summarise, write_json
 
@@ -133,8 +134,7 @@ def trivial_reference(spec: DictConfig, run_dir: Path, results_dir: Path) -> dic
         if kept.get("dataset_config") == config["dataset"]:
             return kept
     reference = dict(trivial_baselines(OmegaConf.create(config)), dataset_config=config["dataset"])
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(reference, indent=1) + "\n")
+    write_text_atomic(json.dumps(reference, indent=1) + "\n", path)     # replaces a stale one: never half-written
     return reference
 
 
@@ -146,7 +146,7 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
     settings = {r["label"]: {"model": r["model"], "r": r["cutoff_rate"], "P": r["parts"], "halo": r["halo"],
                              "dropped edges": dropped_edges(records, r["label"])} for r in records}
     title = f"{spec.name} ({spec.dataset}, budget {spec.budget})"
-    (results_dir / f"{stem}.md").write_text(
+    write_text_atomic(
         f"# Study: {title}\n\n{spec.description.strip()}\n\nTest MSE per run label over seeds "
         f"{sorted({r['seed'] for r in records})}; records in `{stem}.json`, command "
         f"`python launch/study.py study={spec.name} study.budget={spec.budget}`.\n\n"
@@ -155,7 +155,8 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
            f"\nPredictors that learn nothing, on the same {trivial['test_samples']} test samples: zero motion "
            f"(x(t + Δt) = x(t)) {trivial['zero_motion_mse']:.4g}; constant velocity (x(t) + αv(t), α = "
            f"{trivial['constant_velocity_alpha']:.4g} fitted on training samples) "
-           f"{trivial['constant_velocity_mse']:.4g} (`{stem}-trivial.json`).\n"))
+           f"{trivial['constant_velocity_mse']:.4g} (`{stem}-trivial.json`).\n"),
+        results_dir / f"{stem}.md")
     bar_plot(rows, results_dir / f"{stem}.png", title=title)
 
 
