@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.store import StoreError, atomic_store, create_split, write_root_attrs
+from dist_egnn.datasets.store import StoreError, atomic_store, create_split, write_root_attrs
 
 SPLIT_FILES = {"train": "train.h5", "val": "valid.h5", "test": "test.h5"}
 NODE_SCALARS = ["type"]

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import zarr
 
-from datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
-from datasets.store import StoreError, StoreInfo
+from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
+from dist_egnn.datasets.store import StoreError, StoreInfo
 
 
 @dataclass

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.store import StoreError, atomic_store, create_split, write_root_attrs
+from dist_egnn.datasets.store import StoreError, atomic_store, create_split, write_root_attrs
 from dist_egnn.keys import SPLITS
 
 SELECTIONS = {"backbone": "backbone", "all": "all"}

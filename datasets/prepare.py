@@ -37,26 +37,26 @@ def prepare_dataset(dataset: Mapping[str, Any], path: str | Path, overwrite: boo
         radius = SOURCE_RADIUS.get(source)
     parallel = dict(scheduler=scheduler, workers=workers, cluster=cluster)
     if source == "nbody":
-        from datasets.nbody import NBodyConfig, generate_nbody
+        from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
 
         return generate_nbody(path, NBodyConfig(**params), dataset=name, overwrite=overwrite, progress=progress,
                               **parallel)
     if source == "synthetic":
-        from datasets.synthetic import SyntheticConfig, generate_synthetic
+        from dist_egnn.datasets.synthetic import SyntheticConfig, generate_synthetic
 
         return generate_synthetic(path, SyntheticConfig(**params), dataset=name, overwrite=overwrite,
                                   progress=progress)
     if source == "sph":
-        from datasets.sph import SPHConfig, generate_sph
+        from dist_egnn.datasets.sph import SPHConfig, generate_sph
 
         return generate_sph(path, SPHConfig(**params), dataset=name, overwrite=overwrite, progress=progress,
                             radius=radius, **parallel)
     if source == "md":
-        from datasets.md import MDConfig, generate_md
+        from dist_egnn.datasets.md import MDConfig, generate_md
 
         return generate_md(path, MDConfig(**params), dataset=name, overwrite=overwrite, progress=progress,
                            radius=radius)
-    from datasets.gns import GNSConfig, convert_gns
+    from dist_egnn.datasets.gns import GNSConfig, convert_gns
 
     return convert_gns(path, GNSConfig(**params), dataset=name, overwrite=overwrite, progress=progress,
                        radius=dataset.get("radius"))

@@ -64,8 +64,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from datasets.parallel import available_cores, map_tasks
-from datasets.store import StoreError, atomic_store, create_split, write_root_attrs
+from dist_egnn.datasets.parallel import available_cores, map_tasks
+from dist_egnn.datasets.store import StoreError, atomic_store, create_split, write_root_attrs
 from dist_egnn.keys import SPLITS
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -313,7 +313,7 @@ def _tail(log: Path, lines: int = 5) -> str:
 
 def scene_command(spec_path: str, out_path: str) -> list[str]:
     """The command line of one scene's subprocess (this worker's Python)."""
-    return [sys.executable, "-m", "datasets.sph_scene", str(spec_path), str(out_path)]
+    return [sys.executable, "-m", "dist_egnn.datasets.sph_scene", str(spec_path), str(out_path)]
 
 
 def scene_task(cfg: SPHConfig, recipe: dict[str, Any], work: Path, name: str, threads: int) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-from datasets.nbody import NBodyConfig
-from datasets.synthetic import SyntheticConfig
+from dist_egnn.datasets.nbody import NBodyConfig
+from dist_egnn.datasets.synthetic import SyntheticConfig
 
 
 @dataclass

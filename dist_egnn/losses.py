@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dist_egnn.comm import SingleProcess
+from dist_egnn.parallel.seam import SingleProcess
 from dist_egnn.models.ops import count_per_segment, scatter_sum
 
 KERNELS = ("gaussian", "unsquared")

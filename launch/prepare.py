@@ -15,11 +15,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from datasets.prepare import prepare_dataset
-from datasets.store import StoreError, open_store
+from dist_egnn.datasets.prepare import prepare_dataset
+from dist_egnn.datasets.store import StoreError, open_store
 from dist_egnn.config import register
-from dist_egnn.train import load_splits
-from partitioners.artifacts import prepare_partitions
+from dist_egnn.training.trainer import load_splits
+from dist_egnn.partitioners.artifacts import prepare_partitions
 
 register()
 

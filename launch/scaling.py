@@ -9,7 +9,7 @@ For every P and halo mode it reports two kinds of figures, and says which is whi
   a few steps), for P up to ``real_max_ranks`` (the machine's cores): these ran in parallel. P = 1 also
   runs with every core (``python launch/train.py``), the baseline a user would compare with.
 * ``projected``: each part's step timed alone in turn with one thread (CPU time), the slowest taken, the
-  measured communication cost added (``dist_egnn.scaling``): what P ranks with a core each would take.
+  measured communication cost added (``dist_egnn.measure.scaling``): what P ranks with a core each would take.
 
 The projection at P = 2 is compared with the real 2-rank run. Speedups are always given with edges per
 rank and the dropped-edge fraction beside them: a random split gives each rank ~E/P² edge work in drop
@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from omegaconf import OmegaConf
 
 from dist_egnn.config import register, to_container
-from dist_egnn.scaling import in_fresh_process, measure_links, measure_part, project
-from dist_egnn.train import load_splits, open_dataset_store
-from partitioners.artifacts import prepare_partitions
+from dist_egnn.measure.scaling import in_fresh_process, measure_links, measure_part, project
+from dist_egnn.training.trainer import load_splits, open_dataset_store
+from dist_egnn.partitioners.artifacts import prepare_partitions
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -28,9 +28,9 @@ from omegaconf import DictConfig, open_dict
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import launcher_arguments  # noqa: E402  (launch/train.py, next to this file)
 
-from dist_egnn import comm  # noqa: E402
+from dist_egnn.parallel import runtime  # noqa: E402
 from dist_egnn.config import register  # noqa: E402
-from dist_egnn.train import Trainer  # noqa: E402
+from dist_egnn.training.trainer import Trainer  # noqa: E402
 
 register()
 SOAK_DEFAULTS = {"trainer.max_epochs": 25, "trainer.checkpoint_every_steps": 50, "trainer.patience": 1000}
@@ -118,7 +118,7 @@ def main(cfg: DictConfig) -> None:
             if key not in overridden:
                 parent, leaf = key.rsplit(".", 1)
                 cfg[parent][leaf] = value
-    env = comm.DistEnv.from_environ()
+    env = runtime.DistEnv.from_environ()
     trainer = SoakTrainer(cfg, run_dir, env)
     trainer.fit()
     out = run_dir / "soak"
@@ -126,19 +126,19 @@ def main(cfg: DictConfig) -> None:
     samples = np.array(trainer.samples)
     np.savetxt(out / f"rank{env.rank}.csv", samples, delimiter=",", header="step,rss_mb,elapsed_s", comments="",
                fmt=["%d", "%.2f", "%.3f"])
-    comm.barrier()
+    runtime.barrier()
     if env.rank == 0:
         summary = report(out, env.world_size, dict(engine=trainer.engine_name, model=cfg.model.name,
                                                    dataset=cfg.dataset.name, batch_size=cfg.trainer.batch_size,
                                                    checkpoint_every_steps=cfg.trainer.checkpoint_every_steps))
         print(json.dumps(summary))
         print(f"soak results: {out}")
-    comm.shutdown()
+    runtime.shutdown()
 
 
 if __name__ == "__main__":
-    _env = comm.DistEnv.from_environ()
+    _env = runtime.DistEnv.from_environ()
     if _env.distributed and "DIST_EGNN_RUN_STAMP" not in os.environ:
-        os.environ["DIST_EGNN_RUN_STAMP"] = comm.shared_run_stamp(_env)
+        os.environ["DIST_EGNN_RUN_STAMP"] = runtime.shared_run_stamp(_env)
     sys.argv = launcher_arguments(sys.argv, _env)
     main()

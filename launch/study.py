@@ -30,10 +30,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dist_egnn.baselines import trivial_baselines
-from dist_egnn.checkpoint import write_text_atomic
+from dist_egnn.measure.baselines import trivial_baselines
+from dist_egnn.training.checkpoint import write_text_atomic
 from dist_egnn.config import PathsConfig
-from dist_egnn.reporting import bar_plot, markdown_table, summarise, write_json
+from dist_egnn.measure.reporting import bar_plot, markdown_table, summarise, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def results_stem(spec: DictConfig) -> str:
 
 
 def trivial_reference(spec: DictConfig, run_dir: Path, results_dir: Path) -> dict[str, Any]:
-    """Zero-motion and constant-velocity test MSE (dist_egnn.baselines) on the study's data, computed once
+    """Zero-motion and constant-velocity test MSE (dist_egnn.measure.baselines) on the study's data, computed once
     from a finished run's resolved configuration and kept in ``<stem>-trivial.json`` with the dataset
     settings it was computed for (recomputed when they change, e.g. the velocity unit)."""
     path = results_dir / f"{results_stem(spec)}-trivial.json"

@@ -5,7 +5,7 @@
     torchrun --nproc-per-node P launch/train.py engine=ddp distributed.parts=P [overrides]
 
 Prints the run directory at start and end; it holds config.yaml, metrics.jsonl and checkpoints/ (see
-dist_egnn.train). Every rank of a launch writes into rank 0's run directory. Continue a stopped or finished
+dist_egnn.training.trainer). Every rank of a launch writes into rank 0's run directory. Continue a stopped or finished
 run with ``resume=auto`` and the same ``hydra.run.dir``.
 
 Exit codes: 0 finished; 2 bad input or configuration (nothing changed); 3 NaN/Inf loss or gradients
@@ -23,15 +23,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from datasets.store import StoreError
-from dist_egnn import comm, guard
+from dist_egnn.datasets.store import StoreError
+from dist_egnn.training import guard
+from dist_egnn.parallel import runtime
 from dist_egnn.config import register
-from dist_egnn.train import Trainer
+from dist_egnn.training.trainer import Trainer
 
 register()
 
 
-def launcher_arguments(argv: list[str], env: comm.DistEnv) -> list[str]:
+def launcher_arguments(argv: list[str], env: runtime.DistEnv) -> list[str]:
     """The command line Hydra should see.
 
     The deepspeed launcher adds ``--local_rank=N`` (LOCAL_RANK is in the environment too): Hydra would
@@ -53,7 +54,7 @@ def launcher_arguments(argv: list[str], env: comm.DistEnv) -> list[str]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
-    env = comm.DistEnv.from_environ()
+    env = runtime.DistEnv.from_environ()
     if env.rank == 0:
         print(f"run directory: {run_dir}", flush=True)
     try:
@@ -76,21 +77,21 @@ def main(cfg: DictConfig) -> None:
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(guard.EXIT_RANK_FAILED)
-    comm.shutdown()
+    runtime.shutdown()
     if env.rank == 0:
         print(json.dumps(result))
         print(f"run directory: {run_dir}")
 
 
-def finish(env: comm.DistEnv, message: str, code: int) -> None:
+def finish(env: runtime.DistEnv, message: str, code: int) -> None:
     print(message, file=sys.stderr, flush=True)
-    comm.shutdown()
+    runtime.shutdown()
     sys.exit(code)
 
 
 if __name__ == "__main__":
-    _env = comm.DistEnv.from_environ()
+    _env = runtime.DistEnv.from_environ()
     if _env.distributed and "DIST_EGNN_RUN_STAMP" not in os.environ:
-        os.environ["DIST_EGNN_RUN_STAMP"] = comm.shared_run_stamp(_env)
+        os.environ["DIST_EGNN_RUN_STAMP"] = runtime.shared_run_stamp(_env)
     sys.argv = launcher_arguments(sys.argv, _env)
     main()

@@ -68,10 +68,10 @@ import zarr
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
-from datasets.store import COMPRESSORS, DEFAULT_CHUNK_NODES, atomic_store
-from partitioners.metrics import partition_metrics
-from partitioners.strategies import METHODS, partition
-from partitioners.subgraphs import halo_mask, mask_dtype
+from dist_egnn.datasets.store import COMPRESSORS, DEFAULT_CHUNK_NODES, atomic_store
+from dist_egnn.partitioners.metrics import partition_metrics
+from dist_egnn.partitioners.strategies import METHODS, partition
+from dist_egnn.partitioners.subgraphs import halo_mask, mask_dtype
 
 SCHEMA_VERSION = 2
 PARTITIONER_VERSION = 2          # bump when a strategy's output changes: stored artifacts become stale

@@ -43,9 +43,9 @@ import pymetis
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from datasets.graphs import complete_graph, radius_graph
-from partitioners.metrics import PartitionMetrics, partition_metrics
-from partitioners.subgraphs import PartGraph, split_graph
+from dist_egnn.datasets.graphs import complete_graph, radius_graph
+from dist_egnn.partitioners.metrics import PartitionMetrics, partition_metrics
+from dist_egnn.partitioners.subgraphs import PartGraph, split_graph
 
 METHODS = ("metis", "spatial", "random")
 MAX_COMPLETE_NODES = 4096        # a complete graph on more nodes has > 16.8M edges: ask for a radius

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch import Tensor
 
 
 @dataclass
@@ -222,6 +224,11 @@ class StackedParts:
             rows[is_halo] = halo[local_ids[is_halo] - n_owned]
         return rows
 
+    def halo_plan(self) -> HaloPlan:
+        """The all-to-all that fills this batch's halo rows."""
+        return HaloPlan(torch.from_numpy(np.ascontiguousarray(self.send_index, dtype=np.int64)),
+                        self.send_counts.tolist(), self.recv_counts.tolist())
+
 
 def stack_parts(parts: list[PartNodes]) -> StackedParts:
     """Stack one rank's parts of several graphs into one batch; see :class:`StackedParts`."""
@@ -241,3 +248,28 @@ def stack_parts(parts: list[PartNodes]) -> StackedParts:
     send_index = np.concatenate(flat).astype(np.int64) if flat else np.zeros(0, np.int64)
     return StackedParts(owned_offsets=owned_offsets, halo_rows=halo_rows, send_index=send_index,
                         send_counts=send_counts, recv_counts=counts.sum(axis=0).astype(np.int64))
+
+
+@dataclass
+class HaloPlan:
+    """Who sends which owned rows to whom, for one batch; ranks are numbered within the graph group.
+
+    What ``dist_egnn.parallel.collectives.HaloExchange`` runs: made from a :class:`StackedParts` by
+    :meth:`StackedParts.halo_plan`.
+
+    send_index:  (S,) local ids of owned rows to send, grouped by destination rank (0, 1, .., P-1).
+    send_counts: (P,) rows sent to each rank (0 to itself).
+    recv_counts: (P,) halo rows received from each rank, in the order the halo rows are stored: the halo
+                 block from rank q is a contiguous run of rows (:func:`stack_parts` orders them so).
+    """
+
+    send_index: Tensor
+    send_counts: list[int]
+    recv_counts: list[int]
+
+    @property
+    def num_recv(self) -> int:
+        return int(sum(self.recv_counts))
+
+    def to(self, device: torch.device | str) -> "HaloPlan":
+        return HaloPlan(self.send_index.to(device), self.send_counts, self.recv_counts)

@@ -27,7 +27,7 @@ def config(data: Path, *overrides: str) -> DictConfig:
 
 
 def fit(data: Path, run_dir: Path, *overrides: str) -> dict:
-    from dist_egnn.train import Trainer
+    from dist_egnn.training.trainer import Trainer
     return Trainer(config(data, *overrides), run_dir).fit()
 
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 import zarr
 
-from datasets.store import StoreError
-from dist_egnn.checkpoint import CheckpointError, sha256
-from partitioners.artifacts import StalePartitionError, load_assignments, prepare_partitions
+from dist_egnn.datasets.store import StoreError
+from dist_egnn.training.checkpoint import CheckpointError, sha256
+from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, prepare_partitions
 from runs import config, digest, fit
 
 STORE = "nbody_small.zarr"
@@ -39,7 +39,7 @@ def pristine(tmp_path_factory) -> Path:
 
 
 def splits(data: Path, *overrides: str):
-    from dist_egnn.train import load_splits, open_dataset_store
+    from dist_egnn.training.trainer import load_splits, open_dataset_store
     cfg = config(data, *overrides)
     return load_splits(cfg, open_dataset_store(cfg.dataset, progress=False))
 
@@ -146,7 +146,7 @@ def stale_partition(case: Path):
 
 
 def rank_data_with_other_parts(case: Path):
-    from dist_egnn.rank_data import RankData
+    from dist_egnn.training.rank_data import RankData
     data = splits(case / "data")["train"]
     return RankData(data, 0, 2, assignments=load_assignments(case / "data" / PARTITION.replace("p2", "p3"), "train"))
 

@@ -1,10 +1,10 @@
-"""dist_egnn.baselines: the zero-motion and constant-velocity reference errors."""
+"""dist_egnn.measure.baselines: the zero-motion and constant-velocity reference errors."""
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from dist_egnn.baselines import score
+from dist_egnn.measure.baselines import score
 
 
 class Split:

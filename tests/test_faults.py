@@ -1,6 +1,6 @@
 """Rank failures on 2 gloo ranks: a stop signal on one rank, a killed rank, a hung rank.
 
-Faults are injected through the real paths (dist_egnn.faults, DIST_EGNN_FAULTS): the rank sends itself
+Faults are injected through the real paths (dist_egnn.training.faults, DIST_EGNN_FAULTS): the rank sends itself
 SIGTERM, SIGKILLs itself mid-step, or stops answering. Runs use DDP in float64 with exact halos on a tiny
 radius-graph N-body set (3 epochs of 2 steps, a resume point after every step).
 """

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import zarr
 
-from datasets.gns import GNSConfig, convert_gns
-from datasets.store import StoreError, open_store
+from dist_egnn.datasets.gns import GNSConfig, convert_gns
+from dist_egnn.datasets.store import StoreError, open_store
 
 h5py = pytest.importorskip("h5py")
 

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from datasets.graphs import radius_graph
-from dist_egnn.comm import GraphParallel, HaloPlan
+from dist_egnn.datasets.graphs import radius_graph
+from dist_egnn.parallel.collectives import GraphParallel
+from dist_egnn.partitioners.subgraphs import HaloPlan
 from dist_egnn.losses import objective
 from dist_egnn.models import EGNN, FastEGNN
-from partitioners import partition
-from partitioners.subgraphs import halo_mask, part_nodes, split_graph, stack_parts
+from dist_egnn.partitioners import partition
+from dist_egnn.partitioners.subgraphs import halo_mask, part_nodes, split_graph, stack_parts
 from ranks import run_ranks
 
 SIZES = (41, 30)          # two graphs of different sizes in one batch
@@ -91,8 +92,7 @@ def rank_batch(problem, parts_of_rank, dtype, halo: bool):
     edges = np.concatenate([stacked.batch_rows(b, p.edge_index.reshape(-1)).reshape(2, -1)
                             for b, p in enumerate(parts_of_rank)], axis=1)
     t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
-    plan = HaloPlan(torch.as_tensor(stacked.send_index), stacked.send_counts.tolist(),
-                    stacked.recv_counts.tolist()) if halo else None
+    plan = stacked.halo_plan() if halo else None
     global_edges = rows[edges]
     return dict(owned=owned, plan=plan, edge_index=torch.as_tensor(edges),
                 features=t(problem["features"][owned]), pos=t(problem["pos"][owned]), vel=t(problem["vel"][owned]),
@@ -269,11 +269,11 @@ def test_collective_adjoints_match_one_process():
 
 
 def _disagreeing_worker(rank, world_size):
-    from dist_egnn.comm import check_same_samples
+    from dist_egnn.parallel.runtime import check_same_batches
 
-    check_same_samples([4, 7], dist.group.WORLD)                     # agree: passes
+    check_same_batches([[4, 7], [1, 2]], dist.group.WORLD)          # agree: passes
     try:
-        check_same_samples([4, 7 + rank], dist.group.WORLD)
+        check_same_batches([[4, 7], [1, 2 + rank]], dist.group.WORLD)
     except RuntimeError as err:
         return str(err)
     return "no error"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
+from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
 
 
 def brute_force_pairs(pos, r):

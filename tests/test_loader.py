@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from datasets.loader import TrajectoryDataset, velocity_scale
-from datasets.nbody import NBodyConfig, generate_nbody
-from datasets.store import StoreError, open_store
+from dist_egnn.datasets.loader import TrajectoryDataset, velocity_scale
+from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
+from dist_egnn.datasets.store import StoreError, open_store
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import zarr
 
-from datasets.md import MDConfig, generate_md
-from datasets.store import StoreError, open_store
+from dist_egnn.datasets.md import MDConfig, generate_md
+from dist_egnn.datasets.store import StoreError, open_store
 
 mda = pytest.importorskip("MDAnalysis")
 datafiles = pytest.importorskip("MDAnalysisTests.datafiles")

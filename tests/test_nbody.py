@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import zarr
 
-from datasets.nbody import NBodyConfig, generate_nbody, initial_state, simulate
-from datasets.store import open_store
+from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody, initial_state, simulate
+from dist_egnn.datasets.store import open_store
 
 TINY = dict(num_particles=10, train=5, val=2, test=2, steps=300, sample_every=100)
 

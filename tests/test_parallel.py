@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import zarr
 
-from datasets.nbody import NBodyConfig, generate_nbody, scenes_per_chunk
-from datasets.parallel import map_tasks
+from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody, scenes_per_chunk
+from dist_egnn.datasets.parallel import map_tasks
 
 TINY = dict(num_particles=8, train=5, val=2, test=2, steps=300, sample_every=100)
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import zarr
 
-from datasets.graphs import complete_graph, radius_graph
-from datasets.loader import TrajectoryDataset
-from datasets.store import atomic_store, create_split, open_store, write_root_attrs, write_scenes
-from partitioners import METHODS, partition, partition_metrics
-from partitioners.artifacts import (StalePartitionError, artifact_path, load_assignments, prepare_partitions,
+from dist_egnn.datasets.graphs import complete_graph, radius_graph
+from dist_egnn.datasets.loader import TrajectoryDataset
+from dist_egnn.datasets.store import atomic_store, create_split, open_store, write_root_attrs, write_scenes
+from dist_egnn.partitioners import METHODS, partition, partition_metrics
+from dist_egnn.partitioners.artifacts import (StalePartitionError, artifact_path, load_assignments, prepare_partitions,
                                     sample_seed)
-from partitioners.strategies import max_part_size, rebalance, undirected_adjacency
+from dist_egnn.partitioners.strategies import max_part_size, rebalance, undirected_adjacency
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOUD = np.random.default_rng(0).uniform(size=(1500, 3))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.loader import TrajectoryDataset, collate
-from datasets.nbody import NBodyConfig, generate_nbody
-from datasets.store import open_store
+from dist_egnn.datasets.loader import TrajectoryDataset, collate
+from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
+from dist_egnn.datasets.store import open_store
 from dist_egnn.models import EGNN, FastEGNN
 from equivariance import random_orthogonal
 

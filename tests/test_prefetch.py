@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from datasets.prefetch import prefetch
+from dist_egnn.datasets.prefetch import prefetch
 
 
 def test_items_arrive_in_order_for_every_depth():

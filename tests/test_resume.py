@@ -2,7 +2,7 @@
 NaN/Inf guard, keep-last-K pruning and checkpoints that are complete only with their manifest.
 
 Runs happen in this process (tests/runs.py) on a tiny N-body set: 3 epochs of 2 steps, a resume point after
-every step. Faults are injected through the real paths (dist_egnn.faults): the process sends itself the
+every step. Faults are injected through the real paths (dist_egnn.training.faults): the process sends itself the
 signal, the loss share becomes NaN, a gradient becomes Inf.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_egnn import checkpoint, guard
+from dist_egnn.training import checkpoint, guard
 from runs import ROOT, TINY, engine_checkpoint, fit, max_difference, records, results
 
 
@@ -146,7 +146,7 @@ def test_running_sums_move_to_another_world_size():
     # the new ranks disagree on it; the collective seconds (a maximum over ranks) summed
     import numpy as np
 
-    from dist_egnn.train import TOTALS, resumed_totals
+    from dist_egnn.training.trainer import TOTALS, resumed_totals
     saved = np.arange(2 * TOTALS, dtype=float).reshape(2, TOTALS)
     saved[:, 4] = 3                                                # 3 skipped steps, on both old ranks
     assert np.array_equal(resumed_totals(saved, 1, 2), saved[1])   # same world size: own row

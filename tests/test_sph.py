@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import zarr
 
-import datasets.sph as sph
-from datasets.sph import SPHConfig, generate_sph, scene_recipe, unit_cube_obj, work_folder
-from datasets.store import StoreError, open_store
+import dist_egnn.datasets.sph as sph
+from dist_egnn.datasets.sph import SPHConfig, generate_sph, scene_recipe, unit_cube_obj, work_folder
+from dist_egnn.datasets.store import StoreError, open_store
 
 TINY = dict(num_particles=120, train=1, val=1, test=1, duration=0.06, box=[0.8, 1.6, 0.8], retries=0)
 

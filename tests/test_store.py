@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import zarr
 
-from datasets.nbody import NBodyConfig, generate_nbody
-from datasets.store import SCHEMA_VERSION, StoreError, atomic_store, open_store
+from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
+from dist_egnn.datasets.store import SCHEMA_VERSION, StoreError, atomic_store, open_store
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_egnn.reporting import markdown_table, relative_change, summarise
+from dist_egnn.measure.reporting import markdown_table, relative_change, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STUDY = """

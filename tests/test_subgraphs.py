@@ -6,8 +6,8 @@ assignments from every strategy and several P, and both halo modes.
 import numpy as np
 import pytest
 
-from datasets.graphs import complete_graph, radius_graph
-from partitioners import METHODS, partition, partition_metrics, split_graph
+from dist_egnn.datasets.graphs import complete_graph, radius_graph
+from dist_egnn.partitioners import METHODS, partition, partition_metrics, split_graph
 
 
 def cases():

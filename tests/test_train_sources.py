@@ -28,7 +28,7 @@ def final_record(tmp_path: Path) -> dict:
 
 
 def test_train_on_sph_fluid(tmp_path):
-    from datasets.sph import simulator_available
+    from dist_egnn.datasets.sph import simulator_available
 
     ok, reason = simulator_available()
     if not ok:

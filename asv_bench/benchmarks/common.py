@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.graphs import radius_graph
+from dist_egnn.datasets.graphs import radius_graph
 
 SIZES = {  # name: (nodes, target edges)
     "tiny": (200, 2_400),

@@ -3,7 +3,7 @@
 A machine with fewer cores than ranks cannot run P ranks in parallel, so the benchmark measures what one
 rank does: the graph is partitioned (``partitioners.partition``), each part's subgraph is built with its
 halo (exact mode) or without its cut edges (drop mode), and the part with the most edges, the slowest rank,
-runs FastEGNN's forward + backward with ``dist_egnn.scaling.PartTwin`` in place of the communicator (same
+runs FastEGNN's forward + backward with ``dist_egnn.measure.scaling.PartTwin`` in place of the communicator (same
 shapes, no partner; the collectives' cost is measured apart, see ``launch/scaling.py``).
 
 ``time_slowest_part_step``: seconds per step of that rank (one thread); ``peakmem_slowest_part_step`` with
@@ -22,9 +22,8 @@ PARTITIONS = ["metis", "spatial", "random"]
 
 def part_batches(g: dict, parts: int, method: str, halo: bool) -> list[dict]:
     """The per-rank inputs of every part of graph ``g``: owned rows first, halo rows after (exact mode)."""
-    from dist_egnn.comm import HaloPlan
-    from partitioners import partition
-    from partitioners.subgraphs import split_graph, stack_parts
+    from dist_egnn.partitioners import partition
+    from dist_egnn.partitioners.subgraphs import split_graph, stack_parts
 
     pos = g["pos"].double().numpy()
     edge_index = g["edge_index"].numpy()
@@ -34,8 +33,7 @@ def part_batches(g: dict, parts: int, method: str, halo: bool) -> list[dict]:
         stacked = stack_parts([part])
         rows = stacked.batch_rows(0, part.edge_index.reshape(-1)).reshape(2, -1)
         owned = torch.from_numpy(part.owned)
-        plan = (HaloPlan(torch.from_numpy(stacked.send_index), stacked.send_counts.tolist(),
-                         stacked.recv_counts.tolist()) if halo and parts > 1 else None)
+        plan = stacked.halo_plan() if halo and parts > 1 else None
         batches.append(dict(node_features=g["node_features"][owned], pos=g["pos"][owned], vel=g["vel"][owned],
                             edge_index=torch.from_numpy(rows), edge_attr=g["edge_attr"][torch.from_numpy(part.edge_ids)],
                             batch=torch.zeros(len(owned), dtype=torch.long), num_graphs=1,
@@ -57,7 +55,7 @@ class DistributedPartStep:
     def setup(self, graphs, size, parts, halo, partition):
         if parts == 1 and (halo != "exact" or partition != "metis"):
             raise NotImplementedError("P = 1 has no parts: measured once (halo=exact, partition=metis)")
-        from dist_egnn.scaling import PartTwin
+        from dist_egnn.measure.scaling import PartTwin
 
         self.threads = torch.get_num_threads()
         torch.set_num_threads(1)                      # a rank's share of the cores when ranks = cores

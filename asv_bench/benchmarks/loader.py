@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 
-from datasets.loader import TrajectoryDataset
-from datasets.store import atomic_store, create_split, open_store, write_root_attrs, write_scenes
+from dist_egnn.datasets.loader import TrajectoryDataset
+from dist_egnn.datasets.store import atomic_store, create_split, open_store, write_root_attrs, write_scenes
 
 from . import common
 

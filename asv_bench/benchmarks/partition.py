@@ -4,7 +4,7 @@
 ``track_cut_fraction``: share of edges between parts (dropped in halo: none mode, exchanged in exact mode).
 ``track_max_halo_fraction``: the largest 1-hop halo relative to its part (exact mode's extra rows).
 """
-from partitioners import partition
+from dist_egnn.partitioners import partition
 
 from . import common
 

@@ -10,7 +10,7 @@ only between steps), so the engines differ in how gradients are combined and che
 * checkpoints: plain, DDP and FSDP write one portable file ``<dir>/<tag>.pt`` (full model and optimizer
   state, client state), so a run can resume under another engine or another P; DeepSpeed writes its own
   directory format through ``save_checkpoint``/``load_checkpoint``. Either way the trainer completes a
-  checkpoint by writing its manifest after the engine's files (``dist_egnn.checkpoint``): ``latest_tag``
+  checkpoint by writing its manifest after the engine's files (``dist_egnn.training.checkpoint``): ``latest_tag``
   sees only complete ones.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dist_egnn import checkpoint
+from dist_egnn.training import checkpoint
 
 
 class Engine:

@@ -4,7 +4,7 @@ On CPU DeepSpeed picks its CPU accelerator and gloo; on GPUs, nccl. The optimize
 passed in (a config "Adam" would JIT-build FusedAdam for minutes, see STACK.md). Checkpoints go through
 ``save_checkpoint``/``load_checkpoint`` with the trainer's client state; with ZeRO stage 0 (default) model
 and optimizer states are whole in every checkpoint, so a run can resume with another P or world size.
-DeepSpeed's own ``latest`` file is not used: the trainer's manifest (``dist_egnn.checkpoint``) marks a tag
+DeepSpeed's own ``latest`` file is not used: the trainer's manifest (``dist_egnn.training.checkpoint``) marks a tag
 complete, so a tag cut short is never loaded even if ``latest`` names it.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dist_egnn import checkpoint
+from dist_egnn.training import checkpoint
 from dist_egnn.engines.base import Engine
 
 

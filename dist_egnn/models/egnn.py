@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_egnn.comm import SingleProcess
+from dist_egnn.parallel.seam import SingleProcess
 from dist_egnn.keys import RECEIVER, SENDER
 from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp, velocity_mlp
 from dist_egnn.models.fused import edge_messages

@@ -2,7 +2,7 @@
 
 A checkpoint is saved by every rank (:meth:`Checkpoints.save`: the engine's files, a barrier, then rank 0
 writes the manifest that completes it and prunes old ones). A run starts (:meth:`Checkpoints.start`) in
-one of three ways, decided by rank 0 and told to every rank (``comm.broadcast_text``), so that a bad
+one of three ways, decided by rank 0 and told to every rank (``runtime.broadcast_text``), so that a bad
 checkpoint stops all ranks with the same message instead of leaving some waiting:
 
 * no ``resume``: the run directory must not hold a previous run (metrics.jsonl lines or checkpoints);
@@ -25,8 +25,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from dist_egnn import checkpoint, comm
-from dist_egnn.checkpoint import CheckpointError
+
+from dist_egnn.training import checkpoint
+from dist_egnn.parallel import runtime
+from dist_egnn.training.checkpoint import CheckpointError
 
 
 class MetricsLog:
@@ -90,7 +92,7 @@ class Checkpoints:
         checkpoints) deletes all but the newest ``keep_last`` and those in ``keep``. Returns the manifest path."""
         directory = self.diagnostic_dir if diagnostic else self.directory
         self.engine.save(directory, tag, client)
-        comm.barrier()                                       # every rank's files are on disk
+        runtime.barrier()                                       # every rank's files are on disk
         path = checkpoint.manifest_path(directory, tag)
         if self.is_main:
             checkpoint.write_manifest(directory, tag, position=list(position), config_hash=self.hash,
@@ -98,7 +100,7 @@ class Checkpoints:
                                       engine=self.engine.name, **details)
             if not diagnostic:
                 checkpoint.prune(directory, self.keep_last, keep=[k for k in keep if k])
-        comm.barrier()
+        runtime.barrier()
         return path
 
     # -- starting a run ---------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ class Checkpoints:
                 verdict = self.choose(mode, metrics)
             except CheckpointError as err:
                 verdict = f"error:{err}"
-        verdict = comm.broadcast_text(verdict, device=self.device)
+        verdict = runtime.broadcast_text(verdict, device=self.device)
         if verdict.startswith("error:"):
             raise CheckpointError(verdict[len("error:"):])
         client, lines = None, 0
@@ -129,7 +131,7 @@ class Checkpoints:
         if self.is_main and mode:
             metrics.cut_to(int(lines))
             checkpoint.remove_leftovers(self.directory)
-        comm.barrier()
+        runtime.barrier()
         return client
 
     def complete(self) -> list[dict[str, Any]]:

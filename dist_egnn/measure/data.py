@@ -1,4 +1,4 @@
-"""Measurements of the data path: ``python -m datasets.measure [--parts ...] [--out results.json]``.
+"""Measurements of the data path: ``python -m dist_egnn.measure.data [--parts ...] [--out results.json]``.
 
 What it measures (the numbers are in datasets/README.md):
 
@@ -71,7 +71,7 @@ def sample_frames(samples: int, reads: int, seed: int = 0) -> set[int]:
 
 def make_store(path: Path, samples: int, nodes: int, real_frames: set[int] | None) -> Path:
     """A one-scene store of ``samples + Δt`` frames; frames outside ``real_frames`` are zeros (None: none)."""
-    from datasets.store import atomic_store, create_split, write_root_attrs
+    from dist_egnn.datasets.store import atomic_store, create_split, write_root_attrs
 
     frames = samples + DELTA_T
     base = lattice(nodes)
@@ -104,9 +104,9 @@ def _rss_bytes() -> int:
 
 def memory_child(store: str, reads: int) -> dict:
     """In a fresh process: open, build the dataset, read ``reads`` samples through prefetch; report memory."""
-    from datasets.loader import TrajectoryDataset
-    from datasets.prefetch import prefetch
-    from datasets.store import open_store
+    from dist_egnn.datasets.loader import TrajectoryDataset
+    from dist_egnn.datasets.prefetch import prefetch
+    from dist_egnn.datasets.store import open_store
 
     info = open_store(store)
     data = TrajectoryDataset(info, "train", delta_t=DELTA_T, node_features=["speed", "type"],
@@ -131,7 +131,7 @@ def measure_memory(tmp: Path, nodes: int, reads: int, lengths=(100, 10_000)) -> 
         started = time.perf_counter()
         make_store(path, samples, nodes, sample_frames(samples, reads))
         made = time.perf_counter() - started
-        proc = subprocess.run([sys.executable, "-m", "datasets.measure", "_memory", str(path), str(reads)],
+        proc = subprocess.run([sys.executable, "-m", "dist_egnn.measure.data", "_memory", str(path), str(reads)],
                               capture_output=True, text=True, cwd=_root(), env=_env())
         if proc.returncode != 0:
             raise RuntimeError(f"memory run for {samples} samples failed:\n{proc.stderr[-3000:]}")
@@ -148,8 +148,8 @@ def measure_memory(tmp: Path, nodes: int, reads: int, lengths=(100, 10_000)) -> 
 def measure_read(tmp: Path, nodes: int, reads: int = 5) -> dict:
     import dask
 
-    from datasets.loader import TrajectoryDataset
-    from datasets.store import open_store
+    from dist_egnn.datasets.loader import TrajectoryDataset
+    from dist_egnn.datasets.store import open_store
 
     path = make_store(tmp / "read.zarr", reads + 1, nodes, None)
     data = TrajectoryDataset(open_store(path), "train", delta_t=DELTA_T, node_features=["speed", "type"],
@@ -173,8 +173,8 @@ def measure_read(tmp: Path, nodes: int, reads: int = 5) -> dict:
 def measure_step(store: str, steps: int = 3) -> dict:
     import torch
 
-    from datasets.loader import TrajectoryDataset, collate
-    from datasets.store import open_store
+    from dist_egnn.datasets.loader import TrajectoryDataset, collate
+    from dist_egnn.datasets.store import open_store
     from dist_egnn.losses import objective
     from dist_egnn.models import FastEGNN
 
@@ -219,8 +219,8 @@ def _subgraph(sample, keep: int):
 
 # ------------------------------------------------------------------------------------------------- sph
 def measure_sph(work: Path, sizes=(10_000, 113_000), frames: int = 5, threads: int | None = None) -> dict:
-    from datasets.parallel import available_cores
-    from datasets.sph import SPHConfig, run_scene_task, scene_recipe, scene_task, simulator_available
+    from dist_egnn.datasets.parallel import available_cores
+    from dist_egnn.datasets.sph import SPHConfig, run_scene_task, scene_recipe, scene_task, simulator_available
 
     ok, reason = simulator_available()
     if not ok:

@@ -32,10 +32,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from datasets.graphs import complete_graph, drop_longest_edges, edge_features, edge_order, node_features, radius_graph
-from datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
-from dist_egnn.comm import HaloPlan
-from partitioners.subgraphs import PartNodes, part_nodes, stack_parts
+from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_features, edge_order, node_features, radius_graph
+from dist_egnn.datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
+from dist_egnn.partitioners.subgraphs import HaloPlan
+from dist_egnn.partitioners.subgraphs import PartNodes, part_nodes, stack_parts
 
 
 @dataclass
@@ -187,8 +187,7 @@ class RankData:
                            num_graphs=len(arrays))
         plan = None
         if self.halo:
-            plan = HaloPlan(torch.from_numpy(stacked.send_index), stacked.send_counts.tolist(),
-                            stacked.recv_counts.tolist())
+            plan = stacked.halo_plan()
         graph_nodes = np.array([self.graph_sizes[d.locate(i)[0]] for i in sample_ids], dtype=np.int64)
         keys = np.concatenate([mmd_keys(seed, epoch, i, n)[p.owned] for i, n, p in zip(sample_ids, graph_nodes, nodes)])
         return RankBatch(graph=graph, plan=plan, sample_ids=list(sample_ids), graph_nodes=graph_nodes,

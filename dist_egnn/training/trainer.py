@@ -4,7 +4,7 @@ One code path for every launch: ``python launch/train.py`` is one rank holding w
 ``deepspeed --num_gpus P launch/train.py distributed.parts=P`` or ``torchrun --nproc-per-node P ...`` puts
 one part of every graph on each rank (SPEC §4-5). World size W = P × G: G graph groups of P ranks take
 different batches (graph × data parallel). What differs between launches is injected: the communicator
-the model uses for its global means and halo (``dist_egnn.comm``), the rank's data (``dist_egnn.rank_data``),
+the model uses for its global means and halo (``dist_egnn.comm``), the rank's data (``dist_egnn.training.rank_data``),
 and the engine that combines gradients and writes checkpoints (``dist_egnn.engines``).
 
 The run directory receives (rank 0 writes):
@@ -21,11 +21,11 @@ The run directory receives (rank 0 writes):
                          (epoch-NNNNN-step-SSSSSS); the newest ``trainer.keep_last`` and the best are kept
     checkpoints/diagnostic/  the state before a step whose loss or gradients were NaN/Inf (trainer.nonfinite=stop)
 
-Resuming (``resume=auto``, dist_egnn.resume) continues from the newest complete checkpoint, mid-epoch at the
+Resuming (``resume=auto``, dist_egnn.training.resume) continues from the newest complete checkpoint, mid-epoch at the
 next batch: the batch order is a function of (seed, epoch) and the step index is saved, so a run stopped and
 resumed ends with the same parameters and metrics as one that never stopped. Nothing else in training draws
 random numbers (the MMD node sample is keyed by (seed, epoch, sample, node)); the global generators are
-restored anyway. metrics.jsonl keeps one line per evaluation across resumes (see dist_egnn.resume).
+restored anyway. metrics.jsonl keeps one line per evaluation across resumes (see dist_egnn.training.resume).
 """
 from __future__ import annotations
 
@@ -40,18 +40,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from datasets.prefetch import prefetch
-from datasets.prepare import prepare_dataset
-from datasets.store import StoreInfo, open_store
-from dist_egnn import checkpoint, comm, faults, guard
+from dist_egnn.datasets.prefetch import prefetch
+from dist_egnn.datasets.prepare import prepare_dataset
+from dist_egnn.datasets.store import StoreInfo, open_store
+from dist_egnn.training import checkpoint, faults, guard
+from dist_egnn.parallel import runtime
 from dist_egnn.config import check, to_container
 from dist_egnn.engines import build_engine, resolve_engine
 from dist_egnn.keys import SPLITS
 from dist_egnn.losses import objective, sample_nodes
 from dist_egnn.models import EGNN, FastEGNN
-from dist_egnn.rank_data import RankBatch, RankData
-from dist_egnn.resume import Checkpoints, MetricsLog
-from partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
+from dist_egnn.training.rank_data import RankBatch, RankData
+from dist_egnn.training.resume import Checkpoints, MetricsLog
+from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -79,7 +80,7 @@ def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreI
 
 def load_splits(cfg: DictConfig, info: StoreInfo):
     """The train/val/test ``TrajectoryDataset`` of the configured dataset."""
-    from datasets.loader import TrajectoryDataset, velocity_scale
+    from dist_egnn.datasets.loader import TrajectoryDataset, velocity_scale
 
     d = cfg.dataset
     missing = [n for n in d.node_features if n != "speed" and n not in info.node_scalars]
@@ -96,7 +97,7 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
             for split in SPLITS}
 
 
-def thread_share(env: comm.DistEnv, requested: int | None) -> int:
+def thread_share(env: runtime.DistEnv, requested: int | None) -> int:
     """Threads of this rank: as asked, else the machine's cores divided among the ranks on this node."""
     return requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
 
@@ -118,8 +119,7 @@ def forward_loss(engine, communicator, batch: RankBatch, cfg, device: torch.devi
     """
     loss_cfg = cfg.loss
     graph = batch.graph.to(device, dtype)
-    if hasattr(communicator, "set_halo_plan"):
-        communicator.set_halo_plan(None if batch.plan is None else batch.plan.to(device))
+    communicator.set_halo_plan(None if batch.plan is None else batch.plan.to(device))
     pred = engine.model(**graph.model_inputs())
     selected = None
     if loss_cfg.mmd_samples is not None:
@@ -145,12 +145,12 @@ def train_step(engine, communicator, batch: RankBatch, cfg, device: torch.device
 class Trainer:
     """Fits one model on one dataset; see the module docstring for what it writes."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, env: comm.DistEnv | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = None):
         check(cfg)
         self.cfg = cfg
         t, d = cfg.trainer, cfg.distributed
-        self.env = env or comm.DistEnv.from_environ()
-        comm.check_world(self.env.world_size, d.parts)
+        self.env = env or runtime.DistEnv.from_environ()
+        runtime.check_world(self.env.world_size, d.parts)
         self.engine_name = resolve_engine(cfg.engine.name, self.env.world_size)
         if self.engine_name == "deepspeed" and t.dtype == "float64":
             raise ValueError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
@@ -165,8 +165,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dtype = DTYPES[t.dtype]
         torch.set_num_threads(thread_share(self.env, t.num_threads))
-        backend = d.backend if d.backend != "auto" else comm.default_backend(self.device)
-        self.groups = comm.init_groups(self.env, d.parts, backend, d.timeout_s, d.prepare_timeout_s)
+        backend = d.backend if d.backend != "auto" else runtime.default_backend(self.device)
+        self.groups = runtime.init_groups(self.env, d.parts, backend, d.timeout_s, d.prepare_timeout_s)
         self.collective_device = self.device if backend == "nccl" else torch.device("cpu")
 
         self.run_dir = Path(run_dir)
@@ -198,10 +198,10 @@ class Trainer:
         """The store and its splits; in a multi-rank run, rank 0 prepares what is missing while others wait."""
         d = self.cfg.dataset
         # Agreed before rank 0 starts writing: a rank that looked later would see a half-written store.
-        if self.env.distributed and comm.agree([not Path(d.store).exists()], self.collective_device)[0]:
+        if self.env.distributed and runtime.agree([not Path(d.store).exists()], self.collective_device)[0]:
             if self.is_main:
                 open_dataset_store(d, progress=self.progress)
-            comm.barrier(self.cfg.distributed.prepare_timeout_s)
+            runtime.barrier(self.cfg.distributed.prepare_timeout_s)
         info = open_dataset_store(d, progress=self.progress)
         return info, load_splits(self.cfg, info)
 
@@ -213,7 +213,7 @@ class Trainer:
         sequential = not self.env.distributed           # one process runs all P parts (drop-mode reference)
         path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed)
         # Agreed before rank 0 starts building: every rank takes the same branch, no one waits in vain.
-        if comm.agree([stale is not None], self.collective_device)[0]:
+        if runtime.agree([stale is not None], self.collective_device)[0]:
             stale = stale or "stale as another rank saw it"
             if not self.cfg.dataset.auto_prepare:
                 raise StalePartitionError(f"{path}: {stale}; build it with `python launch/prepare.py "
@@ -222,11 +222,11 @@ class Trainer:
             if self.is_main:
                 prepare_partitions(splits, d.partition, d.parts, d.seed, progress=self.progress,
                                    scheduler=self.cfg.prepare.scheduler, workers=self.cfg.prepare.workers)
-            comm.barrier(d.prepare_timeout_s)
+            runtime.barrier(d.prepare_timeout_s)
         # Batches are built ahead in a background thread (datasets.prefetch): their collectives run on a group
         # of their own, so they never interleave with the model's on the graph group.
         group, device = self.groups.data, torch.device("cpu")          # the data group is gloo
-        gather = (lambda values: comm.all_gather_arrays(values, group, device)) if group is not None else None
+        gather = (lambda values: runtime.all_gather_arrays(values, group, device)) if group is not None else None
         return {name: RankData(data, self.groups.part, d.parts, d.halo == "exact",
                                load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential)
                 for name, data in splits.items()}
@@ -270,7 +270,7 @@ class Trainer:
                     bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {self.state['stale']} "
                               f"evaluations (to continue, resume=auto with a larger trainer.patience)")
                     break
-                if comm.agree([self.signals.received], self.collective_device)[0]:
+                if runtime.agree([self.signals.received], self.collective_device)[0]:
                     raise self.stopped(tag)
         bar.close()
 
@@ -291,17 +291,17 @@ class Trainer:
         data = self.data["train"]
         batch_ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, group=g.data_index,
                                    groups=g.data_parallel, equal_steps=True)[:t.steps_per_epoch]
+        runtime.check_same_batches(batch_ids, g.graph, self.collective_device, what=f"epoch {epoch}")
         if self.state["step"] == 0:
             self.totals = np.zeros(TOTALS)
-        if isinstance(self.comm, comm.GraphParallel):
-            self.comm.stats.reset()                  # not the evaluation's collectives
+        self.comm.stats.reset()                      # not the evaluation's collectives
         warm_up = True                               # the first step of a process's epoch loop is not timed
         batches = data.batches(batch_ids[self.state["step"]:], seed=t.seed, epoch=epoch)
         for batch in prefetch(batches, self.cfg.dataset.prefetch):
             started = time.perf_counter()
             terms, skipped, stop = self.step(batch, epoch)
             seconds = time.perf_counter() - started
-            comm_seconds = self.comm.stats.reset().seconds if isinstance(self.comm, comm.GraphParallel) else 0.0
+            comm_seconds = self.comm.stats.reset().seconds
             self.state["step"] += 1
             self.state["global_step"] += 1
             self.state["skipped"] += skipped
@@ -322,15 +322,13 @@ class Trainer:
         """Forward, loss share, backward, the agreed non-finite/stop verdict, and the optimizer step of this
         rank's share of one batch. Returns (loss terms, whether the step was skipped, whether to stop)."""
         number = self.state["global_step"] + 1
-        if isinstance(self.comm, comm.GraphParallel):
-            comm.check_same_samples(batch.sample_ids, self.groups.graph, self.collective_device)
         terms = forward_loss(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts)
         terms.total = self.faults.after_forward(number, terms.total)
         self.engine.zero_grad()
         self.engine.backward(terms.total * self.engine.loss_scale)
         self.faults.after_backward(number, self.engine.module.parameters())
         loss_bad, bad_grads = guard.nonfinite(terms.total, self.engine.module.named_parameters())
-        loss_bad, grads_bad, stop = comm.agree([loss_bad, bad_grads, self.signals.received], self.collective_device)
+        loss_bad, grads_bad, stop = runtime.agree([loss_bad, bad_grads, self.signals.received], self.collective_device)
         if loss_bad or grads_bad:
             if self.cfg.trainer.nonfinite == "stop":
                 self.stop_nonfinite(epoch, batch, terms, loss_bad, grads_bad, bad_grads)
@@ -342,12 +340,12 @@ class Trainer:
     def epoch_record(self, totals: np.ndarray, steps: int) -> dict[str, Any]:
         """Sum the ranks' shares into global numbers; maxima over ranks for time, edges and memory."""
         g = self.groups
-        loss, mse, edges, full = comm.all_reduce_numbers(list(totals[:4]), "sum", device=self.collective_device)
+        loss, mse, edges, full = runtime.all_reduce_numbers(list(totals[:4]), "sum", device=self.collective_device)
         skipped = int(totals[4])                                 # agreed: the same on every rank
         timed_seconds, timed_steps, warm_seconds, warm_steps = totals[6:10]
         # Mean wall time per step, leaving out each epoch loop's first (warm-up) step when there are others.
         mean_step = timed_seconds / timed_steps if timed_steps else warm_seconds / max(warm_steps, 1.0)
-        step_max, edges_max, mem_max, comm_max = comm.all_reduce_numbers(
+        step_max, edges_max, mem_max, comm_max = runtime.all_reduce_numbers(
             [mean_step, totals[2] / max(steps, 1), peak_memory_mb(self.device), totals[5] / max(steps, 1)], "max",
             device=self.collective_device)
         batches = max(steps - skipped, 1) * g.data_parallel
@@ -368,12 +366,11 @@ class Trainer:
                                    group=g.data_index, groups=g.data_parallel)
         for batch in prefetch(data.batches(batch_ids), self.cfg.dataset.prefetch):
             graph = batch.graph.to(self.device, self.dtype)
-            if hasattr(self.comm, "set_halo_plan"):
-                self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
+            self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
             pred = self.engine.model(**graph.model_inputs())
             squared += (pred.pos - graph.target).double().square().sum().item()
             count += graph.target.numel()
-        squared, count = comm.all_reduce_numbers([squared, count], "sum", device=self.collective_device)
+        squared, count = runtime.all_reduce_numbers([squared, count], "sum", device=self.collective_device)
         return squared / count
 
     # -- checkpoints ----------------------------------------------------------------------------------
@@ -383,10 +380,10 @@ class Trainer:
         if self.is_main:
             checkpoint.save_atomic(dict(model=state, epoch=epoch, val_mse=val_mse, config=to_container(self.cfg),
                                         schema_version=checkpoint.SCHEMA_VERSION), self.best_path)
-        comm.barrier()
+        runtime.barrier()
 
     def start(self) -> None:
-        """A fresh run or ``resume=auto`` (dist_egnn.resume); then rank 0 writes config.yaml."""
+        """A fresh run or ``resume=auto`` (dist_egnn.training.resume); then rank 0 writes config.yaml."""
         client = self.checkpoints.start(self.cfg.get("resume"), self.metrics, check=self.check_resumable)
         if client is not None:
             self.restore(client)
@@ -405,7 +402,7 @@ class Trainer:
         (gathered: rows by rank), RNG states, and what the sums depend on (world size, graph groups)."""
         totals = self.totals
         if self.env.distributed:
-            totals = np.stack(comm.all_gather_arrays(totals, None, self.collective_device))
+            totals = np.stack(runtime.all_gather_arrays(totals, None, self.collective_device))
         return dict(schema_version=checkpoint.SCHEMA_VERSION, trainer=dict(self.state),
                     totals=torch.as_tensor(np.atleast_2d(totals)), world_size=self.env.world_size,
                     data_parallel=self.groups.data_parallel, rng=checkpoint.rng_state(),

@@ -1,0 +1,237 @@
+"""The process runtime: where this process stands, process groups with timeouts, and small agreements.
+
+Everything a multi-process launch needs around the model's collectives: reading rank and world size from
+the launcher's environment (:class:`DistEnv`), starting the process groups with timeouts (so a dead rank
+stops the others instead of hanging them, :func:`init_groups`), one run directory for every rank
+(:func:`shared_run_stamp`), barriers, and reductions of a few numbers across ranks (:func:`agree`,
+:func:`all_reduce_numbers`, ...). Every function here is the identity, or does nothing, in one process.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dist_egnn.parallel.collectives import GraphParallel
+from dist_egnn.parallel.seam import Communicator, SingleProcess
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands, from the variables every launcher sets (deepspeed, torchrun, mpirun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_environ(cls, environ=os.environ) -> "DistEnv":
+        world = int(environ.get("WORLD_SIZE", 1))
+        local_world = int(environ.get("LOCAL_WORLD_SIZE", environ.get("LOCAL_SIZE", 0)) or 0)
+        if not local_world:
+            # DeepSpeed's launcher on CPU sets neither: all ranks are local unless a node count is given.
+            nodes = int(environ.get("CROSS_SIZE", environ.get("GROUP_WORLD_SIZE", 1)) or 1)
+            local_world = max(1, world // max(nodes, 1))
+        return cls(rank=int(environ.get("RANK", 0)), world_size=world,
+                   local_rank=int(environ.get("LOCAL_RANK", 0)), local_world_size=local_world)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class Groups:
+    """Process groups of a run: ``graph`` holds the P ranks sharing each graph; groups differ in samples.
+
+    world_size = parts × data_parallel. Ranks g·P .. g·P + P − 1 form graph group g (so a group's ranks
+    sit on one node when ranks are numbered node by node); ``part`` is this rank's part of every graph.
+    """
+
+    env: DistEnv
+    parts: int
+    graph: object | None          # torch ProcessGroup of this rank's graph group (None: one process)
+    data: object | None           # the same ranks, for the data path's collectives (run from a reader thread)
+    part: int
+    data_index: int               # which graph group this rank is in: 0 .. data_parallel − 1
+    data_parallel: int
+
+    def communicator(self) -> Communicator:
+        return GraphParallel(self.graph, self.parts) if self.parts > 1 else SingleProcess()
+
+
+def check_world(world_size: int, parts: int) -> None:
+    """Every rank runs this before any collective: a bad world size stops all of them, none hangs.
+
+    One process accepts any P: it runs the P parts itself (``dist_egnn.training.rank_data``, sequential).
+    """
+    if parts < 1:
+        raise ValueError(f"distributed.parts={parts} must be >= 1")
+    if world_size > 1 and world_size % parts:
+        raise ValueError(f"world size {world_size} is not a multiple of distributed.parts={parts}: launch "
+                         f"P, 2P, 3P, ... ranks (e.g. deepspeed --num_gpus {parts} ...) or change distributed.parts")
+
+
+_STORE = None        # the rendezvous store of this process, when shared_run_stamp made it before the groups
+_WAIT_GROUP = None   # every rank, with the long timeout of barrier(timeout_s) (e.g. while rank 0 prepares data)
+
+
+def shared_run_stamp(env: DistEnv, timeout_s: float = 300.0) -> str:
+    """Rank 0's start time as ``YYYY-mm-dd_HH-MM-SS``, the same string on every rank (one run directory).
+
+    Uses the launcher's rendezvous address (MASTER_ADDR, MASTER_PORT) before any process group exists: the
+    store made here is reused by :func:`init_groups`. Under ``torchrun --max-restarts`` the agent's store
+    outlives a failed attempt, and the stamp of the first attempt is kept: a restarted run writes into the
+    same run directory (and ``resume=auto`` finds its checkpoints).
+    """
+    global _STORE
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    if not env.distributed:
+        return stamp
+    # Under torchrun the launcher's agent already serves the store: every rank is a client then.
+    host_it = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    _STORE = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)),
+                           env.world_size, host_it, timeout=datetime.timedelta(seconds=timeout_s))
+    if env.rank == 0 and not _STORE.check(["dist_egnn/run_stamp"]):
+        _STORE.set("dist_egnn/run_stamp", stamp)
+    return _STORE.get("dist_egnn/run_stamp").decode()
+
+
+def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float,
+                wait_timeout_s: float | None = None) -> Groups:
+    """Start the default process group (if the launcher has not) and the graph groups.
+
+    Every collective inherits ``timeout_s``: a rank that dies mid-step makes the others fail with a timeout
+    error instead of waiting forever. ``wait_timeout_s``: the timeout of :func:`barrier` with a timeout
+    (a gloo group of every rank made here, while all ranks are present).
+    """
+    global _WAIT_GROUP
+    check_world(env.world_size, parts)
+    if not env.distributed:                    # one process: whole graphs, or all P parts in sequence
+        return Groups(env, 1, None, None, 0, 0, 1)
+    data_parallel = env.world_size // parts
+    if not dist.is_initialized():
+        store = _STORE
+        if store is not None:
+            # One key space per torchrun attempt: the agent's store keeps the keys of a failed attempt, and
+            # reusing them would point the new ranks at the dead ranks' addresses.
+            store = dist.PrefixStore(f"dist_egnn/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=store,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    graph = data = None
+    for g in range(data_parallel):            # every rank must create every group, in the same order
+        ranks = list(range(g * parts, (g + 1) * parts))
+        model_group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+        data_group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s), backend="gloo")
+        if env.rank in ranks:
+            graph, data = model_group, data_group
+    if wait_timeout_s is not None:
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_timeout_s))
+    return Groups(env, parts, graph, data, env.rank % parts, env.rank // parts, data_parallel)
+
+
+def default_backend(device: torch.device) -> str:
+    """gloo on CPU, nccl on CUDA."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+# ------------------------------------------------------------------------------ numbers across ranks
+def all_reduce_numbers(values: list[float], op: str = "sum", group=None, device="cpu") -> list[float]:
+    """Reduce a few Python numbers over ``group`` (default: every rank); identity without distribution."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=ops[op], group=group)
+    return tensor.tolist()
+
+
+def agree(flags: list[bool], device="cpu") -> list[bool]:
+    """Each flag true on any rank -> true on every rank (one small all-reduce MAX; identity in one process).
+
+    The trainer's per-step verdict: non-finite loss, non-finite gradients, stop requested. Every rank must
+    call it at the same point; a rank that got a signal or a NaN thus stops all of them at the same step.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [bool(f) for f in flags]
+    tensor = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in tensor.tolist()]
+
+
+def broadcast_text(text: str, src: int = 0, device="cpu") -> str:
+    """Rank ``src``'s string on every rank (UTF-8 bytes; no pickling); identity in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return text
+    data = torch.tensor(list(text.encode()) if dist.get_rank() == src else [], dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src)
+    buffer = data.to(device) if dist.get_rank() == src else torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, src)
+    return bytes(buffer.cpu().tolist()).decode()
+
+
+def check_same_batches(batch_ids: list, group, device="cpu", what: str = "this epoch") -> None:
+    """Fail on every rank of ``group`` if its ranks would not work on the same samples.
+
+    A mismatch would make the model's collectives combine parts of different graphs: silently wrong. The
+    trainer calls this once per epoch with the epoch's batches (lists of sample ids): every rank of a graph
+    group must have computed the same ones, so a 64-bit hash of them is the same on every rank. One small
+    all-reduce MIN and MAX of the hash; a no-op without a group.
+    """
+    if group is None:
+        return
+    digest = hashlib.blake2b(digest_size=6)
+    for ids in batch_ids:
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    value = float(int.from_bytes(digest.digest(), "little"))      # 48 bits: exact in float64
+    low = torch.tensor([value], dtype=torch.float64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if low.item() != high.item():
+        first = list(batch_ids[0])[:8] if len(batch_ids) else []
+        raise RuntimeError(f"rank {dist.get_rank()}: the ranks of one graph group disagree on the samples of "
+                           f"{what} (this rank's first batch: {first}...); every rank of a group must use the "
+                           f"same dataset, split, seed and batch size")
+
+
+def all_gather_arrays(array, group, device="cpu") -> list:
+    """Every rank's 1-D float64 NumPy array (lengths may differ), in rank order of ``group``."""
+    values = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float64), device=device)
+    size = torch.tensor([values.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.float64, device=device)
+    padded[:values.numel()] = values
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded, group=group)
+    return [g[:int(s.item())].cpu().numpy() for g, s in zip(gathered, sizes)]
+
+
+def barrier(timeout_s: float | None = None) -> None:
+    """Wait for every rank. With ``timeout_s`` (e.g. while rank 0 prepares data), wait on the group that
+    :func:`init_groups` made with ``wait_timeout_s`` if there is one, else a monitored barrier (gloo)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if timeout_s is not None and _WAIT_GROUP is not None:
+        dist.barrier(group=_WAIT_GROUP)
+    elif timeout_s is not None and dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    else:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    global _WAIT_GROUP
+    _WAIT_GROUP = None
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
