@@ -45,7 +45,7 @@ def _cap_neighbors(pos: np.ndarray, edge_index: np.ndarray, max_neighbors: int) 
 
 def drop_longest_edges(edge_index: np.ndarray, pos: np.ndarray, cutoff_rate: float,
                        node_ids: np.ndarray | None = None) -> np.ndarray:
-    """Edge dropping (SPEC §2): keep the shortest ⌊(1 − r)·|E|⌋ edges of the graph, drop the longest.
+    """Edge dropping (docs/maths.md §2): keep the shortest ⌊(1 − r)·|E|⌋ edges of the graph, drop the longest.
 
     ``cutoff_rate`` r in [0, 1]; r = 1 leaves no real edge, so only virtual nodes carry information. Ties
     (every pair has two directed edges of one length) are broken by receiver, then sender id: ``node_ids``

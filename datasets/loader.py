@@ -119,7 +119,7 @@ class TrajectoryDataset:
             ``frame_stop`` None means every frame that still has a target ``delta_t`` later.
         node_features, edge_features: feature recipes (``datasets.graphs``).
         radius: radius-graph cutoff; None uses the store's ``radius`` attribute (None there: complete graph).
-        max_neighbors: optional cap of senders per receiver. cutoff_rate: edge dropping (SPEC §2).
+        max_neighbors: optional cap of senders per receiver. cutoff_rate: edge dropping (docs/maths.md §2).
         velocity_scale: factor applied to the stored velocities as they are read (inputs and the speed
             feature alike); see ``velocity_scale``.
     """

@@ -1,9 +1,9 @@
 """Protein molecular dynamics through MDAnalysis: any topology + trajectories MDAnalysis reads -> a store.
 
 Built-in example (``dataset=protein_adk``): the adenylate kinase (AdK) trajectories shipped with
-MDAnalysisTests, the protein of SPEC §6: topology ``adk.psf`` (3,341 atoms, CHARMM charges) with the two
+MDAnalysisTests, the protein of docs/maths.md §6: topology ``adk.psf`` (3,341 atoms, CHARMM charges) with the two
 DIMS closed→open transitions ``adk_dims.dcd`` (98 frames) and ``adk_dims2.dcd`` (102 frames), nominal frame
-interval 1 ps. Their backbone (N, CA, C, O) is 855 atoms, the node count of SPEC §6.
+interval 1 ps. Their backbone (N, CA, C, O) is 855 atoms, the node count of docs/maths.md §6.
 
 Paths: a plain path, or ``MDAnalysisTests:NAME`` for a file of ``MDAnalysisTests.datafiles`` (e.g.
 ``MDAnalysisTests:PSF``). ``topology`` is one path for every trajectory or a list with one per trajectory.
@@ -13,7 +13,7 @@ What is stored, per trajectory (a scene):
 - positions of the selected atoms (``selection``: ``backbone``, ``all``, or any MDAnalysis selection string),
   in Å, every ``stride``-th frame; no unwrapping across periodic boundaries is done;
 - velocities in Å/ps: from the file when every frame carries them (``velocities: file``, or ``auto``),
-  otherwise forward differences v(t) = (x(t + 1) − x(t)) / Δt over stored frames (SPEC §6; with the
+  otherwise forward differences v(t) = (x(t + 1) − x(t)) / Δt over stored frames (docs/maths.md §6; with the
   nominal 1 ps of the DIMS files this is exactly x(t + 1) − x(t)); the last frame, which has no successor,
   is dropped;
 - node scalar ``charge``: the topology's partial charges in e (0 when the topology has none, with a note).
@@ -29,7 +29,7 @@ Splits (``split``):
 Scenes of one split share a frame count (``datasets/store.py``), so longer blocks are cut to the shortest
 one of their split; the generator attributes record every cut.
 
-Δt and cutoff (SPEC §6: 15 frames, 10 Å, on one long equilibrium trajectory): the radius stays 10 Å. The
+Δt and cutoff (docs/maths.md §6: 15 frames, 10 Å, on one long equilibrium trajectory): the radius stays 10 Å. The
 built-in trajectories have about 100 frames, so a 60/20/20 time split leaves val and test blocks of 19 to 20
 frames; ``protein_adk`` therefore uses Δt = 5 frames (15 would leave at most 5 samples per val/test
 block). With longer trajectories set ``dataset.delta_t=15``.

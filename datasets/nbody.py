@@ -1,4 +1,4 @@
-"""Charged N-body system (SPEC §6; Kipf et al. 2018 as extended to 3-D by Satorras et al. 2021).
+"""Charged N-body system (docs/maths.md §6; Kipf et al. 2018 as extended to 3-D by Satorras et al. 2021).
 
 Physics, per scene of n particles with charges q_i ∈ {−1, +1}:
 

@@ -1,5 +1,5 @@
 """SPH fluid scenes through SPlisHSPlasH's Python bindings (pysplishsplash), the simulator behind Water-3D and
-Fluid113K (SPEC §6).
+Fluid113K (docs/maths.md §6).
 
 Scene recipe (one scene = one trajectory), after the DistEGNN paper's Fluid113K:
 
@@ -21,7 +21,7 @@ reproducible across thread counts; the recipe is.
 
 How a store is made (:func:`generate_sph`):
 
-1. Each scene runs in its own Python subprocess (``python -m datasets.sph_scene SPEC OUT``, a small module
+1. Each scene runs in its own Python subprocess (``python -m dist_egnn.datasets.sph_scene SPEC OUT``, a small module
    that imports only NumPy and the library): the library is a process-wide singleton and may crash
    (segfault) on a bad scene; a crash costs that scene a retry (``retries``), not the run. Scenes run in
    parallel through dask (``datasets.parallel.map_tasks``: threads that wait on the subprocesses, or the

@@ -1,4 +1,4 @@
-"""One SPH scene in its own process: ``python -m datasets.sph_scene SPEC.json OUT_FOLDER``.
+"""One SPH scene in its own process: ``python -m dist_egnn.datasets.sph_scene SPEC.json OUT_FOLDER``.
 
 The subprocess side of ``datasets/sph.py`` (read that first). It imports only NumPy and pysplishsplash,
 so it starts in about a second. Output, written into a temporary sibling and renamed to OUT_FOLDER only
@@ -120,7 +120,7 @@ def simulate_scene(spec_path: str | Path, out_path: str | Path) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m datasets.sph_scene SCENE_SPEC.json OUT_FOLDER  (see datasets/sph.py)",
+        print("usage: python -m dist_egnn.datasets.sph_scene SCENE_SPEC.json OUT_FOLDER  (see datasets/sph.py)",
               file=sys.stderr)
         return 2
     simulate_scene(argv[0], argv[1])

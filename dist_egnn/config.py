@@ -3,7 +3,7 @@
 The YAML groups in ``launch/conf/{dataset,model,trainer}`` fill these; because every node is typed and in
 struct mode, an unknown key or a value of the wrong type stops the run before anything starts, naming the
 key. Values used by several groups live in one place and are interpolated: feature widths come from the
-dataset's feature recipes (``${len:...}``), the MMD σ and λ from the dataset (SPEC §3 lists them per
+dataset's feature recipes (``${len:...}``), the MMD σ and λ from the dataset (docs/maths.md §3 lists them per
 dataset).
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ class ModelConfig:
     node_features: int = II("len:${dataset.node_features}")
     edge_features: int = II("len:${dataset.edge_features}")
     node_attrs: int = 0
-    cutoff_rate: float = 0.0                  # edge dropping r (SPEC §2), applied when graphs are built
+    cutoff_rate: float = 0.0                  # edge dropping r (docs/maths.md §2), applied when graphs are built
     edge_chunk_size: Optional[int] = None     # edges per recomputed chunk; None: the default, 16384
 
 
@@ -141,7 +141,7 @@ class TrainerConfig:
 
 @dataclass
 class DistributedConfig:
-    """How each graph is split over ranks (SPEC §4-5). World size = parts × graph groups (data parallel)."""
+    """How each graph is split over ranks (docs/maths.md §4-5). World size = parts × graph groups (data parallel)."""
 
     parts: int = 1                            # P: parts per graph, one rank each
     partition: str = "metis"                  # metis | spatial | random

@@ -1,4 +1,4 @@
-"""Training objective (SPEC §1, §3): L = MSE(pred, target) + λ · MMD(Z_final, X).
+"""Training objective (docs/maths.md §1, §3): L = MSE(pred, target) + λ · MMD(Z_final, X).
 
 MMD² between the virtual coordinates Z = [z_1..z_C] of a graph and M real positions x_m, up to a term that
 does not depend on Z:

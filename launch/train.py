@@ -32,25 +32,6 @@ from dist_egnn.training.trainer import Trainer
 register()
 
 
-def launcher_arguments(argv: list[str], env: runtime.DistEnv) -> list[str]:
-    """The command line Hydra should see.
-
-    The deepspeed launcher adds ``--local_rank=N`` (LOCAL_RANK is in the environment too): Hydra would
-    reject it. Ranks other than 0 do not write Hydra's own files into the shared run directory.
-    """
-    args, skip = [argv[0]], False
-    for arg in argv[1:]:
-        if skip:
-            skip = False
-        elif arg.startswith("--local_rank") or arg.startswith("--local-rank"):
-            skip = "=" not in arg
-        else:
-            args.append(arg)
-    if env.rank > 0:
-        args += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    return args
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
@@ -93,5 +74,5 @@ if __name__ == "__main__":
     _env = runtime.DistEnv.from_environ()
     if _env.distributed and "DIST_EGNN_RUN_STAMP" not in os.environ:
         os.environ["DIST_EGNN_RUN_STAMP"] = runtime.shared_run_stamp(_env)
-    sys.argv = launcher_arguments(sys.argv, _env)
+    sys.argv = runtime.launcher_arguments(sys.argv, _env)
     main()

@@ -1,4 +1,4 @@
-"""MSE and MMD (SPEC §3)."""
+"""MSE and MMD (docs/maths.md §3)."""
 import math
 
 import pytest

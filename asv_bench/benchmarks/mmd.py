@@ -1,4 +1,4 @@
-"""Cost of the MMD term (SPEC §3), forward + backward, over graph size and kernel."""
+"""Cost of the MMD term (docs/maths.md §3), forward + backward, over graph size and kernel."""
 import torch
 
 from dist_egnn.losses import mmd_loss, sample_nodes

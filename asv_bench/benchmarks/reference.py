@@ -12,7 +12,7 @@ computing the SAME function with the SAME parameters on the SAME graph:
 * segment means are ``scatter_add_`` of the values and of a tensor of ones of the same shape, over an
   index expanded to (E, H), then a division; per-graph means the same over ``batch``.
 
-The maths is SPEC §2 as implemented by ``dist_egnn.models``: parameter names match our modules, so
+The maths is docs/maths.md §2 as implemented by ``dist_egnn.models``: parameter names match our modules, so
 ``Reference*.load_state_dict(ours.state_dict())`` gives the same function (checked in
 ``tests/test_reference_model.py``). It is used only by the benchmarks in this folder, never by the library.
 """

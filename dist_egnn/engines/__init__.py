@@ -1,4 +1,4 @@
-"""Engines: one small interface over plain PyTorch, DDP, FSDP and DeepSpeed (DESIGN §2).
+"""Engines: one small interface over plain PyTorch, DDP, FSDP and DeepSpeed (docs/design.md §2).
 
 The trainer talks to :class:`~dist_egnn.engines.base.Engine` only: ``engine.model(...)`` runs the forward,
 ``backward(loss)``, ``step()``, ``save(dir, tag, client_state)`` / ``load(dir, tag)`` for checkpoints and

@@ -1,4 +1,4 @@
-"""The MLPs of SPEC §2, built once here so EGNN and FastEGNN use identical pieces."""
+"""The MLPs of docs/maths.md §2, built once here so EGNN and FastEGNN use identical pieces."""
 from __future__ import annotations
 
 from torch import nn

@@ -1,6 +1,6 @@
 """EGNN with velocity (Satorras et al. 2021): the baseline, and the real-node half of FastEGNN.
 
-One layer (SPEC §2 without the virtual terms), every term reading the layer's inputs:
+One layer (docs/maths.md §2 without the virtual terms), every term reading the layer's inputs:
 
     m_ij  = phi_e([h_i, h_j, |x_i - x_j|^2, e_ij])                                  (1) real-real message
     x_i'  = x_i + mean_j (x_i - x_j) phi_x(m_ij) + phi_v(h_i) v_i                    (4) coordinates

@@ -1,6 +1,6 @@
 """FastEGNN (Zhang et al., ICML 2024): EGNN plus C virtual nodes that talk to every real node.
 
-One layer reads (h, x, S, Z) and writes all four; every term uses the layer's inputs (SPEC §2):
+One layer reads (h, x, S, Z) and writes all four; every term uses the layer's inputs (docs/maths.md §2):
 
     m_ij  = phi_e([h_i, h_j, |x_i - x_j|^2, e_ij])                                   (1) real-real message
     x̄     = mean_i x_i;   Ẑ = Z - x̄;   G = ẐᵀẐ (C x C);   g_c = column c of G          (2) virtual geometry

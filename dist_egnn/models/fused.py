@@ -1,7 +1,7 @@
 """Fused message blocks: the per-edge work of a layer with a hand-written backward, in chunks, recomputed.
 
 Both message kinds of FastEGNN run the same small network on many rows (real edges ij, or real-virtual
-pairs ic), with the same shape (SPEC §2):
+pairs ic), with the same shape (docs/maths.md §2):
 
     pre1 = [first Linear of phi_e, applied in pieces]          (rows, H)   per-node parts gathered per row
     m    = SiLU(W2 SiLU(pre1) + b2)                             (rows, H)   the message

@@ -46,6 +46,25 @@ class DistEnv:
         return self.world_size > 1
 
 
+def launcher_arguments(argv: list[str], env: DistEnv) -> list[str]:
+    """The command line Hydra should see.
+
+    The deepspeed launcher adds ``--local_rank=N`` (LOCAL_RANK is in the environment too): Hydra would
+    reject it. Ranks other than 0 do not write Hydra's own files into the shared run directory.
+    """
+    args, skip = [argv[0]], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            skip = "=" not in arg
+        else:
+            args.append(arg)
+    if env.rank > 0:
+        args += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    return args
+
+
 @dataclass
 class Groups:
     """Process groups of a run: ``graph`` holds the P ranks sharing each graph; groups differ in samples.

@@ -11,7 +11,7 @@ in drop mode (no halo) the cut edges are missing, as in the paper's DistEGNN.
 
 One process can also run all P parts itself (``python launch/train.py distributed.parts=P``, world size 1):
 it reads whole graphs and, in drop mode, keeps only the edges inside a part, which is exactly what P ranks
-compute together (SPEC §4: the cut edges are the only difference from one device). In exact mode that is
+compute together (docs/maths.md §4: the cut edges are the only difference from one device). In exact mode that is
 the whole graph. It is the reference the drop-mode tests compare P ranks with, and a way to try a
 distributed configuration on one machine.
 
@@ -19,7 +19,7 @@ Batches: the sample order of an epoch comes from (seed, epoch) only, so every ra
 Graph group g of G takes batches g, g + G, g + 2G, ... (graph × data parallel); in training every group
 takes the same number of steps, so a remainder of fewer than G batches is left out of that epoch.
 
-Edge dropping (SPEC §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
+Edge dropping (docs/maths.md §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
 by (receiver, sender) id. In exact mode with P > 1 the length threshold is global: the ranks exchange
 their edge lengths (one all-gather per batch), so P ranks still equal one device. In drop mode each part
 drops its own longest edges, as each device of the paper's DistEGNN works on its own graph.

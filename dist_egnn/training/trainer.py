@@ -2,7 +2,7 @@
 
 One code path for every launch: ``python launch/train.py`` is one rank holding whole graphs (P = 1);
 ``deepspeed --num_gpus P launch/train.py distributed.parts=P`` or ``torchrun --nproc-per-node P ...`` puts
-one part of every graph on each rank (SPEC §4-5). World size W = P × G: G graph groups of P ranks take
+one part of every graph on each rank (docs/maths.md §4-5). World size W = P × G: G graph groups of P ranks take
 different batches (graph × data parallel). What differs between launches is injected: the communicator
 the model uses for its global means and halo (``dist_egnn.comm``), the rank's data (``dist_egnn.training.rank_data``),
 and the engine that combines gradients and writes checkpoints (``dist_egnn.engines``).

@@ -16,7 +16,7 @@ from dist_egnn.partitioners.artifacts import (StalePartitionError, artifact_path
                                     sample_seed)
 from dist_egnn.partitioners.strategies import max_part_size, rebalance, undirected_adjacency
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLOUD = np.random.default_rng(0).uniform(size=(1500, 3))
 RADIUS = 0.14                                         # ~15 neighbours per node
 

@@ -1,4 +1,4 @@
-"""The charged N-body simulator (SPEC §6)."""
+"""The charged N-body simulator (docs/maths.md §6)."""
 import numpy as np
 import pytest
 import zarr

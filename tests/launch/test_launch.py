@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY = ["dataset.nbody.num_particles=40", "dataset.nbody.train=6", "dataset.nbody.val=3", "dataset.nbody.test=3",
         "dataset.nbody.steps=1100", "dataset.frame_start=0", "dataset.frame_stop=1", "dataset.radius=1.5",

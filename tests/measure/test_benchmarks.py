@@ -15,7 +15,7 @@ import torch
 
 from equivariance import random_graph
 
-BENCH = Path(__file__).resolve().parents[1] / "asv_bench"
+BENCH = Path(__file__).resolve().parents[2] / "asv_bench"
 sys.path.insert(0, str(BENCH))
 
 from benchmarks.reference import ReferenceEGNN, ReferenceFastEGNN  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 from dist_egnn.partitioners.subgraphs import HaloPlan
 from dist_egnn.measure.scaling import PartTwin, communication_seconds, project
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINKS = dict(allreduce_alpha_s=1e-4, allreduce_beta_bytes_per_s=1e9, alltoall_alpha_s=2e-4,
              alltoall_beta_bytes_per_s=5e8)
 

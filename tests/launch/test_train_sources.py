@@ -10,7 +10,7 @@ import pytest
 
 from test_gns import write_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL_MODEL = ["model.hidden=8", "model.layers=1", "trainer.max_epochs=1", "trainer.batch_size=2",
                "trainer.eval_batch_size=4", "trainer.progress=false", "trainer.num_threads=1"]
 

@@ -13,7 +13,7 @@ def trainable(model):
 
 
 def test_fastegnn_default_has_the_authors_parameter_count():
-    # guards: any drift from SPEC §2's MLP shapes (wrong input width of phi_ev, an extra head, a bias)
+    # guards: any drift from docs/maths.md §2's MLP shapes (wrong input width of phi_ev, an extra head, a bias)
     assert trainable(FastEGNN()) == 284_804
 
 
@@ -93,7 +93,7 @@ def test_edge_chunking_gives_the_same_outputs_and_gradients(model_cls):
 
 @pytest.mark.parametrize("model_cls", MODELS)
 def test_isolated_nodes_and_empty_edge_sets_are_fine(model_cls):
-    # a node with no edges gets a zero real-real mean (SPEC §2), not NaN; r = 1 drops every edge
+    # a node with no edges gets a zero real-real mean (docs/maths.md §2), not NaN; r = 1 drops every edge
     graph = random_graph()
     model = model_cls().double()
     pred = model(**{**graph.kwargs(), "edge_index": graph.edge_index[:, :0], "edge_attr": graph.edge_attr[:0]})

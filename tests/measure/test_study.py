@@ -8,7 +8,7 @@ import pytest
 
 from dist_egnn.measure.reporting import markdown_table, relative_change, summarise
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_STUDY = """
 name: tiny
 description: two models on a tiny N-body set

@@ -1,4 +1,4 @@
-"""P gloo ranks holding one part each of every graph compute what one device computes (SPEC §4-5).
+"""P gloo ranks holding one part each of every graph compute what one device computes (docs/maths.md §4-5).
 
 Exact halo mode: outputs, loss and gradients of P ranks equal the single-process FastEGNN on the whole
 graphs (float64 to 1e-10, float32 to 1e-5 relative). Drop mode: they equal one process running the whole

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["dataset.nbody.num_particles=12", "dataset.nbody.train=6", "dataset.nbody.val=3", "dataset.nbody.test=3",
         "dataset.nbody.steps=1100", "dataset.frame_start=0", "dataset.frame_stop=1",
         "trainer.batch_size=3", "trainer.max_epochs=2", "trainer.progress=false", "trainer.num_threads=1"]

@@ -1,0 +1,192 @@
+"""Accuracy studies: ``python launch/study.py study=NAME [study.budget=paper] [study.seeds=[0,1,2]] [train=false]``.
+
+A study (``launch/conf/study/NAME.yaml``) is a list of labelled runs, each a set of ``launch/train.py``
+overrides, trained once per seed on one dataset under one named budget. Every run is a separate process
+(``python launch/train.py``, or ``deepspeed --num_gpus R launch/train.py`` for ``ranks: R``), so a study
+trains exactly what a user would. Runs go seed by seed (every label's first seed, then the second...), and
+finished runs are kept and skipped when the study is started again; an unfinished one resumes from its
+newest checkpoint (``resume=auto``). ``wall_time_s`` is the time of the launch that finished a run.
+
+Writes, after every finished run:
+    docs/results/<study>[-<budget>].json   one record per run: study, dataset, model, seed, test_mse, ...
+    docs/results/<study>[-<budget>].md     mean ± std over seeds per run label, change vs the baseline
+    docs/results/<study>[-<budget>].png    the same as a bar chart
+    docs/results/<study>[-<budget>]-trivial.json   test MSE of zero motion and constant velocity (for scale)
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from dist_egnn.measure.baselines import trivial_baselines
+from dist_egnn.training.checkpoint import write_text_atomic
+from dist_egnn.config import PathsConfig
+from dist_egnn.measure.reporting import bar_plot, markdown_table, summarise, write_json
+
+ROOT = Path(__file__).resolve().parents[2]         # the repository: launch/train.py is run from there
+
+
+@dataclass
+class StudyRun:
+    label: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+    ranks: int = 1                                  # processes; more than one uses the deepspeed launcher
+
+
+@dataclass
+class StudySpec:
+    name: str = MISSING
+    description: str = ""
+    dataset: str = MISSING                          # a launch/conf/dataset option
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    common: list[str] = field(default_factory=list)  # overrides shared by every run
+    budgets: dict[str, list[str]] = field(default_factory=dict)  # named training budgets (overrides)
+    budget: str = "default"
+    baseline: Optional[str] = None                  # label every other run is compared with
+    runs: list[StudyRun] = field(default_factory=list)
+
+
+@dataclass
+class StudyRoot:
+    study: StudySpec = field(default_factory=StudySpec)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    results_dir: str = "docs/results"
+    progress: bool = True
+    train: bool = True          # false: only tabulate the runs already finished (skip the others)
+
+
+ConfigStore.instance().store(name="study_schema", node=StudyRoot)
+
+
+def train_command(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str) -> list[str]:
+    """The exact command line of one run."""
+    if spec.budget not in spec.budgets:
+        raise ValueError(f"study.budget={spec.budget!r} is not defined in study {spec.name!r}: "
+                         f"choose one of {sorted(spec.budgets)}")
+    script = str(ROOT / "launch" / "train.py")
+    if run.ranks > 1:
+        deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        launcher = [deepspeed, "--num_gpus", str(run.ranks), script]
+    else:
+        launcher = [sys.executable, script]
+    return [*launcher, f"dataset={spec.dataset}", f"paths.data={data_dir}", *spec.common,
+            *spec.budgets[spec.budget], *run.overrides, f"trainer.seed={seed}", f"hydra.run.dir={run_dir}",
+            "trainer.progress=false", "resume=auto"]
+
+
+def finished_record(run_dir: Path) -> dict[str, Any] | None:
+    """The test evaluation of a finished run (last line of metrics.jsonl), or None if unfinished."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    lines = metrics.read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    return last if "test_mse" in last else None
+
+
+def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> dict:
+    """One JSON record: what distinguishes the run, and its results."""
+    final = finished_record(run_dir)
+    wall_file = run_dir / "study_wall_time_s"
+    wall_time_s = float(wall_file.read_text()) if wall_file.exists() else None
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    distributed = config.get("distributed", {})
+    return dict(study=spec.name, budget=spec.budget, label=run.label, dataset=config["dataset"]["name"],
+                model=config["model"]["name"], seed=seed, test_mse=final["test_mse"], val_mse=final.get("val_mse"),
+                best_epoch=final.get("epoch"), cutoff_rate=config["model"].get("cutoff_rate", 0.0),
+                virtual_channels=config["model"].get("virtual_channels"), parts=distributed.get("parts", 1),
+                halo=distributed.get("halo", "none"), partition=distributed.get("partition"),
+                ranks=run.ranks, dropped_edge_fraction=final.get("dropped_edge_fraction"),
+                edges_per_rank=final.get("edges_per_rank"), wall_time_s=wall_time_s, run_dir=str(run_dir))
+
+
+def dropped_edges(records: list[dict], label: str) -> str:
+    """Mean fraction of real edges a run never used (edge dropping r, or cut edges lost in drop mode)."""
+    fractions = [r["dropped_edge_fraction"] for r in records
+                 if r["label"] == label and r.get("dropped_edge_fraction") is not None]
+    return f"{100 * sum(fractions) / len(fractions):.1f}%" if fractions else ""
+
+
+def results_stem(spec: DictConfig) -> str:
+    return spec.name if spec.budget == "default" else f"{spec.name}-{spec.budget}"
+
+
+def trivial_reference(spec: DictConfig, run_dir: Path, results_dir: Path) -> dict[str, Any]:
+    """Zero-motion and constant-velocity test MSE (dist_egnn.measure.baselines) on the study's data, computed once
+    from a finished run's resolved configuration and kept in ``<stem>-trivial.json`` with the dataset
+    settings it was computed for (recomputed when they change, e.g. the velocity unit)."""
+    path = results_dir / f"{results_stem(spec)}-trivial.json"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("dataset_config") == config["dataset"]:
+            return kept
+    reference = dict(trivial_baselines(OmegaConf.create(config)), dataset_config=config["dataset"])
+    write_text_atomic(json.dumps(reference, indent=1) + "\n", path)     # replaces a stale one: never half-written
+    return reference
+
+
+def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
+                  trivial: dict[str, Any] | None = None) -> None:
+    stem = results_stem(spec)
+    write_json(records, results_dir / f"{stem}.json")
+    rows = summarise(records)
+    settings = {r["label"]: {"model": r["model"], "r": r["cutoff_rate"], "P": r["parts"], "halo": r["halo"],
+                             "dropped edges": dropped_edges(records, r["label"])} for r in records}
+    title = f"{spec.name} ({spec.dataset}, budget {spec.budget})"
+    write_text_atomic(
+        f"# Study: {title}\n\n{spec.description.strip()}\n\nTest MSE per run label over seeds "
+        f"{sorted({r['seed'] for r in records})}; records in `{stem}.json`, command "
+        f"`python launch/study.py study={spec.name} study.budget={spec.budget}`.\n\n"
+        + markdown_table(rows, baseline=spec.baseline, extra_columns=settings)
+        + ("" if trivial is None else
+           f"\nPredictors that learn nothing, on the same {trivial['test_samples']} test samples: zero motion "
+           f"(x(t + Δt) = x(t)) {trivial['zero_motion_mse']:.4g}; constant velocity (x(t) + αv(t), α = "
+           f"{trivial['constant_velocity_alpha']:.4g} fitted on training samples) "
+           f"{trivial['constant_velocity_mse']:.4g} (`{stem}-trivial.json`).\n"),
+        results_dir / f"{stem}.md")
+    bar_plot(rows, results_dir / f"{stem}.png", title=title)
+
+
+def run(cfg: DictConfig) -> None:
+    """Train every missing (run, seed) of ``cfg.study`` and write its results (``launch/study.py``)."""
+    spec = cfg.study
+    base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
+    # Seed-major: every run's first seed before any second seed, so a study cut short already compares them all.
+    jobs = [(run, seed) for seed in spec.seeds for run in spec.runs]
+    records = []
+    bar = tqdm(jobs, desc=f"study {spec.name}", unit="run", disable=not cfg.progress)
+    for run, seed in bar:
+        run_dir = base / run.label / f"seed{seed}"
+        finished = finished_record(run_dir) is not None
+        if not finished and not cfg.train:
+            bar.write(f"skipping {run.label} seed {seed}: not finished (train=false)")
+            continue
+        if not finished:
+            # resume=auto: a run cut short continues from its newest checkpoint (a new one starts fresh).
+            cmd = train_command(spec, run, seed, run_dir, cfg.paths.data)
+            bar.write(f"running {run.label} seed {seed}: {' '.join(cmd)}")
+            started = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or finished_record(run_dir) is None:
+                sys.exit(f"error: run {run.label} seed {seed} failed (exit {proc.returncode}); its output ends:\n"
+                         f"{(proc.stdout + proc.stderr)[-3000:]}")
+            (run_dir / "study_wall_time_s").write_text(f"{time.perf_counter() - started:.1f}\n")
+        records.append(make_record(spec, run, seed, run_dir))
+        trivial = trivial_reference(spec, run_dir, Path(cfg.results_dir))
+        write_results(spec, records, Path(cfg.results_dir), trivial)
+    if records:
+        print(f"results: {Path(cfg.results_dir) / results_stem(spec)}.{{json,md,png}}")
+    else:
+        print("no finished runs yet: nothing written")
