@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dist_egnn.datasets.prepare import prepare_dataset
 from dist_egnn.datasets.store import StoreError, open_store
 from dist_egnn.config import register
-from dist_egnn.training.trainer import load_splits
+from dist_egnn.training.setup import load_splits
 from dist_egnn.partitioners.artifacts import prepare_partitions
 
 register()

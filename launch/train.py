@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> None:
     if env.rank == 0:
         print(f"run directory: {run_dir}", flush=True)
     try:
-        result = Trainer(cfg, run_dir, env).fit()
+        result = Trainer.from_config(cfg, run_dir, env).fit()
     except guard.Stopped as err:
         finish(env, f"{err}", guard.EXIT_STOPPED)
     except guard.NonFiniteError as err:

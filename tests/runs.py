@@ -28,7 +28,7 @@ def config(data: Path, *overrides: str) -> DictConfig:
 
 def fit(data: Path, run_dir: Path, *overrides: str) -> dict:
     from dist_egnn.training.trainer import Trainer
-    return Trainer(config(data, *overrides), run_dir).fit()
+    return Trainer.from_config(config(data, *overrides), run_dir).fit()
 
 
 def records(run_dir: Path) -> list[dict]:

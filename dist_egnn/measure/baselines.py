@@ -37,7 +37,7 @@ def _sums(dataset, indices, alpha: float | None = None) -> tuple[float, float, f
 
 def trivial_baselines(cfg: DictConfig) -> dict[str, Any]:
     """Test MSE of the zero-motion and the constant-velocity predictor for a resolved training config."""
-    from dist_egnn.training.trainer import load_splits, open_dataset_store
+    from dist_egnn.training.setup import load_splits, open_dataset_store
 
     cfg = cfg.copy()
     cfg.model.cutoff_rate = 0.0                   # graphs are not used; keep reading cheap and identical

@@ -14,8 +14,6 @@ within about two standard errors of 0.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -24,25 +22,22 @@ import psutil
 from omegaconf import DictConfig, open_dict
 
 from dist_egnn.parallel import runtime
+from dist_egnn.training.callbacks import Callback
 from dist_egnn.training.trainer import Trainer
 
 SOAK_DEFAULTS = {"trainer.max_epochs": 25, "trainer.checkpoint_every_steps": 50, "trainer.patience": 1000}
 
 
-class SoakTrainer(Trainer):
-    """The trainer, sampling this process's RSS after every optimizer step."""
+class MemorySampler(Callback):
+    """Samples this process's RSS after every optimizer step."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.process = psutil.Process()
         self.samples: list[tuple[int, float, float]] = []
         self.started = time.perf_counter()
 
-    def step(self, *args, **kwargs):
-        result = super().step(*args, **kwargs)
-        self.samples.append((self.state["global_step"] + 1, self.process.memory_info().rss / 2**20,
-                             time.perf_counter() - self.started))
-        return result
+    def after_step(self, trainer, step: int) -> None:
+        self.samples.append((step, self.process.memory_info().rss / 2**20, time.perf_counter() - self.started))
 
 
 def summarize(samples: np.ndarray, blocks: int = 10) -> dict:
@@ -110,11 +105,12 @@ def run(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> None:
                 parent, leaf = key.rsplit(".", 1)
                 cfg[parent][leaf] = value
     env = runtime.DistEnv.from_environ()
-    trainer = SoakTrainer(cfg, run_dir, env)
+    sampler = MemorySampler()
+    trainer = Trainer.from_config(cfg, run_dir, env, callbacks=[sampler])
     trainer.fit()
     out = run_dir / "soak"
     out.mkdir(exist_ok=True)
-    samples = np.array(trainer.samples)
+    samples = np.array(sampler.samples)
     np.savetxt(out / f"rank{env.rank}.csv", samples, delimiter=",", header="step,rss_mb,elapsed_s", comments="",
                fmt=["%d", "%.2f", "%.3f"])
     runtime.barrier()

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_egnn.training.callbacks import Callback
+
 KINDS = ("sigterm", "sigint", "kill", "hang", "nan_loss", "inf_grad")
 
 
@@ -53,8 +55,8 @@ def planned(environ=os.environ) -> list[Fault]:
     return [f for f in faults if f.attempt == attempt]
 
 
-class Injector:
-    """Calls the trainer makes at fixed points of each step; they do nothing unless a fault is planned."""
+class Injector(Callback):
+    """The trainer's callback for planned faults: its hooks do nothing unless a fault is planned."""
 
     def __init__(self, rank: int, environ=os.environ):
         self.faults = [f for f in planned(environ) if f.rank == rank]

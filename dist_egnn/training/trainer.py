@@ -29,77 +29,25 @@ restored anyway. metrics.jsonl keeps one line per evaluation across resumes (see
 """
 from __future__ import annotations
 
-import os
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from dist_egnn.config import to_container
 from dist_egnn.datasets.prefetch import prefetch
-from dist_egnn.datasets.prepare import prepare_dataset
-from dist_egnn.datasets.store import StoreInfo, open_store
-from dist_egnn.training import checkpoint, faults, guard
-from dist_egnn.parallel import runtime
-from dist_egnn.config import check, to_container
-from dist_egnn.engines import build_engine, resolve_engine
-from dist_egnn.keys import SPLITS
 from dist_egnn.losses import objective, sample_nodes
-from dist_egnn.models import EGNN, FastEGNN
-from dist_egnn.training.rank_data import RankBatch, RankData
+from dist_egnn.parallel import runtime
+from dist_egnn.training import checkpoint, faults, guard, setup
+from dist_egnn.training.callbacks import Callback
+from dist_egnn.training.rank_data import RankBatch
 from dist_egnn.training.resume import Checkpoints, MetricsLog
-from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def build_model(model_cfg: DictConfig | Any) -> torch.nn.Module:
-    """EGNN or FastEGNN from the ``model`` config group."""
-    common = dict(node_features=model_cfg.node_features, edge_features=model_cfg.edge_features,
-                  node_attrs=model_cfg.node_attrs, hidden=model_cfg.hidden, layers=model_cfg.layers,
-                  edge_chunk_size=model_cfg.edge_chunk_size)
-    if model_cfg.name == "egnn":
-        return EGNN(**common)
-    if model_cfg.name == "fastegnn":
-        return FastEGNN(virtual_channels=model_cfg.virtual_channels, **common)
-    raise ValueError(f"model.name={model_cfg.name!r}: choose egnn or fastegnn")
-
-
-def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreInfo:
-    """Open (and on first use create) the dataset's store, validated."""
-    path = Path(dataset_cfg.store)
-    if not path.exists() and dataset_cfg.auto_prepare:
-        print(f"dataset store {path} not found: preparing it now (set dataset.auto_prepare=false to disable)")
-        prepare_dataset(OmegaConf.to_container(dataset_cfg, resolve=True), path, progress=progress)
-    return open_store(path, check_values=dataset_cfg.check_values)
-
-
-def load_splits(cfg: DictConfig, info: StoreInfo):
-    """The train/val/test ``TrajectoryDataset`` of the configured dataset."""
-    from dist_egnn.datasets.loader import TrajectoryDataset, velocity_scale
-
-    d = cfg.dataset
-    missing = [n for n in d.node_features if n != "speed" and n not in info.node_scalars]
-    if missing:
-        raise ValueError(f"dataset.node_features names {missing}, which store {info.path} does not hold "
-                         f"(its node scalars: {info.node_scalars}); fix dataset.node_features")
-    # configurations saved before velocity_unit existed used the store's unit
-    scale = velocity_scale(d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
-    return {split: TrajectoryDataset(info, split, delta_t=d.delta_t, frame_start=d.frame_start,
-                                     frame_stop=d.frame_stop, frame_stride=d.frame_stride,
-                                     node_features=list(d.node_features), edge_features=list(d.edge_features),
-                                     radius=d.radius, max_neighbors=d.max_neighbors,
-                                     cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale)
-            for split in SPLITS}
-
-
-def thread_share(env: runtime.DistEnv, requested: int | None) -> int:
-    """Threads of this rank: as asked, else the machine's cores divided among the ranks on this node."""
-    return requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
+from dist_egnn.training.state import EpochTotals, TrainerState, resumed_totals
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -143,93 +91,31 @@ def train_step(engine, communicator, batch: RankBatch, cfg, device: torch.device
 
 
 class Trainer:
-    """Fits one model on one dataset; see the module docstring for what it writes."""
+    """Fits one model on one dataset from what :func:`dist_egnn.training.setup.prepare` made ready; see the
+    module docstring for what it writes. ``callbacks`` see every step (fault injection is always one)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = None):
-        check(cfg)
-        self.cfg = cfg
-        t, d = cfg.trainer, cfg.distributed
-        self.env = env or runtime.DistEnv.from_environ()
-        runtime.check_world(self.env.world_size, d.parts)
-        self.engine_name = resolve_engine(cfg.engine.name, self.env.world_size)
-        if self.engine_name == "deepspeed" and t.dtype == "float64":
-            raise ValueError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
-                             "trainer.dtype=float32, or engine=ddp under torchrun for float64")
-        if self.engine_name in ("ddp", "fsdp") and not self.env.distributed:
-            raise ValueError(f"engine={self.engine_name} needs a multi-process launch (torchrun --nproc-per-node P "
-                             f"launch/train.py ...); for one process use engine=plain or engine=auto")
-        self.is_main = self.env.rank == 0
-        self.device = torch.device(t.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.env.local_rank)
-            torch.cuda.set_device(self.device)
-        self.dtype = DTYPES[t.dtype]
-        torch.set_num_threads(thread_share(self.env, t.num_threads))
-        backend = d.backend if d.backend != "auto" else runtime.default_backend(self.device)
-        self.groups = runtime.init_groups(self.env, d.parts, backend, d.timeout_s, d.prepare_timeout_s)
-        self.collective_device = self.device if backend == "nccl" else torch.device("cpu")
-
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.progress = t.progress and self.is_main
-
-        self.info, splits = self.open_data()
-        self.data = self.rank_data(splits)
-        torch.manual_seed(t.seed)
-        model = build_model(cfg.model).to(self.device, self.dtype)
-        self.comm = self.groups.communicator()
-        model.set_comm(self.comm)
-        self.engine = build_engine(self.engine_name, model,
-                                   lambda params: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
-                                   cfg, self.groups)
+    def __init__(self, ready: setup.Ready, callbacks: Sequence[Callback] = ()):
+        self.cfg, self.run_dir = ready.cfg, ready.run_dir
+        rt = ready.runtime
+        self.env, self.groups, self.engine_name = rt.env, rt.groups, rt.engine_name
+        self.device, self.dtype, self.collective_device = rt.device, rt.dtype, rt.collective_device
+        self.is_main = rt.is_main
+        self.info, self.data, self.comm, self.engine = ready.info, ready.data, ready.comm, ready.engine
+        self.progress = self.cfg.trainer.progress and self.is_main
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
-        self.checkpoints = Checkpoints(self.engine, self.run_dir, to_container(cfg), t.keep_last, self.is_main,
-                                       self.collective_device)
-        # epoch: epochs completed; step: steps done in the next one; global_step: steps of the run (skipped too)
-        self.state = dict(epoch=0, step=0, global_step=0, best=dict(val_mse=float("inf"), epoch=0), best_tag=None,
-                          stale=0, skipped=0)
-        self.totals = np.zeros(TOTALS)               # the running epoch sums of this rank (see train_epoch)
+        self.checkpoints = Checkpoints(self.engine, self.run_dir, to_container(self.cfg), self.cfg.trainer.keep_last,
+                                       self.is_main, self.collective_device)
+        self.state = TrainerState()
+        self.totals = EpochTotals()                  # this rank's running epoch sums (see train_epoch)
         self.signals = guard.StopSignals()
-        self.faults = faults.Injector(self.env.rank)
+        self.callbacks = [faults.Injector(self.env.rank), *callbacks]
 
-    # -- data -----------------------------------------------------------------------------------------
-    def open_data(self):
-        """The store and its splits; in a multi-rank run, rank 0 prepares what is missing while others wait."""
-        d = self.cfg.dataset
-        # Agreed before rank 0 starts writing: a rank that looked later would see a half-written store.
-        if self.env.distributed and runtime.agree([not Path(d.store).exists()], self.collective_device)[0]:
-            if self.is_main:
-                open_dataset_store(d, progress=self.progress)
-            runtime.barrier(self.cfg.distributed.prepare_timeout_s)
-        info = open_dataset_store(d, progress=self.progress)
-        return info, load_splits(self.cfg, info)
-
-    def rank_data(self, splits) -> dict[str, RankData]:
-        """Each split as this rank sees it: its part of every graph (the stored partition when P > 1)."""
-        d = self.cfg.distributed
-        if d.parts == 1:
-            return {name: RankData(data) for name, data in splits.items()}
-        sequential = not self.env.distributed           # one process runs all P parts (drop-mode reference)
-        path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed)
-        # Agreed before rank 0 starts building: every rank takes the same branch, no one waits in vain.
-        if runtime.agree([stale is not None], self.collective_device)[0]:
-            stale = stale or "stale as another rank saw it"
-            if not self.cfg.dataset.auto_prepare:
-                raise StalePartitionError(f"{path}: {stale}; build it with `python launch/prepare.py "
-                                          f"dataset={self.cfg.dataset.name} distributed.parts={d.parts} "
-                                          f"distributed.partition={d.partition} distributed.seed={d.seed}`")
-            if self.is_main:
-                prepare_partitions(splits, d.partition, d.parts, d.seed, progress=self.progress,
-                                   scheduler=self.cfg.prepare.scheduler, workers=self.cfg.prepare.workers)
-            runtime.barrier(d.prepare_timeout_s)
-        # Batches are built ahead in a background thread (datasets.prefetch): their collectives run on a group
-        # of their own, so they never interleave with the model's on the graph group.
-        group, device = self.groups.data, torch.device("cpu")          # the data group is gloo
-        gather = (lambda values: runtime.all_gather_arrays(values, group, device)) if group is not None else None
-        return {name: RankData(data, self.groups.part, d.parts, d.halo == "exact",
-                               load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential)
-                for name, data in splits.items()}
+    @classmethod
+    def from_config(cls, cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = None,
+                    callbacks: Sequence[Callback] = ()) -> "Trainer":
+        """Set up everything (:func:`dist_egnn.training.setup.prepare`), then the Trainer."""
+        return cls(setup.prepare(cfg, run_dir, env), callbacks)
 
     # -- training -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -242,40 +128,40 @@ class Trainer:
         self.start()
         steps = min(self.data["train"].num_steps(t.batch_size, self.groups.data_parallel),
                     t.steps_per_epoch or float("inf"))
-        first = self.state["epoch"] + 1
-        bar = tqdm(total=(t.max_epochs - first + 1) * steps, initial=self.state["step"], desc="training",
+        first = self.state.epoch + 1
+        bar = tqdm(total=(t.max_epochs - first + 1) * steps, initial=self.state.step, desc="training",
                    unit="step", disable=not self.progress)
         with self.signals:
             for epoch in range(first, t.max_epochs + 1):
-                if self.state["stale"] >= t.patience:
+                if self.state.stale >= t.patience:
                     break
                 started = time.perf_counter()
                 record = self.train_epoch(epoch, bar)
-                self.state.update(epoch=epoch, step=0)
+                self.state.epoch, self.state.step = epoch, 0
                 if not self.evaluates(epoch):
                     continue
                 record = dict(epoch=epoch, **record, val_mse=self.evaluate("val"),
                               epoch_time_s=time.perf_counter() - started)
                 tag = checkpoint.evaluation_tag(epoch)
-                if record["val_mse"] < self.state["best"]["val_mse"]:
-                    self.state.update(best=dict(record), best_tag=tag, stale=0)
+                if record["val_mse"] < self.state.best["val_mse"]:
+                    self.state.best, self.state.best_tag, self.state.stale = dict(record), tag, 0
                     self.save_best(epoch, record["val_mse"])
                 else:
-                    self.state["stale"] += 1
+                    self.state.stale += 1
                 self.metrics.write(record)
-                self.save_checkpoint(tag)
+                manifest = self.save_checkpoint(tag)
                 bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_mse=f"{record['val_mse']:.4g}",
-                                best=f"{self.state['best']['val_mse']:.4g}")
-                if self.state["stale"] >= t.patience:
-                    bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {self.state['stale']} "
+                                best=f"{self.state.best['val_mse']:.4g}")
+                if self.state.stale >= t.patience:
+                    bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {self.state.stale} "
                               f"evaluations (to continue, resume=auto with a larger trainer.patience)")
                     break
                 if runtime.agree([self.signals.received], self.collective_device)[0]:
-                    raise self.stopped(tag)
+                    raise self.stopped(manifest)
         bar.close()
 
         self.engine.import_state(checkpoint.load(self.best_path, map_location=self.device)["model"])
-        final = dict(self.state["best"], test_mse=self.evaluate("test"), best_checkpoint=str(self.best_path))
+        final = dict(self.state.best, test_mse=self.evaluate("test"), best_checkpoint=str(self.best_path))
         self.metrics.write(final)
         return final
 
@@ -292,41 +178,49 @@ class Trainer:
         batch_ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, group=g.data_index,
                                    groups=g.data_parallel, equal_steps=True)[:t.steps_per_epoch]
         runtime.check_same_batches(batch_ids, g.graph, self.collective_device, what=f"epoch {epoch}")
-        if self.state["step"] == 0:
-            self.totals = np.zeros(TOTALS)
+        if self.state.step == 0:
+            self.totals = EpochTotals()
         self.comm.stats.reset()                      # not the evaluation's collectives
         warm_up = True                               # the first step of a process's epoch loop is not timed
-        batches = data.batches(batch_ids[self.state["step"]:], seed=t.seed, epoch=epoch)
+        batches = data.batches(batch_ids[self.state.step:], seed=t.seed, epoch=epoch)
         for batch in prefetch(batches, self.cfg.dataset.prefetch):
             started = time.perf_counter()
             terms, skipped, stop = self.step(batch, epoch)
             seconds = time.perf_counter() - started
             comm_seconds = self.comm.stats.reset().seconds
-            self.state["step"] += 1
-            self.state["global_step"] += 1
-            self.state["skipped"] += skipped
+            self.state.step += 1
+            self.state.global_step += 1
+            self.state.skipped += skipped
             loss, mse = (0.0, 0.0) if skipped else (terms.total.item(), terms.mse.item())
-            timed = [0.0, 0.0, seconds, 1.0] if warm_up else [seconds, 1.0, 0.0, 0.0]
-            self.totals += [loss, mse, batch.num_edges, batch.full_edges, skipped, comm_seconds, *timed]
+            self.totals.add(loss=loss, mse=mse, edges=batch.num_edges, full_edges=batch.full_edges, skipped=skipped,
+                            comm_seconds=comm_seconds)
+            if warm_up:
+                self.totals.add(warm_seconds=seconds, warm_steps=1)
+            else:
+                self.totals.add(timed_seconds=seconds, timed_steps=1)
             warm_up = False
             bar.update(1)
+            for callback in self.callbacks:
+                callback.after_step(self, self.state.global_step)
             every = t.checkpoint_every_steps
-            last_before_evaluation = self.state["step"] == len(batch_ids) and self.evaluates(epoch)
-            if stop or (every and self.state["global_step"] % every == 0 and not last_before_evaluation):
-                tag = self.save_checkpoint(checkpoint.step_tag(epoch, self.state["step"]))
+            last_before_evaluation = self.state.step == len(batch_ids) and self.evaluates(epoch)
+            if stop or (every and self.state.global_step % every == 0 and not last_before_evaluation):
+                manifest = self.save_checkpoint(checkpoint.step_tag(epoch, self.state.step))
                 if stop:
-                    raise self.stopped(tag)
+                    raise self.stopped(manifest)
         return self.epoch_record(self.totals, len(batch_ids))
 
     def step(self, batch: RankBatch, epoch: int):
         """Forward, loss share, backward, the agreed non-finite/stop verdict, and the optimizer step of this
         rank's share of one batch. Returns (loss terms, whether the step was skipped, whether to stop)."""
-        number = self.state["global_step"] + 1
+        number = self.state.global_step + 1
         terms = forward_loss(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts)
-        terms.total = self.faults.after_forward(number, terms.total)
+        for callback in self.callbacks:
+            terms.total = callback.after_forward(number, terms.total)
         self.engine.zero_grad()
         self.engine.backward(terms.total * self.engine.loss_scale)
-        self.faults.after_backward(number, self.engine.module.parameters())
+        for callback in self.callbacks:
+            callback.after_backward(number, self.engine.module.parameters())
         loss_bad, bad_grads = guard.nonfinite(terms.total, self.engine.module.named_parameters())
         loss_bad, grads_bad, stop = runtime.agree([loss_bad, bad_grads, self.signals.received], self.collective_device)
         if loss_bad or grads_bad:
@@ -337,17 +231,16 @@ class Trainer:
         self.engine.step()
         return terms, False, stop
 
-    def epoch_record(self, totals: np.ndarray, steps: int) -> dict[str, Any]:
-        """Sum the ranks' shares into global numbers; maxima over ranks for time, edges and memory."""
+    def epoch_record(self, totals: EpochTotals, steps: int) -> dict[str, Any]:
+        """The epoch's training record: SUM fields summed over ranks into global numbers, the per-rank times,
+        edges and memory as their maximum over ranks (the slowest rank sets the pace)."""
         g = self.groups
-        loss, mse, edges, full = runtime.all_reduce_numbers(list(totals[:4]), "sum", device=self.collective_device)
-        skipped = int(totals[4])                                 # agreed: the same on every rank
-        timed_seconds, timed_steps, warm_seconds, warm_steps = totals[6:10]
-        # Mean wall time per step, leaving out each epoch loop's first (warm-up) step when there are others.
-        mean_step = timed_seconds / timed_steps if timed_steps else warm_seconds / max(warm_steps, 1.0)
+        loss, mse, edges, full = runtime.all_reduce_numbers([totals.loss, totals.mse, totals.edges, totals.full_edges],
+                                                            "sum", device=self.collective_device)
+        skipped = int(totals.skipped)
         step_max, edges_max, mem_max, comm_max = runtime.all_reduce_numbers(
-            [mean_step, totals[2] / max(steps, 1), peak_memory_mb(self.device), totals[5] / max(steps, 1)], "max",
-            device=self.collective_device)
+            [totals.mean_step_seconds(), totals.edges / max(steps, 1), peak_memory_mb(self.device),
+             totals.comm_seconds / max(steps, 1)], "max", device=self.collective_device)
         batches = max(steps - skipped, 1) * g.data_parallel
         return dict(train_loss=loss / batches, train_mse=mse / batches, world_size=self.env.world_size,
                     parts=self.cfg.distributed.parts, halo=self.cfg.distributed.halo, engine=self.engine_name,
@@ -394,17 +287,16 @@ class Trainer:
 
     def save_checkpoint(self, tag: str, **details) -> Path:
         """A resume point at the current position (every rank calls it); returns its manifest path."""
-        return self.checkpoints.save(tag, (self.state["epoch"], self.state["step"]), self.client_state(),
-                                     metrics_lines=self.metrics.lines, keep=[self.state["best_tag"]], **details)
+        return self.checkpoints.save(tag, (self.state.epoch, self.state.step), self.client_state(),
+                                     metrics_lines=self.metrics.lines, keep=[self.state.best_tag], **details)
 
     def client_state(self) -> dict[str, Any]:
         """The trainer's part of a checkpoint: position, early stopping, every rank's running epoch sums
         (gathered: rows by rank), RNG states, and what the sums depend on (world size, graph groups)."""
-        totals = self.totals
-        if self.env.distributed:
-            totals = np.stack(runtime.all_gather_arrays(totals, None, self.collective_device))
-        return dict(schema_version=checkpoint.SCHEMA_VERSION, trainer=dict(self.state),
-                    totals=torch.as_tensor(np.atleast_2d(totals)), world_size=self.env.world_size,
+        totals = self.totals.to_array()
+        rows = runtime.all_gather_arrays(totals, None, self.collective_device) if self.env.distributed else [totals]
+        return dict(schema_version=checkpoint.SCHEMA_VERSION, trainer=self.state.as_dict(),
+                    totals=torch.as_tensor(np.stack(rows)), world_size=self.env.world_size,
                     data_parallel=self.groups.data_parallel, rng=checkpoint.rng_state(),
                     config_hash=self.checkpoints.hash)
 
@@ -420,15 +312,15 @@ class Trainer:
     def restore(self, client: dict[str, Any]) -> None:
         """Undo :meth:`client_state` (every rank). Mid-epoch, the running sums continue on the rank that
         had them (same world size) or on rank 0 (another world size: equal up to rounding; :func:`resumed_totals`)."""
-        self.state.update(client["trainer"])
+        self.state = TrainerState.from_dict(client["trainer"])
         self.totals = resumed_totals(client["totals"].numpy(), self.env.rank, self.env.world_size)
         checkpoint.set_rng_state(client["rng"])
 
     def position(self) -> str:
         """Where training stands, in words: "in epoch 3 after step 2" or "after epoch 2"."""
-        epoch, step = self.state["epoch"], self.state["step"]
+        epoch, step = self.state.epoch, self.state.step
         where = f"in epoch {epoch + 1} after step {step}" if step else f"after epoch {epoch}"
-        return f"{where} (global step {self.state['global_step']})"
+        return f"{where} (global step {self.state.global_step})"
 
     def stopped(self, manifest: Path) -> guard.Stopped:
         who = self.signals.received or "a stop signal on another rank"
@@ -439,36 +331,15 @@ class Trainer:
                        bad_grads: list[str]) -> None:
         """Write the state before this step to checkpoints/diagnostic/ and raise guard.NonFiniteError."""
         what = " and ".join(["loss"] * loss_bad + ["gradients"] * grads_bad)
-        step = self.state["step"] + 1
+        step = self.state.step + 1
         tag = f"nonfinite-{checkpoint.step_tag(epoch, step)}"
         manifest = self.checkpoints.save(
-            tag, (self.state["epoch"], self.state["step"]), self.client_state(), metrics_lines=self.metrics.lines,
+            tag, (self.state.epoch, self.state.step), self.client_state(), metrics_lines=self.metrics.lines,
             diagnostic=True, reason=f"non-finite {what}", epoch=epoch, step=step,
-            global_step=self.state["global_step"] + 1, samples=list(batch.sample_ids),
+            global_step=self.state.global_step + 1, samples=list(batch.sample_ids),
             loss_share=float(terms.total.detach()), nonfinite_gradients=bad_grads[:50])
         raise guard.NonFiniteError(
-            f"non-finite {what} at epoch {epoch}, step {step} (global step {self.state['global_step'] + 1}, batch "
+            f"non-finite {what} at epoch {epoch}, step {step} (global step {self.state.global_step + 1}, batch "
             f"samples {list(batch.sample_ids)[:10]}): the model and optimizer before this step are in "
             f"{manifest.with_suffix('')} (details in {manifest.name}); lower trainer.lr, check the data, or set "
             f"trainer.nonfinite=skip to skip such steps")
-
-
-# Running epoch sums per rank: loss share, MSE share, edges, full edges, skipped steps, collective seconds,
-# timed step seconds, timed steps, warm-up step seconds, warm-up steps.
-TOTALS = 10
-
-
-def resumed_totals(saved: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """This rank's running epoch sums from a checkpoint's (old ranks, TOTALS) rows.
-
-    Same world size: the rank's own row. Another world size: rank 0 takes the sums of the additive columns
-    and the maximum of the collective seconds (a per-rank time, reported as a maximum over ranks); every rank
-    keeps the skipped-step count, which all ranks agree on (summing it would multiply it by the old world size).
-    """
-    if saved.shape[0] == world_size:
-        return saved[rank].copy()
-    totals = saved.sum(axis=0) if rank == 0 else np.zeros(TOTALS)
-    if rank == 0:
-        totals[5] = saved[:, 5].max()
-    totals[4] = saved[0, 4]
-    return totals

@@ -146,12 +146,15 @@ def test_running_sums_move_to_another_world_size():
     # the new ranks disagree on it; the collective seconds (a maximum over ranks) summed
     import numpy as np
 
-    from dist_egnn.training.trainer import TOTALS, resumed_totals
-    saved = np.arange(2 * TOTALS, dtype=float).reshape(2, TOTALS)
-    saved[:, 4] = 3                                                # 3 skipped steps, on both old ranks
-    assert np.array_equal(resumed_totals(saved, 1, 2), saved[1])   # same world size: own row
-    rank0, rank1, rank2 = (resumed_totals(saved, r, 3) for r in range(3))
-    assert rank0[4] == rank1[4] == rank2[4] == 3
-    assert rank0[5] == saved[:, 5].max() and rank1[5] == 0
-    additive = [0, 1, 2, 3, 6, 7, 8, 9]
-    assert np.array_equal(rank0[additive], saved[:, additive].sum(0)) and not rank1[additive].any()
+    from dist_egnn.training.state import MAX, SAME, SUM, EpochTotals, resumed_totals
+    width = len(EpochTotals().to_array())
+    saved = np.arange(2 * width, dtype=float).reshape(2, width)
+    column = {name: i for i, name in enumerate(EpochTotals.__dataclass_fields__)}
+    saved[:, column["skipped"]] = 3                                # 3 skipped steps, on both old ranks
+    assert np.array_equal(resumed_totals(saved, 1, 2).to_array(), saved[1])   # same world size: own row
+    rank0, rank1, rank2 = (resumed_totals(saved, r, 3).to_array() for r in range(3))
+    same, summed, slowest = ([column[n] for n in EpochTotals.names(rule)] for rule in (SAME, SUM, MAX))
+    assert same == [column["skipped"]] and column["loss"] in summed and column["comm_seconds"] in slowest
+    assert rank0[same] == rank1[same] == rank2[same] == 3
+    assert np.array_equal(rank0[slowest], saved[:, slowest].max(0)) and not rank1[slowest].any()
+    assert np.array_equal(rank0[summed], saved[:, summed].sum(0)) and not rank1[summed].any()

@@ -1,0 +1,195 @@
+"""Set-up: everything a training run needs before its first step, handed to the Trainer ready to use.
+
+:func:`prepare` runs in this order, on every rank of a launch:
+
+1. **checks** of what types alone cannot express (``dist_egnn.config.check``), the world size against
+   ``distributed.parts`` and the engine against the launch, before any work;
+2. **runtime**: the device, the threads of this rank, the process groups (``dist_egnn.parallel.runtime``);
+3. **data**: the dataset's store, made on first use by rank 0 while the other ranks wait, and its splits;
+4. **partitions** (P > 1): the stored partition of every sample, built on first use the same way, and each
+   split as this rank sees it (:class:`~dist_egnn.training.rank_data.RankData`);
+5. **model and engine**: the model with the communicator injected, wrapped in its engine with Adam.
+
+The result, :class:`Ready`, holds those objects; :class:`~dist_egnn.training.trainer.Trainer` only trains.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dist_egnn.config import check
+from dist_egnn.datasets.prepare import prepare_dataset
+from dist_egnn.datasets.store import StoreInfo, open_store
+from dist_egnn.engines import Engine, build_engine, resolve_engine
+from dist_egnn.keys import SPLITS
+from dist_egnn.models import EGNN, FastEGNN
+from dist_egnn.parallel import Communicator, runtime
+from dist_egnn.partitioners.artifacts import (StalePartitionError, load_assignments, partition_status,
+                                              prepare_partitions)
+from dist_egnn.training.rank_data import RankData
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Runtime:
+    """Where and how this rank computes."""
+
+    env: runtime.DistEnv
+    groups: runtime.Groups
+    engine_name: str                   # resolved: plain | ddp | fsdp | deepspeed
+    device: torch.device
+    dtype: torch.dtype
+    collective_device: torch.device    # where the trainer's own small reductions run (CPU under gloo)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+
+@dataclass
+class Ready:
+    """What :func:`prepare` hands the Trainer."""
+
+    cfg: DictConfig
+    run_dir: Path
+    runtime: Runtime
+    info: StoreInfo                    # the dataset's store
+    data: dict[str, RankData]          # train / val / test as this rank sees them
+    comm: Communicator                 # the model's communicator (SingleProcess or GraphParallel)
+    engine: Engine                     # the model inside its engine, with its optimizer
+
+
+def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = None) -> Ready:
+    """Everything above, in order; raises ValueError (naming the key and the fix) on bad configuration."""
+    check(cfg)
+    rt = start_runtime(cfg, env or runtime.DistEnv.from_environ())
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = cfg.trainer.progress and rt.is_main
+    info, splits = open_data(cfg, rt, progress)
+    data = rank_data(cfg, rt, splits, progress)
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg.model).to(rt.device, rt.dtype)
+    comm = rt.groups.communicator()
+    model.set_comm(comm)
+    t = cfg.trainer
+    engine = build_engine(rt.engine_name, model,
+                          lambda params: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
+                          cfg, rt.groups)
+    return Ready(cfg=cfg, run_dir=run_dir, runtime=rt, info=info, data=data, comm=comm, engine=engine)
+
+
+# -- runtime --------------------------------------------------------------------------------------------
+def start_runtime(cfg: DictConfig, env: runtime.DistEnv) -> Runtime:
+    """Check the launch against the configuration, then pick the device and threads and start the groups."""
+    t, d = cfg.trainer, cfg.distributed
+    runtime.check_world(env.world_size, d.parts)
+    engine_name = resolve_engine(cfg.engine.name, env.world_size)
+    if engine_name == "deepspeed" and t.dtype == "float64":
+        raise ValueError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
+                         "trainer.dtype=float32, or engine=ddp under torchrun for float64")
+    if engine_name in ("ddp", "fsdp") and not env.distributed:
+        raise ValueError(f"engine={engine_name} needs a multi-process launch (torchrun --nproc-per-node P "
+                         f"launch/train.py ...); for one process use engine=plain or engine=auto")
+    device = torch.device(t.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    torch.set_num_threads(thread_share(env, t.num_threads))
+    backend = d.backend if d.backend != "auto" else runtime.default_backend(device)
+    groups = runtime.init_groups(env, d.parts, backend, d.timeout_s, d.prepare_timeout_s)
+    return Runtime(env=env, groups=groups, engine_name=engine_name, device=device, dtype=DTYPES[t.dtype],
+                   collective_device=device if backend == "nccl" else torch.device("cpu"))
+
+
+def thread_share(env: runtime.DistEnv, requested: int | None) -> int:
+    """Threads of this rank: as asked, else the machine's cores divided among the ranks on this node."""
+    return requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
+
+
+# -- data -----------------------------------------------------------------------------------------------
+def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreInfo:
+    """Open (and on first use create) the dataset's store, validated."""
+    path = Path(dataset_cfg.store)
+    if not path.exists() and dataset_cfg.auto_prepare:
+        print(f"dataset store {path} not found: preparing it now (set dataset.auto_prepare=false to disable)")
+        prepare_dataset(OmegaConf.to_container(dataset_cfg, resolve=True), path, progress=progress)
+    return open_store(path, check_values=dataset_cfg.check_values)
+
+
+def load_splits(cfg: DictConfig, info: StoreInfo):
+    """The train/val/test ``TrajectoryDataset`` of the configured dataset."""
+    from dist_egnn.datasets.loader import TrajectoryDataset, velocity_scale
+
+    d = cfg.dataset
+    missing = [n for n in d.node_features if n != "speed" and n not in info.node_scalars]
+    if missing:
+        raise ValueError(f"dataset.node_features names {missing}, which store {info.path} does not hold "
+                         f"(its node scalars: {info.node_scalars}); fix dataset.node_features")
+    # configurations saved before velocity_unit existed used the store's unit
+    scale = velocity_scale(d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
+    return {split: TrajectoryDataset(info, split, delta_t=d.delta_t, frame_start=d.frame_start,
+                                     frame_stop=d.frame_stop, frame_stride=d.frame_stride,
+                                     node_features=list(d.node_features), edge_features=list(d.edge_features),
+                                     radius=d.radius, max_neighbors=d.max_neighbors,
+                                     cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale)
+            for split in SPLITS}
+
+
+def open_data(cfg: DictConfig, rt: Runtime, progress: bool):
+    """The store and its splits; in a multi-rank run, rank 0 prepares what is missing while others wait."""
+    d = cfg.dataset
+    # Agreed before rank 0 starts writing: a rank that looked later would see a half-written store.
+    if rt.env.distributed and runtime.agree([not Path(d.store).exists()], rt.collective_device)[0]:
+        if rt.is_main:
+            open_dataset_store(d, progress=progress)
+        runtime.barrier(cfg.distributed.prepare_timeout_s)
+    info = open_dataset_store(d, progress=progress)
+    return info, load_splits(cfg, info)
+
+
+# -- partitions -----------------------------------------------------------------------------------------
+def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str, RankData]:
+    """Each split as this rank sees it: its part of every graph (the stored partition when P > 1)."""
+    d = cfg.distributed
+    if d.parts == 1:
+        return {name: RankData(data) for name, data in splits.items()}
+    sequential = not rt.env.distributed           # one process runs all P parts (drop-mode reference)
+    path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed)
+    # Agreed before rank 0 starts building: every rank takes the same branch, no one waits in vain.
+    if runtime.agree([stale is not None], rt.collective_device)[0]:
+        stale = stale or "stale as another rank saw it"
+        if not cfg.dataset.auto_prepare:
+            raise StalePartitionError(f"{path}: {stale}; build it with `python launch/prepare.py "
+                                      f"dataset={cfg.dataset.name} distributed.parts={d.parts} "
+                                      f"distributed.partition={d.partition} distributed.seed={d.seed}`")
+        if rt.is_main:
+            prepare_partitions(splits, d.partition, d.parts, d.seed, progress=progress,
+                               scheduler=cfg.prepare.scheduler, workers=cfg.prepare.workers)
+        runtime.barrier(d.prepare_timeout_s)
+    # Batches are built ahead in a background thread (datasets.prefetch): their collectives run on a group
+    # of their own, so they never interleave with the model's on the graph group.
+    group, device = rt.groups.data, torch.device("cpu")          # the data group is gloo
+    gather = (lambda values: runtime.all_gather_arrays(values, group, device)) if group is not None else None
+    return {name: RankData(data, rt.groups.part, d.parts, d.halo == "exact",
+                           load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential)
+            for name, data in splits.items()}
+
+
+# -- model ----------------------------------------------------------------------------------------------
+def build_model(model_cfg: DictConfig | Any) -> torch.nn.Module:
+    """EGNN or FastEGNN from the ``model`` config group."""
+    common = dict(node_features=model_cfg.node_features, edge_features=model_cfg.edge_features,
+                  node_attrs=model_cfg.node_attrs, hidden=model_cfg.hidden, layers=model_cfg.layers,
+                  edge_chunk_size=model_cfg.edge_chunk_size)
+    if model_cfg.name == "egnn":
+        return EGNN(**common)
+    if model_cfg.name == "fastegnn":
+        return FastEGNN(virtual_channels=model_cfg.virtual_channels, **common)
+    raise ValueError(f"model.name={model_cfg.name!r}: choose egnn or fastegnn")
