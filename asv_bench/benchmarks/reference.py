@@ -1,6 +1,6 @@
 """The authors' computational structure, re-implemented: the speed and memory baseline of the benchmarks.
 
-This is a clean-room re-implementation written from SPEC.md, laid out the way the authors' research code
+This is a clean-room re-implementation written from docs/maths.md, laid out the way the authors' research code
 (GLAD-RUC/FastEGNN, GLAD-RUC/DistEGNN) computes a layer, so that "ours vs theirs" compares two ways of
 computing the SAME function with the SAME parameters on the SAME graph:
 
@@ -14,7 +14,7 @@ computing the SAME function with the SAME parameters on the SAME graph:
 
 The maths is docs/maths.md §2 as implemented by ``dist_egnn.models``: parameter names match our modules, so
 ``Reference*.load_state_dict(ours.state_dict())`` gives the same function (checked in
-``tests/test_reference_model.py``). It is used only by the benchmarks in this folder, never by the library.
+``tests/measure/test_benchmarks.py``). It is used only by the benchmarks in this folder, never by the library.
 """
 from __future__ import annotations
 
