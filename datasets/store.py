@@ -228,11 +228,19 @@ def _check_split(path: Path, group: zarr.Group, num_scalars: int, check_values: 
     return SplitInfo(num_scenes=len(ptr) - 1, num_frames=pos.shape[0], num_nodes=pos.shape[1], scene_ptr=ptr)
 
 
+def missing_chunks(array: zarr.Array) -> tuple[int, int]:
+    """(missing, expected): how many of an array's chunk files are absent. zarr reads a missing chunk as the
+    fill value without a word, so every array written with :data:`ALL_CHUNKS` must have all of them
+    (stores here, and the stored partitions of ``partitioners.artifacts``)."""
+    expected = array.nchunks
+    return expected - array.nchunks_initialized, expected
+
+
 def _check_chunks(where: str, array: zarr.Array) -> None:
     """Every chunk must exist: zarr would silently read a missing one as zeros."""
-    present, expected = array.nchunks_initialized, array.nchunks
-    if present < expected:
-        raise StoreError(f"{where}: {expected - present} of {expected} chunks are missing (zarr would read them "
+    missing, expected = missing_chunks(array)
+    if missing:
+        raise StoreError(f"{where}: {missing} of {expected} chunks are missing (zarr would read them "
                          f"as zeros); the store is damaged or was not written completely, prepare the dataset "
                          f"again with prepare.overwrite=true")
 

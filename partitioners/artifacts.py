@@ -54,7 +54,9 @@ pool for the whole build); small ones stay in threads, where starting processes 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -68,7 +70,7 @@ import zarr
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
-from dist_egnn.datasets.store import COMPRESSORS, DEFAULT_CHUNK_NODES, atomic_store
+from dist_egnn.datasets.store import COMPRESSORS, DEFAULT_CHUNK_NODES, atomic_store, missing_chunks
 from dist_egnn.partitioners.metrics import partition_metrics
 from dist_egnn.partitioners.strategies import METHODS, partition
 from dist_egnn.partitioners.subgraphs import halo_mask, mask_dtype
@@ -80,6 +82,7 @@ PROCESSES_MIN_NODES = 2_000_000  # "auto" starts worker processes only for jobs 
 SCHEDULERS = ("auto", "processes", "threads", "sync")
 SPLIT_KEYS = ("train", "val", "test")
 PER_SAMPLE = ("cut_fraction", "boundary_fraction", "imbalance", "num_edges", "part_size", "halo_size")
+SPLIT_ARRAYS = ("assignment", "halo_mask", "scene_ptr", *PER_SAMPLE)
 
 
 class StalePartitionError(ValueError):
@@ -121,6 +124,8 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
     digest = inputs_hash(inputs)
     stale = _why_stale(path, inputs, digest)
     if stale is None:
+        stale = _why_damaged(path, splits) or _why_unreadable(path, splits)
+    if stale is None:
         print(f"{path}: up to date, reused")
         return path
     if not rebuild:
@@ -135,14 +140,22 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
 def partition_status(splits: Mapping[str, Any], method: str, num_parts: int, seed: int = 0) -> tuple[Path, str, str | None]:
     """(artifact path, inputs hash, None if the stored artifact matches ``splits`` else why not, in words).
 
-    Cheap (reads two frames per split and the artifact's attributes): every rank of a run can ask before
-    deciding together whether to build, without anyone waiting for a build that will never come.
+    Cheap (reads two frames per split, the artifact's attributes and its chunk listing): every rank of a run
+    can ask before deciding together whether to build, without anyone waiting for a build that will never
+    come. A matching artifact with chunk files missing (zarr would read them as part 0: partitioning
+    silently off) raises :class:`StalePartitionError` naming them and the fix; it is not rebuilt behind the
+    user's back, as a damaged dataset store is not.
     """
     first = next(iter(splits.values()))
     path = artifact_path(first.info.path, method, num_parts, seed)
     inputs = describe_inputs(splits, method, num_parts, seed)
     digest = inputs_hash(inputs)
-    return path, digest, _why_stale(path, inputs, digest)
+    stale = _why_stale(path, inputs, digest)
+    if stale is None:
+        damage = _why_damaged(path, splits)
+        if damage is not None:
+            raise StalePartitionError(f"{path}: {damage}; {rebuild_hint(path, method, num_parts, seed)}")
+    return path, digest, stale
 
 
 def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed: int) -> dict[str, Any]:
@@ -194,6 +207,67 @@ def _why_stale(path: Path, inputs: dict[str, Any], digest: str) -> str | None:
         else:
             changes.append(key + _change(before, after))
     return "stale, built from other inputs (" + (", ".join(changes) or "unknown difference") + ")"
+
+
+def _why_damaged(path: Path, splits: Any) -> str | None:
+    """None if every array of the artifact's ``splits`` has all its chunk files; else what is missing, in words."""
+    root = zarr.open_group(str(path), mode="r")
+    for split in splits:
+        if split not in root:
+            return f"split {split!r} is missing (damaged)"
+        damage = _split_damage(path, root[split])
+        if damage is not None:
+            return damage
+    return None
+
+
+def _why_unreadable(path: Path, splits: Any) -> str | None:
+    """None if every chunk of the artifact's ``splits`` decodes; else the first chunk file that does not.
+    Reads the whole artifact, one frame row at a time: only :func:`prepare_partitions` asks, before reusing."""
+    root = zarr.open_group(str(path), mode="r")
+    for split in splits:
+        for name in SPLIT_ARRAYS:
+            array = root[split][name]
+            rows = range(array.shape[0]) if name in ("assignment", "halo_mask") else [Ellipsis]
+            for row in rows:
+                try:
+                    array[row]
+                except Exception as err:  # noqa: BLE001 - blosc, zarr and numpy raise several types
+                    file = _bad_chunk_file(Path(split, name), array, (row,))
+                    return (f"chunk file {file or Path(split, name)} cannot be read ({type(err).__name__}: {err}): "
+                            f"the stored partition is damaged")
+    return None
+
+
+def _split_damage(path: Path, group: zarr.Group) -> str | None:
+    """The first array of a split group that is missing or lacks chunk files (``datasets.store.missing_chunks``)."""
+    for name in SPLIT_ARRAYS:
+        where = f"{group.basename}/{name}"
+        if name not in group:
+            return f"array {where} is missing: the stored partition is damaged"
+        array = group[name]
+        missing, expected = missing_chunks(array)
+        if missing:
+            absent = [f"{where}/{key}" for key in _absent_chunk_keys(path / where, array)]
+            return (f"{missing} of {expected} chunk files of {where} are missing ({', '.join(absent[:3])}"
+                    f"{', ...' if len(absent) > 3 else ''}; zarr would read them as zeros, every node on part 0): "
+                    f"the stored partition is damaged")
+    return None
+
+
+def _absent_chunk_keys(directory: Path, array: zarr.Array) -> list[str]:
+    """The chunk keys of a local array whose files do not exist (only asked once some are known to be missing)."""
+    grid = [range(math.ceil(s / c)) for s, c in zip(array.shape, array.chunks)]
+    keys = (array.metadata.encode_chunk_key(index) for index in itertools.product(*grid))
+    return [key for key in keys if not (directory / key).exists()]
+
+
+def rebuild_hint(path: Path, method: str, num_parts: int, seed: int) -> str:
+    """The fix for a damaged artifact, in words: rebuild it with prepare.py, or delete it."""
+    dataset = path.parent.name.removesuffix(".partitions")
+    return (f"rebuild it with `python launch/prepare.py dataset={dataset} distributed.parts={num_parts} "
+            f"distributed.partition={method} distributed.seed={seed}` (plus your dataset overrides), or delete "
+            f"the folder {path} (a run with dataset.auto_prepare=true then builds it again)")
 
 
 def _change(before: Any, after: Any) -> str:
@@ -369,10 +443,27 @@ class SplitAssignments:
         group = root[split]
         self.path, self.split = path, split
         self.num_parts, self.method, self.seed = int(root.attrs["num_parts"]), root.attrs["method"], root.attrs["seed"]
+        damage = _split_damage(path, group)
+        if damage is not None:
+            raise StalePartitionError(f"{path}: {damage}; {self.hint()}")
         self.frames = np.asarray(group.attrs["frames"], dtype=np.int64)
-        self.scene_ptr = np.asarray(group["scene_ptr"][:])
-        self._row = {int(f): k for k, f in enumerate(self.frames)}
         self._group = group
+        self.scene_ptr = np.asarray(self._read("scene_ptr", slice(None)))
+        self._row = {int(f): k for k, f in enumerate(self.frames)}
+
+    def hint(self) -> str:
+        return rebuild_hint(self.path, self.method, self.num_parts, self.seed)
+
+    def _read(self, name: str, *where: Any) -> np.ndarray:
+        """``group[name][where]``; a chunk that cannot be decoded (truncated, overwritten) raises
+        :class:`StalePartitionError` naming its file instead of the codec's bare error."""
+        array = self._group[name]
+        try:
+            return array[where if len(where) != 1 else where[0]]
+        except Exception as err:  # blosc, zarr and numpy raise several types for a damaged chunk
+            file = _bad_chunk_file(self.path / self.split / name, array, where) or self.path / self.split / name
+            raise StalePartitionError(f"{file} cannot be read ({type(err).__name__}: {err}): the stored partition "
+                                      f"is damaged; {self.hint()}") from err
 
     def __len__(self) -> int:
         return (len(self.scene_ptr) - 1) * len(self.frames)
@@ -387,16 +478,21 @@ class SplitAssignments:
 
     def of(self, scene: int, frame: int) -> np.ndarray:
         """(n_scene,) int64: the part of every node of the scene at input frame ``frame``."""
-        return np.asarray(self._group["assignment"][self._where(scene, frame)], dtype=np.int64)
+        parts = np.asarray(self._read("assignment", *self._where(scene, frame)), dtype=np.int64)
+        if parts.size and (parts.min() < 0 or parts.max() >= self.num_parts):
+            raise StalePartitionError(f"{self.path}/{self.split}/assignment: scene {scene} at frame {frame} holds "
+                                      f"part {int(parts.min() if parts.min() < 0 else parts.max())}, outside "
+                                      f"0..{self.num_parts - 1}: the stored partition is damaged; {self.hint()}")
+        return parts
 
     def halo_mask_of(self, scene: int, frame: int) -> np.ndarray:
         """(n_scene,) unsigned: bit p set for the nodes in part p's halo (``partitioners.subgraphs.halo_mask``)."""
-        return np.asarray(self._group["halo_mask"][self._where(scene, frame)])
+        return np.asarray(self._read("halo_mask", *self._where(scene, frame)))
 
     def num_edges_of(self, scene: int, frame: int) -> int:
         """Edges of the whole graph that was partitioned (before edge dropping)."""
         row, _ = self._where(scene, frame)
-        return int(self._group["num_edges"][row, scene])
+        return int(self._read("num_edges", row, scene))
 
     def _where(self, scene: int, frame: int) -> tuple[int, slice]:
         if frame not in self._row or not 0 <= scene < len(self.scene_ptr) - 1:
@@ -408,11 +504,35 @@ class SplitAssignments:
 
     def metrics(self) -> dict[str, np.ndarray]:
         """Per-sample quality: (F, S) fractions and edge counts, (F, S, P) part and halo sizes."""
-        return {key: self._group[key][...] for key in PER_SAMPLE}
+        return {key: self._read(key, Ellipsis) for key in PER_SAMPLE}
+
+
+def _bad_chunk_file(where: Path, array: zarr.Array, selection: tuple) -> Path | None:
+    """The first chunk file under the (basic) ``selection`` that cannot be decoded on its own, if any."""
+    selection = tuple(selection) + (slice(None),) * (array.ndim - len(selection))
+    if Ellipsis in selection:
+        selection = (slice(None),) * array.ndim
+    ranges = []
+    for key, size, chunk in zip(selection, array.shape, array.chunks):
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(size)
+            ranges.append(range(start // chunk, max(start, stop - 1) // chunk + 1) if stop > start else range(0))
+        else:
+            ranges.append(range(int(key) % max(size, 1) // chunk, int(key) % max(size, 1) // chunk + 1))
+    for index in itertools.product(*ranges):
+        try:
+            array[tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, array.chunks, array.shape))]
+        except Exception:  # noqa: BLE001 - this is the chunk that fails
+            return where / array.metadata.encode_chunk_key(index)
+    return None
 
 
 def load_assignments(path: str | os.PathLike, split: str, *, expected_hash: str | None = None) -> SplitAssignments:
-    """Open a stored artifact's split for reading; with ``expected_hash`` refuse one built from other inputs."""
+    """Open a stored artifact's split for reading; with ``expected_hash`` refuse one built from other inputs.
+
+    Every array of the split must have all its chunk files (``datasets.store.missing_chunks``): zarr would
+    read a missing one as zeros, every node on part 0, and partitioning would be silently off. A chunk that
+    is present but cannot be decoded is named when a sample reading it is asked for."""
     path = Path(path)
     if not path.exists():
         raise StalePartitionError(f"no stored partition at {path}: build it with `python launch/prepare.py "

@@ -20,6 +20,11 @@ What a resume may change. :func:`identity` is the configuration minus the keys t
 run and its resume without changing what is trained (:data:`MAY_CHANGE`: epochs, patience, checkpoint
 cadence, threads, launcher, engine, number of parts, paths); its hash is stored with every checkpoint and a
 resume with another identity stops, naming the keys that differ.
+
+Paths from manifests. A manifest is data someone may have edited, so every path built from it stays in its
+folder: its ``tag`` must be its own file name without ``.json`` (no separators, no ``..``) and every file it
+lists must lie under that folder once resolved (:func:`inside`), both checked by :func:`read_manifest`;
+deleting (:func:`prune`, :func:`remove_leftovers`) checks again, so nothing outside ``checkpoints/`` is removed.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -35,6 +41,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+
 
 SCHEMA_VERSION = 1           # of the manifest and of the trainer state inside checkpoints
 MANIFEST_FORMAT = "dist-egnn-checkpoint"
@@ -48,6 +55,27 @@ MAY_CHANGE = ("resume", "paths", "prepare", "distributed", "engine", "dataset.st
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, damaged, from another configuration or a newer version."""
+
+
+TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")      # one file-name component, no separators
+
+
+def inside(directory: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """True if ``path`` (relative to ``directory`` or absolute) lies under ``directory`` once both are
+    resolved (symbolic links followed, ``..`` applied), and is not ``directory`` itself."""
+    base = Path(directory).resolve()
+    target = (base / path).resolve()
+    return target != base and target.is_relative_to(base)
+
+
+def check_tag(tag: Any, where: str | os.PathLike) -> str:
+    """``tag`` if it is a safe checkpoint name (one path component: no separator, no ``..``, not absolute);
+    else :class:`CheckpointError` naming ``where`` (the manifest or folder it came from)."""
+    if not (isinstance(tag, str) and TAG_PATTERN.fullmatch(tag) and ".." not in tag):
+        raise CheckpointError(f"{where}: checkpoint tag {tag!r} is not a plain name (letters, digits, '-', '_', "
+                              f"'.'; no path separators or '..'): the manifest is damaged or forged, so it is not "
+                              f"used; delete it (and the files of its tag) to resume from another checkpoint")
+    return tag
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -213,7 +241,38 @@ def read_manifest(path: Path) -> dict[str, Any]:
         if key not in manifest:
             raise CheckpointError(f"{path}: field {key!r} is missing; the manifest is damaged: delete it and the "
                                   f"files of its tag to resume from an older checkpoint")
+    check_paths(path, manifest)
     return manifest
+
+
+def check_paths(path: Path, manifest: dict[str, Any]) -> None:
+    """Every path the manifest at ``path`` names stays in its folder: the tag is the manifest's own name and a
+    plain name, and each listed file is ``<tag>.pt`` or under ``<tag>/``, inside the folder once resolved."""
+    tag = check_tag(manifest["tag"], path)
+    position = manifest["position"]
+    if not (isinstance(position, list) and len(position) == 2 and all(type(k) is int and k >= 0 for k in position)):
+        raise CheckpointError(f"{path}: position {position!r} is not [epochs, steps] (two integers >= 0); the "
+                              f"manifest is damaged: delete it and the files of its tag")
+    if path.name != f"{tag}.json":
+        raise CheckpointError(f"{path}: names checkpoint tag {tag!r} but a manifest is named after its tag "
+                              f"({tag}.json): the manifest was renamed, copied or forged, so it is not used; delete "
+                              f"it (and the files of its tag) to resume from another checkpoint")
+    files, directory = manifest["files"], path.parent
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path}: field 'files' must map the files of the tag to their sizes and hashes; "
+                              f"the manifest is damaged: delete it and the files of its tag")
+    for name, expected in files.items():
+        parts = Path(name).parts
+        if (Path(name).is_absolute() or "\\" in name or ".." in parts or not parts
+                or not (name == f"{tag}.pt" or (parts[0] == tag and len(parts) > 1))
+                or not inside(directory, name)):
+            raise CheckpointError(f"{path}: lists file {name!r}, which is not {tag}.pt or under {tag}/ inside "
+                                  f"{directory}: the manifest is damaged or forged, so it is not used; delete it "
+                                  f"(and the files of its tag) to resume from another checkpoint")
+        if not (isinstance(expected, dict) and isinstance(expected.get("bytes"), int)
+                and isinstance(expected.get("sha256"), str)):
+            raise CheckpointError(f"{path}: the entry of file {name!r} must hold its bytes and sha256; the manifest "
+                                  f"is damaged: delete it and the files of its tag")
 
 
 def complete_checkpoints(directory: str | os.PathLike) -> list[dict[str, Any]]:
@@ -241,7 +300,8 @@ def verify(directory: str | os.PathLike, manifest: dict[str, Any], config: dict[
     """Check that a checkpoint's files are those its manifest lists and that it was written with the same
     configuration identity as ``config``; raises :class:`CheckpointError` naming the file or keys and the fix."""
     directory = Path(directory)
-    where = manifest_path(directory, manifest["tag"])
+    where = manifest_path(directory, check_tag(manifest["tag"], directory))
+    check_paths(where, manifest)
     if manifest["config_hash"] != config_hash(config):
         changes = config_changes(manifest.get("config", {}), identity(config))
         raise CheckpointError(f"{where} was written with another configuration ({'; '.join(changes[:8]) or 'hash differs'}); "
@@ -283,9 +343,16 @@ def remove_leftovers(directory: str | os.PathLike) -> list[str]:
 
 
 def _delete(directory: Path, tag: str) -> None:
+    """Remove a tag's manifest and files. ``tag`` is one plain name (checked), so every path is directly in
+    ``directory``; a symbolic link there is removed itself, never what it points to."""
+    check_tag(tag, directory)
     manifest_path(directory, tag).unlink(missing_ok=True)            # first: the tag stops counting
     (directory / f"{tag}.pt").unlink(missing_ok=True)
-    shutil.rmtree(directory / tag, ignore_errors=True)
+    folder = directory / tag
+    if folder.is_symlink():
+        folder.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_weights_only(path: Path) -> None:

@@ -120,6 +120,7 @@ class Checkpoints:
         client, lines = None, 0
         if verdict:
             tag, lines = verdict.split("\n")
+            checkpoint.check_tag(tag, self.directory)            # chosen from a checked manifest; checked again
             client = self.engine.load(self.directory, tag)
             self.resumed = self.directory / tag
             if client.get("schema_version", 0) > checkpoint.SCHEMA_VERSION:

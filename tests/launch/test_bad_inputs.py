@@ -145,6 +145,44 @@ def stale_partition(case: Path):
                               progress=False)
 
 
+def delete_partition_chunk(case: Path) -> None:
+    """One chunk file of the stored assignment gone: zarr would read it as zeros, every node on rank 0."""
+    (case / "data" / PARTITION / "train" / "assignment" / "c" / "0" / "0").unlink()
+
+
+def truncate_halo_chunk(case: Path) -> None:
+    path = case / "data" / PARTITION / "train" / "halo_mask" / "c" / "0" / "0"
+    path.write_bytes(path.read_bytes()[:5])
+
+
+def halo_of_first_sample(case: Path):
+    """What rank 0 of a 2-rank exact-halo run reads for its first sample."""
+    from dist_egnn.training.rank_data import RankData
+    data = splits(case / "data")["train"]
+    return RankData(data, 0, 2, halo=True, assignments=load_assignments(case / "data" / PARTITION, "train")).nodes_of(0)
+
+
+FORGED = "epoch-00000-step-000001.json"
+
+
+def forge_manifest(**fields) -> Callable[[Path], None]:
+    """A victim folder beside the run, and a manifest that points outside checkpoints/ at it: an old
+    checkpoint (position (0, 1)), so the next pruning would delete what its tag names."""
+    def damage(case: Path) -> None:
+        (case / "victim").mkdir()
+        (case / "victim" / "precious.txt").write_text("not the run's to delete")
+        engine = case / "done" / "checkpoints" / "engine"
+        manifest = json.loads((engine / f"{LAST.rsplit('/', 1)[1]}.json").read_text())
+        manifest.update({"tag": FORGED.removesuffix(".json"), "position": [0, 1], **fields})
+        (engine / FORGED).write_text(json.dumps(manifest))
+    return damage
+
+
+def prune_run(case: Path):
+    from dist_egnn.training.checkpoint import prune
+    return prune(case / "done" / "checkpoints" / "engine", 1)
+
+
 def rank_data_with_other_parts(case: Path):
     from dist_egnn.training.rank_data import RankData
     data = splits(case / "data")["train"]
@@ -180,6 +218,15 @@ CASES = {
         case / "data" / PARTITION, "train"), StalePartitionError, ("random-p2-s0.zarr", "schema_version 7", "prepare")),
     "partition for other P": Case(nothing, rank_data_with_other_parts, ValueError,
                                   ("random-p3-s0.zarr", "3 parts but distributed.parts=2", "prepare")),
+    "partition chunk missing": Case(delete_partition_chunk,
+                                    train("distributed.parts=2", "distributed.partition=random"), StalePartitionError,
+                                    ("random-p2-s0.zarr", "train/assignment/c/0/0", "missing", "damaged",
+                                     "launch/prepare.py dataset=nbody_small distributed.parts=2 "
+                                     "distributed.partition=random distributed.seed=0", "or delete the folder")),
+    "partition chunk truncated": Case(truncate_halo_chunk, halo_of_first_sample, StalePartitionError,
+                                      ("random-p2-s0.zarr/train/halo_mask/c/0/0", "cannot be read", "damaged",
+                                       "launch/prepare.py dataset=nbody_small distributed.parts=2",
+                                       "or delete the folder")),
     # checkpoints and run directories (resume=auto on the finished run)
     "truncated checkpoint": Case(truncate_checkpoint, resume(), CheckpointError,
                                  ("epoch-00002.pt", "damaged", "delete epoch-00002.json")),
@@ -193,6 +240,15 @@ CASES = {
     "malicious pickle": Case(replace_checkpoint(malicious), resume(), CheckpointError,
                              ("epoch-00002.pt", "cannot be loaded safely", "GLOBAL posix.system")),
     "metrics log cut": Case(cut_metrics, resume(), CheckpointError, ("metrics.jsonl", "holds 1 complete lines", "restore")),
+    "forged manifest tag": Case(forge_manifest(tag="../../../victim"),
+                                train("trainer.max_epochs=3", "resume=auto", run="done"), CheckpointError,
+                                (FORGED, "'../../../victim'", "not a plain name", "delete it")),
+    "forged manifest tag, pruning": Case(forge_manifest(tag="../../../victim"), prune_run, CheckpointError,
+                                         (FORGED, "'../../../victim'", "not a plain name")),
+    "manifest lists a file outside": Case(forge_manifest(files={"../../../victim/precious.txt": dict(bytes=23,
+                                                                                                      sha256="0")}),
+                                          resume(), CheckpointError,
+                                          (FORGED, "'../../../victim/precious.txt'", "delete it")),
     "fresh run in a used directory": Case(nothing, train(run="done"), CheckpointError,
                                           ("already holds a run", "resume=auto", "hydra.run.dir")),
 }
