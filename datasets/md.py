@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from dist_egnn.datasets.store import StoreError, atomic_store, create_split, write_root_attrs
+from dist_egnn.errors import BadInput
 from dist_egnn.keys import SPLITS
 
 SELECTIONS = {"backbone": "backbone", "all": "all"}
@@ -74,10 +75,10 @@ def resolve_path(path: str) -> str:
         try:
             import MDAnalysisTests.datafiles as datafiles
         except ImportError as err:
-            raise ValueError(f"{path}: MDAnalysisTests is not installed; pip install -e '.[md]' "
+            raise BadInput(f"{path}: MDAnalysisTests is not installed; pip install -e '.[md]' "
                              f"or give the file's path instead") from err
         if not hasattr(datafiles, name):
-            raise ValueError(f"{path}: MDAnalysisTests.datafiles has no file named {name!r} "
+            raise BadInput(f"{path}: MDAnalysisTests.datafiles has no file named {name!r} "
                              f"(e.g. PSF, DCD, DCD2, GRO, TRR)")
         return str(getattr(datafiles, name))
     return path
@@ -117,16 +118,16 @@ class _Trajectory:
 def _open_all(cfg: MDConfig) -> list[_Trajectory]:
     paths = [resolve_path(p) for p in cfg.trajectories]
     if not paths:
-        raise ValueError("dataset.md.trajectories is empty: give at least one trajectory file")
+        raise BadInput("dataset.md.trajectories is empty: give at least one trajectory file")
     tops = cfg.topology if isinstance(cfg.topology, (list, tuple)) else [cfg.topology]
     tops = [resolve_path(t) for t in (tops if len(tops) > 1 else tops * len(paths))]
     if len(tops) != len(paths):
-        raise ValueError(f"dataset.md.topology lists {len(tops)} files for {len(paths)} trajectories: "
+        raise BadInput(f"dataset.md.topology lists {len(tops)} files for {len(paths)} trajectories: "
                          f"give one topology for all, or one per trajectory")
     if cfg.velocities not in VELOCITY_SOURCES:
-        raise ValueError(f"dataset.md.velocities={cfg.velocities!r}: choose one of {VELOCITY_SOURCES}")
+        raise BadInput(f"dataset.md.velocities={cfg.velocities!r}: choose one of {VELOCITY_SOURCES}")
     if cfg.stride < 1:
-        raise ValueError(f"dataset.md.stride={cfg.stride}: must be >= 1")
+        raise BadInput(f"dataset.md.stride={cfg.stride}: must be >= 1")
     selection = SELECTIONS.get(cfg.selection, cfg.selection)
     out = []
     for top, path in zip(tops, paths):
@@ -134,27 +135,27 @@ def _open_all(cfg: MDConfig) -> list[_Trajectory]:
         try:
             atoms = universe.select_atoms(selection)
         except Exception as err:
-            raise ValueError(f"dataset.md.selection={cfg.selection!r} is not a valid MDAnalysis selection "
+            raise BadInput(f"dataset.md.selection={cfg.selection!r} is not a valid MDAnalysis selection "
                              f"({err}); use backbone, all, or e.g. 'protein and name CA'") from err
         if atoms.n_atoms == 0:
-            raise ValueError(f"dataset.md.selection={cfg.selection!r} selects no atom of {top}; "
+            raise BadInput(f"dataset.md.selection={cfg.selection!r} selects no atom of {top}; "
                              f"use backbone, all, or another selection")
         traj = universe.trajectory
         has_file_velocities = bool(traj.ts.has_velocities)
         if cfg.velocities == "file" and not has_file_velocities:
-            raise ValueError(f"{path}: holds no velocities, but dataset.md.velocities=file; use auto or difference")
+            raise BadInput(f"{path}: holds no velocities, but dataset.md.velocities=file; use auto or difference")
         from_file = has_file_velocities and cfg.velocities != "difference"
         frames = len(range(0, len(traj), cfg.stride)) - (0 if from_file else 1)
         if frames < 2:
-            raise ValueError(f"{path}: {len(traj)} frames (stride {cfg.stride}) leave {frames} stored frames; "
+            raise BadInput(f"{path}: {len(traj)} frames (stride {cfg.stride}) leave {frames} stored frames; "
                              f"need at least 2 (lower dataset.md.stride)")
         dt = float(traj.dt) * cfg.stride
         if not np.isfinite(dt) or dt <= 0:
-            raise ValueError(f"{path}: frame interval {traj.dt!r} ps is not a positive number")
+            raise BadInput(f"{path}: frame interval {traj.dt!r} ps is not a positive number")
         out.append(_Trajectory(top, path, universe, atoms, frames, dt, cfg.stride, from_file))
     dts = [t.dt for t in out]
     if max(dts) > min(dts) * (1 + 1e-3):
-        raise ValueError("trajectories have different frame intervals ("
+        raise BadInput("trajectories have different frame intervals ("
                          + ", ".join(f"{Path(t.path).name}: {t.dt:g} ps" for t in out)
                          + "); one store has one Δt: use trajectories of one kind, or strides that equalise them")
     return out
@@ -165,7 +166,7 @@ def _layout(cfg: MDConfig, trajs: list[_Trajectory]) -> tuple[dict[str, list[tup
     and a note for every block cut to the shortest of its split."""
     fractions = np.asarray(cfg.split_fractions, dtype=float)
     if len(fractions) != 3 or np.any(fractions <= 0):
-        raise ValueError(f"dataset.md.split_fractions={list(cfg.split_fractions)}: give three positive numbers "
+        raise BadInput(f"dataset.md.split_fractions={list(cfg.split_fractions)}: give three positive numbers "
                          f"(train, val, test)")
     fractions = fractions / fractions.sum()
     layout: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS}
@@ -178,23 +179,23 @@ def _layout(cfg: MDConfig, trajs: list[_Trajectory]) -> tuple[dict[str, list[tup
                 layout[split].append((k, bounds[s], bounds[s + 1] - bounds[s]))
     elif cfg.split == "trajectory":
         if len(trajs) < 3:
-            raise ValueError(f"dataset.md.split=trajectory needs at least 3 trajectories (one per split), got "
+            raise BadInput(f"dataset.md.split=trajectory needs at least 3 trajectories (one per split), got "
                              f"{len(trajs)}; add trajectories or use split=time")
         n_val = max(1, int(round(fractions[1] * len(trajs))))
         n_test = max(1, int(round(fractions[2] * len(trajs))))
         n_train = len(trajs) - n_val - n_test
         if n_train < 1:
-            raise ValueError(f"dataset.md.split_fractions={list(cfg.split_fractions)} leaves no training trajectory")
+            raise BadInput(f"dataset.md.split_fractions={list(cfg.split_fractions)} leaves no training trajectory")
         owner = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
         for k, (t, split) in enumerate(zip(trajs, owner)):
             layout[split].append((k, 0, t.frames))
     else:
-        raise ValueError(f"dataset.md.split={cfg.split!r}: choose one of {SPLIT_MODES}")
+        raise BadInput(f"dataset.md.split={cfg.split!r}: choose one of {SPLIT_MODES}")
     notes = []
     for split, scenes in layout.items():
         shortest = min(count for _, _, count in scenes)
         if shortest < 2:
-            raise ValueError(f"split {split} gets a block of {shortest} frames; need at least 2 "
+            raise BadInput(f"split {split} gets a block of {shortest} frames; need at least 2 "
                              f"(change dataset.md.split_fractions or use longer trajectories)")
         notes += [f"{split}: {Path(trajs[k].path).name} frames {first}..{first + count - 1} cut to the "
                   f"{shortest} of the split's shortest block" for k, first, count in scenes if count > shortest]
@@ -203,10 +204,14 @@ def _layout(cfg: MDConfig, trajs: list[_Trajectory]) -> tuple[dict[str, list[tup
 
 
 def _charges(traj: _Trajectory) -> tuple[np.ndarray, bool]:
+    """The selected atoms' partial charges, and whether the topology has any (else zeros)."""
+    from MDAnalysis.exceptions import NoDataError
+
     try:
-        return np.asarray(traj.atoms.charges, dtype=np.float32), True
-    except Exception:  # MDAnalysis NoDataError: the topology has no charges
+        charges = traj.atoms.charges
+    except NoDataError:  # what MDAnalysis 2.x raises for a topology without charges (e.g. PDB, GRO)
         return np.zeros(traj.atoms.n_atoms, np.float32), False
+    return np.asarray(charges, dtype=np.float32), True
 
 
 def generate_md(path: str | Path, cfg: MDConfig, dataset: str = "protein", overwrite: bool = False,

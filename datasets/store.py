@@ -37,6 +37,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from dist_egnn.errors import BadInput
 from dist_egnn.keys import SPLITS
 
 SCHEMA_VERSION = 1
@@ -50,7 +51,7 @@ ALL_CHUNKS = {"write_empty_chunks": True}
 zarr.config.set({"array.write_empty_chunks": True})
 
 
-class StoreError(ValueError):
+class StoreError(BadInput):
     """A store that cannot be used: the message names the path, the field and the fix."""
 
 

@@ -18,6 +18,7 @@ from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from dist_egnn.datasets.nbody import NBodyConfig
 from dist_egnn.datasets.synthetic import SyntheticConfig
+from dist_egnn.errors import ConfigError
 
 
 @dataclass
@@ -246,7 +247,7 @@ def check(cfg: DictConfig | Config) -> None:
     if cfg.engine.name not in ENGINE_NAMES:
         problems.append(f"engine.name={cfg.engine.name!r}: choose one of {ENGINE_NAMES} (engine=ddp, ...)")
     if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

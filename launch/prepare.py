@@ -10,14 +10,16 @@ or reuses when its inputs are unchanged, the partition of every sample (``distri
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dist_egnn.datasets.prepare import prepare_dataset
-from dist_egnn.datasets.store import StoreError, open_store
+from dist_egnn.datasets.store import open_store
 from dist_egnn.config import register
+from dist_egnn.errors import BadInput
 from dist_egnn.training.setup import load_splits
 from dist_egnn.partitioners.artifacts import prepare_partitions
 
@@ -46,9 +48,12 @@ def prepare(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         prepare(cfg)
-    except (StoreError, ValueError) as err:
+    except BadInput as err:  # a user's mistake (dist_egnn.errors): one line naming it and the fix
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except ValueError:  # any other is a bug, not bad input: keep its traceback
+        traceback.print_exc()
+        sys.exit(1)
 
 
 if __name__ == "__main__":

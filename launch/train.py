@@ -23,10 +23,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dist_egnn.datasets.store import StoreError
 from dist_egnn.training import guard
 from dist_egnn.parallel import runtime
 from dist_egnn.config import register
+from dist_egnn.errors import BadInput
 from dist_egnn.training.trainer import Trainer
 
 register()
@@ -44,8 +44,17 @@ def main(cfg: DictConfig) -> None:
         finish(env, f"{err}", guard.EXIT_STOPPED)
     except guard.NonFiniteError as err:
         finish(env, f"error (rank {env.rank}): {err}", guard.EXIT_NONFINITE)
-    except (StoreError, ValueError, FileNotFoundError) as err:
+    except BadInput as err:  # a user's mistake (dist_egnn.errors): one line naming it and the fix
         finish(env, f"error (rank {env.rank}): {err}", guard.EXIT_BAD_INPUT)
+    except ValueError:
+        # Any other ValueError is a bug, not bad input: keep its traceback (exit 1). Under a multi-process
+        # launch leave at once, as below, without tearing down a process group others may be waiting in.
+        traceback.print_exc()
+        if env.distributed:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(guard.EXIT_RANK_FAILED)
+        sys.exit(guard.EXIT_RANK_FAILED)
     except RuntimeError as err:
         if not env.distributed:
             raise

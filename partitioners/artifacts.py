@@ -71,6 +71,7 @@ from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
 from dist_egnn.datasets.store import COMPRESSORS, DEFAULT_CHUNK_NODES, atomic_store, missing_chunks
+from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.partitioners.metrics import partition_metrics
 from dist_egnn.partitioners.strategies import METHODS, partition
 from dist_egnn.partitioners.subgraphs import halo_mask, mask_dtype
@@ -85,7 +86,7 @@ PER_SAMPLE = ("cut_fraction", "boundary_fraction", "imbalance", "num_edges", "pa
 SPLIT_ARRAYS = ("assignment", "halo_mask", "scene_ptr", *PER_SAMPLE)
 
 
-class StalePartitionError(ValueError):
+class StalePartitionError(BadInput):
     """A stored partition that is missing or does not match the inputs it is asked for."""
 
 
@@ -111,12 +112,12 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
         The artifact's path.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown partition method {method!r}: choose one of {METHODS}")
+        raise ConfigError(f"unknown partition method {method!r}: choose one of {METHODS}")
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler={scheduler!r}: choose one of {SCHEDULERS}")
+        raise ConfigError(f"scheduler={scheduler!r}: choose one of {SCHEDULERS}")
     smallest = min(int(np.diff(data.meta.scene_ptr).min()) for data in splits.values())
     if not 1 <= num_parts <= smallest:
-        raise ValueError(f"num_parts={num_parts} (distributed.parts): every scene must give each part a node, and "
+        raise ConfigError(f"num_parts={num_parts} (distributed.parts): every scene must give each part a node, and "
                          f"the smallest scene has {smallest} nodes; use 1..{smallest} parts")
     first = next(iter(splits.values()))
     path = artifact_path(first.info.path, method, num_parts, seed)

@@ -42,6 +42,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from dist_egnn.errors import BadInput
+
 
 SCHEMA_VERSION = 1           # of the manifest and of the trainer state inside checkpoints
 MANIFEST_FORMAT = "dist-egnn-checkpoint"
@@ -53,7 +55,7 @@ MAY_CHANGE = ("resume", "paths", "prepare", "distributed", "engine", "dataset.st
               "trainer.keep_last", "trainer.nonfinite")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint that cannot be used: missing, damaged, from another configuration or a newer version."""
 
 
