@@ -42,10 +42,13 @@ EXPECTED = ("a folder with metadata.json and train.h5, valid.h5, test.h5, each h
 
 @dataclass
 class GNSConfig:
-    """Where the files are; ``path`` is required (``dataset.gns.path=/data/Water-3D``)."""
+    """Where the files are; ``path`` is required (``dataset.gns.path=/data/Water-3D``).
 
-    path: str | None = None
-    frames_per_write: int = 64
+    Also the ``dataset.gns`` section of the Hydra schema (dist_egnn/config.py): the one definition of these keys.
+    """
+
+    path: str | None = None            # folder with metadata.json, train.h5, valid.h5, test.h5
+    frames_per_write: int = 64         # frames read and written at a time (memory vs. write count)
 
 
 @dataclass

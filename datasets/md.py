@@ -55,14 +55,17 @@ TESTS_PREFIX = "MDAnalysisTests:"
 
 @dataclass
 class MDConfig:
-    """Parameters of one MD store; defaults: the built-in AdK example."""
+    """Parameters of one MD store; defaults: the built-in AdK example (the MDAnalysisTests trajectories).
 
-    topology: Any = "MDAnalysisTests:PSF"            # one path for all trajectories, or a list (one each)
-    trajectories: list[str] = field(default_factory=lambda: ["MDAnalysisTests:DCD", "MDAnalysisTests:DCD2"])
+    Also the ``dataset.md`` section of the Hydra schema (dist_egnn/config.py): the one definition of these keys.
+    """
+
+    topology: Any = "MDAnalysisTests:PSF"            # a path (or MDAnalysisTests:NAME) for all, or a list (one each)
+    trajectories: list[str] = field(default_factory=lambda: ["MDAnalysisTests:DCD", "MDAnalysisTests:DCD2"])  # files
     selection: str = "backbone"                      # backbone | all | an MDAnalysis selection string
     velocities: str = "auto"                         # auto | file | difference
     split: str = "time"                              # time | trajectory
-    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # train, val, test shares
     stride: int = 1                                  # keep every stride-th frame of the files
     frames_per_write: int = 64                       # frames buffered per write (memory vs. write count)
 

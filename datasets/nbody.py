@@ -37,22 +37,25 @@ SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 
 @dataclass
 class NBodyConfig:
-    """Parameters of one N-body store; defaults are the paper's system."""
+    """Parameters of one N-body store; defaults are the paper's system.
 
-    num_particles: int = 100
-    train: int = 5000
-    val: int = 2000
-    test: int = 2000
-    steps: int = 5000
-    sample_every: int = 100
-    dt: float = 0.001
-    interaction: float = 1.0
-    loc_std: float = 1.0
-    vel_norm: float = 0.5
-    max_force: float = 100.0
-    box_size: float | None = None
-    seed: int = 0
-    scenes_per_batch: int = 100
+    Also the ``dataset.nbody`` section of the Hydra schema (dist_egnn/config.py): the one definition of these keys.
+    """
+
+    num_particles: int = 100           # particles per scene
+    train: int = 5000                  # training scenes
+    val: int = 2000                    # validation scenes
+    test: int = 2000                   # test scenes
+    steps: int = 5000                  # integration steps per scene
+    sample_every: int = 100            # every sample_every-th step is stored (frame 0: the initial state)
+    dt: float = 0.001                  # integration time step
+    interaction: float = 1.0           # Coulomb constant k
+    loc_std: float = 1.0               # initial positions ~ N(0, loc_std²) per coordinate
+    vel_norm: float = 0.5              # initial speed (random directions)
+    max_force: float = 100.0           # cap on |F_i| (direction kept)
+    box_size: float | None = None      # reflect particles at ±box_size; None: no walls (exactly E(3)-equivariant)
+    seed: int = 0                      # every scene draws from (seed, split, scene index)
+    scenes_per_batch: int = 100        # scenes simulated together in one task
 
     @property
     def num_frames(self) -> int:

@@ -76,21 +76,26 @@ ROTATION_TRIES = 100         # random rotations tried until the turned block fit
 
 @dataclass
 class SPHConfig:
-    """Parameters of one SPH store (see the module docstring for the recipe)."""
+    """Parameters of one SPH store (see the module docstring for the recipe).
+
+    Also the ``dataset.sph`` section of the Hydra schema (dist_egnn/config.py): the one definition of these
+    keys, so fields keep OmegaConf types (int, float, str, bool, list, ``X | None``); derived values are
+    properties and methods, which the schema ignores.
+    """
 
     num_particles: int = 2000          # target particles per scene; the lattice gives within a few %
-    train: int = 4
-    val: int = 1
-    test: int = 1
+    train: int = 4                     # training scenes
+    val: int = 1                       # validation scenes
+    test: int = 1                      # test scenes
     duration: float = 1.0              # simulated seconds per scene
     fps: float = 50.0                  # stored frames per second
-    box: list[float] = field(default_factory=lambda: [5.0, 10.0, 5.0])
-    particle_radius: float = 0.025
+    box: list[float] = field(default_factory=lambda: [5.0, 10.0, 5.0])   # width, height, depth (m)
+    particle_radius: float = 0.025     # m; particle spacing is twice this
     max_speed: float = 1.0             # initial block speed, m/s
     aspect: float = 1.5                # block side ratios in [1/aspect, aspect]
     viscosity: float = 0.01            # standard viscosity coefficient
     map_cell: float | None = None      # volume-map grid cell (m); None: the kernel support, 4 radii
-    seed: int = 0
+    seed: int = 0                      # every scene's recipe is drawn from (seed, split, scene index)
     retries: int = 1                   # extra attempts for a scene whose subprocess crashed
     timeout_s: float | None = None     # wall-clock limit per scene attempt
     threads_per_scene: int | None = None  # OpenMP threads per scene; None: cores / parallel scenes

@@ -26,20 +26,24 @@ SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 
 @dataclass
 class SyntheticConfig:
-    """Size and motion of a synthetic particle store."""
+    """Size and motion of a synthetic particle store.
 
-    num_particles: int = 113_000
+    Also the ``dataset.synthetic`` section of the Hydra schema (dist_egnn/config.py): the one definition of
+    these keys.
+    """
+
+    num_particles: int = 113_000    # particles per scene
     neighbors: float = 24.0         # mean radius-graph degree the box is sized for
-    radius: float = 0.075
-    train: int = 1
-    val: int = 1
-    test: int = 1
-    frames: int = 12
+    radius: float = 0.075           # the radius the box is sized for (the store's radius)
+    train: int = 1                  # training scenes
+    val: int = 1                    # validation scenes
+    test: int = 1                   # test scenes
+    frames: int = 12                # stored frames per scene
     dt: float = 0.02                # time between stored frames (50 fps)
     speed: float = 0.5              # typical flow speed, box lengths are O(1)
     modes: int = 4                  # random Fourier modes of the vector potential
-    substeps: int = 4
-    seed: int = 0
+    substeps: int = 4               # midpoint (RK2) integration steps per stored frame
+    seed: int = 0                   # every scene draws from (seed, split, scene index)
 
     @property
     def box(self) -> np.ndarray:

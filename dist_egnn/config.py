@@ -5,6 +5,11 @@ struct mode, an unknown key or a value of the wrong type stops the run before an
 key. Values used by several groups live in one place and are interpolated: feature widths come from the
 dataset's feature recipes (``${len:...}``), the MMD σ and λ from the dataset (docs/maths.md §3 lists them per
 dataset).
+
+Each generator's settings (``dataset.nbody``, ``.synthetic``, ``.sph``, ``.md``, ``.gns``) are defined once, by
+the generator's own dataclass in ``datasets/`` (``dist_egnn.datasets``), which the schema uses as the section's
+type. The schemas of the accuracy study (``launch/study.py``) and the scaling study (``launch/scaling.py``) live
+here too, so that :func:`register` is the one place that stores configuration with Hydra.
 """
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from dist_egnn.datasets.gns import GNSConfig
+from dist_egnn.datasets.md import MDConfig
 from dist_egnn.datasets.nbody import NBodyConfig
+from dist_egnn.datasets.sph import SPHConfig
 from dist_egnn.datasets.synthetic import SyntheticConfig
 from dist_egnn.errors import ConfigError
 
@@ -25,50 +33,6 @@ from dist_egnn.errors import ConfigError
 class PathsConfig:
     data: str = "data"          # every dataset store lives at <data>/<dataset.name>.zarr
     runs: str = "runs"          # run directories are created under here
-
-
-@dataclass
-class SPHGenerator:
-    """Parameters of the SPH fluid generator (datasets.sph.SPHConfig; the recipe is in datasets/sph.py)."""
-
-    num_particles: int = 2000
-    train: int = 4
-    val: int = 1
-    test: int = 1
-    duration: float = 1.0                     # simulated seconds per scene
-    fps: float = 50.0
-    box: list[float] = field(default_factory=lambda: [5.0, 10.0, 5.0])
-    particle_radius: float = 0.025
-    max_speed: float = 1.0
-    aspect: float = 1.5
-    viscosity: float = 0.01
-    map_cell: Optional[float] = None
-    seed: int = 0
-    retries: int = 1
-    timeout_s: Optional[float] = None
-    threads_per_scene: Optional[int] = None
-
-
-@dataclass
-class MDGenerator:
-    """Parameters of the MD reader (datasets.md.MDConfig); defaults: the AdK trajectories of MDAnalysisTests."""
-
-    topology: Any = "MDAnalysisTests:PSF"     # a path (or MDAnalysisTests:NAME), or a list: one per trajectory
-    trajectories: list[str] = field(default_factory=lambda: ["MDAnalysisTests:DCD", "MDAnalysisTests:DCD2"])
-    selection: str = "backbone"               # backbone | all | an MDAnalysis selection string
-    velocities: str = "auto"                  # auto | file | difference
-    split: str = "time"                       # time | trajectory
-    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
-    stride: int = 1
-    frames_per_write: int = 64
-
-
-@dataclass
-class GNSConverter:
-    """Input of the GNS / LagrangeBench HDF5 converter (datasets.gns.GNSConfig)."""
-
-    path: Optional[str] = None                # folder with metadata.json, train.h5, valid.h5, test.h5
-    frames_per_write: int = 64
 
 
 @dataclass
@@ -91,11 +55,13 @@ class DatasetConfig:
     mmd_weight: float = 0.03
     mmd_samples: Optional[int] = None         # real nodes per graph per virtual node for MMD; None: all
     prefetch: int = 2                         # batches read ahead in a background thread (0: none)
+    # The section named by `source` holds the generator's parameters (datasets/prepare.py); each type is the
+    # generator's own dataclass, the one definition of its keys and defaults.
     nbody: Optional[NBodyConfig] = None               # datasets/nbody.py
     synthetic: Optional[SyntheticConfig] = None      # datasets/synthetic.py
-    sph: Optional[SPHGenerator] = None
-    md: Optional[MDGenerator] = None
-    gns: Optional[GNSConverter] = None
+    sph: Optional[SPHConfig] = None                   # datasets/sph.py
+    md: Optional[MDConfig] = None                     # datasets/md.py
+    gns: Optional[GNSConfig] = None                   # datasets/gns.py
 
 
 @dataclass
@@ -185,6 +151,56 @@ class Config:
     resume: Optional[str] = None              # auto: continue from the run directory's latest checkpoint
 
 
+# ------------------------------------------------------------------------- launch/study.py (dist_egnn.measure.study)
+@dataclass
+class StudyRun:
+    label: str = MISSING                            # names the run in the results
+    overrides: list[str] = field(default_factory=list)   # launch/train.py overrides of this run
+    ranks: int = 1                                  # processes; more than one uses the deepspeed launcher
+
+
+@dataclass
+class StudySpec:
+    name: str = MISSING
+    description: str = ""
+    dataset: str = MISSING                          # a launch/conf/dataset option
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    common: list[str] = field(default_factory=list)  # overrides shared by every run
+    budgets: dict[str, list[str]] = field(default_factory=dict)  # named training budgets (overrides)
+    budget: str = "default"
+    baseline: Optional[str] = None                  # label every other run is compared with
+    runs: list[StudyRun] = field(default_factory=list)
+
+
+@dataclass
+class StudyRoot:
+    study: StudySpec = field(default_factory=StudySpec)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    results_dir: str = "docs/results"
+    progress: bool = True
+    train: bool = True          # false: only tabulate the runs already finished (skip the others)
+
+
+# ------------------------------------------------------------ launch/scaling.py (dist_egnn.measure.scaling_study)
+@dataclass
+class ScalingConfig:
+    data: str = "synthetic113k"                    # a launch/conf/dataset option
+    partition: str = "metis"
+    parts: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    halo: list[str] = field(default_factory=lambda: ["exact", "none"])
+    steps: int = 4                                  # timed steps per measurement (after one warm-up step)
+    real_max_ranks: int = 2                         # real runs up to this many ranks (this machine's cores; 0: none)
+    link_repeats: int = 20                          # repetitions of each collective when measuring α and β
+    overrides: list[str] = field(default_factory=list)   # extra launch/train.py overrides (model, paths, ...)
+    results_dir: str = "docs/results"
+    work_dir: str = "runs/scaling"                  # the real runs' run directories
+    name: str = "scaling-${data}"
+    progress: bool = True
+
+
+# The schemas register() stores with Hydra, by name (what launch/conf/{config,study,scaling}.yaml list in defaults).
+SCHEMAS = {"base_config": Config, "study_schema": StudyRoot, "scaling_schema": ScalingConfig}
+
 MODEL_NAMES = ("egnn", "fastegnn")
 HALO_MODES = ("none", "exact")
 PARTITION_METHODS = ("metis", "spatial", "random")
@@ -192,7 +208,9 @@ ENGINE_NAMES = ("auto", "plain", "ddp", "fsdp", "deepspeed")
 
 
 def register() -> None:
-    """Register the schema with Hydra (as ``base_config``) and the ``len`` resolver; idempotent."""
+    """Register the schemas with Hydra (:data:`SCHEMAS`: ``base_config``, ``study_schema``, ``scaling_schema``)
+    and the ``len`` and ``run_stamp`` resolvers; idempotent. Nothing else stores configuration: every entry
+    point calls this before composing."""
     if not OmegaConf.has_resolver("len"):
         OmegaConf.register_new_resolver("len", lambda values: len(values))
     if not OmegaConf.has_resolver("run_stamp"):
@@ -201,7 +219,9 @@ def register() -> None:
         OmegaConf.register_new_resolver(
             "run_stamp", lambda: os.environ.get("DIST_EGNN_RUN_STAMP") or time.strftime("%Y-%m-%d_%H-%M-%S"),
             use_cache=True)
-    ConfigStore.instance().store(name="base_config", node=Config)
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(name=name, node=node)
 
 
 def check(cfg: DictConfig | Config) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from dist_egnn.config import register
 from dist_egnn.measure import study
+
+register()          # the study_schema that conf/study.yaml composes on (with base_config and scaling_schema)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="study")

@@ -24,42 +24,21 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
 from tqdm.auto import tqdm
 
 from omegaconf import OmegaConf
 
-from dist_egnn.config import register, to_container
+from dist_egnn.config import ScalingConfig, register, to_container  # noqa: F401  (ScalingConfig: the schema)
 from dist_egnn.measure.scaling import in_fresh_process, measure_links, measure_part, project
-from dist_egnn.training.trainer import load_splits, open_dataset_store
+from dist_egnn.training.setup import load_splits, open_dataset_store
 from dist_egnn.partitioners.artifacts import prepare_partitions
 
 ROOT = Path(__file__).resolve().parents[2]         # the repository: launch/ is there
 BIN = Path(sys.executable).parent
-
-
-@dataclass
-class ScalingConfig:
-    data: str = "synthetic113k"                    # a launch/conf/dataset option
-    partition: str = "metis"
-    parts: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    halo: list[str] = field(default_factory=lambda: ["exact", "none"])
-    steps: int = 4                                  # timed steps per measurement (after one warm-up step)
-    real_max_ranks: int = 2                         # real runs up to this many ranks (this machine's cores; 0: none)
-    link_repeats: int = 20                          # repetitions of each collective when measuring α and β
-    overrides: list[str] = field(default_factory=list)   # extra launch/train.py overrides (model, paths, ...)
-    results_dir: str = "docs/results"
-    work_dir: str = "runs/scaling"                  # the real runs' run directories
-    name: str = "scaling-${data}"
-    progress: bool = True
-
-
-ConfigStore.instance().store(name="scaling_schema", node=ScalingConfig)
 
 
 def train_overrides(cfg, parts: int, halo: str) -> list[str]:

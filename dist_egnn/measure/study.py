@@ -20,53 +20,19 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dist_egnn.measure.baselines import trivial_baselines
 from dist_egnn.training.checkpoint import write_text_atomic
-from dist_egnn.config import PathsConfig
+from dist_egnn.config import StudyRoot, StudyRun, StudySpec  # noqa: F401  (the schema; registered by register())
 from dist_egnn.measure.reporting import bar_plot, markdown_table, summarise, write_json
 
 ROOT = Path(__file__).resolve().parents[2]         # the repository: launch/train.py is run from there
-
-
-@dataclass
-class StudyRun:
-    label: str = MISSING
-    overrides: list[str] = field(default_factory=list)
-    ranks: int = 1                                  # processes; more than one uses the deepspeed launcher
-
-
-@dataclass
-class StudySpec:
-    name: str = MISSING
-    description: str = ""
-    dataset: str = MISSING                          # a launch/conf/dataset option
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    common: list[str] = field(default_factory=list)  # overrides shared by every run
-    budgets: dict[str, list[str]] = field(default_factory=dict)  # named training budgets (overrides)
-    budget: str = "default"
-    baseline: Optional[str] = None                  # label every other run is compared with
-    runs: list[StudyRun] = field(default_factory=list)
-
-
-@dataclass
-class StudyRoot:
-    study: StudySpec = field(default_factory=StudySpec)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    results_dir: str = "docs/results"
-    progress: bool = True
-    train: bool = True          # false: only tabulate the runs already finished (skip the others)
-
-
-ConfigStore.instance().store(name="study_schema", node=StudyRoot)
 
 
 def train_command(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str) -> list[str]:
