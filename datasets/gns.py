@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dist_egnn.datasets.store import StoreError, atomic_store, create_split, write_root_attrs
+from dist_egnn.errors import ConfigError
 
 SPLIT_FILES = {"train": "train.h5", "val": "valid.h5", "test": "test.h5"}
 NODE_SCALARS = ["type"]
@@ -118,7 +119,7 @@ def convert_gns(path: str | Path, cfg: GNSConfig, dataset: str = "water3d", over
     from tqdm.auto import tqdm
 
     if not cfg.path:
-        raise ValueError(f"dataset.gns.path is not set: give the folder holding metadata.json and train/valid/"
+        raise ConfigError(f"dataset.gns.path is not set: give the folder holding metadata.json and train/valid/"
                          f"test.h5, e.g. python launch/prepare.py dataset={dataset} dataset.gns.path=/data/Water-3D")
     folder = Path(cfg.path)
     if not folder.is_dir():

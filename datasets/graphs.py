@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
+from dist_egnn.errors import BadInput, ConfigError
 
 NODE_FEATURE_RECIPES = ("speed",)        # plus any name in the store's node_scalars
 EDGE_FEATURE_RECIPES = ("distance", "distance_sq")  # plus "<scalar>_product" for a node scalar
@@ -25,7 +26,7 @@ def radius_graph(pos: np.ndarray, radius: float, max_neighbors: int | None = Non
     then hold one direction of a pair but not the other).
     """
     if not np.all(np.isfinite(pos)):
-        raise ValueError("radius_graph: positions contain NaN or Inf")
+        raise BadInput("radius_graph: positions contain NaN or Inf")
     pairs = cKDTree(pos).query_pairs(radius, output_type="ndarray")
     edge_index = np.concatenate([pairs.T, pairs.T[::-1]], axis=1).astype(np.int64)
     if max_neighbors is not None and edge_index.shape[1]:
@@ -53,7 +54,7 @@ def drop_longest_edges(edge_index: np.ndarray, pos: np.ndarray, cutoff_rate: flo
     part of a graph decides as one device holding all of it.
     """
     if not 0.0 <= cutoff_rate <= 1.0:
-        raise ValueError(f"cutoff_rate must be in [0, 1], got {cutoff_rate}")
+        raise ConfigError(f"cutoff_rate must be in [0, 1], got {cutoff_rate}")
     if cutoff_rate == 0.0:
         return edge_index
     keep = int(np.floor((1.0 - cutoff_rate) * edge_index.shape[1]))
@@ -80,7 +81,7 @@ def node_features(recipe: list[str], vel: np.ndarray, scalars: np.ndarray, scala
         elif name in scalar_names:
             columns.append(scalars[:, scalar_names.index(name)])
         else:
-            raise ValueError(f"unknown node feature {name!r} in dataset.node_features: use one of "
+            raise ConfigError(f"unknown node feature {name!r} in dataset.node_features: use one of "
                              f"{[*NODE_FEATURE_RECIPES, *scalar_names]}")
     return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(vel), 0), np.float32)
 
@@ -102,7 +103,7 @@ def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, sc
             col = scalars[:, scalar_names.index(name[: -len("_product")])]
             columns.append(col[recv] * col[send])
         else:
-            raise ValueError(f"unknown edge feature {name!r} in dataset.edge_features: use one of "
+            raise ConfigError(f"unknown edge feature {name!r} in dataset.edge_features: use one of "
                              f"{[*EDGE_FEATURE_RECIPES, *(s + '_product' for s in scalar_names)]}")
     if not columns:
         return np.zeros((edge_index.shape[1], 0), np.float32)

@@ -18,6 +18,7 @@ import zarr
 
 from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
 from dist_egnn.datasets.store import StoreError, StoreInfo
+from dist_egnn.errors import ConfigError
 
 
 @dataclass
@@ -105,7 +106,7 @@ def velocity_scale(unit: str, delta_t: int, frame_dt: float) -> float:
         return 1.0
     if unit == "horizon":
         return float(delta_t) * float(frame_dt)
-    raise ValueError(f"dataset.velocity_unit={unit!r}: choose one of {VELOCITY_UNITS}")
+    raise ConfigError(f"dataset.velocity_unit={unit!r}: choose one of {VELOCITY_UNITS}")
 
 
 class TrajectoryDataset:

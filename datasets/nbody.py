@@ -31,6 +31,7 @@ import zarr
 from dist_egnn.datasets.parallel import map_tasks
 from dist_egnn.datasets.store import DEFAULT_CHUNK_NODES, atomic_store, create_split, write_root_attrs, write_scenes
 from dist_egnn.keys import SPLITS
+from dist_egnn.errors import ConfigError
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 
@@ -125,7 +126,7 @@ def generate_nbody(path: str | Path, cfg: NBodyConfig, dataset: str = "nbody", o
     time, so memory stays at one batch whatever the dataset size.
     """
     if cfg.steps < cfg.sample_every or cfg.num_particles < 2:
-        raise ValueError(f"N-body: need steps >= sample_every and at least 2 particles, got {cfg}")
+        raise ConfigError(f"N-body: need steps >= sample_every and at least 2 particles, got {cfg}")
     per_chunk = scenes_per_chunk(cfg.num_particles)
     with atomic_store(path, overwrite=overwrite) as root:
         write_root_attrs(root, dataset=dataset, source="nbody", dt=cfg.dt * cfg.sample_every,

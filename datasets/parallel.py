@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import dask
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
+from dist_egnn.errors import ConfigError
 
 SCHEDULERS = ("auto", "threads", "processes", "sync")
 
@@ -46,7 +47,7 @@ def map_tasks(fn: Callable[[Any], Any], items: Sequence[Any], *, scheduler: str 
     propagates to the caller once its wave (local) or the task itself (distributed) has finished.
     """
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler={scheduler!r}: choose one of {SCHEDULERS} (prepare.scheduler)")
+        raise ConfigError(f"scheduler={scheduler!r}: choose one of {SCHEDULERS} (prepare.scheduler)")
     weights = [1] * len(items) if weights is None else list(weights)
     bar = tqdm(total=sum(weights), desc=desc, unit=unit, disable=not progress)
     try:
@@ -71,7 +72,7 @@ def _distributed(fn, items, cluster, workers, bar, weights) -> Iterator[tuple[in
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError as err:  # pragma: no cover - the `cluster` extra is part of `all`
-        raise ValueError(f"prepare.cluster={cluster!r} needs dask.distributed: pip install -e '.[cluster]'") from err
+        raise ConfigError(f"prepare.cluster={cluster!r} needs dask.distributed: pip install -e '.[cluster]'") from err
     local = LocalCluster(n_workers=workers or available_cores(), threads_per_worker=1,
                          dashboard_address=None) if cluster == "local" else None
     client = Client(local if local is not None else cluster)

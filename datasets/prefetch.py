@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 from typing import Iterable, Iterator, TypeVar
+from dist_egnn.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -34,7 +35,7 @@ def prefetch(source: Iterable[T], depth: int = 2) -> Iterator[T]:
     ``depth`` 0 reads in the caller's thread (no prefetching).
     """
     if depth < 0:
-        raise ValueError(f"prefetch depth must be >= 0, got {depth} (dataset.prefetch)")
+        raise ConfigError(f"prefetch depth must be >= 0, got {depth} (dataset.prefetch)")
     if depth == 0:
         yield from source
         return

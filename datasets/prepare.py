@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping
+from dist_egnn.errors import ConfigError
 
 SOURCES = ("nbody", "sph", "md", "gns", "synthetic")
 SOURCE_RADIUS = {"sph": 0.075, "md": 10.0, "gns": None}
@@ -27,10 +28,10 @@ def prepare_dataset(dataset: Mapping[str, Any], path: str | Path, overwrite: boo
     """Create the store described by a dataset config (``dataset.source`` picks the generator)."""
     source, name = dataset["source"], dataset["name"]
     if source not in SOURCES:
-        raise ValueError(f"dataset.source={source!r} cannot be prepared: known sources are {SOURCES}")
+        raise ConfigError(f"dataset.source={source!r} cannot be prepared: known sources are {SOURCES}")
     params = dataset.get(source)
     if params is None and source != "gns":
-        raise ValueError(f"dataset {name!r} has source {source} but no dataset.{source} parameters")
+        raise ConfigError(f"dataset {name!r} has source {source} but no dataset.{source} parameters")
     params = dict(params or {})
     radius = dataset.get("radius")
     if radius is None:

@@ -47,7 +47,7 @@ own arrays (one copy per stored frame, instead of 10^5 ``getPosition(i)`` calls)
 off so that row i is the same particle in every frame.
 
 Importing ``pysplishsplash`` segfaults on some machines (its bundled GL dispatch library clashes with the
-system one); ``datasets.sph_scene.import_pysplishsplash`` loads the system ``libGLdispatch`` first, and only
+system one); ``dist_egnn.datasets.sph_scene.import_pysplishsplash`` loads the system ``libGLdispatch`` first, and only
 subprocesses import the library at all, so a crash there never takes the parent down.
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ import zarr
 from dist_egnn.datasets.parallel import available_cores, map_tasks
 from dist_egnn.datasets.store import StoreError, atomic_store, create_split, write_root_attrs
 from dist_egnn.keys import SPLITS
+from dist_egnn.errors import BadInput, ConfigError
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 RECIPE_VERSION = 1            # bump when the recipe changes the data: old work folders are then refused
@@ -129,7 +130,7 @@ def scene_recipe(cfg: SPHConfig, split: str, scene: int) -> dict[str, Any]:
         if np.all(lower <= upper):
             break
     else:
-        raise ValueError(f"sph: a block of {int(np.prod(counts))} particles ({np.round(2 * half, 2).tolist()} m) "
+        raise ConfigError(f"sph: a block of {int(np.prod(counts))} particles ({np.round(2 * half, 2).tolist()} m) "
                          f"does not fit turned in the box {[float(b) for b in box]} m ({ROTATION_TRIES} random "
                          f"rotations tried); lower dataset.sph.num_particles or enlarge dataset.sph.box")
     centre = rng.uniform(lower, upper)
@@ -358,9 +359,9 @@ def generate_sph(path: str | Path, cfg: SPHConfig, dataset: str = "fluid", overw
     if cluster is None:                    # on a cluster the workers' environment is what counts
         ok, reason = simulator_available()
         if not ok:
-            raise ValueError(f"cannot simulate dataset {dataset!r}: {reason}")
+            raise BadInput(f"cannot simulate dataset {dataset!r}: {reason}")
     if cfg.num_frames < 2:
-        raise ValueError(f"sph: duration {cfg.duration} s at {cfg.fps} fps gives {cfg.num_frames} frames; "
+        raise ConfigError(f"sph: duration {cfg.duration} s at {cfg.fps} fps gives {cfg.num_frames} frames; "
                          f"need at least 2 (raise dataset.sph.duration)")
     for split in SPLITS:                       # every recipe must fit before anything is written
         for scene in range(cfg.scenes(split)):

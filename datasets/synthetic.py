@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from dist_egnn.datasets.store import atomic_store, create_split, write_root_attrs, write_scenes
 from dist_egnn.keys import SPLITS
+from dist_egnn.errors import ConfigError
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 
@@ -91,7 +92,7 @@ def generate_synthetic(path: str | Path, cfg: SyntheticConfig, dataset: str = "s
                        overwrite: bool = False, progress: bool = True) -> Path:
     """Write a store of synthetic flows at ``path`` atomically (layout: ``datasets.store``)."""
     if cfg.num_particles < 2 or cfg.frames < 2:
-        raise ValueError(f"synthetic: need at least 2 particles and 2 frames, got {cfg}")
+        raise ConfigError(f"synthetic: need at least 2 particles and 2 frames, got {cfg}")
     bar = tqdm(total=cfg.train + cfg.val + cfg.test, desc=f"making {dataset}", unit="scene", disable=not progress)
     with atomic_store(path, overwrite=overwrite) as root:
         write_root_attrs(root, dataset=dataset, source="synthetic", dt=cfg.dt,

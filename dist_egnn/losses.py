@@ -19,6 +19,7 @@ from torch import Tensor
 
 from dist_egnn.parallel.seam import SingleProcess
 from dist_egnn.models.ops import count_per_segment, scatter_sum
+from dist_egnn.errors import ConfigError
 
 KERNELS = ("gaussian", "unsquared")
 MMD_TARGETS = ("truth", "prediction")
@@ -32,7 +33,7 @@ def kernel_matrix(a: Tensor, b: Tensor, sigma: float, kernel: str) -> Tensor:
     if kernel == "unsquared":
         # sqrt has an infinite derivative at 0 (z_c == z_c'); the clamp keeps the gradient finite there.
         return torch.exp(-dist2.clamp(min=1e-12).sqrt() / (2 * sigma**2))
-    raise ValueError(f"unknown MMD kernel {kernel!r}: choose one of {KERNELS}")
+    raise ConfigError(f"unknown MMD kernel {kernel!r}: choose one of {KERNELS}")
 
 
 def mse_loss(pred: Tensor, target: Tensor, total_nodes: Tensor | float | None = None) -> Tensor:
@@ -109,7 +110,7 @@ def objective(pred_pos: Tensor, target: Tensor, virtual_pos: Tensor | None, batc
     one-device loss 12/12 + 0.5·0.2.
     """
     if mmd_target not in MMD_TARGETS:
-        raise ValueError(f"unknown loss.mmd_target {mmd_target!r}: choose one of {MMD_TARGETS}")
+        raise ConfigError(f"unknown loss.mmd_target {mmd_target!r}: choose one of {MMD_TARGETS}")
     mse = mse_loss(pred_pos, target, total_nodes)
     if virtual_pos is None or mmd_weight == 0:
         return LossTerms(total=mse, mse=mse, mmd=None)

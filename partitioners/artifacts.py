@@ -391,7 +391,7 @@ def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[st
             part = partition(pos[lo:hi], options["num_parts"], options["method"], radius=options["radius"],
                              seed=seed, max_neighbors=options["max_neighbors"])
         except ValueError as err:
-            raise ValueError(f"{store}/{task.split}: scene {scene} at frame {task.frame}: {err}") from err
+            raise BadInput(f"{store}/{task.split}: scene {scene} at frame {task.frame}: {err}") from err
         assignment[lo:hi] = part.assignment
         mask[lo:hi] = halo_mask(part.edge_index, part.assignment, options["num_parts"])
         metrics.append(part.metrics)

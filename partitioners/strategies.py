@@ -46,6 +46,7 @@ from scipy.sparse.csgraph import connected_components
 from dist_egnn.datasets.graphs import complete_graph, radius_graph
 from dist_egnn.partitioners.metrics import PartitionMetrics, partition_metrics
 from dist_egnn.partitioners.subgraphs import PartGraph, split_graph
+from dist_egnn.errors import BadInput, ConfigError
 
 METHODS = ("metis", "spatial", "random")
 MAX_COMPLETE_NODES = 4096        # a complete graph on more nodes has > 16.8M edges: ask for a radius
@@ -124,7 +125,7 @@ def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, see
     """
     adjacency = undirected_adjacency(edge_index, num_nodes)
     if adjacency.nnz == 0 and num_parts > 1:
-        raise ValueError(f"METIS cannot partition a graph without edges ({num_nodes} nodes, 0 edges besides "
+        raise BadInput(f"METIS cannot partition a graph without edges ({num_nodes} nodes, 0 edges besides "
                          f"self-loops): the radius is too small for these positions; use a larger radius or "
                          f"method='spatial'")
     result = pymetis.part_graph(num_parts, adjacency=pymetis.CSRAdjacency(adjacency.indptr, adjacency.indices),
@@ -133,7 +134,7 @@ def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, see
     counts = np.bincount(assignment, minlength=num_parts)
     if np.any(counts == 0):
         components = connected_components(adjacency, directed=False)[0]
-        raise ValueError(f"METIS returned {int(np.sum(counts == 0))} empty parts of {num_parts} for a graph of "
+        raise BadInput(f"METIS returned {int(np.sum(counts == 0))} empty parts of {num_parts} for a graph of "
                          f"{num_nodes} nodes in {components} connected pieces (part sizes {counts.tolist()}); "
                          f"use fewer parts or method='spatial' or 'random', which never leave a part empty")
     return rebalance(adjacency, assignment, num_parts, max_part_size(num_nodes, num_parts))
@@ -204,20 +205,20 @@ def random_assignment(num_nodes: int, num_parts: int, seed: int) -> np.ndarray:
 def _check_positions(pos, allow_duplicates: bool) -> np.ndarray:
     pos = np.asarray(pos)
     if pos.ndim != 2 or pos.shape[1] != 3:
-        raise ValueError(f"positions must be an (N, 3) array, got shape {pos.shape}")
+        raise BadInput(f"positions must be an (N, 3) array, got shape {pos.shape}")
     if len(pos) == 0:
-        raise ValueError("the graph is empty (0 nodes): there is nothing to partition; check the sample's "
+        raise BadInput("the graph is empty (0 nodes): there is nothing to partition; check the sample's "
                          "node range")
     bad = ~np.isfinite(pos).all(axis=1)
     if bad.any():
-        raise ValueError(f"positions hold NaN or Inf at {int(bad.sum())} of {len(pos)} nodes (first: node "
+        raise BadInput(f"positions hold NaN or Inf at {int(bad.sum())} of {len(pos)} nodes (first: node "
                          f"{int(np.flatnonzero(bad)[0])}); fix or regenerate the data before partitioning")
     if not allow_duplicates:
         order = np.lexsort(pos.T[::-1])
         same = np.flatnonzero(np.all(pos[order[1:]] == pos[order[:-1]], axis=1))
         if len(same):
             i, j = sorted((int(order[same[0]]), int(order[same[0] + 1])))
-            raise ValueError(f"positions hold {len(same)} duplicates: nodes {i} and {j} are both at "
+            raise BadInput(f"positions hold {len(same)} duplicates: nodes {i} and {j} are both at "
                              f"{pos[i].tolist()}; remove duplicated nodes or pass allow_duplicates=True "
                              f"if coincident nodes are intended")
     return pos
@@ -225,23 +226,23 @@ def _check_positions(pos, allow_duplicates: bool) -> np.ndarray:
 
 def _check_request(n: int, num_parts: int, method: str, seed: int, radius: float | None) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown partition method {method!r}: choose one of {METHODS}")
+        raise ConfigError(f"unknown partition method {method!r}: choose one of {METHODS}")
     if not isinstance(num_parts, (int, np.integer)) or num_parts < 1:
-        raise ValueError(f"num_parts={num_parts!r}: need an integer >= 1")
+        raise ConfigError(f"num_parts={num_parts!r}: need an integer >= 1")
     if num_parts > n:
-        raise ValueError(f"num_parts={num_parts} is more than the {n} nodes of the graph: every part needs a "
+        raise BadInput(f"num_parts={num_parts} is more than the {n} nodes of the graph: every part needs a "
                          f"node; use at most {n} parts")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r}: need a non-negative integer")
+        raise ConfigError(f"seed={seed!r}: need a non-negative integer")
     if radius is not None and not radius > 0:
-        raise ValueError(f"radius={radius!r}: need a positive cutoff, or None for the complete graph")
+        raise ConfigError(f"radius={radius!r}: need a positive cutoff, or None for the complete graph")
 
 
 def _build_graph(pos: np.ndarray, radius: float | None, max_neighbors: int | None) -> np.ndarray:
     if radius is not None:
         return radius_graph(pos, radius, max_neighbors)
     if len(pos) > MAX_COMPLETE_NODES:
-        raise ValueError(f"radius=None asks for the complete graph, which on {len(pos)} nodes has "
+        raise BadInput(f"radius=None asks for the complete graph, which on {len(pos)} nodes has "
                          f"{len(pos) * (len(pos) - 1):,} edges; give a radius (or an edge_index)")
     return complete_graph(len(pos))
 
@@ -249,9 +250,9 @@ def _build_graph(pos: np.ndarray, radius: float | None, max_neighbors: int | Non
 def _check_edge_index(edge_index, n: int) -> np.ndarray:
     edge_index = np.asarray(edge_index)
     if edge_index.ndim != 2 or edge_index.shape[0] != 2 or not np.issubdtype(edge_index.dtype, np.integer):
-        raise ValueError(f"edge_index must be a (2, E) integer array, got shape {edge_index.shape} of "
+        raise BadInput(f"edge_index must be a (2, E) integer array, got shape {edge_index.shape} of "
                          f"{edge_index.dtype}")
     if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= n):
-        raise ValueError(f"edge_index refers to nodes outside 0..{n - 1} (min {edge_index.min()}, max "
+        raise BadInput(f"edge_index refers to nodes outside 0..{n - 1} (min {edge_index.min()}, max "
                          f"{edge_index.max()}): it does not belong to these {n} positions")
     return edge_index

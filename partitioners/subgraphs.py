@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+from dist_egnn.errors import BadInput, ConfigError
 
 
 @dataclass
@@ -102,10 +103,10 @@ def split_graph(edge_index: np.ndarray, assignment: np.ndarray, num_parts: int, 
     assignment = np.asarray(assignment, dtype=np.int64)
     n = len(assignment)
     if n and (assignment.min() < 0 or assignment.max() >= num_parts):
-        raise ValueError(f"assignment holds parts outside [0, {num_parts})")
+        raise BadInput(f"assignment holds parts outside [0, {num_parts})")
     counts = np.bincount(assignment, minlength=num_parts)
     if np.any(counts == 0):
-        raise ValueError(f"parts {np.flatnonzero(counts == 0).tolist()} of {num_parts} are empty; every part "
+        raise BadInput(f"parts {np.flatnonzero(counts == 0).tolist()} of {num_parts} are empty; every part "
                          f"needs at least one node (choose fewer parts or another partitioner)")
     order = np.argsort(assignment, kind="stable")          # grouped by part, increasing global id inside
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -144,7 +145,7 @@ def halo_mask(edge_index: np.ndarray, assignment: np.ndarray, num_parts: int) ->
     (:func:`part_nodes`). The dtype is the narrowest unsigned integer with ``num_parts`` bits (at most 64).
     """
     if num_parts > 64:
-        raise ValueError(f"halo masks hold at most 64 parts; got num_parts={num_parts}")
+        raise ConfigError(f"halo masks hold at most 64 parts; got num_parts={num_parts}")
     dtype = mask_dtype(num_parts)
     assignment = np.asarray(assignment, dtype=np.int64)
     recv, send = edge_index
@@ -160,7 +161,7 @@ def mask_dtype(num_parts: int) -> np.dtype:
     for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
         if num_parts <= np.iinfo(dtype).bits:
             return np.dtype(dtype)
-    raise ValueError(f"halo masks hold at most 64 parts; got num_parts={num_parts}")
+    raise ConfigError(f"halo masks hold at most 64 parts; got num_parts={num_parts}")
 
 
 def part_nodes(assignment: np.ndarray, mask: np.ndarray | None, part: int, num_parts: int) -> PartNodes:

@@ -10,6 +10,7 @@ import os
 import sys
 
 from dist_egnn.engines.base import Engine
+from dist_egnn.errors import ConfigError
 
 ENGINES = ("auto", "plain", "ddp", "fsdp", "deepspeed")
 
@@ -18,7 +19,7 @@ def resolve_engine(name: str, world_size: int, environ=os.environ, argv=sys.argv
     """``auto``: DeepSpeed under the deepspeed launcher, DDP under torchrun or any other multi-process
     launch, plain PyTorch in one process."""
     if name not in ENGINES:
-        raise ValueError(f"engine.name={name!r}: choose one of {ENGINES}")
+        raise ConfigError(f"engine.name={name!r}: choose one of {ENGINES}")
     if name != "auto":
         return name
     if "CROSS_SIZE" in environ or any(a.startswith("--local_rank") for a in argv):

@@ -1,4 +1,4 @@
-"""Time and quality of every partitioner on one large radius graph: ``python -m partitioners.measure``.
+"""Time and quality of every partitioner on one large radius graph: ``python -m dist_egnn.measure.partitions``.
 
 The graph: ``--nodes`` points drawn uniformly in a cube (seed 0), radius ``--radius``, the cube's side chosen
 so that nodes have ``--degree`` neighbours on average (the walls lower the count, so the side is corrected

@@ -127,7 +127,7 @@ def write_table(rows: list[dict[str, Any]], cfg, path: Path) -> None:
     lines = [f"# Scaling: {cfg.data}, {cfg.partition} partitions", "",
              "`real`: ran in parallel here (P ranks sharing this machine's cores; wall time, so it includes "
              "whatever else ran on the machine); `projected`: each part's step alone with one thread (its "
-             "CPU time), slowest part + modelled communication (dist_egnn/scaling.py). Speedup is against "
+             "CPU time), slowest part + modelled communication (dist_egnn/measure/scaling.py). Speedup is against "
              "P = 1 of the same kind.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:

@@ -31,6 +31,7 @@ from dist_egnn.measure.baselines import trivial_baselines
 from dist_egnn.training.checkpoint import write_text_atomic
 from dist_egnn.config import StudyRoot, StudyRun, StudySpec  # noqa: F401  (the schema; registered by register())
 from dist_egnn.measure.reporting import bar_plot, markdown_table, summarise, write_json
+from dist_egnn.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]         # the repository: launch/train.py is run from there
 
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]         # the repository: launch/trai
 def train_command(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str) -> list[str]:
     """The exact command line of one run."""
     if spec.budget not in spec.budgets:
-        raise ValueError(f"study.budget={spec.budget!r} is not defined in study {spec.name!r}: "
+        raise ConfigError(f"study.budget={spec.budget!r} is not defined in study {spec.name!r}: "
                          f"choose one of {sorted(spec.budgets)}")
     script = str(ROOT / "launch" / "train.py")
     if run.ranks > 1:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from dist_egnn.parallel.collectives import GraphParallel
 from dist_egnn.parallel.seam import Communicator, SingleProcess
+from dist_egnn.errors import ConfigError
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -91,9 +92,9 @@ def check_world(world_size: int, parts: int) -> None:
     One process accepts any P: it runs the P parts itself (``dist_egnn.training.rank_data``, sequential).
     """
     if parts < 1:
-        raise ValueError(f"distributed.parts={parts} must be >= 1")
+        raise ConfigError(f"distributed.parts={parts} must be >= 1")
     if world_size > 1 and world_size % parts:
-        raise ValueError(f"world size {world_size} is not a multiple of distributed.parts={parts}: launch "
+        raise ConfigError(f"world size {world_size} is not a multiple of distributed.parts={parts}: launch "
                          f"P, 2P, 3P, ... ranks (e.g. deepspeed --num_gpus {parts} ...) or change distributed.parts")
 
 

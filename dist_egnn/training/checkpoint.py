@@ -44,7 +44,6 @@ import torch
 
 from dist_egnn.errors import BadInput
 
-
 SCHEMA_VERSION = 1           # of the manifest and of the trainer state inside checkpoints
 MANIFEST_FORMAT = "dist-egnn-checkpoint"
 

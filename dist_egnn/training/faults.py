@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_egnn.training.callbacks import Callback
+from dist_egnn.errors import BadInput
 
 KINDS = ("sigterm", "sigint", "kill", "hang", "nan_loss", "inf_grad")
 
@@ -50,7 +51,7 @@ def planned(environ=os.environ) -> list[Fault]:
         where, _, when = where.partition("#")
         step, _, rank = where.partition(":")
         if kind not in KINDS or not step.isdigit() or not (rank or "0").isdigit() or not (when or "0").isdigit():
-            raise ValueError(f"DIST_EGNN_FAULTS={spec!r}: {item!r} is not KIND@STEP[:RANK][#ATTEMPT] with KIND in {KINDS}")
+            raise BadInput(f"DIST_EGNN_FAULTS={spec!r}: {item!r} is not KIND@STEP[:RANK][#ATTEMPT] with KIND in {KINDS}")
         faults.append(Fault(kind, int(step), int(rank or 0), int(when or 0)))
     return [f for f in faults if f.attempt == attempt]
 

@@ -27,10 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dist_egnn.errors import BadInput
+
 LOCK_NAME = ".lock"
 
 
-class RunLockedError(ValueError):
+class RunLockedError(BadInput):
     """Another training holds the run directory: the message names it (pid, host, since when) and the fix."""
 
 
@@ -43,7 +45,7 @@ class RunLock:
 
     Use ``with RunLock(run_dir, enabled=is_main): ...`` around the whole run, or ``lock = RunLock(...)
     .acquire()`` and ``lock.release()`` in a ``finally``. :meth:`acquire` raises :class:`RunLockedError`
-    (a ValueError) at once, without waiting, when another process holds it.
+    (a BadInput: exit 2) at once, without waiting, when another process holds it.
     """
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):

@@ -36,6 +36,7 @@ from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_f
 from dist_egnn.datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
 from dist_egnn.partitioners.subgraphs import HaloPlan
 from dist_egnn.partitioners.subgraphs import PartNodes, part_nodes, stack_parts
+from dist_egnn.errors import BadInput
 
 
 @dataclass
@@ -78,7 +79,7 @@ class RankData:
         if parts > 1 and assignments is None:
             raise ValueError("RankData: P > 1 needs the stored partition of the split (assignments)")
         if assignments is not None and assignments.num_parts != parts:
-            raise ValueError(f"{assignments.path}: stored partition has {assignments.num_parts} parts but "
+            raise BadInput(f"{assignments.path}: stored partition has {assignments.num_parts} parts but "
                              f"distributed.parts={parts}; prepare the partitions for P={parts}")
         self.dataset, self.part, self.parts, self.halo = dataset, part, parts, halo and parts > 1
         self.sequential = sequential and parts > 1

@@ -31,7 +31,9 @@ from dist_egnn.models import EGNN, FastEGNN
 from dist_egnn.parallel import Communicator, runtime
 from dist_egnn.partitioners.artifacts import (StalePartitionError, load_assignments, partition_status,
                                               prepare_partitions)
+from dist_egnn.training.lock import RunLock, RunLockedError
 from dist_egnn.training.rank_data import RankData
+from dist_egnn.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -59,6 +61,7 @@ class Ready:
     cfg: DictConfig
     run_dir: Path
     runtime: Runtime
+    lock: RunLock                      # held by rank 0 for the run's life (one training per run directory)
     info: StoreInfo                    # the dataset's store
     data: dict[str, RankData]          # train / val / test as this rank sees them
     comm: Communicator                 # the model's communicator (SingleProcess or GraphParallel)
@@ -70,7 +73,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
     check(cfg)
     rt = start_runtime(cfg, env or runtime.DistEnv.from_environ())
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir, rt)
     progress = cfg.trainer.progress and rt.is_main
     info, splits = open_data(cfg, rt, progress)
     data = rank_data(cfg, rt, splits, progress)
@@ -82,7 +85,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
     engine = build_engine(rt.engine_name, model,
                           lambda params: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
                           cfg, rt.groups)
-    return Ready(cfg=cfg, run_dir=run_dir, runtime=rt, info=info, data=data, comm=comm, engine=engine)
+    return Ready(cfg=cfg, run_dir=run_dir, runtime=rt, lock=lock, info=info, data=data, comm=comm, engine=engine)
 
 
 # -- runtime --------------------------------------------------------------------------------------------
@@ -92,10 +95,10 @@ def start_runtime(cfg: DictConfig, env: runtime.DistEnv) -> Runtime:
     runtime.check_world(env.world_size, d.parts)
     engine_name = resolve_engine(cfg.engine.name, env.world_size)
     if engine_name == "deepspeed" and t.dtype == "float64":
-        raise ValueError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
+        raise ConfigError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
                          "trainer.dtype=float32, or engine=ddp under torchrun for float64")
     if engine_name in ("ddp", "fsdp") and not env.distributed:
-        raise ValueError(f"engine={engine_name} needs a multi-process launch (torchrun --nproc-per-node P "
+        raise ConfigError(f"engine={engine_name} needs a multi-process launch (torchrun --nproc-per-node P "
                          f"launch/train.py ...); for one process use engine=plain or engine=auto")
     device = torch.device(t.device)
     if device.type == "cuda":
@@ -106,6 +109,22 @@ def start_runtime(cfg: DictConfig, env: runtime.DistEnv) -> Runtime:
     groups = runtime.init_groups(env, d.parts, backend, d.timeout_s, d.prepare_timeout_s)
     return Runtime(env=env, groups=groups, engine_name=engine_name, device=device, dtype=DTYPES[t.dtype],
                    collective_device=device if backend == "nccl" else torch.device("cpu"))
+
+
+def lock_run_dir(run_dir: Path, rt: Runtime) -> RunLock:
+    """Rank 0 takes the run directory's lock (creating the directory) before anything is written there;
+    if another training holds it, every rank stops with the holder named (agreed: no rank waits in vain)."""
+    lock = RunLock(run_dir, enabled=rt.is_main)
+    refused = None
+    try:
+        lock.acquire()
+    except RunLockedError as err:
+        refused = err
+    if runtime.agree([refused is not None], rt.collective_device)[0]:
+        raise refused or RunLockedError(f"run directory {run_dir} is in use by another training (rank 0 found "
+                                        f"its lock {run_dir / '.lock'}): choose another hydra.run.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return lock
 
 
 def thread_share(env: runtime.DistEnv, requested: int | None) -> int:
@@ -130,7 +149,7 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
     d = cfg.dataset
     missing = [n for n in d.node_features if n != "speed" and n not in info.node_scalars]
     if missing:
-        raise ValueError(f"dataset.node_features names {missing}, which store {info.path} does not hold "
+        raise ConfigError(f"dataset.node_features names {missing}, which store {info.path} does not hold "
                          f"(its node scalars: {info.node_scalars}); fix dataset.node_features")
     # configurations saved before velocity_unit existed used the store's unit
     scale = velocity_scale(d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
@@ -192,4 +211,4 @@ def build_model(model_cfg: DictConfig | Any) -> torch.nn.Module:
         return EGNN(**common)
     if model_cfg.name == "fastegnn":
         return FastEGNN(virtual_channels=model_cfg.virtual_channels, **common)
-    raise ValueError(f"model.name={model_cfg.name!r}: choose egnn or fastegnn")
+    raise ConfigError(f"model.name={model_cfg.name!r}: choose egnn or fastegnn")

@@ -4,8 +4,9 @@ One code path for every launch: ``python launch/train.py`` is one rank holding w
 ``deepspeed --num_gpus P launch/train.py distributed.parts=P`` or ``torchrun --nproc-per-node P ...`` puts
 one part of every graph on each rank (docs/maths.md §4-5). World size W = P × G: G graph groups of P ranks take
 different batches (graph × data parallel). What differs between launches is injected: the communicator
-the model uses for its global means and halo (``dist_egnn.comm``), the rank's data (``dist_egnn.training.rank_data``),
-and the engine that combines gradients and writes checkpoints (``dist_egnn.engines``).
+the model uses for its global means and halo (``dist_egnn.parallel``), the rank's data
+(``dist_egnn.training.rank_data``), and the engine that combines gradients and writes checkpoints
+(``dist_egnn.engines``).
 
 The run directory receives (rank 0 writes):
     config.yaml          the resolved configuration
@@ -101,6 +102,7 @@ class Trainer:
         self.device, self.dtype, self.collective_device = rt.device, rt.dtype, rt.collective_device
         self.is_main = rt.is_main
         self.info, self.data, self.comm, self.engine = ready.info, ready.data, ready.comm, ready.engine
+        self.lock = ready.lock
         self.progress = self.cfg.trainer.progress and self.is_main
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
@@ -119,47 +121,59 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train with early stopping, then evaluate the best model on the test split.
+        """Train with early stopping, then evaluate the best model on the test split; returns the test record.
 
         Raises guard.Stopped after a stop signal (a checkpoint is written first) and guard.NonFiniteError on
-        NaN/Inf with ``trainer.nonfinite=stop`` (after a diagnostic checkpoint).
+        NaN/Inf with ``trainer.nonfinite=stop`` (after a diagnostic checkpoint). The run directory's lock
+        (taken in set-up) is released at the end, whichever way the run ends.
         """
+        try:
+            self.start()
+            with self.signals:
+                self.train()
+            return self.test()
+        finally:
+            self.lock.release()
+
+    def train(self) -> None:
+        """Epochs from where the state stands until ``trainer.max_epochs`` or early stopping; after each
+        evaluating epoch: the record, the best model, a resume point, and the agreed stop verdict."""
         t = self.cfg.trainer
-        self.start()
         steps = min(self.data["train"].num_steps(t.batch_size, self.groups.data_parallel),
                     t.steps_per_epoch or float("inf"))
         first = self.state.epoch + 1
         bar = tqdm(total=(t.max_epochs - first + 1) * steps, initial=self.state.step, desc="training",
                    unit="step", disable=not self.progress)
-        with self.signals:
-            for epoch in range(first, t.max_epochs + 1):
-                if self.state.stale >= t.patience:
-                    break
-                started = time.perf_counter()
-                record = self.train_epoch(epoch, bar)
-                self.state.epoch, self.state.step = epoch, 0
-                if not self.evaluates(epoch):
-                    continue
-                record = dict(epoch=epoch, **record, val_mse=self.evaluate("val"),
-                              epoch_time_s=time.perf_counter() - started)
-                tag = checkpoint.evaluation_tag(epoch)
-                if record["val_mse"] < self.state.best["val_mse"]:
-                    self.state.best, self.state.best_tag, self.state.stale = dict(record), tag, 0
-                    self.save_best(epoch, record["val_mse"])
-                else:
-                    self.state.stale += 1
-                self.metrics.write(record)
-                manifest = self.save_checkpoint(tag)
-                bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_mse=f"{record['val_mse']:.4g}",
-                                best=f"{self.state.best['val_mse']:.4g}")
-                if self.state.stale >= t.patience:
-                    bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {self.state.stale} "
-                              f"evaluations (to continue, resume=auto with a larger trainer.patience)")
-                    break
-                if runtime.agree([self.signals.received], self.collective_device)[0]:
-                    raise self.stopped(manifest)
+        for epoch in range(first, t.max_epochs + 1):
+            if self.state.stale >= t.patience:
+                break
+            started = time.perf_counter()
+            record = self.train_epoch(epoch, bar)
+            self.state.epoch, self.state.step = epoch, 0
+            if not self.evaluates(epoch):
+                continue
+            record = dict(epoch=epoch, **record, val_mse=self.evaluate("val"),
+                          epoch_time_s=time.perf_counter() - started)
+            tag = checkpoint.evaluation_tag(epoch)
+            if record["val_mse"] < self.state.best["val_mse"]:
+                self.state.best, self.state.best_tag, self.state.stale = dict(record), tag, 0
+                self.save_best(epoch, record["val_mse"])
+            else:
+                self.state.stale += 1
+            self.metrics.write(record)
+            manifest = self.save_checkpoint(tag)
+            bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_mse=f"{record['val_mse']:.4g}",
+                            best=f"{self.state.best['val_mse']:.4g}")
+            if self.state.stale >= t.patience:
+                bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {self.state.stale} "
+                          f"evaluations (to continue, resume=auto with a larger trainer.patience)")
+                break
+            if runtime.agree([self.signals.received], self.collective_device)[0]:
+                raise self.stopped(manifest)
         bar.close()
 
+    def test(self) -> dict[str, Any]:
+        """The best model's test MSE, added to its validation record and written as metrics.jsonl's last line."""
         self.engine.import_state(checkpoint.load(self.best_path, map_location=self.device)["model"])
         final = dict(self.state.best, test_mse=self.evaluate("test"), best_checkpoint=str(self.best_path))
         self.metrics.write(final)

@@ -39,7 +39,7 @@ def pristine(tmp_path_factory) -> Path:
 
 
 def splits(data: Path, *overrides: str):
-    from dist_egnn.training.trainer import load_splits, open_dataset_store
+    from dist_egnn.training.setup import load_splits, open_dataset_store
     cfg = config(data, *overrides)
     return load_splits(cfg, open_dataset_store(cfg.dataset, progress=False))
 

@@ -136,3 +136,22 @@ def test_many_processes_racing_exactly_one_wins(tmp_path):
     done.touch()
     outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outcomes == ["refused"] * 5 + ["won"], outcomes
+
+
+def test_a_second_training_into_a_held_run_directory_stops_before_writing(tmp_path):
+    """Guards issue 18's interleaved metrics.jsonl: the trainer set-up takes the lock before writing anything."""
+    from runs import config, digest
+
+    from dist_egnn.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("the other training's files\n")
+    before = digest(run)
+    with RunLock(run):                                    # another training holds it
+        with pytest.raises(RunLockedError, match="in use by another training"):
+            Trainer.from_config(config(tmp_path / "data"), run)
+    after = digest(run)
+    assert after == before
+    result = Trainer.from_config(config(tmp_path / "data"), run).fit()     # free again: runs
+    assert "test_mse" in result and not (run / ".lock").exists()
