@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
+
 from dist_egnn.errors import BadInput, ConfigError
 
 NODE_FEATURE_RECIPES = ("speed",)        # plus any name in the store's node_scalars

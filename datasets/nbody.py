@@ -30,8 +30,8 @@ import zarr
 
 from dist_egnn.datasets.parallel import map_tasks
 from dist_egnn.datasets.store import DEFAULT_CHUNK_NODES, atomic_store, create_split, write_root_attrs, write_scenes
-from dist_egnn.keys import SPLITS
 from dist_egnn.errors import ConfigError
+from dist_egnn.keys import SPLITS
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 

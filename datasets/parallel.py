@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import dask
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
+
 from dist_egnn.errors import ConfigError
 
 SCHEDULERS = ("auto", "threads", "processes", "sync")

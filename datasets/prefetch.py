@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 from typing import Iterable, Iterator, TypeVar
+
 from dist_egnn.errors import ConfigError
 
 T = TypeVar("T")

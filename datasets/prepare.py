@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping
+
 from dist_egnn.errors import ConfigError
 
 SOURCES = ("nbody", "sph", "md", "gns", "synthetic")

@@ -66,8 +66,8 @@ import zarr
 
 from dist_egnn.datasets.parallel import available_cores, map_tasks
 from dist_egnn.datasets.store import StoreError, atomic_store, create_split, write_root_attrs
-from dist_egnn.keys import SPLITS
 from dist_egnn.errors import BadInput, ConfigError
+from dist_egnn.keys import SPLITS
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 RECIPE_VERSION = 1            # bump when the recipe changes the data: old work folders are then refused

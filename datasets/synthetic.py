@@ -19,8 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dist_egnn.datasets.store import atomic_store, create_split, write_root_attrs, write_scenes
-from dist_egnn.keys import SPLITS
 from dist_egnn.errors import ConfigError
+from dist_egnn.keys import SPLITS
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dist_egnn.parallel.seam import SingleProcess
-from dist_egnn.models.ops import count_per_segment, scatter_sum
 from dist_egnn.errors import ConfigError
+from dist_egnn.models.ops import count_per_segment, scatter_sum
+from dist_egnn.parallel.seam import SingleProcess
 
 KERNELS = ("gaussian", "unsquared")
 MMD_TARGETS = ("truth", "prediction")

@@ -16,12 +16,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from dist_egnn.config import register
 from dist_egnn.datasets.prepare import prepare_dataset
 from dist_egnn.datasets.store import open_store
-from dist_egnn.config import register
 from dist_egnn.errors import BadInput
-from dist_egnn.training.setup import load_splits
 from dist_egnn.partitioners.artifacts import prepare_partitions
+from dist_egnn.training.setup import load_splits
 
 register()
 

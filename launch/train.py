@@ -23,10 +23,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dist_egnn.training import guard
-from dist_egnn.parallel import runtime
 from dist_egnn.config import register
 from dist_egnn.errors import BadInput
+from dist_egnn.parallel import runtime
+from dist_egnn.training import guard
 from dist_egnn.training.trainer import Trainer
 
 register()

@@ -72,7 +72,6 @@ from tqdm.auto import tqdm
 
 from dist_egnn.datasets.store import COMPRESSORS, DEFAULT_CHUNK_NODES, atomic_store, missing_chunks
 from dist_egnn.errors import BadInput, ConfigError
-from dist_egnn.partitioners.metrics import partition_metrics
 from dist_egnn.partitioners.strategies import METHODS, partition
 from dist_egnn.partitioners.subgraphs import halo_mask, mask_dtype
 

@@ -44,9 +44,9 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from dist_egnn.datasets.graphs import complete_graph, radius_graph
+from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.partitioners.metrics import PartitionMetrics, partition_metrics
 from dist_egnn.partitioners.subgraphs import PartGraph, split_graph
-from dist_egnn.errors import BadInput, ConfigError
 
 METHODS = ("metis", "spatial", "random")
 MAX_COMPLETE_NODES = 4096        # a complete graph on more nodes has > 16.8M edges: ask for a radius

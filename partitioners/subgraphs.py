@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+
 from dist_egnn.errors import BadInput, ConfigError
 
 

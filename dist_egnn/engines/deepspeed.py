@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dist_egnn.training import checkpoint
 from dist_egnn.engines.base import Engine
+from dist_egnn.training import checkpoint
 
 
 def deepspeed_config(cfg) -> dict[str, Any]:

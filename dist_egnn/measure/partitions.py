@@ -21,7 +21,13 @@ import time
 import numpy as np
 
 from dist_egnn.datasets.graphs import radius_graph
-from dist_egnn.partitioners.strategies import METHODS, metis_assignment, partition, random_assignment, spatial_assignment
+from dist_egnn.partitioners.strategies import (
+    METHODS,
+    metis_assignment,
+    partition,
+    random_assignment,
+    spatial_assignment,
+)
 
 
 def uniform_cloud(nodes: int, degree: float, radius: float, seed: int = 0) -> np.ndarray:

@@ -82,10 +82,10 @@ def measure_part(cfg_container: dict, part: int, parts: int, halo: bool, steps: 
     from omegaconf import OmegaConf
 
     from dist_egnn.engines.plain import PlainEngine
+    from dist_egnn.partitioners.artifacts import artifact_path, load_assignments
     from dist_egnn.training.rank_data import RankData
     from dist_egnn.training.setup import DTYPES, build_model, load_splits, open_dataset_store
     from dist_egnn.training.trainer import train_step
-    from dist_egnn.partitioners.artifacts import artifact_path, load_assignments
 
     torch.set_num_threads(PROJECTION_THREADS)
     baseline = peak_rss_mb()

@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from tqdm.auto import tqdm
-
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from dist_egnn.config import ScalingConfig, register, to_container  # noqa: F401  (ScalingConfig: the schema)
 from dist_egnn.measure.scaling import in_fresh_process, measure_links, measure_part, project
-from dist_egnn.training.setup import load_splits, open_dataset_store
 from dist_egnn.partitioners.artifacts import prepare_partitions
+from dist_egnn.training.setup import load_splits, open_dataset_store
 
 ROOT = Path(__file__).resolve().parents[2]         # the repository: launch/ is there
 BIN = Path(sys.executable).parent

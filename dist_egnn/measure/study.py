@@ -27,11 +27,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dist_egnn.measure.baselines import trivial_baselines
-from dist_egnn.training.checkpoint import write_text_atomic
 from dist_egnn.config import StudyRoot, StudyRun, StudySpec  # noqa: F401  (the schema; registered by register())
-from dist_egnn.measure.reporting import bar_plot, markdown_table, summarise, write_json
 from dist_egnn.errors import ConfigError
+from dist_egnn.measure.baselines import trivial_baselines
+from dist_egnn.measure.reporting import bar_plot, markdown_table, summarise, write_json
+from dist_egnn.training.checkpoint import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[2]         # the repository: launch/train.py is run from there
 

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_egnn.errors import ConfigError
 from dist_egnn.parallel.collectives import GraphParallel
 from dist_egnn.parallel.seam import Communicator, SingleProcess
-from dist_egnn.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_egnn.training.callbacks import Callback
 from dist_egnn.errors import BadInput
+from dist_egnn.training.callbacks import Callback
 
 KINDS = ("sigterm", "sigint", "kill", "hang", "nan_loss", "inf_grad")
 

@@ -32,11 +32,17 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_features, edge_order, node_features, radius_graph
+from dist_egnn.datasets.graphs import (
+    complete_graph,
+    drop_longest_edges,
+    edge_features,
+    edge_order,
+    node_features,
+    radius_graph,
+)
 from dist_egnn.datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
-from dist_egnn.partitioners.subgraphs import HaloPlan
-from dist_egnn.partitioners.subgraphs import PartNodes, part_nodes, stack_parts
 from dist_egnn.errors import BadInput
+from dist_egnn.partitioners.subgraphs import HaloPlan, PartNodes, part_nodes, stack_parts
 
 
 @dataclass

@@ -25,9 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-
-from dist_egnn.training import checkpoint
 from dist_egnn.parallel import runtime
+from dist_egnn.training import checkpoint
 from dist_egnn.training.checkpoint import CheckpointError
 
 

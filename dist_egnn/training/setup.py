@@ -26,14 +26,13 @@ from dist_egnn.config import check
 from dist_egnn.datasets.prepare import prepare_dataset
 from dist_egnn.datasets.store import StoreInfo, open_store
 from dist_egnn.engines import Engine, build_engine, resolve_engine
+from dist_egnn.errors import ConfigError
 from dist_egnn.keys import SPLITS
 from dist_egnn.models import EGNN, FastEGNN
 from dist_egnn.parallel import Communicator, runtime
-from dist_egnn.partitioners.artifacts import (StalePartitionError, load_assignments, partition_status,
-                                              prepare_partitions)
+from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
 from dist_egnn.training.lock import RunLock, RunLockedError
 from dist_egnn.training.rank_data import RankData
-from dist_egnn.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

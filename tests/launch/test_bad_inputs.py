@@ -19,8 +19,9 @@ import torch
 import zarr
 
 from dist_egnn.datasets.store import StoreError
-from dist_egnn.training.checkpoint import CheckpointError, sha256
 from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, prepare_partitions
+from dist_egnn.training.checkpoint import CheckpointError, sha256
+
 from runs import config, digest, fit
 
 STORE = "nbody_small.zarr"

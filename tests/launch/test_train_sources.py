@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_gns import write_folder
 
 ROOT = Path(__file__).resolve().parents[2]

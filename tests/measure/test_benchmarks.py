@@ -18,8 +18,9 @@ from equivariance import random_graph
 BENCH = Path(__file__).resolve().parents[2] / "asv_bench"
 sys.path.insert(0, str(BENCH))
 
-from benchmarks.reference import ReferenceEGNN, ReferenceFastEGNN  # noqa: E402
 from dist_egnn.models import EGNN, FastEGNN  # noqa: E402
+
+from benchmarks.reference import ReferenceEGNN, ReferenceFastEGNN  # noqa: E402
 
 
 def test_every_benchmark_runs_once_on_a_tiny_graph():

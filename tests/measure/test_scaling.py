@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_egnn.partitioners.subgraphs import HaloPlan
 from dist_egnn.measure.scaling import PartTwin, communication_seconds, project
+from dist_egnn.partitioners.subgraphs import HaloPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 LINKS = dict(allreduce_alpha_s=1e-4, allreduce_beta_bytes_per_s=1e9, alltoall_alpha_s=2e-4,

@@ -10,6 +10,7 @@ from torch.autograd import gradcheck
 
 from dist_egnn.models import EGNN, FastEGNN
 from dist_egnn.models.fused import EdgeMessages, VirtualMessages
+
 from equivariance import random_graph
 
 H = 5

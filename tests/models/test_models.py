@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dist_egnn.models import EGNN, FastEGNN
+
 from equivariance import TOLERANCE, assert_equivariant, equivariance_error, random_graph, random_orthogonal
 
 MODELS = [EGNN, FastEGNN]

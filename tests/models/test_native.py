@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from dist_egnn.models import FastEGNN, native
+
 from equivariance import random_graph
 
 APPLIES = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("cc") is not None

@@ -12,6 +12,7 @@ from dist_egnn.datasets.loader import TrajectoryDataset, collate
 from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
 from dist_egnn.datasets.store import open_store
 from dist_egnn.models import EGNN, FastEGNN
+
 from equivariance import random_orthogonal
 
 

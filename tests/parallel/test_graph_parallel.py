@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 
 from dist_egnn.datasets.graphs import radius_graph
-from dist_egnn.parallel.collectives import GraphParallel
-from dist_egnn.partitioners.subgraphs import HaloPlan
 from dist_egnn.losses import objective
 from dist_egnn.models import EGNN, FastEGNN
+from dist_egnn.parallel.collectives import GraphParallel
 from dist_egnn.partitioners import partition
-from dist_egnn.partitioners.subgraphs import halo_mask, part_nodes, split_graph, stack_parts
+from dist_egnn.partitioners.subgraphs import HaloPlan, halo_mask, part_nodes, split_graph, stack_parts
+
 from ranks import run_ranks
 
 SIZES = (41, 30)          # two graphs of different sizes in one batch

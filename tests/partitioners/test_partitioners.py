@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 import zarr
 
-from dist_egnn.datasets.graphs import complete_graph, radius_graph
+from dist_egnn.datasets.graphs import radius_graph
 from dist_egnn.datasets.loader import TrajectoryDataset
 from dist_egnn.datasets.store import atomic_store, create_split, open_store, write_root_attrs, write_scenes
 from dist_egnn.partitioners import METHODS, partition, partition_metrics
-from dist_egnn.partitioners.artifacts import (StalePartitionError, artifact_path, load_assignments, prepare_partitions,
-                                    sample_seed)
+from dist_egnn.partitioners.artifacts import (
+    StalePartitionError,
+    artifact_path,
+    load_assignments,
+    prepare_partitions,
+    sample_seed,
+)
 from dist_egnn.partitioners.strategies import max_part_size, rebalance, undirected_adjacency
 
 ROOT = Path(__file__).resolve().parents[2]

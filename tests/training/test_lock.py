@@ -140,9 +140,9 @@ def test_many_processes_racing_exactly_one_wins(tmp_path):
 
 def test_a_second_training_into_a_held_run_directory_stops_before_writing(tmp_path):
     """Guards issue 18's interleaved metrics.jsonl: the trainer set-up takes the lock before writing anything."""
-    from runs import config, digest
-
     from dist_egnn.training.trainer import Trainer
+
+    from runs import config, digest
 
     run = tmp_path / "run"
     run.mkdir()

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dist_egnn.training import checkpoint, guard
+
 from runs import ROOT, TINY, engine_checkpoint, fit, max_difference, records, results
 
 

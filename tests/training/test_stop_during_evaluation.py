@@ -5,9 +5,10 @@ Guards issue 18's "SIGTERM during an evaluation exits 1 with AttributeError: 'st
 """
 import pytest
 
-from runs import config
 from dist_egnn.training import guard
 from dist_egnn.training.trainer import Trainer
+
+from runs import config
 
 
 def test_signal_during_validation_stops_with_the_evaluation_checkpoint(tmp_path, monkeypatch):
