@@ -211,7 +211,8 @@ class TrajectoryDataset:
         for name, values in arrays.items():
             if not np.all(np.isfinite(values)):
                 at = frame + self.delta_t if name == "target" else frame
-                raise StoreError(f"{self.info.path}/{self.split}: {'pos' if 'pos' in name or name == 'target' else name}"
+                shown = "pos" if "pos" in name or name == "target" else name
+                raise StoreError(f"{self.info.path}/{self.split}: {shown}"
                                  f" of scene {scene} at frame {at} holds NaN or Inf ({name}); regenerate or "
                                  f"repair the store")
 
@@ -229,7 +230,8 @@ class TrajectoryDataset:
         names = self.info.node_scalars
         return GraphSample(pos=pos, vel=vel, target=target,
                            node_features=node_features(self.node_recipe, vel, scalars, names),
-                           edge_index=edge_index, edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names),
+                           edge_index=edge_index,
+                           edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names),
                            scene=scene, frame=frame)
 
     def batches(self, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> Iterator[GraphBatch]:

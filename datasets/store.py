@@ -162,7 +162,8 @@ def open_store(path: str | os.PathLike, check_values: bool = False) -> StoreInfo
     try:
         root = zarr.open_group(str(path), mode="r")
     except Exception as err:  # zarr raises several types for a folder that is not a group
-        raise StoreError(f"{path} is not a readable zarr group ({err}); delete it and prepare the dataset again") from err
+        raise StoreError(f"{path} is not a readable zarr group ({err}); "
+                         f"delete it and prepare the dataset again") from err
     attrs = dict(root.attrs)
     version = attrs.get("schema_version")
     if version is None:

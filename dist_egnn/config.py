@@ -46,7 +46,8 @@ class DatasetConfig:
     frame_start: int = 0
     frame_stop: Optional[int] = None          # None: every frame with a target
     frame_stride: int = 1
-    velocity_unit: str = "store"              # store: as stored | horizon: v · delta_t · dt (displacement per task step)
+    velocity_unit: str = "store"              # store: as stored | horizon: v · delta_t · dt
+                                              # (displacement per task step)
     node_features: list[str] = field(default_factory=lambda: ["speed"])
     edge_features: list[str] = field(default_factory=lambda: ["distance", "distance"])
     radius: Optional[float] = None            # None: the store's own radius (None there: complete graph)

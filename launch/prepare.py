@@ -3,9 +3,10 @@
 Writes ``<paths.data>/<dataset.name>.zarr`` (validated) with a progress bar; an existing store is
 validated and kept unless ``prepare.overwrite=true``. Generation runs in parallel through dask
 (``prepare.scheduler``, ``prepare.workers``; ``prepare.cluster=local`` or a dask.distributed scheduler
-address runs it on a cluster). An interrupted SPH generation resumes when the command is run again. With ``distributed.parts=P`` (P > 1) it also builds,
-or reuses when its inputs are unchanged, the partition of every sample (``distributed.partition``,
-``distributed.seed``) beside the store; see ``partitioners/artifacts.py``.
+address runs it on a cluster). An interrupted SPH generation resumes when the command is run again.
+With ``distributed.parts=P`` (P > 1) it also builds, or reuses when its inputs are unchanged, the
+partition of every sample (``distributed.partition``, ``distributed.seed``) beside the store; see
+``partitioners/artifacts.py``.
 """
 from __future__ import annotations
 

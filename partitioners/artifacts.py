@@ -137,7 +137,8 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
     return path
 
 
-def partition_status(splits: Mapping[str, Any], method: str, num_parts: int, seed: int = 0) -> tuple[Path, str, str | None]:
+def partition_status(splits: Mapping[str, Any], method: str, num_parts: int,
+                     seed: int = 0) -> tuple[Path, str, str | None]:
     """(artifact path, inputs hash, None if the stored artifact matches ``splits`` else why not, in words).
 
     Cheap (reads two frames per split, the artifact's attributes and its chunk listing): every rank of a run

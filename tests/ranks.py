@@ -62,7 +62,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 180) -> list:
             rank, status, value = results.get(timeout=timeout)
             (collected.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
     except queue_module.Empty:
-        errors.append(f"timed out after {timeout} s waiting for ranks {sorted(set(range(world_size)) - set(collected))}")
+        missing = sorted(set(range(world_size)) - set(collected))
+        errors.append(f"timed out after {timeout} s waiting for ranks {missing}")
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -193,7 +193,8 @@ def broadcast_text(text: str, src: int = 0, device="cpu") -> str:
     data = torch.tensor(list(text.encode()) if dist.get_rank() == src else [], dtype=torch.uint8)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     dist.broadcast(size, src)
-    buffer = data.to(device) if dist.get_rank() == src else torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    buffer = (data.to(device) if dist.get_rank() == src
+              else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
     dist.broadcast(buffer, src)
     return bytes(buffer.cpu().tolist()).decode()
 

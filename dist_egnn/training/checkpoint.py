@@ -118,7 +118,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({why(err)}); it is damaged or not a "
-                              f"dist-egnn checkpoint: delete it (and its manifest) to resume from an older one") from err
+                              f"dist-egnn checkpoint: delete it (and its manifest) to resume from an older one"
+                              ) from err
 
 
 def why(err: Exception) -> str:
@@ -305,7 +306,8 @@ def verify(directory: str | os.PathLike, manifest: dict[str, Any], config: dict[
     check_paths(where, manifest)
     if manifest["config_hash"] != config_hash(config):
         changes = config_changes(manifest.get("config", {}), identity(config))
-        raise CheckpointError(f"{where} was written with another configuration ({'; '.join(changes[:8]) or 'hash differs'}); "
+        raise CheckpointError(f"{where} was written with another configuration "
+                              f"({'; '.join(changes[:8]) or 'hash differs'}); "
                               f"resume with the run's own settings (see config.yaml of the run directory), or start "
                               f"a new run directory (another hydra.run.dir) for the new ones")
     for name, expected in manifest["files"].items():

@@ -51,7 +51,8 @@ def planned(environ=os.environ) -> list[Fault]:
         where, _, when = where.partition("#")
         step, _, rank = where.partition(":")
         if kind not in KINDS or not step.isdigit() or not (rank or "0").isdigit() or not (when or "0").isdigit():
-            raise BadInput(f"DIST_EGNN_FAULTS={spec!r}: {item!r} is not KIND@STEP[:RANK][#ATTEMPT] with KIND in {KINDS}")
+            raise BadInput(f"DIST_EGNN_FAULTS={spec!r}: {item!r} is not KIND@STEP[:RANK][#ATTEMPT] "
+                           f"with KIND in {KINDS}")
         faults.append(Fault(kind, int(step), int(rank or 0), int(when or 0)))
     return [f for f in faults if f.attempt == attempt]
 

@@ -189,7 +189,8 @@ class RankData:
         sizes = np.array([len(a.pos) for a in arrays])
         graph = GraphBatch(node_features=cat(features), pos=cat([a.pos for a in arrays]),
                            vel=cat([a.vel for a in arrays]), target=cat([a.target for a in arrays]),
-                           edge_index=torch.from_numpy(np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), np.int64)),
+                           edge_index=torch.from_numpy(np.concatenate(edges, axis=1) if edges
+                                                       else np.zeros((2, 0), np.int64)),
                            edge_attr=cat(attrs), batch=torch.from_numpy(np.repeat(np.arange(len(arrays)), sizes)),
                            num_graphs=len(arrays))
         plan = None

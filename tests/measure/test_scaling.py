@@ -55,8 +55,8 @@ def test_study_end_to_end(tmp_path):
             "dataset.nbody.train=2", "dataset.nbody.val=1", "dataset.nbody.test=1", "dataset.nbody.steps=1100",
             "dataset.frame_start=0", "dataset.frame_stop=1", "model.hidden=8", "model.layers=1"]
     cmd = [sys.executable, str(ROOT / "launch" / "scaling.py"), "data=nbody_small", "parts=[1,2]", "halo=[exact]",
-           "steps=1", "link_repeats=2", f"overrides=[{','.join(repr(o) for o in tiny)}]", f"results_dir={tmp_path / 'out'}",
-           f"work_dir={tmp_path / 'runs'}", "progress=false"]
+           "steps=1", "link_repeats=2", f"overrides=[{','.join(repr(o) for o in tiny)}]",
+           f"results_dir={tmp_path / 'out'}", f"work_dir={tmp_path / 'runs'}", "progress=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "scaling-nbody_small.csv")))

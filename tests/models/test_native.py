@@ -57,9 +57,9 @@ def test_edge_first_layer_and_head_backward_match_torch(hidden):
     starts = [t.clone() for t in outs]
     g_geo = native.edge_pre1_backward(g_a1, pre1, recv, send, geo, w_geo, *outs)
     assert torch.allclose(g_geo, expected_pre1 @ w_geo, rtol=1e-5, atol=1e-5)
-    for out, start, expected in zip(outs, starts, (starts[0].index_add(0, recv, expected_pre1),
-                                                   starts[1].index_add(0, send, expected_pre1),
-                                                   starts[2] + expected_pre1.t() @ geo)):
+    for out, expected in zip(outs, (starts[0].index_add(0, recv, expected_pre1),
+                                    starts[1].index_add(0, send, expected_pre1),
+                                    starts[2] + expected_pre1.t() @ geo)):
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(IndexError, match="out of range"):
         native.edge_pre1_backward(g_a1, pre1, recv, send + 1, geo, w_geo, *outs)    # send 31 would write past the end

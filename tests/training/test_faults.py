@@ -62,7 +62,8 @@ after step 4 and finishes."""
     assert "epoch-00002-step-000001 in epoch 2 after step 1 (global step 3)" in out      # after the signal
     assert "engine/epoch-00002 after epoch 2 (global step 4)" in out                     # killed in step 5: none lost
     assert results(root / "restarted") == results(root / "reference")
-    got, want = engine_checkpoint(root / "restarted", "epoch-00003"), engine_checkpoint(root / "reference", "epoch-00003")
+    got = engine_checkpoint(root / "restarted", "epoch-00003")
+    want = engine_checkpoint(root / "reference", "epoch-00003")
     assert max_difference(got["model"], want["model"]) == 0.0
     assert max_difference(got["optimizer"], want["optimizer"]) == 0.0
 

@@ -122,7 +122,8 @@ def test_incomplete_checkpoints_are_never_picked_and_pruning_keeps_best(tmp_path
     assert checkpoint.latest_tag(tmp_path) == "epoch-00003"
     assert checkpoint.incomplete_tags(tmp_path) == ["epoch-00004", "epoch-00005"]
     assert checkpoint.prune(tmp_path, keep_last=2, keep=["epoch-00001"]) == ["epoch-00002-step-000001"]
-    assert [m["tag"] for m in checkpoint.complete_checkpoints(tmp_path)] == ["epoch-00001", "epoch-00002", "epoch-00003"]
+    assert ([m["tag"] for m in checkpoint.complete_checkpoints(tmp_path)]
+            == ["epoch-00001", "epoch-00002", "epoch-00003"])
     assert checkpoint.remove_leftovers(tmp_path) == ["epoch-00004", "epoch-00005"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["epoch-00001.pt", "epoch-00001.json", "epoch-00002.pt", "epoch-00002.json", "epoch-00003.pt",
