@@ -75,7 +75,8 @@ class ModelConfig:
     edge_features: int = II("len:${dataset.edge_features}")
     node_attrs: int = 0
     cutoff_rate: float = 0.0                  # edge dropping r (docs/maths.md §2), applied when graphs are built
-    edge_chunk_size: Optional[int] = None     # edges per recomputed chunk; None: the default, 16384
+    edge_chunk_size: Any = "auto"             # edges per recomputed chunk: auto (CPU 16384, CUDA from free memory) | N
+    compile: bool = False                     # torch.compile the model's dense per-node work (see README: measured)
 
 
 @dataclass
@@ -97,8 +98,11 @@ class TrainerConfig:
     patience: int = 10                        # evaluations without a better val MSE before stopping
     eval_every: int = 1                       # epochs between evaluations
     seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"                    # float32 | float64
+    device: str = "auto"                      # auto (CUDA when a GPU is visible, else CPU) | cpu | cuda
+    dtype: str = "float32"                    # float32 | float64: parameters, optimizer state, inputs
+    precision: str = "fp32"                   # fp32 | bf16: bf16 runs the MLP products in bfloat16 (autocast)
+    tf32: bool = True                         # CUDA: float32 matrix products on tensor cores (TF32)
+    deterministic: bool = False               # deterministic kernels (CUDA index_add_ without atomics); slower
     num_threads: Optional[int] = None         # None: all cores of this process's share
     progress: bool = True
     steps_per_epoch: Optional[int] = None     # at most this many training steps per epoch (None: the whole split)
@@ -225,27 +229,74 @@ def register() -> None:
         store.store(name=name, node=node)
 
 
-def check(cfg: DictConfig | Config) -> None:
-    """Checks that types alone cannot express; raises ValueError naming the key and the fix."""
+# Ranges of numeric keys: (lowest allowed, whether the lowest itself is allowed, what the key means).
+# None is accepted wherever the schema allows it (Optional); the check names the key and the range.
+RANGES = {
+    "model.hidden": (1, True), "model.layers": (1, True), "model.virtual_channels": (1, True),
+    "model.node_attrs": (0, True),
+    "dataset.delta_t": (1, True), "dataset.frame_start": (0, True), "dataset.frame_stop": (1, True),
+    "dataset.frame_stride": (1, True), "dataset.radius": (0, False), "dataset.max_neighbors": (1, True),
+    "dataset.prefetch": (0, True),
+    "dataset.mmd_weight": (0, True), "dataset.mmd_sigma": (0, False), "dataset.mmd_samples": (1, True),
+    "loss.mmd_weight": (0, True), "loss.mmd_sigma": (0, False), "loss.mmd_samples": (1, True),
+    "trainer.max_epochs": (1, True), "trainer.batch_size": (1, True), "trainer.eval_batch_size": (1, True),
+    "trainer.lr": (0, False), "trainer.weight_decay": (0, True), "trainer.patience": (1, True),
+    "trainer.eval_every": (1, True), "trainer.seed": (0, True), "trainer.num_threads": (1, True),
+    "trainer.steps_per_epoch": (1, True), "trainer.checkpoint_every_steps": (0, True), "trainer.keep_last": (1, True),
+    "distributed.parts": (1, True), "distributed.seed": (0, True), "distributed.timeout_s": (0, False),
+    "distributed.prepare_timeout_s": (0, False),
+    "engine.zero_stage": (0, True), "engine.gradient_clipping": (0, True),
+    "prepare.workers": (1, True),
+}
+CHOICES = {
+    "model.name": MODEL_NAMES, "loss.mmd_kernel": ("gaussian", "unsquared"), "loss.mmd_target": ("truth", "prediction"),
+    "trainer.dtype": ("float32", "float64"), "trainer.precision": ("fp32", "bf16"),
+    "trainer.device": ("auto", "cpu", "cuda"), "trainer.nonfinite": ("stop", "skip"),
+    "distributed.halo": HALO_MODES, "distributed.partition": PARTITION_METHODS,
+    "distributed.backend": ("auto", "gloo", "nccl"), "engine.name": ENGINE_NAMES,
+}
+
+
+def _value(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def range_problems(cfg) -> list[str]:
+    """A sentence for every numeric key outside its range (:data:`RANGES`)."""
     problems = []
-    if cfg.model.name not in MODEL_NAMES:
-        problems.append(f"model.name={cfg.model.name!r}: choose one of {MODEL_NAMES} (model=egnn or model=fastegnn)")
+    for key, (low, inclusive) in RANGES.items():
+        value = _value(cfg, key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if key.startswith("loss.") and value == _value(cfg, "dataset." + key[5:]):
+            continue                                  # interpolated from dataset.*: reported there
+        if value < low or (value == low and not inclusive):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            problems.append(f"{key}={value}: must be {bound}")
+    if cfg.model.get("edge_chunk_size") not in (None, "auto"):
+        size = cfg.model.edge_chunk_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            problems.append(f"model.edge_chunk_size={size!r}: must be auto or a whole number of edges >= 1")
+    return problems
+
+
+def check(cfg: DictConfig | Config) -> None:
+    """Checks that types alone cannot express; raises ConfigError naming every bad key and the fix."""
+    problems = range_problems(cfg)
+    for key, choices in CHOICES.items():
+        value = _value(cfg, key)
+        if value is not None and str(value).split(":")[0] not in choices:
+            problems.append(f"{key}={value!r}: choose one of {choices}")
     if not 0.0 <= cfg.model.cutoff_rate <= 1.0:
         problems.append(f"model.cutoff_rate={cfg.model.cutoff_rate}: must be in [0, 1]")
-    if cfg.loss.mmd_kernel not in ("gaussian", "unsquared"):
-        problems.append(f"loss.mmd_kernel={cfg.loss.mmd_kernel!r}: choose gaussian or unsquared")
-    if cfg.loss.mmd_target not in ("truth", "prediction"):
-        problems.append(f"loss.mmd_target={cfg.loss.mmd_target!r}: choose truth or prediction")
-    if cfg.trainer.dtype not in ("float32", "float64"):
-        problems.append(f"trainer.dtype={cfg.trainer.dtype!r}: choose float32 or float64")
-    for key in ("max_epochs", "batch_size", "eval_batch_size", "eval_every", "patience", "keep_last"):
-        if getattr(cfg.trainer, key) < 1:
-            problems.append(f"trainer.{key}={getattr(cfg.trainer, key)}: must be >= 1")
-    if cfg.trainer.checkpoint_every_steps < 0:
-        problems.append(f"trainer.checkpoint_every_steps={cfg.trainer.checkpoint_every_steps}: must be >= 0 "
-                        f"(0: checkpoints at evaluations only)")
-    if cfg.trainer.nonfinite not in ("stop", "skip"):
-        problems.append(f"trainer.nonfinite={cfg.trainer.nonfinite!r}: choose stop or skip")
+    if cfg.trainer.get("precision") == "bf16" and cfg.trainer.dtype == "float64":
+        problems.append("trainer.precision=bf16 with trainer.dtype=float64: bf16 mixed precision keeps float32 "
+                        "parameters; use trainer.dtype=float32, or trainer.precision=fp32 for float64")
     if cfg.get("resume") not in (None, "auto"):
         problems.append(f"resume={cfg.get('resume')!r}: only resume=auto is supported (or leave resume unset)")
     if cfg.model.node_features != len(cfg.dataset.node_features):
@@ -256,17 +307,6 @@ def check(cfg: DictConfig | Config) -> None:
         problems.append(f"model.edge_features={cfg.model.edge_features} but dataset.edge_features lists "
                         f"{len(cfg.dataset.edge_features)} features {list(cfg.dataset.edge_features)}: "
                         f"remove the model.edge_features override or change the recipe")
-    d = cfg.distributed
-    if d.parts < 1:
-        problems.append(f"distributed.parts={d.parts}: must be >= 1")
-    if d.halo not in HALO_MODES:
-        problems.append(f"distributed.halo={d.halo!r}: choose one of {HALO_MODES}")
-    if d.partition not in PARTITION_METHODS:
-        problems.append(f"distributed.partition={d.partition!r}: choose one of {PARTITION_METHODS}")
-    if d.backend not in ("auto", "gloo", "nccl"):
-        problems.append(f"distributed.backend={d.backend!r}: choose auto, gloo or nccl")
-    if cfg.engine.name not in ENGINE_NAMES:
-        problems.append(f"engine.name={cfg.engine.name!r}: choose one of {ENGINE_NAMES} (engine=ddp, ...)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -28,8 +28,12 @@ def deepspeed_config(cfg) -> dict[str, Any]:
         # do not do; 0.0 switches clipping off.
         "gradient_clipping": float(cfg.engine.gradient_clipping),
     }
-    if cfg.trainer.device.startswith("cuda") and cfg.trainer.dtype == "bfloat16":
-        config["bf16"] = {"enabled": True}
+    if cfg.trainer.get("precision", "fp32") == "bf16":
+        # DeepSpeed's own switch for torch.autocast (its "bf16" section would make the parameters bf16):
+        # parameters and optimizer state stay float32, the forward runs under autocast as with every other
+        # engine. No module is listed as lower-precision-safe, so gradients are still reduced in float32 and
+        # P ranks keep equal to one device (see dist_egnn.training.device).
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return config
 
 

@@ -8,8 +8,6 @@ device holding whole graphs (docs/maths.md §4-5).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -35,16 +33,16 @@ class AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: Tensor, group, stats: CommStats) -> Tensor:
         ctx.group, ctx.stats = group, stats
-        started = time.perf_counter()
         out = tensor.contiguous().clone()
+        started = stats.start(out)
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         stats.add(started, out)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        started = time.perf_counter()
         grad = grad.contiguous().clone()
+        started = ctx.stats.start(grad)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         ctx.stats.add(started, grad)
         return grad, None, None
@@ -70,7 +68,7 @@ class HaloExchange(torch.autograd.Function):
         ctx.plan, ctx.group, ctx.stats, ctx.num_owned = plan, group, stats, owned.shape[0]
         send = owned.index_select(0, plan.send_index).contiguous()
         recv = owned.new_empty((plan.num_recv, *owned.shape[1:]))
-        started = time.perf_counter()
+        started = stats.start(send)
         dist.all_to_all_single(recv, send, output_split_sizes=plan.recv_counts,
                                input_split_sizes=plan.send_counts, group=group)
         stats.add(started, send)
@@ -82,7 +80,7 @@ class HaloExchange(torch.autograd.Function):
         grad_owned = grad[:ctx.num_owned].clone()
         grad_halo = grad[ctx.num_owned:].contiguous()
         back = grad.new_empty((plan.send_index.shape[0], *grad.shape[1:]))
-        started = time.perf_counter()
+        started = ctx.stats.start(grad_halo)
         dist.all_to_all_single(back, grad_halo, output_split_sizes=plan.send_counts,
                                input_split_sizes=plan.recv_counts, group=ctx.group)
         ctx.stats.add(started, grad_halo)

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -38,7 +39,18 @@ class CommStats:
     bytes: int = 0
     calls: int = 0
 
+    @staticmethod
+    def start(tensor: Tensor) -> float:
+        """The clock before a collective on ``tensor``. On CUDA the queued work is waited for first, so the
+        time counted is the collective's, not the kernels launched before it."""
+        if tensor.is_cuda:
+            torch.cuda.synchronize(tensor.device)
+        return time.perf_counter()
+
     def add(self, started: float, tensor: Tensor) -> None:
+        """Count one collective on ``tensor`` begun at ``started`` (:meth:`start`); on CUDA after it finished."""
+        if tensor.is_cuda:
+            torch.cuda.synchronize(tensor.device)
         self.seconds += time.perf_counter() - started
         self.bytes += tensor.numel() * tensor.element_size()
         self.calls += 1

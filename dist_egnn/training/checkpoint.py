@@ -51,7 +51,7 @@ MANIFEST_FORMAT = "dist-egnn-checkpoint"
 MAY_CHANGE = ("resume", "paths", "prepare", "distributed", "engine", "dataset.store", "dataset.auto_prepare",
               "dataset.check_values", "trainer.max_epochs", "trainer.patience", "trainer.eval_every",
               "trainer.progress", "trainer.num_threads", "trainer.device", "trainer.checkpoint_every_steps",
-              "trainer.keep_last", "trainer.nonfinite")
+              "trainer.keep_last", "trainer.nonfinite", "trainer.tf32", "model.edge_chunk_size", "model.compile")
 
 
 class CheckpointError(BadInput):

@@ -31,6 +31,7 @@ from dist_egnn.keys import SPLITS
 from dist_egnn.models import EGNN, FastEGNN
 from dist_egnn.parallel import Communicator, runtime
 from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
+from dist_egnn.training.device import configure_cuda, edge_chunk_rows, resolve_device
 from dist_egnn.training.lock import RunLock, RunLockedError
 from dist_egnn.training.rank_data import RankData
 
@@ -77,7 +78,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
     info, splits = open_data(cfg, rt, progress)
     data = rank_data(cfg, rt, splits, progress)
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg.model).to(rt.device, rt.dtype)
+    model = build_model(cfg.model, rt.device).to(rt.device, rt.dtype)
     comm = rt.groups.communicator()
     model.set_comm(comm)
     t = cfg.trainer
@@ -99,10 +100,8 @@ def start_runtime(cfg: DictConfig, env: runtime.DistEnv) -> Runtime:
     if engine_name in ("ddp", "fsdp") and not env.distributed:
         raise ConfigError(f"engine={engine_name} needs a multi-process launch (torchrun --nproc-per-node P "
                          f"launch/train.py ...); for one process use engine=plain or engine=auto")
-    device = torch.device(t.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
-        torch.cuda.set_device(device)
+    device = resolve_device(t.device, env.local_rank, env.local_world_size, d.backend)
+    configure_cuda(device, t.get("tf32", True), t.get("deterministic", False))
     torch.set_num_threads(thread_share(env, t.num_threads))
     backend = d.backend if d.backend != "auto" else runtime.default_backend(device)
     groups = runtime.init_groups(env, d.parts, backend, d.timeout_s, d.prepare_timeout_s)
@@ -201,13 +200,18 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
 
 
 # -- model ----------------------------------------------------------------------------------------------
-def build_model(model_cfg: DictConfig | Any) -> torch.nn.Module:
-    """EGNN or FastEGNN from the ``model`` config group."""
+def build_model(model_cfg: DictConfig | Any, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """EGNN or FastEGNN from the ``model`` config group, its edge chunks sized for ``device``."""
+    device = torch.device(device)
     common = dict(node_features=model_cfg.node_features, edge_features=model_cfg.edge_features,
                   node_attrs=model_cfg.node_attrs, hidden=model_cfg.hidden, layers=model_cfg.layers,
-                  edge_chunk_size=model_cfg.edge_chunk_size)
+                  edge_chunk_size=edge_chunk_rows(model_cfg.get("edge_chunk_size"), device, model_cfg.hidden))
     if model_cfg.name == "egnn":
-        return EGNN(**common)
-    if model_cfg.name == "fastegnn":
-        return FastEGNN(virtual_channels=model_cfg.virtual_channels, **common)
-    raise ConfigError(f"model.name={model_cfg.name!r}: choose egnn or fastegnn")
+        model = EGNN(**common)
+    elif model_cfg.name == "fastegnn":
+        model = FastEGNN(virtual_channels=model_cfg.virtual_channels, **common)
+    else:
+        raise ConfigError(f"model.name={model_cfg.name!r}: choose egnn or fastegnn")
+    if model_cfg.get("compile", False):
+        model.compile(dynamic=True)          # nn.Module.compile: the state dict keeps its plain names
+    return model

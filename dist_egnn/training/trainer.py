@@ -30,7 +30,6 @@ restored anyway. metrics.jsonl keeps one line per evaluation across resumes (see
 """
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,21 +45,16 @@ from dist_egnn.losses import objective, sample_nodes
 from dist_egnn.parallel import runtime
 from dist_egnn.training import checkpoint, faults, guard, setup
 from dist_egnn.training.callbacks import Callback
+from dist_egnn.training.device import autocast, memory_mb, synchronize
 from dist_egnn.training.rank_data import RankBatch
 from dist_egnn.training.resume import Checkpoints, MetricsLog
 from dist_egnn.training.state import EpochTotals, TrainerState, resumed_totals
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this rank: CUDA allocator peak on GPU, resident set size peak (RSS) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
-
-
 def forward_loss(engine, communicator, batch: RankBatch, cfg, device: torch.device, dtype: torch.dtype,
                  parts: int):
-    """Forward and loss share of one rank's share of a batch (no backward).
+    """Forward and loss share of one rank's share of a batch (no backward); the forward in
+    ``trainer.precision`` (bf16: under autocast, dist_egnn.training.device), the loss in float32.
 
     ``parts`` is P of the graph group (1 for one process): the loss share's MMD part is divided by it and
     the engine's ``loss_scale`` undoes its gradient averaging (see dist_egnn.engines.base). Returns the
@@ -69,7 +63,8 @@ def forward_loss(engine, communicator, batch: RankBatch, cfg, device: torch.devi
     loss_cfg = cfg.loss
     graph = batch.graph.to(device, dtype)
     communicator.set_halo_plan(None if batch.plan is None else batch.plan.to(device))
-    pred = engine.model(**graph.model_inputs())
+    with autocast(device, cfg.trainer.get("precision", "fp32")):       # the loss below stays float32
+        pred = engine.model(**graph.model_inputs())
     selected = None
     if loss_cfg.mmd_samples is not None:
         selected = sample_nodes(graph.batch, graph.num_graphs, loss_cfg.mmd_samples * cfg.model.virtual_channels,
@@ -200,6 +195,7 @@ class Trainer:
         for batch in prefetch(batches, self.cfg.dataset.prefetch):
             started = time.perf_counter()
             terms, skipped, stop = self.step(batch, epoch)
+            synchronize(self.device)                 # CUDA is asynchronous: time the work, not its launch
             seconds = time.perf_counter() - started
             comm_seconds = self.comm.stats.reset().seconds
             self.state.step += 1
@@ -252,15 +248,17 @@ class Trainer:
         loss, mse, edges, full = runtime.all_reduce_numbers([totals.loss, totals.mse, totals.edges, totals.full_edges],
                                                             "sum", device=self.collective_device)
         skipped = int(totals.skipped)
-        step_max, edges_max, mem_max, comm_max = runtime.all_reduce_numbers(
-            [totals.mean_step_seconds(), totals.edges / max(steps, 1), peak_memory_mb(self.device),
-             totals.comm_seconds / max(steps, 1)], "max", device=self.collective_device)
+        memory = memory_mb(self.device)
+        step_max, edges_max, comm_max, *memory_max = runtime.all_reduce_numbers(
+            [totals.mean_step_seconds(), totals.edges / max(steps, 1), totals.comm_seconds / max(steps, 1),
+             *memory.values()], "max", device=self.collective_device)
         batches = max(steps - skipped, 1) * g.data_parallel
         return dict(train_loss=loss / batches, train_mse=mse / batches, world_size=self.env.world_size,
                     parts=self.cfg.distributed.parts, halo=self.cfg.distributed.halo, engine=self.engine_name,
                     step_time_s=step_max, comm_time_s=comm_max, edges_per_rank=edges_max,
-                    dropped_edge_fraction=1.0 - edges / max(full / g.parts, 1.0), peak_mem_mb=mem_max,
-                    skipped_steps=skipped)
+                    dropped_edge_fraction=1.0 - edges / max(full / g.parts, 1.0), **dict(zip(memory, memory_max)),
+                    skipped_steps=skipped, precision=self.cfg.trainer.get("precision", "fp32"),
+                    device=self.device.type)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> float:
@@ -274,7 +272,8 @@ class Trainer:
         for batch in prefetch(data.batches(batch_ids), self.cfg.dataset.prefetch):
             graph = batch.graph.to(self.device, self.dtype)
             self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
-            pred = self.engine.model(**graph.model_inputs())
+            with autocast(self.device, self.cfg.trainer.get("precision", "fp32")):
+                pred = self.engine.model(**graph.model_inputs())
             squared += (pred.pos - graph.target).double().square().sum().item()
             count += graph.target.numel()
         squared, count = runtime.all_reduce_numbers([squared, count], "sum", device=self.collective_device)
