@@ -213,5 +213,10 @@ def build_model(model_cfg: DictConfig | Any, device: torch.device | str = "cpu")
     else:
         raise ConfigError(f"model.name={model_cfg.name!r}: choose egnn or fastegnn")
     if model_cfg.get("compile", False):
+        if device.type != "cuda":
+            # Measured 2026-12-04, torch 2.13 CPU: inductor fails to generate code for the model's scatter
+            # (index_add_) ("Error in codegen for ComputedBuffer ... scatter_mode='atomic_add'").
+            raise ConfigError("model.compile=true is supported on CUDA only (torch.compile of this model fails on "
+                              "the CPU with torch's inductor); leave model.compile=false on the CPU")
         model.compile(dynamic=True)          # nn.Module.compile: the state dict keeps its plain names
     return model
