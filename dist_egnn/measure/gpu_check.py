@@ -13,11 +13,13 @@ FAIL with its error, and the exit code is 1):
 3. ``fused_vs_plain``: the fused message blocks against plain autograd on the device (float32, TF32 off).
 4. ``bf16``: FastEGNN under bf16 autocast against float32 on the device: relative error of the outputs, and
    the equivariance error (rotation + translation) in both precisions.
-5. ``speed``: one training step (forward + backward) of ours in fp32, bf16 and compiled, and of the
+5. ``determinism``: two identical training steps compared bitwise, with ``torch.use_deterministic_algorithms``
+   (what ``trainer.deterministic=true`` sets) and without (atomics in ``index_add_`` may reorder sums).
+6. ``speed``: one training step (forward + backward) of ours in fp32, bf16 and compiled, and of the
    project's re-implementation of the authors' structure (``asv_bench/benchmarks/reference.py``), on the
    asv suite's 20K- and 113K-node graphs, and ours at several ``model.edge_chunk_size``: median time and
    peak memory (allocated and reserved).
-6. ``deepspeed``: a 113K-node synthetic training run on one GPU through the DeepSpeed launcher, stopped after
+7. ``deepspeed``: a 113K-node synthetic training run on one GPU through the DeepSpeed launcher, stopped after
    one epoch and resumed with ``resume=auto`` (dry run: the tiny N-body set through ``launch/train.py``).
 
 The summary table is printed last and written to ``docs/results/gpu-<date>.md`` (``--out`` elsewhere), after
@@ -80,7 +82,7 @@ class Check:
         stamp = time.strftime("%Y-%m-%d")
         out = out or ROOT / "docs" / "results" / f"gpu-{stamp}{'-dry-run' if dry_run else ''}.md"
         if dry_run:
-            return cls(device, True, out, sizes=["tiny"], compare_size="tiny", chunk_sizes=[64, "auto"], repeat=2)
+            return cls(device, True, out, sizes=["tiny"], compare_size="tiny", chunk_sizes=[64], repeat=1)
         return cls(device, False, out, sizes=["20k", "fluid113k"], compare_size="small",
                    chunk_sizes=[16_384, 65_536, 262_144, 1_048_576, "auto"], repeat=5)
 
@@ -266,6 +268,27 @@ def bf16(check: Check) -> list[dict]:
     return rows
 
 
+def determinism(check: Check) -> list[dict]:
+    """Two identical training steps, bitwise: with torch's deterministic algorithms and without."""
+    graph = on(bench().graph(check.compare_size), check.device)
+    rows = []
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            results = []
+            for _ in range(2):
+                (model,) = twin_models("fastegnn", check.device)
+                results.append(forward_backward(model, graph))
+            (pos_a, grads_a), (pos_b, grads_b) = results
+            same = torch.equal(pos_a, pos_b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+            largest = max([relative(pos_a, pos_b)] + [relative(grads_a[n], grads_b[n]) for n in grads_a])
+        finally:
+            torch.use_deterministic_algorithms(False)
+        rows.append(dict(deterministic=deterministic, bitwise_equal=same, largest_relative_difference=largest,
+                         ok=same or not deterministic))
+    return rows
+
+
 def _variants(check: Check, size: str) -> list[tuple[str, str, dict, str, bool]]:
     """(label, model, kwargs, precision, compiled) of the speed table for one graph size."""
     variants = [("ours fp32", "fastegnn", {}, "fp32", False), ("ours bf16", "fastegnn", {}, "bf16", False),
@@ -301,7 +324,7 @@ def speed(check: Check) -> list[dict]:
 
                 def run(model=model, precision=precision):
                     forward_backward(model, graph, precision)
-                seconds = step_time(run, check.device, check.repeat)
+                seconds = step_time(run, check.device, check.repeat, warmup=1 if check.dry_run else 2)
                 row = dict(graph=size, edges=edges, variant=label, step_ms=1e3 * seconds,
                            **peak_memory(run, check.device))
                 if "peak_alloc_mib" in row:
@@ -354,7 +377,7 @@ def deepspeed_run(check: Check) -> list[dict]:
 
 STAGES: list[tuple[str, Callable[[Check], list[dict]]]] = [
     ("environment", environment), ("device_vs_cpu", device_vs_cpu), ("fused_vs_plain", fused_vs_plain),
-    ("bf16", bf16), ("speed", speed), ("deepspeed", deepspeed_run)]
+    ("bf16", bf16), ("determinism", determinism), ("speed", speed), ("deepspeed", deepspeed_run)]
 
 
 # -- report -----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("environment", "device_vs_cpu", "fused_vs_plain", "bf16", "speed", "deepspeed")
+STAGES = ("environment", "device_vs_cpu", "fused_vs_plain", "bf16", "determinism", "speed", "deepspeed")
 
 
 def test_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
