@@ -49,10 +49,9 @@ def resolve_device(requested: str, local_rank: int = 0, local_world_size: int = 
 
 def configure_cuda(device: torch.device, tf32: bool, deterministic: bool) -> None:
     """Select the device and set the CUDA switches of this process (no-op on CPU but for determinism)."""
-    if deterministic:
-        # Deterministic kernels everywhere (index_add_ on CUDA uses atomics otherwise); an op without a
-        # deterministic implementation then raises instead of silently varying.
-        torch.use_deterministic_algorithms(True, warn_only=False)
+    # Deterministic kernels everywhere (index_add_ on CUDA uses atomics otherwise); an op without a
+    # deterministic implementation then raises instead of silently varying. The configuration decides, both ways.
+    torch.use_deterministic_algorithms(bool(deterministic))
     if device.type != "cuda":
         return
     torch.cuda.set_device(device)

@@ -90,3 +90,18 @@ def test_cuda_without_a_gpu_exits_2_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "trainer.device=cuda" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()                            # nothing prepared
+
+
+def test_deterministic_runs_are_bitwise_equal_on_cpu(tmp_path):
+    """trainer.deterministic=true: two runs give the same weights bit for bit (on the CPU this held before too;
+    on CUDA it is what the switch is for: gpu_check's determinism stage checks it there)."""
+    from runs import results
+
+    for name in ("a", "b"):
+        fit(tmp_path / "data", tmp_path / name, "trainer.deterministic=true", "trainer.max_epochs=2")
+    assert results(tmp_path / "a") == results(tmp_path / "b")
+    a, b = (torch.load(tmp_path / n / "checkpoints" / "best.pt", weights_only=True)["model"] for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.are_deterministic_algorithms_enabled()                 # the process follows the config
+    fit(tmp_path / "data", tmp_path / "c", "trainer.max_epochs=1")
+    assert not torch.are_deterministic_algorithms_enabled()
