@@ -203,8 +203,34 @@ class ScalingConfig:
     progress: bool = True
 
 
-# The schemas register() stores with Hydra, by name (what launch/conf/{config,study,scaling}.yaml list in defaults).
-SCHEMAS = {"base_config": Config, "study_schema": StudyRoot, "scaling_schema": ScalingConfig}
+# ---------------------------------------------------------- launch/predict.py (dist_egnn.inference.predict)
+@dataclass
+class PredictConfig:
+    """Options of ``launch/predict.py``: roll a trained run's model out (dist_egnn.inference)."""
+
+    run: Optional[str] = None                 # run directory (config.yaml + checkpoints/best.pt); required
+    steps: int = 10                           # K task steps (of the run's dataset.delta_t frames) to roll out
+    data: Optional[str] = None                # another store; None: the run's dataset.store
+    split: str = "test"                       # train | val | test
+    start: Optional[int] = None               # input frame t0; None: the run's dataset.frame_start
+    scenes: Optional[int] = None              # the split's first this many scenes; None: all
+    batch_size: Optional[int] = None          # scenes per forward; None: the run's trainer.eval_batch_size
+    format: str = "zarr"                      # zarr | vtk (vtk: also one .vtu per scene and frame, for ParaView)
+    parts: Optional[int] = None               # P parts, re-partitioned every step; None: the run's distributed.parts
+    halo: Optional[str] = None                # exact | none; None: the run's distributed.halo
+    partition: Optional[str] = None           # metis | spatial | random; None: the run's distributed.partition
+    seed: Optional[int] = None                # partitioner seed; None: the run's distributed.seed
+    device: str = "auto"                      # auto | cpu | cuda
+    dtype: Optional[str] = None               # float32 | float64; None: the run's trainer.dtype
+    num_threads: Optional[int] = None         # CPU threads; None: torch's default
+    out: Optional[str] = None                 # output folder; None: <run>/predict (replaced when complete)
+    progress: bool = True
+
+
+# The schemas register() stores with Hydra, by name (what launch/conf/{config,study,scaling,predict}.yaml list in
+# defaults).
+SCHEMAS = {"base_config": Config, "study_schema": StudyRoot, "scaling_schema": ScalingConfig,
+           "predict_schema": PredictConfig}
 
 MODEL_NAMES = ("egnn", "fastegnn")
 HALO_MODES = ("none", "exact")
@@ -213,9 +239,9 @@ ENGINE_NAMES = ("auto", "plain", "ddp", "fsdp", "deepspeed")
 
 
 def register() -> None:
-    """Register the schemas with Hydra (:data:`SCHEMAS`: ``base_config``, ``study_schema``, ``scaling_schema``)
-    and the ``len`` and ``run_stamp`` resolvers; idempotent. Nothing else stores configuration: every entry
-    point calls this before composing."""
+    """Register the schemas with Hydra (:data:`SCHEMAS`: ``base_config``, ``study_schema``, ``scaling_schema``,
+    ``predict_schema``) and the ``len`` and ``run_stamp`` resolvers; idempotent. Nothing else stores
+    configuration: every entry point calls this before composing."""
     if not OmegaConf.has_resolver("len"):
         OmegaConf.register_new_resolver("len", lambda values: len(values))
     if not OmegaConf.has_resolver("run_stamp"):

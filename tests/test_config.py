@@ -2,7 +2,7 @@
 
 Each generator's settings are defined once, by its dataclass in ``datasets/``; the schema (dist_egnn/config.py)
 uses that class as the type of the ``dataset.<source>`` section, and ``register()`` is the one place that
-stores configuration with Hydra (``base_config``, ``study_schema``, ``scaling_schema``).
+stores configuration with Hydra (``base_config``, ``study_schema``, ``scaling_schema``, ``predict_schema``).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ GENERATORS = {
     "md": (md, md.MDConfig, "generate_md"),
     "gns": (gns, gns.GNSConfig, "convert_gns"),
 }
-SCHEMA_NAMES = {"base_config", "study_schema", "scaling_schema"}
+SCHEMA_NAMES = {"base_config", "study_schema", "scaling_schema", "predict_schema"}
 
 
 def field_names(cls) -> list[str]:
@@ -169,7 +169,7 @@ def test_generator_sections_are_typed_and_closed(override):
 
 
 # ------------------------------------------------------------------------------------ register() and schemas
-def test_register_is_idempotent_and_stores_the_three_schemas():
+def test_register_is_idempotent_and_stores_every_schema():
     schema.register()
     repo = ConfigStore.instance().repo
     first = {name: repo[f"{name}.yaml"].node for name in SCHEMA_NAMES}
@@ -181,15 +181,17 @@ def test_register_is_idempotent_and_stores_the_three_schemas():
 
 
 def test_no_module_registers_configuration_at_import():
-    """Importing the entry points' modules stores nothing; register() stores exactly the three schemas."""
+    """Importing the entry points' modules stores nothing; register() stores exactly the four schemas."""
     code = (
         "from hydra.core.config_store import ConfigStore\n"
         "import dist_egnn.config, dist_egnn.measure.study, dist_egnn.measure.scaling_study\n"
+        "import dist_egnn.inference.predict\n"
         "names = lambda: {k for k in ConfigStore.instance().repo\n"
         "                 if k.endswith('_schema.yaml') or k == 'base_config.yaml'}\n"
         "assert names() == set(), names()\n"
         "dist_egnn.config.register()\n"
-        "assert names() == {'base_config.yaml', 'study_schema.yaml', 'scaling_schema.yaml'}, names()\n")
+        "assert names() == {'base_config.yaml', 'study_schema.yaml', 'scaling_schema.yaml',\n"
+        "                   'predict_schema.yaml'}, names()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for folder in ("dist_egnn", "datasets", "partitioners", "launch"):
@@ -227,3 +229,13 @@ def test_scaling_composes_against_the_scaling_schema():
     assert cfg.name == f"scaling-{cfg.data}"
     with pytest.raises(ConfigCompositionException):
         composed("scaling", "bogus=1")
+
+
+def test_predict_composes_against_the_predict_schema():
+    cfg = composed("predict", "run=runs/x", "steps=3", "format=vtk")
+    assert list(cfg.keys()) == field_names(schema.PredictConfig)
+    assert (cfg.run, cfg.steps, cfg.format, cfg.split) == ("runs/x", 3, "vtk", "test")
+    with pytest.raises(ConfigCompositionException):
+        composed("predict", "bogus=1")
+    with pytest.raises(ConfigCompositionException):
+        composed("predict", "steps=many")

@@ -1,0 +1,191 @@
+"""``python launch/predict.py run=RUN_DIR steps=K [...]``: load a run, roll it out, write the results.
+
+Order: every check first (the options, the run's ``config.yaml`` and ``best.pt``, the store, its node
+scalars against the training store's, the model's widths against the data, the split and start frame),
+then the rollout (``dist_egnn.inference.rollout``), then the outputs, written into a temporary sibling
+folder that replaces ``<out>`` (default ``RUN_DIR/predict``) only once complete. A bad input therefore
+stops with a ``BadInput`` naming the key or file and the fix, and nothing is written.
+
+``<out>/`` receives:
+    rollout.json    per-step lists of length ``steps``: ``mse``, ``baseline_mse`` (constant velocity on the
+                    same nodes), ``mse_over_baseline``, ``frames``, ``cut_fraction`` (P > 1); ``steps``,
+                    ``requested_steps``, ``stopped_early``, ``samples`` (scenes), ``command``, ``config``
+                    (these options), the run, the store, the outputs
+    rollout.zarr    the predicted trajectories in the dataset layout (``writers.write_store``)
+    rollout.png     true vs predicted particles at a few steps, per-step MSE vs constant velocity
+    vtk/            with ``format=vtk``: ``scene_NNN.pvd`` + ``scene_NNN/frame_KKKK.vtu`` for ParaView
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dist_egnn.datasets.store import StoreInfo, open_store
+from dist_egnn.errors import BadInput, ConfigError
+from dist_egnn.inference import writers
+from dist_egnn.inference.load import RunError, load_model
+from dist_egnn.inference.rollout import (
+    HALO_MODES,
+    PARTITION_METHODS,
+    Parts,
+    RolloutError,
+    check_start,
+    rollout,
+)
+from dist_egnn.keys import SPLITS
+
+FORMATS = ("zarr", "vtk")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_options(cfg: DictConfig) -> None:
+    """What the types of ``PredictConfig`` cannot say; one ConfigError naming every bad key and its fix."""
+    problems = []
+    if not cfg.get("run"):
+        problems.append("run is missing: give the run directory, run=runs/<dataset>-<model>/<date>")
+    if cfg.steps < 1:
+        problems.append(f"steps={cfg.steps}: must be >= 1 (task steps of the run's dataset.delta_t frames)")
+    if cfg.split not in SPLITS:
+        problems.append(f"split={cfg.split!r}: choose one of {SPLITS}")
+    if cfg.format not in FORMATS:
+        problems.append(f"format={cfg.format!r}: choose one of {FORMATS} (vtk also writes the zarr store)")
+    if cfg.get("parts") is not None and cfg.parts < 1:
+        problems.append(f"parts={cfg.parts}: must be >= 1")
+    if cfg.get("halo") is not None and cfg.halo not in HALO_MODES:
+        problems.append(f"halo={cfg.halo!r}: choose one of {HALO_MODES}")
+    if cfg.get("partition") is not None and cfg.partition not in PARTITION_METHODS:
+        problems.append(f"partition={cfg.partition!r}: choose one of {PARTITION_METHODS}")
+    for key, low in (("start", 0), ("scenes", 1), ("batch_size", 1), ("num_threads", 1), ("seed", 0)):
+        if cfg.get(key) is not None and cfg[key] < low:
+            problems.append(f"{key}={cfg[key]}: must be >= {low}")
+    if cfg.device not in DEVICES:
+        problems.append(f"device={cfg.device!r}: choose one of {DEVICES}")
+    if cfg.format == "vtk" and importlib.util.find_spec("meshio") is None:
+        problems.append("format=vtk writes .vtu files through meshio, which is not installed: "
+                        "pip install -e '.[io]' (or pip install meshio), or leave format=zarr")
+    if cfg.get("dtype") not in (None, "float32", "float64"):
+        problems.append(f"dtype={cfg.dtype!r}: choose float32 or float64 (or leave it out: the run's trainer.dtype)")
+    if problems:
+        raise ConfigError("invalid predict options:\n  " + "\n  ".join(problems))
+
+
+def check_data(run_cfg: DictConfig, info: StoreInfo, model: torch.nn.Module, run_dir: Path) -> None:
+    """The store's node scalars equal the training store's, and the model's widths fit the data's features."""
+    d = run_cfg.dataset
+    trained_on = Path(d.store)
+    if trained_on.resolve() != info.path.resolve():
+        if trained_on.exists():
+            train_scalars = open_store(trained_on).node_scalars
+            if train_scalars != info.node_scalars:
+                raise RolloutError(f"data={info.path} has node scalars {info.node_scalars}, but the run was trained "
+                                   f"on {trained_on} with node scalars {train_scalars}: the model's features would "
+                                   f"mean something else; give data= a store with the same node scalars (prepared "
+                                   f"from the same source) or train a model on this one")
+        else:
+            print(f"note: the training store {trained_on} is gone; checking {info.path} against the run's feature "
+                  f"recipe only")
+    recipe = list(d.node_features)
+    missing = [n for n in recipe if n != "speed" and n not in info.node_scalars]
+    missing += [n for n in d.edge_features if n.endswith("_product") and n[:-len("_product")] not in info.node_scalars]
+    if missing:
+        raise RolloutError(f"{info.path} lacks the node scalars of the run's features {missing} (dataset.node_features="
+                           f"{recipe}, dataset.edge_features={list(d.edge_features)} in {run_dir / 'config.yaml'}; "
+                           f"the store holds {info.node_scalars}): give data= a store with them")
+    for name, width, features in (("node_features", getattr(model, "node_features", None), recipe),
+                                  ("edge_features", getattr(model, "edge_features", None), list(d.edge_features))):
+        if width is not None and width != len(features):
+            raise RunError(f"the model of {run_dir} takes {width} {name.replace('_', ' ')} but its config.yaml's "
+                           f"dataset.{name}={features} makes {len(features)}: the model's widths do not match the "
+                           f"data; restore the config.yaml written with checkpoints/best.pt")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu")
+    return torch.device(name)
+
+
+def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
+    """Everything ``launch/predict.py`` does (see the module docstring); returns rollout.json's content."""
+    started = time.perf_counter()
+    check_options(cfg)
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.run)
+    model = load_model(run_dir, device=device, dtype=cfg.get("dtype"))
+    run_cfg = model.config
+    store = Path(cfg.data) if cfg.get("data") else Path(run_cfg.dataset.store)
+    info = open_store(store)
+    check_data(run_cfg, info, model, run_dir)
+    start = run_cfg.dataset.get("frame_start", 0) if cfg.get("start") is None else cfg.start
+    check_start(info, cfg.split, start, int(run_cfg.dataset.delta_t))
+    dist = run_cfg.get("distributed") or {}
+    parts = Parts(parts=cfg.parts if cfg.get("parts") is not None else dist.get("parts", 1),
+                  halo=cfg.halo if cfg.get("halo") is not None else dist.get("halo", "none"),
+                  method=cfg.partition if cfg.get("partition") is not None else dist.get("partition", "metis"),
+                  seed=cfg.seed if cfg.get("seed") is not None else dist.get("seed", 0))
+    parts.check()
+    out = Path(cfg.out) if cfg.get("out") else run_dir / "predict"
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"out={out} is a file; give a folder (or leave out= out: RUN_DIR/predict)")
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    dtype = next(model.parameters()).dtype
+    print(f"rolling out {run_dir} on {info.path}/{cfg.split} from frame {start}: {cfg.steps} steps of "
+          f"{run_cfg.dataset.delta_t} frames" + (f", {parts.parts} parts ({parts.method}, halo={parts.halo}), "
+                                                 f"re-partitioned every step" if parts.parts > 1 else ""), flush=True)
+    result = rollout(model, run_cfg, info, cfg.split, int(cfg.steps), start=start, scenes=cfg.get("scenes"),
+                     batch_size=cfg.get("batch_size"), parts=parts, device=device, dtype=dtype,
+                     progress=bool(cfg.progress))
+
+    options = OmegaConf.to_container(cfg, resolve=True)
+    extra = dict(command=command, config=options, run=str(run_dir), store=str(info.path),
+                 checkpoint=model.checkpoint, parts=parts.parts, halo=parts.halo if parts.parts > 1 else None,
+                 partition=parts.method if parts.parts > 1 else None, dtype=str(dtype).replace("torch.", ""),
+                 model=run_cfg.model.name, velocity_unit=run_cfg.dataset.get("velocity_unit", "store"))
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir(parents=True)
+        writers.write_store(result, tmp / "rollout.zarr", info, generator=dict(run=str(run_dir), command=command,
+                                                                                 steps=result.steps, split=cfg.split))
+        outputs = {"store": str(out / "rollout.zarr"), "png": str(out / "rollout.png")}
+        if cfg.format == "vtk":
+            pvds = writers.write_vtk(result, tmp / "vtk", info)
+            outputs["vtk"] = [str(out / "vtk" / p.name) for p in pvds]
+        writers.write_png(result, tmp / "rollout.png",
+                          f"{run_cfg.dataset.name} {run_cfg.model.name}: {info.path.name}/{cfg.split}, scene "
+                          f"{result.scenes[0]}")
+        extra.update(outputs=outputs, time_s=round(time.perf_counter() - started, 3))
+        record = writers.write_json(result, tmp / "rollout.json", extra)
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the complete folder ``new`` at ``target``, replacing an older one only once ``new`` is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def summary(record: dict[str, Any]) -> str:
+    """The per-step table printed at the end."""
+    lines = [f"{'step':>4} {'frame':>6} {'mse':>12} {'const. vel.':>12} {'ratio':>7}"]
+    for k, (frame, m, b) in enumerate(zip(record["frames"], record["mse"], record["baseline_mse"]), 1):
+        lines.append(f"{k:>4} {frame:>6} {m:>12.5g} {b:>12.5g} {m / b if b else float('nan'):>7.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Rollouts on small hand-made stores (no training): the graph recipe, velocity units, walls, P parts.
+
+The stores move every particle at constant velocity with dyadic numbers (multiples of 1/256, times of 1/4),
+so float arithmetic is exact and "exactly" means bit-equal.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from omegaconf import OmegaConf
+
+from dist_egnn.datasets.loader import TrajectoryDataset
+from dist_egnn.datasets.store import atomic_store, create_split, open_store, write_root_attrs, write_scenes
+from dist_egnn.inference.rollout import GraphRecipe, Parts, RolloutError, build_graph, partitioned_edges, rollout
+from dist_egnn.keys import SPLITS
+from dist_egnn.models import FastEGNN, Prediction
+from dist_egnn.partitioners.strategies import spatial_assignment
+
+DT = 0.25          # time between stored frames
+DELTA_T = 2        # frames per task step: Δt·dt = 0.5
+
+
+def toy_store(path: Path, *, scenes: int = 2, n: int = 40, frames: int = 9, radius: float | None = 0.6,
+              walls: int = 0, seed: int = 0):
+    """Particles in exact constant-velocity motion; the first ``walls`` nodes of every scene have type 1 and,
+    unlike real walls, a stored trajectory that moves (so a wall scored by mistake shows up in the MSE)."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.integers(0, 128, size=(scenes, n, 3)) / 64
+    v = rng.integers(-8, 9, size=(scenes, n, 3)) / 64
+    t = np.arange(frames) * DT
+    pos = (x0[:, None] + t[None, :, None, None] * v[:, None]).astype(np.float32)
+    vel = np.broadcast_to(v[:, None], pos.shape).astype(np.float32)
+    kind = np.zeros((scenes, n, 1), np.float32)
+    kind[:, :walls] = 1
+    with atomic_store(path) as root:
+        write_root_attrs(root, dataset="toy", source="toy", dt=DT, units={"length": "m", "time": "s"},
+                         radius=radius, node_scalars=["type"], generator={})
+        for split in SPLITS:
+            write_scenes(create_split(root, split, [n] * scenes, frames, 1), 0, pos, vel, kind)
+    return open_store(path)
+
+
+def run_config(unit: str = "horizon", cutoff_rate: float = 0.0, radius: float | None = None):
+    return OmegaConf.create({
+        "dataset": {"delta_t": DELTA_T, "frame_start": 0, "velocity_unit": unit, "node_features": ["speed", "type"],
+                    "edge_features": ["distance"], "radius": radius, "max_neighbors": None},
+        "model": {"cutoff_rate": cutoff_rate}, "trainer": {"eval_batch_size": 1}})
+
+
+class ConstantVelocity(torch.nn.Module):
+    """x + v / (velocity units per displacement per task step): constant-velocity extrapolation as a model."""
+
+    def __init__(self, per_displacement: float):
+        super().__init__()
+        self.per_displacement = per_displacement
+
+    def forward(self, node_features, pos, vel, edge_index, edge_attr=None, batch=None, num_graphs=None):
+        return Prediction(pos + vel / self.per_displacement, None)
+
+
+def open_zarr(info):
+    return zarr.open_group(str(info.path), mode="r")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return {"plain": toy_store(root / "plain.zarr"), "walls": toy_store(root / "walls.zarr", walls=6)}
+
+
+def test_graph_at_one_part_is_the_loaders_sample(stores):
+    """guards: a rollout building its graphs with another recipe than the one the model was trained on."""
+    info = stores["plain"]
+    cfg = run_config(cutoff_rate=0.3)
+    data = TrajectoryDataset(info, "test", delta_t=DELTA_T, node_features=["speed", "type"],
+                             edge_features=["distance"], cutoff_rate=0.3, velocity_scale=DELTA_T * DT)
+    sample = data.read([1])[0]
+    scalars = np.asarray(open_zarr(info)["test"]["node_scalars"][info.splits["test"].scene_nodes(sample.scene)])
+    graph = build_graph(sample.pos, sample.vel, scalars, GraphRecipe.of(cfg, info))
+    assert graph.edge_index.shape[1] > 0
+    np.testing.assert_array_equal(graph.edge_index, sample.edge_index)
+    np.testing.assert_array_equal(graph.edge_attr, sample.edge_attr)
+    np.testing.assert_array_equal(graph.node_features, sample.node_features)
+
+
+@pytest.mark.parametrize("unit, per_displacement", [("horizon", 1.0), ("store", 1.0 / (DELTA_T * DT))])
+def test_constant_velocity_model_reproduces_constant_velocity_exactly(stores, unit, per_displacement):
+    """The fed-back velocity is the last displacement in the training unit: a model that extrapolates at
+    constant velocity (in that unit) reproduces the constant-velocity reference and the stored motion bit
+    for bit. guards: velocities fed back in the wrong unit (off by Δt·dt) or from the wrong frames."""
+    info = stores["plain"]
+    result = rollout(ConstantVelocity(per_displacement), run_config(unit), info, "test", 3)
+    assert result.steps == 3 and result.stopped is None
+    np.testing.assert_array_equal(result.pred, result.baseline)
+    np.testing.assert_array_equal(result.pred, result.truth)
+    assert result.mse == [0.0] * 3 and result.baseline_mse == [0.0] * 3
+    # stored velocities of the predicted frames: the displacement over the step's time, in the store's unit
+    np.testing.assert_array_equal(result.vel[1:], np.broadcast_to(result.vel[0], result.vel[1:].shape))
+
+
+def test_walls_never_move_and_are_left_out_of_the_mse(stores):
+    """Walls (type 1) stay at their input positions whatever the model says, and no MSE sees them: here the
+    stored walls move, so scoring them would make the MSE non-zero. guards: walls moved or scored."""
+    info = stores["walls"]
+    result = rollout(ConstantVelocity(1.0), run_config("horizon"), info, "test", 3)
+    walls = ~result.moving
+    assert walls.sum() == 12 and result.moving.sum() == 68
+    for k in range(1, 4):
+        np.testing.assert_array_equal(result.pred[k, walls], result.pred[0, walls])
+        np.testing.assert_array_equal(result.baseline[k, walls], result.baseline[0, walls])
+    assert np.abs(result.pred[3, walls] - result.truth[3, walls]).max() > 0.1      # they would count
+    assert result.mse == [0.0] * 3 and result.baseline_mse == [0.0] * 3
+
+
+def small_model(dtype=torch.float64) -> FastEGNN:
+    torch.manual_seed(0)
+    return FastEGNN(node_features=2, edge_features=1, hidden=16, layers=2, virtual_channels=2).to(dtype).eval()
+
+
+@pytest.mark.parametrize("method", ["metis", "spatial"])
+def test_exact_parts_equal_one_process_in_float64(stores, method):
+    """P = 2 in exact mode, re-partitioned every step from the predicted positions, equals one process.
+    guards: a partition or halo that misses edges once the particles have moved."""
+    info, cfg = stores["walls"], run_config(cutoff_rate=0.25)
+    model = small_model()
+    one = rollout(model, cfg, info, "test", 3, dtype=torch.float64)
+    two = rollout(model, cfg, info, "test", 3, parts=Parts(2, "exact", method), dtype=torch.float64)
+    assert one.steps == two.steps == 3
+    np.testing.assert_allclose(two.pred, one.pred, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(two.mse, one.mse, rtol=1e-12)
+    assert len(two.cut_fraction) == 3 and all(0 < c < 1 for c in two.cut_fraction)
+    drop = rollout(model, cfg, info, "test", 3, parts=Parts(2, "none", method), dtype=torch.float64)
+    assert np.abs(drop.pred[1:] - one.pred[1:]).max() > 1e-9     # drop mode misses the cut edges
+
+
+def test_drop_mode_keeps_only_edges_inside_parts(stores):
+    info = stores["plain"]
+    pos = np.asarray(open_zarr(info)["test"]["pos"][0, info.splits["test"].scene_nodes(0)])
+    recipe = GraphRecipe.of(run_config(), info)
+    whole = build_graph(pos, np.zeros_like(pos), np.zeros((len(pos), 1), np.float32), recipe).edge_index
+    exact, cut = partitioned_edges(pos, whole, 0.0, Parts(2, "exact", "spatial"))
+    drop, _ = partitioned_edges(pos, whole, 0.0, Parts(2, "none", "spatial"))
+    np.testing.assert_array_equal(exact, whole)
+    assert 0 < cut < 1 and drop.shape[1] == round(whole.shape[1] * (1 - cut))
+    part = spatial_assignment(pos, 2)
+    assert np.all(part[drop[0]] == part[drop[1]])
+
+
+def test_rollout_stops_where_the_trajectory_ends_and_says_so(stores):
+    result = rollout(ConstantVelocity(1.0), run_config(), stores["plain"], "val", 10, start=2)
+    assert result.steps == 3 and result.requested == 10 and result.frames == [2, 4, 6, 8]
+    assert "stopped after 3 of 10 steps" in result.stopped and "frame 8" in result.stopped
+    with pytest.raises(RolloutError, match="start=7"):
+        rollout(ConstantVelocity(1.0), run_config(), stores["plain"], "val", 1, start=7)
+    with pytest.raises(RolloutError, match="steps=0"):
+        rollout(ConstantVelocity(1.0), run_config(), stores["plain"], "val", 0)
