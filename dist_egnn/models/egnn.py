@@ -46,7 +46,7 @@ class GraphContext:
     node_attr: Tensor | None  # (N, A) or None
     inv_degree: Tensor        # (N, 1): 1 / number of received edges, 0 for a node without edges
     node_count: Tensor        # (B, 1): real nodes per graph over ALL processes (a float, for division)
-    comm: object              # SingleProcess or a distributed communicator (dist_egnn.comm)
+    comm: object              # SingleProcess or a distributed communicator (dist_egnn.parallel.seam)
     edge_chunk_size: int | None
 
     def graph_means(self, *per_node: Tensor) -> tuple[Tensor, ...]:
@@ -160,7 +160,7 @@ def _cat_attr(parts: list[Tensor], node_attr: Tensor | None) -> Tensor:
 class EquivariantModel(nn.Module):
     """What EGNN and FastEGNN share: the input embedding, input checks and the per-forward graph context.
 
-    ``comm`` is the communication seam (dist_egnn.comm); the default ``SingleProcess`` runs whole graphs in
+    ``comm`` is the communication seam (dist_egnn.parallel.seam); the default ``SingleProcess`` runs whole graphs in
     this process. A distributed trainer injects its communicator with :meth:`set_comm`.
     """
 
