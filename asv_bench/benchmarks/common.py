@@ -87,15 +87,30 @@ def make_model(name: str, **kwargs) -> torch.nn.Module:
     return builders[name](**kwargs)
 
 
-def training_step(model: torch.nn.Module, g: dict) -> float:
-    """One forward + backward (no optimiser step) of MSE on positions + a small virtual-position term."""
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device_type: str = "cpu"):
+    """The forward's context for ``precision``, as the trainer sets it (``trainer.precision``): bf16 autocast, or
+    nothing (an autocast that is off) for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def training_step(model: torch.nn.Module, g: dict, precision: str = "fp32", optimizer=None) -> float:
+    """One forward + backward of MSE on positions + a small virtual-position term, the forward under
+    ``precision`` (bf16: autocast, loss outside it, as the trainer does), then ``optimizer.step()`` if given."""
     model.zero_grad(set_to_none=True)
-    out = model(**model_inputs(g))
+    with autocast(precision):
+        out = model(**model_inputs(g))
     pos, virtual_pos = out[0], out[1]
     loss = (pos - g["target"]).square().mean()
     if virtual_pos is not None:
         loss = loss + 1e-3 * virtual_pos.square().mean()
     loss.backward()
+    if optimizer is not None:
+        optimizer.step()
     return float(loss.detach())
 
 
@@ -129,32 +144,33 @@ def peak_memory_bytes(fn) -> int:
     return max(_status_kib("VmHWM") - before, 0) * 1024
 
 
-def memory_in_subprocess(size: str, model: str, **model_kwargs) -> dict:
+def memory_in_subprocess(size: str, model: str, precision: str = "fp32", **model_kwargs) -> dict:
     """Peak memory of one training step of ``model`` on graph ``size``, measured in a fresh process.
 
     A fresh interpreter per measurement keeps one variant's freed memory from hiding another's peak. glibc's
     malloc is pinned to a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_=65536``) so large tensors go back to
     the system when freed and the high-water mark tracks live tensors, as a GPU allocator's peak would.
     The probe runs with torch's default thread count (``DIST_EGNN_PROBE_THREADS`` overrides it): each
-    worker thread of the fused blocks holds its own node-sized gradient accumulators.
+    worker thread of the fused blocks holds its own node-sized gradient accumulators. ``precision``: the step's
+    forward under bf16 autocast or not (:func:`training_step`).
     Returns ``{"edges", "nodes", "step_bytes", "bytes_per_edge", "process_peak_bytes"}``.
     """
     code = ("import json, sys; from benchmarks.common import _memory_probe; "
             "print(json.dumps(_memory_probe(*json.loads(sys.argv[1]))))")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code, json.dumps([size, model, model_kwargs])], env=env,
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([size, model, model_kwargs, precision])], env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_probe(size: str, model: str, model_kwargs: dict) -> dict:
+def _memory_probe(size: str, model: str, model_kwargs: dict, precision: str = "fp32") -> dict:
     if os.environ.get("DIST_EGNN_PROBE_THREADS"):
         torch.set_num_threads(int(os.environ["DIST_EGNN_PROBE_THREADS"]))
     g = graph(size)
     net = make_model(model, **model_kwargs)
-    training_step(net, graph("tiny"))  # first-call allocations (thread pools, kernels) out of the measurement
-    step = peak_memory_bytes(lambda: training_step(net, g))
+    training_step(net, graph("tiny"), precision)   # first-call allocations (pools, kernels) out of the measurement
+    step = peak_memory_bytes(lambda: training_step(net, g, precision))
     edges = int(g["edge_index"].shape[1])
     return {"edges": edges, "nodes": int(g["pos"].shape[0]), "step_bytes": step,
             "bytes_per_edge": step / max(edges, 1), "process_peak_bytes": _status_kib("VmHWM") * 1024}

@@ -11,6 +11,13 @@ the input velocity in every layer.
 
 Shapes: N real nodes (owned by this process), N_all = N + halo rows, E edges (receivers < N), B graphs,
 H hidden, F node features, D edge features, A node attributes.
+
+Mixed precision: under ``torch.autocast(dtype=torch.bfloat16)`` (``trainer.precision=bf16``) the products of the
+MLPs phi_e, phi_x, phi_v, phi_h (and, in FastEGNN, phi_ev, phi_xv, phi_X, phi_hv) run in bfloat16. Float32 stay:
+positions, x_i - x_j and every coordinate update; the geometry columns of the first layers (|x_i - x_j|^2, e_ij)
+and their products; every sum or mean over edges or nodes; the node features h between layers (the residual
+stream; the embedding, a K = F product, runs in float32 too); the outputs ``pos`` and ``virtual_pos``. The fused
+blocks follow the same rules (:mod:`dist_egnn.models.fused`); without autocast nothing changes.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from dist_egnn.parallel.seam import SingleProcess
 from dist_egnn.keys import RECEIVER, SENDER
 from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp, velocity_mlp
 from dist_egnn.models.fused import edge_messages
-from dist_egnn.models.ops import count_per_segment, scatter_sum, split_columns
+from dist_egnn.models.ops import (count_per_segment, full_precision, low_precision, mlp_inputs, scatter_sum,
+                                  split_columns)
 
 
 class Prediction(NamedTuple):
@@ -46,7 +54,7 @@ class GraphContext:
     node_attr: Tensor | None  # (N, A) or None
     inv_degree: Tensor        # (N, 1): 1 / number of received edges, 0 for a node without edges
     node_count: Tensor        # (B, 1): real nodes per graph over ALL processes (a float, for division)
-    comm: object              # SingleProcess or a distributed communicator (dist_egnn.parallel.seam)
+    comm: object              # SingleProcess or a distributed communicator (dist_egnn.comm)
     edge_chunk_size: int | None
 
     def graph_means(self, *per_node: Tensor) -> tuple[Tensor, ...]:
@@ -81,10 +89,22 @@ class EGNNLayer(nn.Module):
     def forward(self, h: Tensor, pos: Tensor, vel: Tensor, ctx: GraphContext) -> tuple[Tensor, Tensor]:
         """(h (N, H), pos (N, 3), vel (N, 3)) -> (h' (N, H), pos' (N, 3))."""
         h_all, pos_all = ctx.comm.exchange_halo(h, pos)
+        h_all, h_read = self.mlp_reads(h, h_all, pos)
         message, displacement = self.real_messages(h_all, pos_all, ctx)
-        pos_new = pos + displacement + self.recomputed(self.velocity_term, h, vel)
-        h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h, message)
+        pos_new = pos + displacement + self.recomputed(self.velocity_term, h_read, vel)
+        h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h_read,
+                                    *mlp_inputs(low_precision(pos), message))
         return h_new, pos_new
+
+    @staticmethod
+    def mlp_reads(h: Tensor, h_all: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """(h_all, h) as the layer's MLPs and message blocks read them: unchanged, or under autocast one bfloat16
+        copy of h_all and its owned rows (the only rounding any of them sees; backward keeps it, not h)."""
+        low = low_precision(pos)
+        if low is None:
+            return h_all, h
+        h_all = h_all.to(low)
+        return h_all, h_all[:h.shape[0]]
 
     # -- term (6) ------------------------------------------------------------------------------------------
     def feature_update(self, node_attr: Tensor | None, h: Tensor, *messages: Tensor) -> Tensor:
@@ -141,11 +161,13 @@ class EGNNLayer(nn.Module):
         recv, send = edge_index[RECEIVER], edge_index[SENDER]
         diff = pos_all[recv] - pos_all[send]                        # x_i - x_j (E, 3)
         dist2 = (diff * diff).sum(dim=1, keepdim=True)              # |x_i - x_j|^2 (E, 1)
-        pre = torch.addmm(proj_recv[recv] + proj_send[send], torch.cat([dist2, edge_attr], dim=1), w_edge.t())
+        with full_precision(pos_all):                               # the geometry columns' product in pos's dtype
+            pre = torch.addmm((proj_recv[recv] + proj_send[send]).to(pos_all.dtype),
+                              torch.cat([dist2, edge_attr], dim=1), w_edge.t())
         message = self.edge_mlp[3](self.edge_mlp[2](self.edge_mlp[1](pre)))    # SiLU, Linear, SiLU
         displacement = diff * self.coord_mlp(message)
         n_owned = proj_recv.shape[0]
-        return scatter_sum(message, recv, n_owned), scatter_sum(displacement, recv, n_owned)
+        return scatter_sum(message.to(pos_all.dtype), recv, n_owned), scatter_sum(displacement, recv, n_owned)
 
     # -- velocity part of (4) ----------------------------------------------------------------------------
     def velocity_term(self, h: Tensor, vel: Tensor) -> Tensor:
@@ -160,7 +182,7 @@ def _cat_attr(parts: list[Tensor], node_attr: Tensor | None) -> Tensor:
 class EquivariantModel(nn.Module):
     """What EGNN and FastEGNN share: the input embedding, input checks and the per-forward graph context.
 
-    ``comm`` is the communication seam (dist_egnn.parallel.seam); the default ``SingleProcess`` runs whole graphs in
+    ``comm`` is the communication seam (dist_egnn.comm); the default ``SingleProcess`` runs whole graphs in
     this process. A distributed trainer injects its communicator with :meth:`set_comm`.
     """
 
@@ -190,6 +212,11 @@ class EquivariantModel(nn.Module):
     def set_comm(self, comm) -> None:
         """Use another communicator (e.g. a distributed one) from the next forward on."""
         self.comm = comm
+
+    def embed(self, node_features: Tensor, pos: Tensor) -> Tensor:
+        """h = embedding(f): (N, H) in pos's dtype, also under autocast (a K = F product: nothing to gain)."""
+        with full_precision(pos):
+            return self.embedding(node_features)
 
     def context(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
                 edge_attr: Tensor | None, batch: Tensor | None, num_graphs: int | None,
@@ -252,8 +279,8 @@ class EGNN(EquivariantModel):
         hidden: H. layers: number of layers.
         edge_chunk_size: rows (edges, or real-virtual pairs) per chunk of the fused message blocks, which
             keep no per-edge tensor for backward and recompute each chunk instead; None: 16384
-            (``dist_egnn.models.fused.DEFAULT_CHUNK``). After ``set_fused(False)`` (plain autograd): chunks
-            through torch checkpointing, None keeps every edge tensor.
+            (``dist_egnn.models.fused.DEFAULT_CHUNK``; 8192 under bf16 autocast, ``DEFAULT_CHUNK_LOW``). After
+            ``set_fused(False)`` (plain autograd): chunks through torch checkpointing, None keeps every edge tensor.
         comm: communication seam, default single process.
 
     Call: ``model(node_features (N, F), pos (N, 3), vel (N, 3), edge_index (2, E), edge_attr (E, D),
@@ -269,7 +296,7 @@ class EGNN(EquivariantModel):
                 edge_attr: Tensor | None = None, batch: Tensor | None = None, num_graphs: int | None = None,
                 node_attr: Tensor | None = None) -> Prediction:
         ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr)
-        h = self.embedding(node_features)
+        h = self.embed(node_features, pos)
         for layer in self.layers:
             h, pos = layer(h, pos, vel, ctx)
         return Prediction(pos, None)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp
 from dist_egnn.models.egnn import EGNNLayer, EquivariantModel, GraphContext, Prediction
 from dist_egnn.models.fused import virtual_messages
-from dist_egnn.models.ops import scatter_sum, split_columns
+from dist_egnn.models.ops import full_precision, low_precision, mlp_inputs, scatter_sum, split_columns
 
 
 class FastEGNNLayer(EGNNLayer):
@@ -45,16 +45,18 @@ class FastEGNNLayer(EGNNLayer):
                 ctx: GraphContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(h, pos, vel, virtual_h, virtual_pos) -> (h', pos', virtual_h', virtual_pos')."""
         h_all, pos_all = ctx.comm.exchange_halo(h, pos)
+        h_all, h_read = self.mlp_reads(h, h_all, pos)                                      # bf16 under autocast
         message, displacement = self.real_messages(h_all, pos_all, ctx)                   # (1)
         gram = self.virtual_geometry(pos, virtual_pos, ctx)                                # (2)
-        channel_mean, graph_sum, to_virtual, pull, push = self.virtual_messages(h, pos, virtual_h, virtual_pos,
+        channel_mean, graph_sum, to_virtual, pull, push = self.virtual_messages(h_read, pos, virtual_h, virtual_pos,
                                                                                 gram, ctx)  # (3)
         pos_new = (pos + displacement + self.virtual_pull(to_virtual, pull)                # (4)
-                   + self.recomputed(self.velocity_term, h, vel))
+                   + self.recomputed(self.velocity_term, h_read, vel))
         virtual_move, virtual_message_mean = ctx.means_of_sums(                            # (5), (7) one sum
             scatter_sum(self.virtual_displacement(to_virtual, push), ctx.batch, ctx.num_graphs), graph_sum)
         virtual_pos_new = virtual_pos + virtual_move                                      # (5)
-        h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h, message, channel_mean)   # (6)
+        h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h_read,                       # (6)
+                                    *mlp_inputs(low_precision(pos), message, channel_mean))
         virtual_h_new = virtual_h + self.virtual_feature_update(virtual_h, virtual_message_mean)        # (7)
         return h_new, pos_new, virtual_h_new, virtual_pos_new
 
@@ -62,7 +64,8 @@ class FastEGNNLayer(EGNNLayer):
         """(2) G = ẐᵀẐ with Ẑ = Z - centroid of the real positions: (B, C, C), invariant under E(3)."""
         (centroid,) = ctx.graph_means(pos)                                      # (B, 3)
         centred = virtual_pos - centroid.unsqueeze(-1)                          # (B, 3, C)
-        return centred.transpose(1, 2) @ centred
+        with full_precision(pos):                                               # positions' products stay float32
+            return centred.transpose(1, 2) @ centred
 
     def virtual_messages(self, h: Tensor, pos: Tensor, virtual_h: Tensor, virtual_pos: Tensor, gram: Tensor,
                          ctx: GraphContext) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -78,7 +81,9 @@ class FastEGNNLayer(EGNNLayer):
         w_h, w_s, w_dist, w_gram = split_columns(first, [self.hidden, self.hidden, 1, self.virtual_channels])
         to_virtual = pos.unsqueeze(-1) - virtual_pos[ctx.batch]                           # (N, 3, C)
         dist = torch.linalg.vector_norm(to_virtual, dim=1)                                # (N, C)
-        per_channel = virtual_h.transpose(1, 2) @ w_s.t() + gram @ w_gram.t() + first.bias  # (B, C, H)
+        with full_precision(pos):                                                         # geometry columns
+            gram_part = gram @ w_gram.t()
+        per_channel = virtual_h.transpose(1, 2) @ w_s.t() + gram_part + first.bias        # (B, C, H)
         if self.fused:
             channel_mean, graph_sum, pull, push = virtual_messages(
                 h, per_channel, dist, w_h, w_dist.squeeze(1), ctx.batch, self.virtual_edge_mlp[2],
@@ -89,6 +94,7 @@ class FastEGNNLayer(EGNNLayer):
         message = self.virtual_edge_mlp[3](self.virtual_edge_mlp[2](self.virtual_edge_mlp[1](pre)))
         pull = self.virtual_coord_mlp(message).transpose(1, 2)                           # (N, 1, C)
         push = self.virtual_pos_mlp(message).transpose(1, 2)                             # (N, 1, C)
+        message = message.to(pos.dtype)                                                  # sums in pos's dtype
         return (message.mean(dim=1), scatter_sum(message, ctx.batch, ctx.num_graphs), to_virtual, pull,
                 push)
 
@@ -133,7 +139,7 @@ class FastEGNN(EquivariantModel):
                 edge_attr: Tensor | None = None, batch: Tensor | None = None, num_graphs: int | None = None,
                 node_attr: Tensor | None = None) -> Prediction:
         ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr)
-        h = self.embedding(node_features)
+        h = self.embed(node_features, pos)
         (centroid,) = ctx.graph_means(pos)
         virtual_pos = centroid.unsqueeze(-1).expand(-1, -1, self.virtual_channels)          # (B, 3, C)
         virtual_h = self.virtual_h_init.unsqueeze(0).expand(ctx.num_graphs, -1, -1)          # (B, H, C)

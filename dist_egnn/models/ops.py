@@ -1,8 +1,40 @@
-"""Small tensor operations shared by the layers: segment sums and the split first Linear of an MLP."""
+"""Small tensor operations shared by the layers: segment sums, the split first Linear of an MLP, precision."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
+
+
+def low_precision(like: Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast asks matrix products to run in on ``like``'s device (bfloat16 under
+    ``trainer.precision=bf16``), or None: autocast off, or ``like`` not float32 (autocast leaves float64 alone)."""
+    device = like.device.type
+    if like.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return None if dtype == torch.float32 else dtype
+
+
+def mlp_inputs(low: torch.dtype | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Node tensors that only MLPs read, as the MLPs read them: cast to ``low`` (what autocast would do inside each
+    MLP), or unchanged without it. One low-precision copy, shared by its readers, is what backward keeps (half
+    the bytes of a float32 one); autograd casts its gradient back to float32."""
+    return tensors if low is None else tuple(t.to(low) for t in tensors)
+
+
+def full_precision(like: Tensor):
+    """A context with torch.autocast off on ``like``'s device; nothing to do (a null context) when it is off.
+
+    Under ``trainer.precision=bf16`` the MLPs' products run in bfloat16, but the geometry does not: products of
+    positions (the Gram matrix of the virtual nodes), the geometry columns of the first layers and the embedding
+    run in float32 inside this context (docs/maths.md §2; the model docstrings list what stays float32).
+    """
+    device = like.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device_type=device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def scatter_sum(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
