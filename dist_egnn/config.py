@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -109,6 +110,20 @@ class TrainerConfig:
     checkpoint_every_steps: int = 0           # also a resume point every this many steps; 0: only at evaluations
     keep_last: int = 3                        # engine checkpoints kept (newest); the best evaluation's is kept too
     nonfinite: str = "stop"                   # NaN/Inf loss or gradients: stop (diagnostic checkpoint) | skip the step
+    # Learning-rate schedule (dist_egnn/training/schedule.py), stepped after every optimizer step; plateau after
+    # every evaluation, on val_mse. Its state travels in the checkpoints (a resumed run equals an uninterrupted one).
+    scheduler: str = "none"                   # none (constant lr) | cosine | exponential | plateau
+    warmup_steps: int = 0                     # optimizer steps of linear warmup to trainer.lr first (0: none)
+    min_lr: float = 0.0                       # floor of every schedule (cosine ends there)
+    gamma: float = 0.999                      # exponential: lr factor per optimizer step after warmup
+    plateau_patience: int = 5                 # plateau: evaluations without a better val_mse before the lr drops
+    plateau_factor: float = 0.5               # plateau: factor on the lr when it drops
+    ema_decay: Optional[float] = None         # exponential moving average of the weights, in [0, 1) (e.g. 0.99);
+                                              # None or 0: off. Evaluations and best.pt use the averaged weights
+    accumulate: int = 1                       # micro-batches of trainer.batch_size per optimizer step (gradient
+                                              # accumulation); steps_per_epoch and checkpoint_every_steps count
+                                              # optimizer steps
+    tensorboard: bool = True                  # TensorBoard event files in <run dir>/tensorboard (rank 0)
 
 
 @dataclass
@@ -269,6 +284,9 @@ RANGES = {
     "trainer.lr": (0, False), "trainer.weight_decay": (0, True), "trainer.patience": (1, True),
     "trainer.eval_every": (1, True), "trainer.seed": (0, True), "trainer.num_threads": (1, True),
     "trainer.steps_per_epoch": (1, True), "trainer.checkpoint_every_steps": (0, True), "trainer.keep_last": (1, True),
+    "trainer.warmup_steps": (0, True), "trainer.min_lr": (0, True), "trainer.gamma": (0, False),
+    "trainer.plateau_patience": (0, True), "trainer.plateau_factor": (0, False), "trainer.ema_decay": (0, True),
+    "trainer.accumulate": (1, True),
     "distributed.parts": (1, True), "distributed.seed": (0, True), "distributed.timeout_s": (0, False),
     "distributed.prepare_timeout_s": (0, False),
     "engine.zero_stage": (0, True), "engine.gradient_clipping": (0, True),
@@ -278,6 +296,7 @@ CHOICES = {
     "model.name": MODEL_NAMES, "loss.mmd_kernel": ("gaussian", "unsquared"), "loss.mmd_target": ("truth", "prediction"),
     "trainer.dtype": ("float32", "float64"), "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"), "trainer.nonfinite": ("stop", "skip"),
+    "trainer.scheduler": ("none", "cosine", "exponential", "plateau"),
     "distributed.halo": HALO_MODES, "distributed.partition": PARTITION_METHODS,
     "distributed.backend": ("auto", "gloo", "nccl"), "engine.name": ENGINE_NAMES,
 }
@@ -318,6 +337,16 @@ def check(cfg: DictConfig | Config) -> None:
         value = _value(cfg, key)
         if value is not None and str(value).split(":")[0] not in choices:
             problems.append(f"{key}={value!r}: choose one of {choices}")
+    # Upper bounds (RANGES holds the lower ones); .get: configurations saved before these keys existed.
+    for key, bound in (("ema_decay", "[0, 1) (e.g. 0.99; None or 0: off)"), ("gamma", "(0, 1]"),
+                       ("plateau_factor", "(0, 1)")):
+        value = cfg.trainer.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value >= 1.0 if key != "gamma" else value > 1.0):
+            problems.append(f"trainer.{key}={value}: must be in {bound}")
+    if cfg.trainer.get("scheduler", "none") != "none" and cfg.trainer.get("min_lr", 0.0) > cfg.trainer.lr:
+        problems.append(f"trainer.min_lr={cfg.trainer.min_lr} is above trainer.lr={cfg.trainer.lr}: the schedule "
+                        f"decays from trainer.lr down to trainer.min_lr; lower trainer.min_lr")
     if not 0.0 <= cfg.model.cutoff_rate <= 1.0:
         problems.append(f"model.cutoff_rate={cfg.model.cutoff_rate}: must be in [0, 1]")
     if cfg.trainer.get("precision") == "bf16" and cfg.trainer.dtype == "float64":
@@ -335,6 +364,28 @@ def check(cfg: DictConfig | Config) -> None:
                         f"remove the model.edge_features override or change the recipe")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+# launch/conf: the YAML groups over this schema, beside the package in a source checkout (pip install -e .)
+CONF_DIR = Path(__file__).resolve().parents[1] / "launch" / "conf"
+
+
+def compose_config(*overrides: str, config_name: str = "config") -> DictConfig:
+    """The configuration ``python launch/train.py <overrides>`` would run, without Hydra's command line.
+
+    Composes ``launch/conf/<config_name>.yaml`` over the typed schema with the same override syntax
+    (``"model=egnn"``, ``"trainer.lr=1e-3"``), so unknown keys and wrong types fail the same way. Hand the result
+    to ``Trainer.from_config(cfg, run_dir).fit()`` (``run_dir``: any folder; the command line's
+    ``hydra.run.dir``). Not inside a running ``@hydra.main`` application (Hydra is initialised once per process).
+    """
+    from hydra import compose, initialize_config_dir
+
+    if not (CONF_DIR / f"{config_name}.yaml").is_file():
+        raise ConfigError(f"{CONF_DIR / (config_name + '.yaml')} not found: compose_config needs the launch/conf "
+                          f"folder of a source checkout (pip install -e .)")
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

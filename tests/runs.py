@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from dist_egnn.config import register
+import dist_egnn
 
 ROOT = Path(__file__).resolve().parents[1]
 # 6 training graphs in batches of 3: 2 steps per epoch; a resume point after every step.
@@ -20,10 +19,9 @@ MEASURED = ("peak_mem_mb", "best_checkpoint")            # measurements and path
 
 
 def config(data: Path, *overrides: str) -> DictConfig:
-    """The configuration ``python launch/train.py paths.data=DATA <TINY> <overrides>`` would run."""
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "launch" / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"paths.data={data}", *TINY, *overrides])
+    """The configuration ``python launch/train.py paths.data=DATA <TINY> <overrides>`` would run (the Python API,
+    ``dist_egnn.compose_config``)."""
+    return dist_egnn.compose_config(f"paths.data={data}", *TINY, *overrides)
 
 
 def fit(data: Path, run_dir: Path, *overrides: str) -> dict:

@@ -15,6 +15,7 @@ only between steps), so the engines differ in how gradients are combined and che
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,17 @@ class Engine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def accumulating(self, boundary: bool) -> AbstractContextManager:
+        """Around the forward and backward of one micro-batch (``trainer.accumulate``): ``boundary`` is false
+        for all but the last micro-batch of an optimizer step, whose gradients need not be combined across ranks
+        yet (DDP: ``no_sync``; DeepSpeed: its accumulation boundary). Plain and FSDP: nothing to do (FSDP
+        reduces every micro-batch's gradients into the sharded sums, the same result)."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor, window: int = 1) -> None:
+        """Back-propagate one micro-batch's ``loss`` (its loss share × :attr:`loss_scale`) of an optimizer step
+        made of ``window`` micro-batches: the gradients accumulate their mean over the window."""
+        (loss if window == 1 else loss / window).backward()
 
     def step(self) -> None:
         self.optimizer.step()

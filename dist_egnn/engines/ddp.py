@@ -1,6 +1,8 @@
 """torch DistributedDataParallel: gradients averaged over every rank in buckets during backward."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_egnn.engines.base import Engine
@@ -16,3 +18,7 @@ class DDPEngine(Engine):
         # for unused parameters rather than wait for them forever.
         self.model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                              find_unused_parameters=True)
+
+    def accumulating(self, boundary):
+        """Gradients are all-reduced only in the backward of an optimizer step's last micro-batch."""
+        return nullcontext() if boundary else self.model.no_sync()

@@ -9,6 +9,7 @@ complete, so a tag cut short is never loaded even if ``latest`` names it.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ def deepspeed_config(cfg) -> dict[str, Any]:
     """The DeepSpeed config dict, from the typed ``engine`` and ``trainer`` groups."""
     config = {
         "train_micro_batch_size_per_gpu": int(cfg.trainer.batch_size),
-        "gradient_accumulation_steps": 1,
+        # Micro-batches per optimizer step: DeepSpeed divides each micro-batch's loss by it and combines the
+        # gradients across ranks at the boundary, which the trainer sets for each micro-batch (DeepSpeedEngine).
+        "gradient_accumulation_steps": int(cfg.trainer.get("accumulate", 1)),
         "zero_optimization": {"stage": int(cfg.engine.zero_stage)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -44,11 +47,22 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         super().__init__(module, optimizer, groups)
+        self.accumulate = int(cfg.trainer.get("accumulate", 1))
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                 config=deepspeed_config(cfg))
 
-    def backward(self, loss):
-        self.model.backward(loss)
+    def accumulating(self, boundary):
+        """DeepSpeed's own accumulation boundary, set for every micro-batch rather than counted by DeepSpeed: an
+        epoch may end with a shorter window and a resumed run starts at a window's start; it all-reduces the
+        gradients and steps its optimizer only at a boundary."""
+        if self.accumulate > 1:
+            self.model.set_gradient_accumulation_boundary(boundary)
+        return nullcontext()
+
+    def backward(self, loss, window=1):
+        """DeepSpeed divides the loss by gradient_accumulation_steps itself; a shorter last window of an epoch
+        (``window`` micro-batches) is scaled so that its gradient is still the mean over its micro-batches."""
+        self.model.backward(loss if window == self.accumulate else loss * (self.accumulate / window))
 
     def step(self):
         self.model.step()

@@ -95,6 +95,11 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return _write_atomic(Path(path), lambda f: f.write(text.encode()))
 
 
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    return _write_atomic(Path(path), lambda f: f.write(data))
+
+
 def _write_atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")

@@ -13,7 +13,8 @@ Kinds: ``sigterm``, ``sigint``, ``kill``, ``hang`` fire after the forward of the
 then inside, or about to enter, the backward's collectives); ``nan_loss`` makes the rank's loss share NaN;
 ``inf_grad`` puts Inf in one gradient after the backward. Steps count optimizer steps of the run from 1
 (global, across epochs and resumes). A fault fires only in its attempt of a torchrun restart loop
-(``#N``, default 0: ``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a restarted run gets past it.
+(``#N``, default 0: ``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a restarted run gets past it. With
+``trainer.accumulate`` > 1 a fault fires in the first micro-batch of its optimizer step.
 """
 from __future__ import annotations
 
@@ -64,7 +65,11 @@ class Injector(Callback):
         self.faults = [f for f in planned(environ) if f.rank == rank]
 
     def _due(self, step: int, kinds: tuple[str, ...]) -> list[Fault]:
-        return [f for f in self.faults if f.step == step and f.kind in kinds]
+        """The faults of ``step`` among ``kinds``, each fired once (an optimizer step of several micro-batches,
+        ``trainer.accumulate``, sees its hooks once per micro-batch)."""
+        due = [f for f in self.faults if f.step == step and f.kind in kinds]
+        self.faults = [f for f in self.faults if f not in due]
+        return due
 
     def after_forward(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         for fault in self._due(step, ("sigterm", "sigint", "kill", "hang", "nan_loss")):

@@ -57,6 +57,7 @@ class EpochTotals:
     timed_steps: float = _total(MAX)
     warm_seconds: float = _total(MAX)      # wall time of each epoch loop's first (warm-up) step
     warm_steps: float = _total(MAX)
+    mmd: float = _total(SUM)               # the MMD term's shares of the loss (λ · MMD / P): mmd_share = mmd / loss
 
     def add(self, **values: float) -> None:
         for name, value in values.items():
@@ -73,7 +74,7 @@ class EpochTotals:
 
     @classmethod
     def from_array(cls, row) -> "EpochTotals":
-        return cls(*(float(v) for v in row))
+        return cls(*(float(v) for v in row))         # a shorter row (an older checkpoint): the rest stays 0
 
     @classmethod
     def names(cls, ranks: str) -> list[str]:
@@ -89,6 +90,9 @@ def resumed_totals(saved: np.ndarray, rank: int, world_size: int) -> EpochTotals
     agreed skipped-step count would multiply it by the old world size); the other ranks start from zero.
     """
     saved = np.atleast_2d(saved)
+    width = len(dataclasses.fields(EpochTotals))
+    if saved.shape[1] < width:                       # written before the later fields existed: they start at 0
+        saved = np.pad(saved, ((0, 0), (0, width - saved.shape[1])))
     if saved.shape[0] == world_size:
         return EpochTotals.from_array(saved[rank])
     columns = {f.name: saved[:, i] for i, f in enumerate(dataclasses.fields(EpochTotals))}

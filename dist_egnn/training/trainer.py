@@ -1,4 +1,5 @@
-"""Training on one process or many: Adam, early stopping on validation MSE, test with the best model.
+"""Training on one process or many: Adam with an optional learning-rate schedule, weight averaging and gradient
+accumulation, early stopping on validation MSE, test with the best model.
 
 One code path for every launch: ``python launch/train.py`` is one rank holding whole graphs (P = 1);
 ``deepspeed --num_gpus P launch/train.py distributed.parts=P`` or ``torchrun --nproc-per-node P ...`` puts
@@ -10,13 +11,19 @@ the model uses for its global means and halo (``dist_egnn.parallel``), the rank'
 
 The run directory receives (rank 0 writes):
     config.yaml          the resolved configuration
-    metrics.jsonl        one JSON object per evaluation: epoch, train_loss, train_mse, val_mse, world_size,
-                         parts, step_time_s (mean after the first, warm-up step), comm_time_s (in the
-                         model's collectives), edges_per_rank, dropped_edge_fraction, peak_mem_mb, ...; the
-                         last line is the test evaluation of the best model and also carries test_mse
-    checkpoints/best.pt  the model with the best validation MSE, portable (torch.load(weights_only=True))
+    metrics.jsonl        one JSON object per evaluation: epoch, train_loss, train_mse, mmd_share (the MMD term's
+                         part of train_loss), val_mse, lr, world_size, parts, step_time_s (per batch, mean after
+                         the first, warm-up step), comm_time_s (in the model's collectives), edges_per_rank,
+                         dropped_edge_fraction, peak_mem_mb, ...; the last line is the test evaluation of the
+                         best model and also carries test_mse and, for the same test samples, zero_motion_mse
+                         and constant_velocity_mse (dist_egnn.measure.baselines)
+    tensorboard/         TensorBoard event files: loss and lr per optimizer step, every evaluation's numbers
+    curves.png           train loss, train and validation MSE per evaluation (dist_egnn.training.curves)
+    checkpoints/best.pt  the model with the best validation MSE, portable (torch.load(weights_only=True)); with
+                         trainer.ema_decay the averaged weights, which every evaluation uses too
     checkpoints/engine/  resume points: model, optimizer, trainer state (epoch, step in the epoch, early
-                         stopping, the epoch's running sums, RNG states), each completed by a manifest
+                         stopping, the epoch's running sums, RNG states, the learning-rate schedule, the
+                         weight average), each completed by a manifest
                          (config hash, file hashes); written after every evaluation (epoch-NNNNN), every
                          ``trainer.checkpoint_every_steps`` steps and on SIGTERM/SIGINT
                          (epoch-NNNNN-step-SSSSSS); the newest ``trainer.keep_last`` and the best are kept
@@ -27,9 +34,20 @@ next batch: the batch order is a function of (seed, epoch) and the step index is
 resumed ends with the same parameters and metrics as one that never stopped. Nothing else in training draws
 random numbers (the MMD node sample is keyed by (seed, epoch, sample, node)); the global generators are
 restored anyway. metrics.jsonl keeps one line per evaluation across resumes (see dist_egnn.training.resume).
+
+Gradient accumulation (``trainer.accumulate`` = k): an optimizer step is k consecutive batches ("micro-batches")
+of the epoch's order, each back-propagated with 1/k of its loss, so the step's gradient is the mean of the k
+batch losses' gradients: the gradient of one batch of k × batch_size graphs when the graphs have equal node
+counts (the loss is a per-node mean within each batch); an epoch's last step may hold fewer. Ranks combine
+gradients only at an optimizer step's last micro-batch (DDP ``no_sync``; DeepSpeed's accumulation boundary).
+Checkpoints and stops happen between optimizer steps, so a resumed run never starts inside one. The
+learning-rate schedule (dist_egnn.training.schedule) and the weight average (dist_egnn.training.ema) advance
+after every optimizer step; ``global_step``, ``trainer.steps_per_epoch`` and ``trainer.checkpoint_every_steps``
+count optimizer steps, the position in the epoch (``step``, checkpoint tags) counts batches.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,12 +60,16 @@ from tqdm.auto import tqdm
 from dist_egnn.config import to_container
 from dist_egnn.datasets.prefetch import prefetch
 from dist_egnn.losses import objective, sample_nodes
+from dist_egnn.measure import baselines
 from dist_egnn.parallel import runtime
 from dist_egnn.training import checkpoint, faults, guard, setup
 from dist_egnn.training.callbacks import Callback
+from dist_egnn.training.curves import Curves
 from dist_egnn.training.device import autocast, memory_mb, synchronize
+from dist_egnn.training.ema import EMA
 from dist_egnn.training.rank_data import RankBatch
 from dist_egnn.training.resume import Checkpoints, MetricsLog
+from dist_egnn.training.schedule import Schedule
 from dist_egnn.training.state import EpochTotals, TrainerState, resumed_totals
 
 
@@ -107,6 +129,11 @@ class Trainer:
         self.totals = EpochTotals()                  # this rank's running epoch sums (see train_epoch)
         self.signals = guard.StopSignals()
         self.callbacks = [faults.Injector(self.env.rank), *callbacks]
+        t = self.cfg.trainer
+        self.accumulate = int(t.get("accumulate", 1))
+        self.schedule = Schedule.from_config(t, self.engine.optimizer, self.optimizer_steps())
+        self.ema = EMA(self.engine.module, t.ema_decay) if t.get("ema_decay") else None
+        self.curves = Curves(self.run_dir, self.is_main, t.get("tensorboard", True))
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = None,
@@ -128,14 +155,14 @@ class Trainer:
                 self.train()
             return self.test()
         finally:
+            self.curves.close()
             self.lock.release()
 
     def train(self) -> None:
         """Epochs from where the state stands until ``trainer.max_epochs`` or early stopping; after each
         evaluating epoch: the record, the best model, a resume point, and the agreed stop verdict."""
         t = self.cfg.trainer
-        steps = min(self.data["train"].num_steps(t.batch_size, self.groups.data_parallel),
-                    t.steps_per_epoch or float("inf"))
+        steps = self.batches_per_epoch()
         first = self.state.epoch + 1
         bar = tqdm(total=(t.max_epochs - first + 1) * steps, initial=self.state.step, desc="training",
                    unit="step", disable=not self.progress)
@@ -147,7 +174,7 @@ class Trainer:
             self.state.epoch, self.state.step = epoch, 0
             if not self.evaluates(epoch):
                 continue
-            record = dict(epoch=epoch, **record, val_mse=self.evaluate("val"),
+            record = dict(epoch=epoch, **record, val_mse=self.validate(), lr=self.schedule.lr(),
                           epoch_time_s=time.perf_counter() - started)
             tag = checkpoint.evaluation_tag(epoch)
             if record["val_mse"] < self.state.best["val_mse"]:
@@ -156,6 +183,8 @@ class Trainer:
             else:
                 self.state.stale += 1
             self.metrics.write(record)
+            self.schedule.after_evaluation(record["val_mse"])
+            self.curves.evaluation(self.state.global_step, record)
             manifest = self.save_checkpoint(tag)
             bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_mse=f"{record['val_mse']:.4g}",
                             best=f"{self.state.best['val_mse']:.4g}")
@@ -168,11 +197,33 @@ class Trainer:
         bar.close()
 
     def test(self) -> dict[str, Any]:
-        """The best model's test MSE, added to its validation record and written as metrics.jsonl's last line."""
+        """The best model's test MSE, with the zero-motion and constant-velocity MSE of the same test samples,
+        added to its validation record and written as metrics.jsonl's last line."""
         self.engine.import_state(checkpoint.load(self.best_path, map_location=self.device)["model"])
-        final = dict(self.state.best, test_mse=self.evaluate("test"), best_checkpoint=str(self.best_path))
+        final = dict(self.state.best, test_mse=self.evaluate("test"), **self.references(),
+                     best_checkpoint=str(self.best_path))
         self.metrics.write(final)
+        self.curves.test(self.state.global_step, final)
         return final
+
+    def references(self) -> dict[str, float]:
+        """Test MSE of predicting no motion and constant velocity (α fitted on the training split), over the test
+        samples ``test_mse`` covers (dist_egnn.measure.baselines): rank 0 computes, every rank gets them."""
+        text = ""
+        if self.is_main:
+            scores = baselines.score(self.data["train"].dataset, self.data["test"].dataset)
+            text = json.dumps({k: scores[k] for k in ("zero_motion_mse", "constant_velocity_mse")})
+        return json.loads(runtime.broadcast_text(text, device=self.collective_device))
+
+    def batches_per_epoch(self) -> int:
+        """Batches (micro-batches with accumulation) of each training epoch on this rank."""
+        t = self.cfg.trainer
+        batches = self.data["train"].num_steps(t.batch_size, self.groups.data_parallel)
+        return min(batches, t.steps_per_epoch * self.accumulate) if t.steps_per_epoch else batches
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (``trainer.max_epochs`` epochs): the length of a cosine schedule."""
+        return -(-self.batches_per_epoch() // self.accumulate) * self.cfg.trainer.max_epochs
 
     def evaluates(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` ends with an evaluation (and its checkpoint)."""
@@ -181,35 +232,58 @@ class Trainer:
     def train_epoch(self, epoch: int, bar: tqdm) -> dict[str, Any]:
         """One pass over the training split, from step ``state["step"]`` (> 0 when resuming mid-epoch);
         returns the epoch's training record (global over ranks)."""
-        t, g = self.cfg.trainer, self.groups
+        t, g, k = self.cfg.trainer, self.groups, self.accumulate
         self.engine.train()
         data = self.data["train"]
         batch_ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, group=g.data_index,
-                                   groups=g.data_parallel, equal_steps=True)[:t.steps_per_epoch]
+                                   groups=g.data_parallel, equal_steps=True)
+        batch_ids = batch_ids[:t.steps_per_epoch * k] if t.steps_per_epoch else batch_ids
         runtime.check_same_batches(batch_ids, g.graph, self.collective_device, what=f"epoch {epoch}")
         if self.state.step == 0:
             self.totals = EpochTotals()
         self.comm.stats.reset()                      # not the evaluation's collectives
         warm_up = True                               # the first step of a process's epoch loop is not timed
+        stop = window_skipped = False
+        window_loss = 0.0
         batches = data.batches(batch_ids[self.state.step:], seed=t.seed, epoch=epoch)
         for batch in prefetch(batches, self.cfg.dataset.prefetch):
+            index = self.state.step                  # this batch in the epoch; its optimizer step starts at `start`
+            start = index - index % k                # (resume points lie between optimizer steps: index % k == 0)
+            window = min(k, len(batch_ids) - start)  # micro-batches of this optimizer step (fewer at the epoch's end)
+            boundary = index + 1 == start + window
+            if index == start:
+                window_skipped, window_loss = False, 0.0
             started = time.perf_counter()
-            terms, skipped, stop = self.step(batch, epoch)
+            if window_skipped:                       # NaN/Inf earlier in this optimizer step (nonfinite=skip)
+                terms, skipped = None, True
+                stopping = runtime.agree([self.signals.received], self.collective_device)[0]
+            else:
+                terms, skipped, stopping = self.step(batch, epoch, window, first=index == start, boundary=boundary)
             synchronize(self.device)                 # CUDA is asynchronous: time the work, not its launch
             seconds = time.perf_counter() - started
             comm_seconds = self.comm.stats.reset().seconds
             self.state.step += 1
-            self.state.global_step += 1
             self.state.skipped += skipped
-            loss, mse = (0.0, 0.0) if skipped else (terms.total.item(), terms.mse.item())
-            self.totals.add(loss=loss, mse=mse, edges=batch.num_edges, full_edges=batch.full_edges, skipped=skipped,
-                            comm_seconds=comm_seconds)
+            stop, window_skipped = stop or stopping, window_skipped or skipped
+            loss, mse, mmd = (0.0, 0.0, 0.0) if skipped else (terms.total.item(), terms.mse.item(),
+                                                              self.mmd_part(terms))
+            window_loss += loss
+            self.totals.add(loss=loss, mse=mse, mmd=mmd, edges=batch.num_edges, full_edges=batch.full_edges,
+                            skipped=skipped, comm_seconds=comm_seconds)
             if warm_up:
                 self.totals.add(warm_seconds=seconds, warm_steps=1)
             else:
                 self.totals.add(timed_seconds=seconds, timed_steps=1)
             warm_up = False
             bar.update(1)
+            if not boundary:
+                continue
+            self.state.global_step += 1
+            lr = self.schedule.lr()
+            if self.ema is not None and not window_skipped:
+                self.ema.update()
+            self.schedule.after_step()
+            self.log_step(window_loss, 0 if window_skipped else window, lr)
             for callback in self.callbacks:
                 callback.after_step(self, self.state.global_step)
             every = t.checkpoint_every_steps
@@ -220,15 +294,19 @@ class Trainer:
                     raise self.stopped(manifest)
         return self.epoch_record(self.totals, len(batch_ids))
 
-    def step(self, batch: RankBatch, epoch: int):
+    def step(self, batch: RankBatch, epoch: int, window: int = 1, first: bool = True, boundary: bool = True):
         """Forward, loss share, backward, the agreed non-finite/stop verdict, and the optimizer step of this
-        rank's share of one batch. Returns (loss terms, whether the step was skipped, whether to stop)."""
+        rank's share of one batch: micro-batch of an optimizer step of ``window`` micro-batches, the step's
+        ``first`` (gradients zeroed) and/or last (``boundary``: gradients combined across ranks, optimizer step).
+        Returns (loss terms, whether the batch was skipped, whether to stop)."""
         number = self.state.global_step + 1
-        terms = forward_loss(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts)
-        for callback in self.callbacks:
-            terms.total = callback.after_forward(number, terms.total)
-        self.engine.zero_grad()
-        self.engine.backward(terms.total * self.engine.loss_scale)
+        with self.engine.accumulating(boundary):
+            terms = forward_loss(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts)
+            for callback in self.callbacks:
+                terms.total = callback.after_forward(number, terms.total)
+            if first:
+                self.engine.zero_grad()
+            self.engine.backward(terms.total * self.engine.loss_scale, window)
         for callback in self.callbacks:
             callback.after_backward(number, self.engine.module.parameters())
         loss_bad, bad_grads = guard.nonfinite(terms.total, self.engine.module.named_parameters())
@@ -238,27 +316,52 @@ class Trainer:
                 self.stop_nonfinite(epoch, batch, terms, loss_bad, grads_bad, bad_grads)
             self.engine.zero_grad()
             return terms, True, stop
-        self.engine.step()
+        if boundary:
+            self.engine.step()
         return terms, False, stop
+
+    def mmd_part(self, terms) -> float:
+        """This rank's share of the weighted MMD term in the loss (λ · MMD / P; 0 without the term)."""
+        if terms.mmd is None:
+            return 0.0
+        return float(terms.mmd.detach()) * float(self.cfg.loss.mmd_weight) / self.groups.parts
+
+    def log_step(self, window_loss: float, batches: int, lr: float) -> None:
+        """TensorBoard's per-step scalars: the loss of one device (the shares summed over ranks, averaged over the
+        graph groups and the step's micro-batches) and the step's lr. Every rank takes part (one small
+        all-reduce); ``batches`` (0 for a skipped step: nothing logged) is the same on every rank."""
+        if not self.cfg.trainer.get("tensorboard", True) or not batches:
+            return
+        loss = runtime.all_reduce_numbers([window_loss], "sum", device=self.collective_device)[0]
+        self.curves.step(self.state.global_step, loss=loss / (batches * self.groups.data_parallel), lr=lr)
 
     def epoch_record(self, totals: EpochTotals, steps: int) -> dict[str, Any]:
         """The epoch's training record: SUM fields summed over ranks into global numbers, the per-rank times,
         edges and memory as their maximum over ranks (the slowest rank sets the pace)."""
         g = self.groups
-        loss, mse, edges, full = runtime.all_reduce_numbers([totals.loss, totals.mse, totals.edges, totals.full_edges],
-                                                            "sum", device=self.collective_device)
+        loss, mse, edges, full, mmd = runtime.all_reduce_numbers(
+            [totals.loss, totals.mse, totals.edges, totals.full_edges, totals.mmd], "sum",
+            device=self.collective_device)
         skipped = int(totals.skipped)
         memory = memory_mb(self.device)
         step_max, edges_max, comm_max, *memory_max = runtime.all_reduce_numbers(
             [totals.mean_step_seconds(), totals.edges / max(steps, 1), totals.comm_seconds / max(steps, 1),
              *memory.values()], "max", device=self.collective_device)
         batches = max(steps - skipped, 1) * g.data_parallel
-        return dict(train_loss=loss / batches, train_mse=mse / batches, world_size=self.env.world_size,
+        return dict(train_loss=loss / batches, train_mse=mse / batches, mmd_share=mmd / loss if loss else 0.0,
+                    world_size=self.env.world_size,
                     parts=self.cfg.distributed.parts, halo=self.cfg.distributed.halo, engine=self.engine_name,
                     step_time_s=step_max, comm_time_s=comm_max, edges_per_rank=edges_max,
                     dropped_edge_fraction=1.0 - edges / max(full / g.parts, 1.0), **dict(zip(memory, memory_max)),
                     skipped_steps=skipped, precision=self.cfg.trainer.get("precision", "fp32"),
                     device=self.device.type)
+
+    def validate(self) -> float:
+        """The validation MSE of the weights evaluations use: the average with trainer.ema_decay."""
+        if self.ema is None:
+            return self.evaluate("val")
+        with self.ema.applied():
+            return self.evaluate("val")
 
     @torch.no_grad()
     def evaluate(self, split: str) -> float:
@@ -281,8 +384,9 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_best(self, epoch: int, val_mse: float) -> None:
-        """The portable best model (rank 0 writes; every rank takes part when the engine shards weights)."""
-        state = self.engine.export_state()
+        """The portable best model (rank 0 writes; every rank takes part when the engine shards weights): the
+        weight average with trainer.ema_decay."""
+        state = self.engine.export_state() if self.ema is None else self.ema.state_dict(self.engine)
         if self.is_main:
             checkpoint.save_atomic(dict(model=state, epoch=epoch, val_mse=val_mse, config=to_container(self.cfg),
                                         schema_version=checkpoint.SCHEMA_VERSION), self.best_path)
@@ -295,6 +399,7 @@ class Trainer:
             self.restore(client)
             if self.is_main:
                 print(f"resumed from {self.checkpoints.resumed} {self.position()}", flush=True)
+        self.curves.open(resumed_at=self.state.global_step + 1 if client is not None else None)
         if self.is_main:
             checkpoint.write_text_atomic(OmegaConf.to_yaml(to_container(self.cfg)), self.run_dir / "config.yaml")
 
@@ -305,16 +410,31 @@ class Trainer:
 
     def client_state(self) -> dict[str, Any]:
         """The trainer's part of a checkpoint: position, early stopping, every rank's running epoch sums
-        (gathered: rows by rank), RNG states, and what the sums depend on (world size, graph groups)."""
+        (gathered: rows by rank), RNG states, what the sums depend on (world size, graph groups), the
+        learning-rate schedule and, with trainer.ema_decay, the weight average (a full model state dict)."""
         totals = self.totals.to_array()
         rows = runtime.all_gather_arrays(totals, None, self.collective_device) if self.env.distributed else [totals]
-        return dict(schema_version=checkpoint.SCHEMA_VERSION, trainer=self.state.as_dict(),
-                    totals=torch.as_tensor(np.stack(rows)), world_size=self.env.world_size,
-                    data_parallel=self.groups.data_parallel, rng=checkpoint.rng_state(),
-                    config_hash=self.checkpoints.hash)
+        client = dict(schema_version=checkpoint.SCHEMA_VERSION, trainer=self.state.as_dict(),
+                      totals=torch.as_tensor(np.stack(rows)), world_size=self.env.world_size,
+                      data_parallel=self.groups.data_parallel, rng=checkpoint.rng_state(),
+                      config_hash=self.checkpoints.hash, schedule=self.schedule.state_dict())
+        if self.ema is not None:
+            client["ema"] = self.ema.state_dict(self.engine)
+        return client
 
     def check_resumable(self, client: dict[str, Any]) -> None:
-        """A mid-epoch checkpoint needs the same graph groups: they decide which batches each rank takes."""
+        """A mid-epoch checkpoint needs the same graph groups: they decide which batches each rank takes. Weight
+        averaging and a schedule need their state in the checkpoint."""
+        if self.ema is not None and "ema" not in client:
+            raise checkpoint.CheckpointError(
+                f"{self.checkpoints.resumed}: written without weight averaging, but trainer.ema_decay="
+                f"{self.cfg.trainer.ema_decay} asks to continue one: resume without trainer.ema_decay, or start a "
+                f"new run directory")
+        if self.schedule.active and "schedule" not in client:
+            raise checkpoint.CheckpointError(
+                f"{self.checkpoints.resumed}: written without a learning-rate schedule, but trainer.scheduler="
+                f"{self.cfg.trainer.scheduler} (trainer.warmup_steps={self.cfg.trainer.warmup_steps}) asks to "
+                f"continue one: resume with the run's own settings, or start a new run directory")
         if client["trainer"]["step"] and client["data_parallel"] != self.groups.data_parallel:
             raise checkpoint.CheckpointError(
                 f"{self.checkpoints.resumed}: written mid-epoch with {client['data_parallel']} graph groups "
@@ -328,6 +448,10 @@ class Trainer:
         self.state = TrainerState.from_dict(client["trainer"])
         self.totals = resumed_totals(client["totals"].numpy(), self.env.rank, self.env.world_size)
         checkpoint.set_rng_state(client["rng"])
+        if "schedule" in client:
+            self.schedule.load_state_dict(client["schedule"])
+        if self.ema is not None:
+            self.ema.load_state_dict(self.engine, client["ema"])
 
     def position(self) -> str:
         """Where training stands, in words: "in epoch 3 after step 2" or "after epoch 2"."""

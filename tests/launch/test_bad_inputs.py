@@ -19,6 +19,7 @@ import torch
 import zarr
 
 from dist_egnn.datasets.store import StoreError
+from dist_egnn.errors import ConfigError
 from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, prepare_partitions
 from dist_egnn.training.checkpoint import CheckpointError, sha256
 
@@ -204,6 +205,14 @@ CASES = {
                           ("model.node_features=3", "dataset.node_features")),
     "halo mode": Case(nothing, train("distributed.parts=2", "distributed.halo=full"), ValueError,
                       ("distributed.halo='full'", "'exact'")),
+    "unknown schedule": Case(nothing, train("trainer.scheduler=linear"), ConfigError,
+                             ("trainer.scheduler='linear'", "'cosine'", "'plateau'")),
+    "weight average decay of 1": Case(nothing, train("trainer.ema_decay=1.0"), ConfigError,
+                                      ("trainer.ema_decay=1.0", "[0, 1)")),
+    "negative weight average decay": Case(nothing, train("trainer.ema_decay=-0.5"), ConfigError,
+                                          ("trainer.ema_decay=-0.5", ">= 0")),
+    "no micro-batch per step": Case(nothing, train("trainer.accumulate=0"), ConfigError,
+                                    ("trainer.accumulate=0", ">= 1")),
     # dataset stores
     "missing store": Case(nothing, train("dataset.auto_prepare=false", "paths.data=elsewhere"), StoreError,
                           ("does not exist", "prepare.py")),
@@ -237,6 +246,9 @@ CASES = {
                              ("epoch-00002.json", "cannot be read", "delete")),
     "changed configuration": Case(nothing, resume("model.hidden=32"), CheckpointError,
                                   ("epoch-00002.json", "model.hidden: 64 -> 32", "new run directory")),
+    "weight average switched on at resume": Case(nothing, resume("trainer.ema_decay=0.99"), CheckpointError,
+                                                 ("epoch-00002.json", "trainer.ema_decay: None -> 0.99",
+                                                  "new run directory")),
     "wrong model shape": Case(replace_checkpoint(other_model_shape), resume(), CheckpointError,
                               ("epoch-00002.pt", "does not fit this model", "size mismatch")),
     "malicious pickle": Case(replace_checkpoint(malicious), resume(), CheckpointError,

@@ -59,11 +59,11 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_metrics(run_dir: Path, reference: Path, tol: float) -> None:
+def assert_same_metrics(run_dir: Path, reference: Path, tol: float, keys: tuple[str, ...] = COMPARED) -> None:
     got, want = records(run_dir), records(reference)
     assert len(got) == len(want)
     for g, w in zip(got, want):
-        for key in COMPARED:
+        for key in keys:
             if key in w:
                 assert abs(g[key] - w[key]) <= tol * abs(w[key]), f"{key}: {g[key]} != {w[key]}"
 
@@ -156,6 +156,46 @@ def test_missing_partition_without_auto_prepare(data_dir):
                   "engine=ddp", "dataset.auto_prepare=false", timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("distributed.parts=2 distributed.partition=spatial") >= 1
+
+
+# Issue 19: batch 2 = 3 batches per epoch, 2 per optimizer step (steps of 2 and 1 batches), linear warmup for one
+# step then cosine, the weight average for every evaluation and best.pt. P ranks (exact halo) equal one process
+# with the same options: each engine combines gradients at the right micro-batch only, scales a shorter window
+# right, and steps the schedule and the average identically on every rank.
+OPTIONS = ["trainer.batch_size=2", "trainer.accumulate=2", "trainer.scheduler=cosine", "trainer.warmup_steps=1",
+           "trainer.min_lr=1e-5", "trainer.ema_decay=0.8"]
+COMPARED_OPTIONS = (*COMPARED, "lr", "mmd_share")
+
+
+@pytest.fixture(scope="module")
+def options_reference(data_dir) -> Path:
+    for dtype in ("float64", "float32"):
+        proc = launch([], data_dir, f"single-options-{dtype}", f"trainer.dtype={dtype}", *OPTIONS)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    lrs = [r["lr"] for r in records(data_dir / "single-options-float64")[:-1]]
+    assert lrs[0] < 5e-4 and lrs[-1] < lrs[0], lrs             # the schedule moves the rate
+    return data_dir
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_accumulation_schedule_and_average_under_torchrun_equal_one_process(options_reference, engine):
+    """Guards DDP's no_sync on the micro-batches before a step's last, FSDP's sharded sums and the average of
+    sharded weights, in float64: P = 2 exact halo equals one process with accumulate=2."""
+    data_dir = options_reference
+    proc = launch(torchrun(2), data_dir, f"{engine}-options", "trainer.dtype=float64", "distributed.parts=2",
+                  "distributed.halo=exact", f"engine={engine}", *OPTIONS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_metrics(data_dir / f"{engine}-options", data_dir / "single-options-float64", 1e-9, COMPARED_OPTIONS)
+
+
+def test_accumulation_schedule_and_average_under_deepspeed_equal_one_process(options_reference):
+    """Guards DeepSpeed's gradient_accumulation_steps with the boundary the trainer sets (and its scaling of the
+    epoch's shorter last step), and the torch schedule on the optimizer deepspeed.initialize returned."""
+    data_dir = options_reference
+    proc = launch(deepspeed(2), data_dir, "ds-options", "distributed.parts=2", "distributed.halo=exact", *OPTIONS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert records(data_dir / "ds-options")[0]["engine"] == "deepspeed"
+    assert_same_metrics(data_dir / "ds-options", data_dir / "single-options-float32", 1e-5, COMPARED_OPTIONS)
 
 
 def test_deepspeed_config_switches_its_default_clipping_off():

@@ -84,3 +84,22 @@ def test_unknown_feature_recipe(tmp_path):
     proc = train(tmp_path, "dataset.node_features=[speed,mass]", "model.node_features=2")
     assert proc.returncode == 2
     assert "mass" in proc.stderr
+
+
+def test_compose_config_is_the_configuration_the_command_line_runs(tmp_path):
+    """Guards the Python API (issue 19 item 6): dist_egnn.compose_config(*overrides) gives the configuration
+    `python launch/train.py <overrides>` runs (its config.yaml), and Trainer.from_config trains it."""
+    from omegaconf import OmegaConf
+
+    import dist_egnn
+    from dist_egnn.config import to_container
+    from dist_egnn.training.trainer import Trainer
+
+    proc = train(tmp_path, "trainer.max_epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    overrides = [f"paths.data={tmp_path / 'data'}", *TINY, "trainer.max_epochs=1"]
+    cfg = dist_egnn.compose_config(*overrides)
+    assert to_container(cfg) == yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    result = Trainer.from_config(cfg, tmp_path / "api").fit()
+    assert result["test_mse"] == records(tmp_path / "run")[-1]["test_mse"]
+    assert OmegaConf.to_yaml(to_container(cfg)) == (tmp_path / "api" / "config.yaml").read_text()

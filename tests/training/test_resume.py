@@ -55,6 +55,45 @@ def test_stopped_and_resumed_run_equals_one_that_never_stopped(root, monkeypatch
     assert max_difference(*best) == 0.0
 
 
+# Each optimizer step of several batches (batch_size=1), a schedule with warmup, the weight average: a run stopped
+# between optimizer steps equals one that never stopped. accumulate=4: every epoch's 6 batches are steps of 4
+# and 2 (a shorter last window), and the signal in optimizer step 3 stops the run mid-epoch 2; accumulate=2:
+# 3 steps per epoch, the signal stops it just before epoch 1's evaluation.
+OPTIONS = {
+    "cosine": ["trainer.scheduler=cosine", "trainer.warmup_steps=2", "trainer.min_lr=1e-5", "trainer.accumulate=4",
+               "trainer.ema_decay=0.9"],
+    "plateau": ["trainer.scheduler=plateau", "trainer.warmup_steps=1", "trainer.plateau_patience=0",
+                "trainer.accumulate=4", "trainer.ema_decay=0.5", "trainer.lr=1e-2"],
+    "exponential": ["trainer.scheduler=exponential", "trainer.gamma=0.8", "trainer.accumulate=2",
+                    "trainer.ema_decay=0.99"],
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_resume_with_schedule_average_and_accumulation_equals_uninterrupted(root, monkeypatch, name):
+    """Guards the new training state in checkpoints: the schedule's position (and plateau's counters and the
+    rate itself), the weight average, and resume points that lie between optimizer steps of several batches."""
+    options = ["trainer.batch_size=1", *OPTIONS[name]]
+    fit(root / "data", root / f"{name}-reference", *options)
+    run = root / f"{name}-stopped"
+    monkeypatch.setenv("DIST_EGNN_FAULTS", "sigterm@3")
+    with pytest.raises(guard.Stopped, match=r"stopped by SIGTERM in epoch \d after step \d \(global step 3\)"):
+        fit(root / "data", run, *options)
+    monkeypatch.delenv("DIST_EGNN_FAULTS")
+    fit(root / "data", run, *options, "resume=auto")
+    assert results(run) == results(root / f"{name}-reference")
+    got, want = final_state(run), final_state(root / f"{name}-reference")
+    for part in ("model", "optimizer"):
+        assert max_difference(got[part], want[part]) == 0.0
+    for part in ("schedule", "ema"):
+        assert max_difference(got["client"][part], want["client"][part]) == 0.0
+    best = [torch.load(r / "checkpoints" / "best.pt", weights_only=True)["model"]
+            for r in (run, root / f"{name}-reference")]
+    assert max_difference(*best) == 0.0
+    lrs = [r["lr"] for r in records(run)[:-1]]
+    assert len(set(lrs)) > 1, f"the schedule did not change the rate: {lrs}"
+
+
 def test_finished_run_continues_when_max_epochs_is_raised(root):
     """Guards continuing a finished run: the old test line is superseded, the result equals a longer run."""
     run = root / "short"
