@@ -25,6 +25,7 @@ or interrupted write never leaves a half-written store under the final name.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -57,18 +58,29 @@ class StoreError(BadInput):
 
 # ----------------------------------------------------------------------------------------------- writing
 @contextmanager
-def atomic_store(path: str | os.PathLike, overwrite: bool = False) -> Iterator[zarr.Group]:
+def atomic_store(path: str | os.PathLike, overwrite: bool = False, validate: bool = True) -> Iterator[zarr.Group]:
     """Open a new store in a temporary sibling folder; rename it to ``path`` only if the block succeeds.
 
     An existing store at ``path`` is replaced only when ``overwrite`` is true and the new one is complete.
+    A dataset store is validated (:func:`open_store`, structure only; ``validate=False`` for other layouts,
+    e.g. stored partitions) before the rename: one that fails (e.g. a split without scenes) raises
+    :class:`StoreError` and leaves nothing behind. A ``path`` that is a dangling
+    or looping symbolic link is refused before anything is made (:func:`check_store_path`).
     """
     path = Path(path)
+    check_store_path(path)
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; delete it or pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         yield zarr.open_group(str(tmp), mode="w")
+        try:
+            if validate:
+                open_store(tmp)
+        except StoreError as err:
+            raise StoreError(f"the new store for {path} failed validation, so it was not put in place (nothing "
+                             f"is left behind): {str(err).replace(str(tmp), str(path))}") from None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
@@ -78,6 +90,25 @@ def atomic_store(path: str | os.PathLike, overwrite: bool = False) -> Iterator[z
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_store_path(path: str | os.PathLike) -> None:
+    """Refuse a store path that is, or lies under, a dangling or looping symbolic link: checked before a store
+    is made (a whole dataset would be generated, then the rename would fail or silently replace the link)."""
+    path = Path(path)
+    for link in (path, *path.parents):
+        if not link.is_symlink():
+            continue
+        try:
+            link.resolve(strict=True)
+        except FileNotFoundError:
+            raise StoreError(f"dataset store path {path}: {link} is a symbolic link to {os.readlink(link)}, which "
+                             f"does not exist (a dangling link): remove the link or point it at an existing store, "
+                             f"or set paths.data to another folder") from None
+        except (RuntimeError, OSError):       # RuntimeError: "Symlink loop" (Python < 3.13), OSError ELOOP
+            raise StoreError(f"dataset store path {path}: {link} is a symbolic link that loops ({link} -> "
+                             f"{os.readlink(link)} -> ...): remove the link, or set paths.data to another "
+                             f"folder") from None
 
 
 def write_root_attrs(root: zarr.Group, *, dataset: str, source: str, dt: float, units: dict[str, str],
@@ -156,9 +187,11 @@ def open_store(path: str | os.PathLike, check_values: bool = False) -> StoreInfo
     velocity for NaN/Inf through dask, chunk by chunk, so memory stays bounded by a few chunks.
     """
     path = Path(path)
+    check_store_path(path)
     if not path.exists():
         raise StoreError(f"dataset store {path} does not exist: create it with "
                          f"`python launch/prepare.py dataset=<name>` or set paths.data to the folder holding it")
+    _check_metadata_files(path)
     try:
         root = zarr.open_group(str(path), mode="r")
     except Exception as err:  # zarr raises several types for a folder that is not a group
@@ -190,13 +223,54 @@ def open_store(path: str | os.PathLike, check_values: bool = False) -> StoreInfo
 
     splits = {}
     for split in SPLITS:
-        if split not in root:
-            raise StoreError(f"{path}: split group {split!r} is missing")
-        splits[split] = _check_split(path, root[split], len(attrs["node_scalars"]), check_values)
+        try:
+            if split not in root:
+                raise StoreError(f"{path}: split group {split!r} is missing")
+            splits[split] = _check_split(path, root[split], len(attrs["node_scalars"]), check_values,
+                                         source=attrs["source"])
+        except StoreError:
+            raise
+        except Exception as err:  # metadata zarr cannot interpret (valid JSON, wrong content): name the split
+            raise StoreError(f"{path}/{split}: cannot be read ({type(err).__name__}: {str(err)[:300]}); the "
+                             f"store's metadata is damaged: prepare the dataset again with prepare.overwrite=true"
+                             ) from err
     return StoreInfo(path=path, attrs=attrs, splits=splits)
 
 
-def _check_split(path: Path, group: zarr.Group, num_scalars: int, check_values: bool) -> SplitInfo:
+METADATA = "zarr.json"
+
+
+def _check_metadata_files(path: Path) -> None:
+    """Every metadata file of the layout that exists must be JSON: zarr would fail on a garbled one with a
+    bare JSONDecodeError naming no file. Only the layout's own files are read (the root, the splits and
+    their arrays: a few dozen small files), never the chunk folders."""
+    files = [path / METADATA]
+    for split in SPLITS:
+        files.append(path / split / METADATA)
+        files += [path / split / name / METADATA for name in (*FRAME_ARRAYS, "node_scalars", "scene_ptr")]
+    problem = unreadable_metadata(files)
+    if problem:
+        raise StoreError(f"{problem}; the store's metadata is damaged: restore the file, or prepare the dataset "
+                         f"again with prepare.overwrite=true")
+
+
+def unreadable_metadata(files) -> str | None:
+    """``"<file>: cannot be read as JSON (...)"`` for the first of ``files`` (zarr.json files) that exists but
+    is not a JSON object, else None; absent files are left to the caller (a missing group or array)."""
+    for file in files:
+        if not Path(file).is_file():
+            continue
+        try:
+            meta = json.loads(Path(file).read_bytes())
+        except (OSError, ValueError) as err:    # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            return f"{file}: cannot be read as JSON ({type(err).__name__}: {err})"
+        if not isinstance(meta, dict):
+            return f"{file}: cannot be read as JSON zarr metadata (holds {type(meta).__name__}, not an object)"
+    return None
+
+
+def _check_split(path: Path, group: zarr.Group, num_scalars: int, check_values: bool,
+                 source: str = "<source>") -> SplitInfo:
     where = f"{path}/{group.basename}"
     for name in (*FRAME_ARRAYS, "node_scalars", "scene_ptr"):
         if name not in group:
@@ -214,6 +288,10 @@ def _check_split(path: Path, group: zarr.Group, num_scalars: int, check_values: 
         raise StoreError(f"{where}/node_scalars: shape {scalars.shape}, expected ({pos.shape[1]}, {num_scalars}) "
                          f"from N and the root attribute node_scalars")
     ptr = np.asarray(group["scene_ptr"][:])
+    if ptr.ndim == 1 and len(ptr) == 1:
+        raise StoreError(f"{where}: split {group.basename!r} holds no scenes; every split needs at least one scene "
+                         f"(e.g. dataset.{source}.{group.basename} >= 1 for a generated "
+                         f"store, or more frames or files for a converted one)")
     if ptr.ndim != 1 or len(ptr) < 2 or ptr[0] != 0 or ptr[-1] != pos.shape[1] or np.any(np.diff(ptr) <= 0):
         raise StoreError(f"{where}/scene_ptr: must rise strictly from 0 to N={pos.shape[1]}; got "
                          f"{ptr[:5]}...{ptr[-2:]} (len {len(ptr)})")

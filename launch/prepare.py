@@ -1,7 +1,8 @@
 """Create a dataset store and its partitions: ``python launch/prepare.py dataset=NAME [overrides]``.
 
 Writes ``<paths.data>/<dataset.name>.zarr`` (validated) with a progress bar; an existing store is
-validated and kept unless ``prepare.overwrite=true``. Generation runs in parallel through dask
+validated and kept unless ``prepare.overwrite=true``, and refused (exit 2, naming the keys) if it was made
+with other generator parameters than the configuration's. Generation runs in parallel through dask
 (``prepare.scheduler``, ``prepare.workers``; ``prepare.cluster=local`` or a dask.distributed scheduler
 address runs it on a cluster). An interrupted SPH generation resumes when the command is run again.
 With ``distributed.parts=P`` (P > 1) it also builds, or reuses when its inputs are unchanged, the
@@ -18,8 +19,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dist_egnn.config import register
-from dist_egnn.datasets.prepare import prepare_dataset
-from dist_egnn.datasets.store import open_store
+from dist_egnn.datasets.prepare import check_store_matches, prepare_dataset
+from dist_egnn.datasets.store import check_store_path, open_store
 from dist_egnn.errors import BadInput
 from dist_egnn.partitioners.artifacts import prepare_partitions
 from dist_egnn.training.setup import load_splits
@@ -30,10 +31,13 @@ register()
 def prepare(cfg: DictConfig) -> None:
     """Make or validate the store; with distributed.parts > 1 also build or reuse its partitions."""
     path = Path(cfg.dataset.store)
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    check_store_path(path)                  # a dangling or looping link: refused before generating anything
     if path.exists() and not cfg.prepare.overwrite:
         print(f"{path} exists; validating it (prepare.overwrite=true rebuilds it)")
+        check_store_matches(dataset, open_store(path))   # made with these generator parameters?
     else:
-        prepare_dataset(OmegaConf.to_container(cfg.dataset, resolve=True), path,
+        prepare_dataset(dataset, path,
                         overwrite=cfg.prepare.overwrite, progress=cfg.trainer.progress,
                         scheduler=cfg.prepare.scheduler, workers=cfg.prepare.workers, cluster=cfg.prepare.cluster)
     info = open_store(path, check_values=True)

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dist_egnn.config import register
+from dist_egnn.errors import BadInput
 from dist_egnn.measure import soak
 from dist_egnn.parallel import runtime
 
@@ -32,6 +33,10 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     _env = runtime.DistEnv.from_environ()
     if _env.distributed and "DIST_EGNN_RUN_STAMP" not in os.environ:
-        os.environ["DIST_EGNN_RUN_STAMP"] = runtime.shared_run_stamp(_env)
+        try:
+            os.environ["DIST_EGNN_RUN_STAMP"] = runtime.shared_run_stamp(_env)
+        except BadInput as _err:       # e.g. MASTER_PORT taken: one line; the launcher stops the other ranks
+            print(f"error (rank {_env.rank}): {_err}", file=sys.stderr, flush=True)
+            sys.exit(2)
     sys.argv = runtime.launcher_arguments(sys.argv, _env)
     main()

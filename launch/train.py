@@ -82,6 +82,10 @@ def finish(env: runtime.DistEnv, message: str, code: int) -> None:
 if __name__ == "__main__":
     _env = runtime.DistEnv.from_environ()
     if _env.distributed and "DIST_EGNN_RUN_STAMP" not in os.environ:
-        os.environ["DIST_EGNN_RUN_STAMP"] = runtime.shared_run_stamp(_env)
+        try:
+            os.environ["DIST_EGNN_RUN_STAMP"] = runtime.shared_run_stamp(_env)
+        except BadInput as _err:       # e.g. MASTER_PORT taken: one line; the launcher stops the other ranks
+            print(f"error (rank {_env.rank}): {_err}", file=sys.stderr, flush=True)
+            sys.exit(guard.EXIT_BAD_INPUT)
     sys.argv = runtime.launcher_arguments(sys.argv, _env)
     main()

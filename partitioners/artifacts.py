@@ -70,7 +70,13 @@ import zarr
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
-from dist_egnn.datasets.store import COMPRESSORS, DEFAULT_CHUNK_NODES, atomic_store, missing_chunks
+from dist_egnn.datasets.store import (
+    COMPRESSORS,
+    DEFAULT_CHUNK_NODES,
+    atomic_store,
+    missing_chunks,
+    unreadable_metadata,
+)
 from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.partitioners.strategies import METHODS, partition
 from dist_egnn.partitioners.subgraphs import halo_mask, mask_dtype
@@ -211,7 +217,12 @@ def _why_stale(path: Path, inputs: dict[str, Any], digest: str) -> str | None:
 
 
 def _why_damaged(path: Path, splits: Any) -> str | None:
-    """None if every array of the artifact's ``splits`` has all its chunk files; else what is missing, in words."""
+    """None if every array of the artifact's ``splits`` has readable metadata and all its chunk files; else what
+    is wrong, in words (a garbled ``zarr.json`` is named: zarr would raise a bare JSONDecodeError)."""
+    garbled = unreadable_metadata([path / "zarr.json"] + [path / split / sub / "zarr.json" for split in splits
+                                                          for sub in ("", *SPLIT_ARRAYS)])
+    if garbled:
+        return f"metadata file {garbled}: the stored partition is damaged"
     root = zarr.open_group(str(path), mode="r")
     for split in splits:
         if split not in root:
@@ -297,7 +308,7 @@ def _build(path: Path, splits: Mapping[str, Any], inputs: dict[str, Any], digest
     if scheduler == "auto":
         scheduler = "processes" if total_nodes >= PROCESSES_MIN_NODES and (os.cpu_count() or 1) > 1 else "threads"
     workers = workers or os.cpu_count() or 1
-    with atomic_store(path, overwrite=True) as root:
+    with atomic_store(path, overwrite=True, validate=False) as root:      # not a dataset store: checked on load
         root.attrs.update(dict(schema_version=SCHEMA_VERSION, method=inputs["method"], num_parts=num_parts,
                                seed=inputs["seed"], radius=inputs["radius"], max_neighbors=inputs["max_neighbors"],
                                store=store, inputs=inputs))

@@ -9,8 +9,10 @@ stops the others instead of hanging them, :func:`init_groups`), one run director
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_egnn.errors import ConfigError
+from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.parallel.collectives import GraphParallel
 from dist_egnn.parallel.seam import Communicator, SingleProcess
 
@@ -107,9 +109,11 @@ def shared_run_stamp(env: DistEnv, timeout_s: float = 300.0) -> str:
     """Rank 0's start time as ``YYYY-mm-dd_HH-MM-SS``, the same string on every rank (one run directory).
 
     Uses the launcher's rendezvous address (MASTER_ADDR, MASTER_PORT) before any process group exists: the
-    store made here is reused by :func:`init_groups`. Under ``torchrun --max-restarts`` the agent's store
-    outlives a failed attempt, and the stamp of the first attempt is kept: a restarted run writes into the
-    same run directory (and ``resume=auto`` finds its checkpoints).
+    store made here is reused by :func:`init_groups`. Rank 0 serves it on MASTER_ADDR only
+    (:func:`listen_socket`); a taken MASTER_PORT is :class:`~dist_egnn.errors.BadInput` naming the fix.
+    Under ``torchrun --max-restarts`` the agent's store outlives a failed attempt, and the stamp of the first
+    attempt is kept: a restarted run writes into the same run directory (and ``resume=auto`` finds its
+    checkpoints).
     """
     global _STORE
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -117,11 +121,49 @@ def shared_run_stamp(env: DistEnv, timeout_s: float = 300.0) -> str:
         return stamp
     # Under torchrun the launcher's agent already serves the store: every rank is a client then.
     host_it = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
-    _STORE = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)),
-                           env.world_size, host_it, timeout=datetime.timedelta(seconds=timeout_s))
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500))
+    # Rank 0 serves on MASTER_ADDR only (TCPStore alone would listen on every interface): it binds the socket
+    # itself and hands it over (master_listen_fd).
+    listen_fd = listen_socket(os.environ.get("DIST_EGNN_LISTEN_ADDR") or host, port) if host_it else None
+    _STORE = dist.TCPStore(host, port, env.world_size, host_it, timeout=datetime.timedelta(seconds=timeout_s),
+                           master_listen_fd=listen_fd)
     if env.rank == 0 and not _STORE.check(["dist_egnn/run_stamp"]):
         _STORE.set("dist_egnn/run_stamp", stamp)
     return _STORE.get("dist_egnn/run_stamp").decode()
+
+
+def listen_socket(host: str, port: int) -> int:
+    """A TCP socket bound to ``host:port`` and listening, as a file descriptor a TCPStore takes over.
+
+    ``host`` is the rendezvous address (MASTER_ADDR), so the store is reachable where the ranks look for it and
+    nowhere else (``DIST_EGNN_LISTEN_ADDR=0.0.0.0`` asks for every interface). A taken port or an address that
+    is not this machine's is bad input: :class:`~dist_egnn.errors.BadInput` naming it and the fix.
+    """
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise BadInput(f"MASTER_ADDR={host} cannot be resolved ({err}): give the launcher the address of the node "
+                       f"that runs rank 0 (deepspeed --master_addr, torchrun --master-addr)") from None
+    found.sort(key=lambda info: info[0] != socket.AF_INET)            # IPv4 first, as the ranks connect
+    family, kind, proto, _, address = found[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # a port in TIME_WAIT, not a listening one
+        sock.bind(address)
+        sock.listen(max(128, socket.SOMAXCONN))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise BadInput(f"MASTER_PORT={port} on MASTER_ADDR={host} is in use by another process, so rank 0 cannot "
+                           f"serve the launch's rendezvous there: pass another port to the launcher (deepspeed "
+                           f"--master_port PORT ..., torchrun --master-port PORT ...), or stop the process holding "
+                           f"it") from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise BadInput(f"MASTER_ADDR={host} is not an address of this machine, where rank 0 serves the "
+                           f"rendezvous: give the launcher this node's address (deepspeed --master_addr, torchrun "
+                           f"--master-addr)") from None
+        raise
+    return sock.detach()
 
 
 def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float,

@@ -326,6 +326,44 @@ def verify(directory: str | os.PathLike, manifest: dict[str, Any], config: dict[
                                   f"or another SHA-256); delete {where.name} to resume from an older checkpoint")
 
 
+def engine_family(name: str) -> str:
+    """Checkpoint formats: DeepSpeed's own folder, or the portable ``<tag>.pt`` of plain, DDP and FSDP."""
+    return "deepspeed" if name == "deepspeed" else "portable"
+
+
+def check_engine(where: Path, manifest: dict[str, Any], engine: str) -> None:
+    """Refuse a checkpoint whose format the resuming engine cannot read, naming the engine that wrote it and
+    how to resume (a manifest without ``engine``, from an older dist-egnn, is not checked)."""
+    written = manifest.get("engine")
+    if not isinstance(written, str) or engine_family(written) == engine_family(engine):
+        return
+    tag = manifest["tag"]
+    if written == "deepspeed":
+        raise CheckpointError(f"{where} was written by engine=deepspeed (DeepSpeed's own checkpoint folder {tag}/), "
+                              f"which engine={engine} cannot read: resume under the deepspeed launcher "
+                              f"(deepspeed --num_gpus P launch/train.py ... resume=auto; with engine.zero_stage=0 P "
+                              f"may differ), or start a new run directory")
+    raise CheckpointError(f"{where} was written by engine={written} (a portable {tag}.pt), which engine=deepspeed "
+                          f"cannot read: resume with python launch/train.py ... resume=auto (engine=plain) or "
+                          f"torchrun --nproc-per-node P launch/train.py engine=ddp ... resume=auto, or start a new "
+                          f"run directory")
+
+
+def check_store(where: Path, manifest: dict[str, Any], store: dict[str, Any] | None) -> None:
+    """Refuse to resume on a dataset store whose contents differ from the one the checkpoint trained on
+    (``store`` and the manifest's: ``datasets.prepare.store_identity``); the path alone may differ (a copied
+    store is the same store). Manifests without a store identity (older dist-egnn) are not checked."""
+    recorded = manifest.get("store")
+    if not isinstance(recorded, dict) or store is None or recorded.get("hash") == store.get("hash"):
+        return
+    changes = config_changes(recorded.get("record") or {}, store.get("record") or {})
+    raise CheckpointError(f"{where} was trained on the dataset store {recorded.get('path')}, but this run opens "
+                          f"{store.get('path')}, whose contents differ ({'; '.join(changes[:6]) or 'identity differs'}"
+                          f"{' ...' if len(changes) > 6 else ''}): resuming would continue on other data. Resume "
+                          f"with the store the run trained on (paths.data and dataset.name as in the run's "
+                          f"config.yaml), or start a new run directory (another hydra.run.dir) for the new data")
+
+
 def prune(directory: str | os.PathLike, keep_last: int, keep: Iterable[str] = ()) -> list[str]:
     """Delete all but the ``keep_last`` newest complete checkpoints and the tags in ``keep`` (the best one).
     Returns the deleted tags. Only the process that writes manifests calls it, after every rank has saved."""

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 from dist_egnn.errors import BadInput
 
 LOCK_NAME = ".lock"
@@ -124,6 +126,46 @@ class RunLock:
         return (f"run directory {self.run_dir} is in use by another training ({who}; lock file {self.path}): "
                 f"two trainings in one directory would interleave metrics.jsonl and checkpoints. Wait for it to "
                 f"finish (or stop it), or choose another hydra.run.dir")
+
+
+class RunDirError(BadInput):
+    """The run directory cannot be one: it, or a folder above it, is a file."""
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> None:
+    """Refuse a run directory that is a file or lies under one (``mkdir`` would fail with a bare
+    FileExistsError or NotADirectoryError), naming it and the fix."""
+    run_dir = Path(run_dir)
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                what = "is" if path == run_dir else f"lies under {path}, which is"
+                raise RunDirError(f"run directory {run_dir} {what} a file, not a folder: choose another "
+                                  f"hydra.run.dir (or paths.runs), or move the file away")
+            return
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (``hydra.callbacks`` in launch/conf/config.yaml): Hydra creates the run directory before
+    the training code runs, so a run directory that is a file would end in Hydra's traceback; this checks it
+    first and exits 2 with one line (the launch scripts' convention for bad input)."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        import sys
+
+        from omegaconf import OmegaConf
+
+        try:
+            run_dir = OmegaConf.select(config, "hydra.run.dir")
+        except Exception:  # noqa: BLE001 - an interpolation only Hydra's job can resolve: Hydra reports it
+            return
+        if not run_dir:
+            return
+        try:
+            check_run_dir(run_dir)
+        except RunDirError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
 
 def _read(fd: int) -> dict[str, Any]:

@@ -26,6 +26,7 @@ drops its own longest edges, as each device of the paper's DistEGNN works on its
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -43,6 +44,12 @@ from dist_egnn.datasets.graphs import (
 from dist_egnn.datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
 from dist_egnn.errors import BadInput
 from dist_egnn.partitioners.subgraphs import HaloPlan, PartNodes, part_nodes, stack_parts
+
+DENSITY_FACTOR = 10        # mean degree over this many times the documented one: a GraphWarning
+
+
+class GraphWarning(UserWarning):
+    """Graphs that train without error but not as meant: without edges, or far denser than documented."""
 
 
 @dataclass
@@ -77,11 +84,13 @@ class RankData:
         gather: all-gather of a 1-D float64 array over the graph group (``comm.all_gather_arrays``), needed
             for edge dropping in exact mode with P > 1.
         sequential: this one process holds all P parts (``part`` is ignored); see the module docstring.
+        report: warn about the split's graphs (:class:`GraphWarning`, once per split and kind): a graph
+            without edges, or far denser than the dataset's documented density. Rank 0 only in a launch.
     """
 
     def __init__(self, dataset: TrajectoryDataset, part: int = 0, parts: int = 1, halo: bool = False,
                  assignments=None, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None,
-                 sequential: bool = False):
+                 sequential: bool = False, report: bool = True):
         if parts > 1 and assignments is None:
             raise ValueError("RankData: P > 1 needs the stored partition of the split (assignments)")
         if assignments is not None and assignments.num_parts != parts:
@@ -91,6 +100,8 @@ class RankData:
         self.sequential = sequential and parts > 1
         self.assignments, self.gather = assignments, gather
         self.graph_sizes = np.diff(dataset.meta.scene_ptr)
+        self.report, self.warned = report, set()          # kinds of GraphWarning already given for this split
+        self.reference: tuple[float, str] | None | bool = False    # reference_degree(); False: not measured yet
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -126,6 +137,10 @@ class RankData:
                                          [n.halo for n in nodes])
         local = [self.local_edges(a) for a in arrays]                       # per graph, local ids
         full_edges = sum(e.shape[1] for e in local)
+        if self.report and len(self.warned) < 2:
+            edges = ([e.shape[1] for e in local] if whole
+                     else [self.assignments.num_edges_of(a.scene, a.frame) for a in arrays])
+            self.check_graphs(sample_ids, arrays, edges, whole)
         if self.sequential:
             local = self.sequential_edges(local, arrays)
         else:
@@ -133,6 +148,51 @@ class RankData:
                 full_edges = sum(self.assignments.num_edges_of(a.scene, a.frame) for a in arrays)
             local = self.drop_edges(local, arrays, nodes)
         return self.assemble(sample_ids, nodes, arrays, local, full_edges, seed, epoch)
+
+    def check_graphs(self, sample_ids: list[int], arrays: list[PartArrays], edges: list[int], whole: bool) -> None:
+        """Warn (once per split and kind) when a graph of this batch has no edges, or when the batch's mean
+        degree is over :data:`DENSITY_FACTOR` times the dataset's documented density (:meth:`reference_degree`):
+        both run without error but train a different model than meant, or run many times slower."""
+        d = self.dataset
+        where = f"{d.split} graphs of {d.info.path}"
+        units = f"the store's length unit ({d.info.attrs.get('units', {}).get('length')}) and radius " \
+                f"({d.info.attrs.get('radius')})"
+        empty = [(i, a) for i, a, e in zip(sample_ids, arrays, edges) if e == 0 and self.graph_sizes[a.scene] > 1]
+        if empty and "empty" not in self.warned:
+            self.warned.add("empty")
+            sample, a = empty[0]
+            warnings.warn(GraphWarning(
+                f"{where}: sample {sample} (scene {a.scene}, frame {a.frame}, {self.graph_sizes[a.scene]} nodes) has "
+                f"no edges at dataset.radius={d.radius}: its nodes exchange no messages. Check dataset.radius "
+                f"against {units}"), stacklevel=2)
+        nodes = sum(int(self.graph_sizes[a.scene]) for a in arrays)
+        if "dense" in self.warned or not nodes:
+            return
+        if self.reference is False:                       # measured once per split, on its first batch
+            self.reference = self.reference_degree(arrays[0] if whole else None)
+        if self.reference is None:
+            return
+        degree, (expected, what) = sum(edges) / nodes, self.reference
+        if degree > DENSITY_FACTOR * expected:
+            self.warned.add("dense")
+            warnings.warn(GraphWarning(
+                f"{where}: dataset.radius={d.radius} gives {degree:.1f} edges per node, {degree / expected:.0f}x "
+                f"{what} ({expected:.1f}): every step costs about that much more time and memory. Check "
+                f"dataset.radius against {units}, or cap the degree with dataset.max_neighbors"), stacklevel=2)
+
+    def reference_degree(self, whole_graph: PartArrays | None) -> tuple[float, str] | None:
+        """The dataset's documented edges per node and what it is: the mean degree its generator recorded
+        (``generator.neighbors``), else the degree at the store's own radius on ``whole_graph`` (one whole
+        graph), measured only when the configured radius is larger; None when there is none."""
+        d = self.dataset
+        recorded = (d.info.attrs.get("generator") or {}).get("neighbors")
+        if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and recorded > 0:
+            return float(recorded), "the store's documented mean degree (generator.neighbors)"
+        own = d.info.attrs.get("radius")
+        if whole_graph is None or own is None or d.radius is None or d.radius <= own or len(whole_graph.pos) < 2:
+            return None
+        degree = radius_graph(whole_graph.pos, own).shape[1] / len(whole_graph.pos)
+        return (degree, f"the degree at the store's own radius {own}") if degree > 0 else None
 
     def nodes_of(self, sample: int) -> PartNodes:
         scene, frame = self.dataset.locate(sample)

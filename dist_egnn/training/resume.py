@@ -8,7 +8,8 @@ checkpoint stops all ranks with the same message instead of leaving some waiting
 * no ``resume``: the run directory must not hold a previous run (metrics.jsonl lines or checkpoints);
 * ``resume=auto`` without a complete checkpoint: start from scratch;
 * ``resume=auto`` with one: the newest complete checkpoint is verified (files against its manifest,
-  configuration identity), then loaded by every rank.
+  configuration identity, the engine family that wrote it, the identity of the dataset store it trained
+  on), then loaded by every rank.
 
 Nothing in the run directory changes before that decision: a refused resume leaves it as it was. After a
 successful one, rank 0 cuts metrics.jsonl back to the lines that existed when the checkpoint was written
@@ -78,8 +79,10 @@ class Checkpoints:
     """The engine checkpoints of one run directory: ``checkpoints/engine/`` (resume points) and
     ``checkpoints/diagnostic/`` (written when training stops on non-finite numbers; never resumed from)."""
 
-    def __init__(self, engine, run_dir: Path, config: dict[str, Any], keep_last: int, is_main: bool, device="cpu"):
+    def __init__(self, engine, run_dir: Path, config: dict[str, Any], keep_last: int, is_main: bool, device="cpu",
+                 store: dict[str, Any] | None = None):
         self.engine, self.config, self.keep_last, self.is_main, self.device = engine, config, keep_last, is_main, device
+        self.store = store                         # the dataset store's identity (datasets.prepare.store_identity)
         self.directory = Path(run_dir) / "checkpoints" / "engine"
         self.diagnostic_dir = Path(run_dir) / "checkpoints" / "diagnostic"
         self.hash = checkpoint.config_hash(config)
@@ -94,6 +97,8 @@ class Checkpoints:
         runtime.barrier()                                       # every rank's files are on disk
         path = checkpoint.manifest_path(directory, tag)
         if self.is_main:
+            if self.store is not None:
+                details = dict(details, store=self.store)
             checkpoint.write_manifest(directory, tag, position=list(position), config_hash=self.hash,
                                       config=checkpoint.identity(self.config), metrics_lines=metrics_lines,
                                       engine=self.engine.name, **details)
@@ -157,6 +162,9 @@ class Checkpoints:
             return ""
         newest = found[-1]
         checkpoint.verify(self.directory, newest, self.config)
+        where = checkpoint.manifest_path(self.directory, newest["tag"])
+        checkpoint.check_engine(where, newest, self.engine.name)
+        checkpoint.check_store(where, newest, self.store)
         lines = metrics.read_lines()
         if len(lines) < newest["metrics_lines"]:
             raise CheckpointError(f"{metrics.path} holds {len(lines)} complete lines but checkpoint "

@@ -23,8 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dist_egnn.config import check
-from dist_egnn.datasets.prepare import prepare_dataset
-from dist_egnn.datasets.store import StoreInfo, open_store
+from dist_egnn.datasets.prepare import check_store_matches, prepare_dataset
+from dist_egnn.datasets.store import StoreInfo, check_store_path, open_store
 from dist_egnn.engines import Engine, build_engine, resolve_engine
 from dist_egnn.errors import ConfigError
 from dist_egnn.keys import SPLITS
@@ -32,10 +32,13 @@ from dist_egnn.models import EGNN, FastEGNN
 from dist_egnn.parallel import Communicator, runtime
 from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
 from dist_egnn.training.device import configure_cuda, edge_chunk_rows, resolve_device
-from dist_egnn.training.lock import RunLock, RunLockedError
+from dist_egnn.training.lock import RunLock, RunLockedError, check_run_dir
 from dist_egnn.training.rank_data import RankData
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# What a launcher (deepspeed, torchrun) sets and deepspeed.initialize needs; without them DeepSpeed tries MPI.
+DEEPSPEED_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+MPI_LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")       # mpirun: DeepSpeed's own discovery
 
 
 @dataclass
@@ -74,17 +77,21 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
     rt = start_runtime(cfg, env or runtime.DistEnv.from_environ())
     run_dir = Path(run_dir)
     lock = lock_run_dir(run_dir, rt)
-    progress = cfg.trainer.progress and rt.is_main
-    info, splits = open_data(cfg, rt, progress)
-    data = rank_data(cfg, rt, splits, progress)
-    torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg.model, rt.device).to(rt.device, rt.dtype)
-    comm = rt.groups.communicator()
-    model.set_comm(comm)
-    t = cfg.trainer
-    engine = build_engine(rt.engine_name, model,
-                          lambda params: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
-                          cfg, rt.groups)
+    try:                                   # a refused set-up leaves no lock file behind
+        progress = cfg.trainer.progress and rt.is_main
+        info, splits = open_data(cfg, rt, progress)
+        data = rank_data(cfg, rt, splits, progress)
+        torch.manual_seed(cfg.trainer.seed)
+        model = build_model(cfg.model, rt.device).to(rt.device, rt.dtype)
+        comm = rt.groups.communicator()
+        model.set_comm(comm)
+        t = cfg.trainer
+        engine = build_engine(rt.engine_name, model,
+                              lambda params: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
+                              cfg, rt.groups)
+    except BaseException:
+        lock.release()
+        raise
     return Ready(cfg=cfg, run_dir=run_dir, runtime=rt, lock=lock, info=info, data=data, comm=comm, engine=engine)
 
 
@@ -97,6 +104,12 @@ def start_runtime(cfg: DictConfig, env: runtime.DistEnv) -> Runtime:
     if engine_name == "deepspeed" and t.dtype == "float64":
         raise ConfigError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
                          "trainer.dtype=float32, or engine=ddp under torchrun for float64")
+    launch_vars = [v for v in DEEPSPEED_LAUNCH_VARS if v not in os.environ]
+    if engine_name == "deepspeed" and launch_vars and not any(v in os.environ for v in MPI_LAUNCH_VARS):
+        # DeepSpeed would look for an MPI launch and fail importing mpi4py: say what the user can do instead
+        raise ConfigError(f"engine=deepspeed needs the deepspeed launcher: deepspeed --num_gpus P launch/train.py "
+                          f"..., or engine=plain (this process was started without a launcher: "
+                          f"{', '.join(launch_vars)} not set)")
     if engine_name in ("ddp", "fsdp") and not env.distributed:
         raise ConfigError(f"engine={engine_name} needs a multi-process launch (torchrun --nproc-per-node P "
                          f"launch/train.py ...); for one process use engine=plain or engine=auto")
@@ -112,6 +125,7 @@ def start_runtime(cfg: DictConfig, env: runtime.DistEnv) -> Runtime:
 def lock_run_dir(run_dir: Path, rt: Runtime) -> RunLock:
     """Rank 0 takes the run directory's lock (creating the directory) before anything is written there;
     if another training holds it, every rank stops with the holder named (agreed: no rank waits in vain)."""
+    check_run_dir(run_dir)                 # a file where the run directory should be: one line, every rank
     lock = RunLock(run_dir, enabled=rt.is_main)
     refused = None
     try:
@@ -132,12 +146,17 @@ def thread_share(env: runtime.DistEnv, requested: int | None) -> int:
 
 # -- data -----------------------------------------------------------------------------------------------
 def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreInfo:
-    """Open (and on first use create) the dataset's store, validated."""
+    """Open (and on first use create) the dataset's store, validated and checked against the configuration:
+    a store made with other generator parameters is refused (``datasets.prepare.check_store_matches``)."""
     path = Path(dataset_cfg.store)
+    dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
+    check_store_path(path)                 # a dangling or looping link: refused before generating anything
     if not path.exists() and dataset_cfg.auto_prepare:
         print(f"dataset store {path} not found: preparing it now (set dataset.auto_prepare=false to disable)")
-        prepare_dataset(OmegaConf.to_container(dataset_cfg, resolve=True), path, progress=progress)
-    return open_store(path, check_values=dataset_cfg.check_values)
+        prepare_dataset(dataset, path, progress=progress)
+    info = open_store(path)                # structure only: the comparison comes before the values' scan
+    check_store_matches(dataset, info)
+    return open_store(path, check_values=True) if dataset_cfg.check_values else info
 
 
 def load_splits(cfg: DictConfig, info: StoreInfo):
@@ -162,6 +181,7 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
 def open_data(cfg: DictConfig, rt: Runtime, progress: bool):
     """The store and its splits; in a multi-rank run, rank 0 prepares what is missing while others wait."""
     d = cfg.dataset
+    check_store_path(Path(d.store))        # on every rank: a broken link stops all of them, none waits for rank 0
     # Agreed before rank 0 starts writing: a rank that looked later would see a half-written store.
     if rt.env.distributed and runtime.agree([not Path(d.store).exists()], rt.collective_device)[0]:
         if rt.is_main:
@@ -176,7 +196,7 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
     """Each split as this rank sees it: its part of every graph (the stored partition when P > 1)."""
     d = cfg.distributed
     if d.parts == 1:
-        return {name: RankData(data) for name, data in splits.items()}
+        return {name: RankData(data, report=rt.is_main) for name, data in splits.items()}
     sequential = not rt.env.distributed           # one process runs all P parts (drop-mode reference)
     path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed)
     # Agreed before rank 0 starts building: every rank takes the same branch, no one waits in vain.
@@ -195,7 +215,8 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
     group, device = rt.groups.data, torch.device("cpu")          # the data group is gloo
     gather = (lambda values: runtime.all_gather_arrays(values, group, device)) if group is not None else None
     return {name: RankData(data, rt.groups.part, d.parts, d.halo == "exact",
-                           load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential)
+                           load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential,
+                           report=rt.is_main)
             for name, data in splits.items()}
 
 

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from dist_egnn.config import to_container
 from dist_egnn.datasets.prefetch import prefetch
+from dist_egnn.datasets.prepare import store_identity
 from dist_egnn.losses import objective, sample_nodes
 from dist_egnn.measure import baselines
 from dist_egnn.parallel import runtime
@@ -124,7 +125,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
         self.checkpoints = Checkpoints(self.engine, self.run_dir, to_container(self.cfg), self.cfg.trainer.keep_last,
-                                       self.is_main, self.collective_device)
+                                       self.is_main, self.collective_device, store=store_identity(self.info))
         self.state = TrainerState()
         self.totals = EpochTotals()                  # this rank's running epoch sums (see train_epoch)
         self.signals = guard.StopSignals()

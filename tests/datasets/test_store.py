@@ -77,3 +77,76 @@ def test_existing_store_is_not_overwritten_by_accident(store):
     with pytest.raises(StoreError, match="already exists"):
         with atomic_store(store):
             pass
+
+
+# -- a store and the configuration that made it (issue 18 item 4) ------------------------------------------
+def nbody_config(store_path, **changes):
+    from dataclasses import asdict
+    params = dict(asdict(NBodyConfig(num_particles=6, train=3, val=2, test=2, steps=300)), **changes)
+    return dict(name="nb", source="nbody", nbody=params)
+
+
+def test_generator_parameters_that_differ_are_named(store):
+    from dist_egnn.datasets.prepare import check_store_matches, store_differences
+    info = open_store(store)
+    assert store_differences(nbody_config(store), info.attrs) == []
+    changed = nbody_config(store, num_particles=7, seed=1)
+    assert store_differences(changed, info.attrs) == ["dataset.nbody.num_particles: store 6, configured 7",
+                                                      "dataset.nbody.seed: store 0, configured 1"]
+    with pytest.raises(StoreError, match=r"nb.zarr was made with other generator parameters .*"
+                                         r"num_particles: store 6, configured 7.*prepare.overwrite=true"):
+        check_store_matches(changed, info)
+
+
+def test_keys_that_do_not_change_the_data_do_not_count(store):
+    """Run options (scenes per batch, workers, retries, timeouts, write batching), the radius graphs are built
+    with, the store's folder and name: none makes another store."""
+    import shutil
+
+    from dist_egnn.datasets.prepare import store_differences, store_identity
+    info = open_store(store)
+    config = nbody_config(store, scenes_per_batch=1)
+    config.update(radius=2.0, auto_prepare=False, prefetch=0)
+    assert store_differences(config, info.attrs) == []
+    copy = shutil.copytree(store, store.parent / "elsewhere" / "renamed.zarr")
+    zarr.open_group(str(copy), mode="r+").attrs["generator"] = dict(info.attrs["generator"], scenes_per_batch=7)
+    assert store_identity(open_store(copy))["hash"] == store_identity(info)["hash"]
+    zarr.open_group(str(copy), mode="r+").attrs["dt"] = 0.5
+    assert store_identity(open_store(copy))["hash"] != store_identity(info)["hash"]
+
+
+def test_run_options_of_other_sources_do_not_count():
+    from dist_egnn.datasets.prepare import store_differences
+    sph = dict(source="sph", sph=dict(num_particles=100, retries=3, timeout_s=60.0, threads_per_scene=2))
+    recorded = dict(source="sph", generator=dict(num_particles=100, retries=1, timeout_s=None, threads_per_scene=None))
+    assert store_differences(sph, recorded) == []
+    md = dict(source="md", md=dict(topology="/here/adk.psf", trajectories=["/here/a.dcd"], frames_per_write=8,
+                                   dt=None))
+    recorded = dict(source="md", generator=dict(topology=["/there/adk.psf"], trajectories=["/there/a.dcd"],
+                                                frames_per_write=64, dt=None))
+    assert store_differences(md, recorded) == []              # files compared by name: a moved store matches
+    md["md"]["trajectories"] = ["/here/b.dcd"]
+    assert store_differences(md, recorded) == ["dataset.md.trajectories: store ['/there/a.dcd'], configured "
+                                               "['/here/b.dcd']"]
+
+
+def test_a_generated_store_failing_validation_is_not_put_in_place(tmp_path):
+    with pytest.raises(StoreError, match=r"failed validation.*nothing is left behind.*'val' holds no scenes"):
+        generate_nbody(tmp_path / "e.zarr", NBodyConfig(num_particles=6, train=2, val=0, test=1, steps=300),
+                       progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["nowhere.zarr", "link.zarr"])          # dangling, looping
+def test_a_broken_link_is_refused_before_anything_is_made(tmp_path, target):
+    (tmp_path / "link.zarr").symlink_to(target)
+    with pytest.raises(StoreError, match="link.zarr.*(dangling|loops)"):
+        generate_nbody(tmp_path / "link.zarr", NBodyConfig(num_particles=6, train=1, val=1, test=1, steps=300),
+                       progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["link.zarr"] and (tmp_path / "link.zarr").is_symlink()
+
+
+def test_a_garbled_array_metadata_file_is_named(store):
+    (store / "train" / "vel" / "zarr.json").write_text('{"zarr_format": 3, "sha')
+    with pytest.raises(StoreError, match=r"train/vel/zarr.json: cannot be read as JSON"):
+        open_store(store)

@@ -18,12 +18,15 @@ import pytest
 import torch
 import zarr
 
+from dist_egnn.config import check
 from dist_egnn.datasets.store import StoreError
 from dist_egnn.errors import ConfigError
 from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, prepare_partitions
 from dist_egnn.training.checkpoint import CheckpointError, sha256
+from dist_egnn.training.lock import RunDirError
+from dist_egnn.training.rank_data import GraphWarning
 
-from runs import config, digest, fit
+from runs import ROOT, config, digest, fit
 
 STORE = "nbody_small.zarr"
 PARTITION = "nbody_small.partitions/random-p2-s0.zarr"
@@ -52,8 +55,9 @@ class Case:
 
     damage: Callable[[Path], None]
     run: Callable[[Path], object]
-    error: type[BaseException]
+    error: type[BaseException] | type[Warning]  # a Warning: the run completes, warning once with the message
     says: tuple[str, ...]                      # fragments the message must hold: the file or field, the fix
+    skip: str | None = None                    # why the case does not apply on this machine
 
 
 def nothing(_: Path) -> None:
@@ -191,12 +195,114 @@ def rank_data_with_other_parts(case: Path):
     return RankData(data, 0, 2, assignments=load_assignments(case / "data" / PARTITION.replace("p2", "p3"), "train"))
 
 
+def checked(*overrides: str) -> Callable[[Path], object]:
+    """The configuration check alone (``dist_egnn.config.check``), as ``launch/train.py`` runs it first."""
+    return lambda case: check(config(case / "data", *overrides))
+
+
+def make_store(folder: str, *overrides: str) -> Callable[[Path], None]:
+    """Another store of the tiny N-body set under ``<case>/<folder>`` (as a run with these overrides makes it)."""
+    def damage(case: Path) -> None:
+        from omegaconf import OmegaConf
+
+        from dist_egnn.datasets.prepare import prepare_dataset
+        cfg = config(case / folder, *overrides)
+        prepare_dataset(OmegaConf.to_container(cfg.dataset, resolve=True), cfg.dataset.store, progress=False)
+    return damage
+
+
+def copy_store(folder: str, **attrs) -> Callable[[Path], None]:
+    """A copy of the store under ``<case>/<folder>``, with root attributes changed (other contents)."""
+    def damage(case: Path) -> None:
+        shutil.copytree(case / "data" / STORE, case / folder / STORE)
+        zarr.open_group(str(case / folder / STORE), mode="r+").attrs.update(attrs)
+    return damage
+
+
+def garble(path: str, text: str = '{"zarr_format": 3, "node_ty') -> Callable[[Path], None]:
+    def damage(case: Path) -> None:
+        (case / "data" / path).write_text(text)
+    return damage
+
+
+def link_store(target: str) -> Callable[[Path], None]:
+    """``<case>/links/nbody_small.zarr``: a symbolic link to ``target`` (relative to the link's folder)."""
+    def damage(case: Path) -> None:
+        (case / "links").mkdir()
+        (case / "links" / STORE).symlink_to(target)
+    return damage
+
+
+def file_as_run_dir(case: Path) -> None:
+    (case / "afile").write_text("not a run directory")
+
+
+def as_deepspeed_checkpoint(case: Path) -> None:
+    """The newest checkpoint rewritten in DeepSpeed's layout (a folder ``<tag>/``), its manifest saying
+    engine=deepspeed, as a run under the deepspeed launcher leaves it."""
+    engine = case / "done" / "checkpoints" / "engine"
+    tag = LAST.rsplit("/", 1)[1]
+    (engine / tag).mkdir()
+    os.replace(engine / f"{tag}.pt", engine / tag / "mp_rank_00_model_states.pt")
+    manifest = json.loads((engine / f"{tag}.json").read_text())
+    path = engine / tag / "mp_rank_00_model_states.pt"
+    manifest.update(engine="deepspeed", files={f"{tag}/{path.name}": dict(bytes=path.stat().st_size,
+                                                                         sha256=sha256(path))})
+    (engine / f"{tag}.json").write_text(json.dumps(manifest))
+
+
+def resume_under_deepspeed(case: Path):
+    """What a DeepSpeed launch resuming the plain run checks first (the engine needs a launcher to start)."""
+    from dist_egnn.training.checkpoint import check_engine, read_manifest
+    where = case / "done" / f"{LAST}.json"
+    return check_engine(where, read_manifest(where), "deepspeed")
+
+
+def launch_prepare(*overrides: str) -> Callable[[Path], object]:
+    """``python launch/prepare.py <overrides>`` in this process (its ``prepare`` function)."""
+    def run(case: Path):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("launch_prepare", ROOT / "launch" / "prepare.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.prepare(config(case / "data", *overrides))
+    return run
+
+
+def first_batch(*overrides: str, data: str = "data") -> Callable[[Path], object]:
+    """Rank 0's first training batch of a one-process run with these overrides (graphs built, nothing written)."""
+    def run(case: Path):
+        from dist_egnn.training.rank_data import RankData
+        return RankData(splits(case / data, *overrides)["train"]).build([0, 1, 2])
+    return run
+
+
+def make_synthetic(case: Path) -> None:
+    """A tiny synthetic store whose generator documents its mean degree (4 neighbours at radius 0.075)."""
+    from dist_egnn.datasets.synthetic import SyntheticConfig, generate_synthetic
+    generate_synthetic(case / "syn" / "synthetic.zarr", SyntheticConfig(num_particles=300, neighbors=4.0, frames=3),
+                       dataset="synthetic", progress=False)
+
+
+def dense_synthetic_batch(case: Path):
+    from dist_egnn.datasets.loader import TrajectoryDataset
+    from dist_egnn.datasets.store import open_store
+    from dist_egnn.training.rank_data import RankData
+    data = TrajectoryDataset(open_store(case / "syn" / "synthetic.zarr"), "train", delta_t=1, node_features=["speed"],
+                             edge_features=["distance"], radius=0.25)
+    return RankData(data).build([0])
+
+
+NO_GPU = "a GPU is visible" if torch.cuda.is_available() else None
+CHANGED = "dataset.nbody.num_particles=16"
+
+
 CASES = {
     # configurations: rejected before anything is read or written
     "unknown key": Case(nothing, train("trainer.learning_rate=0.1"), Exception, ("learning_rate", "trainer")),
     "wrong type": Case(nothing, train("trainer.max_epochs=many"), Exception, ("trainer.max_epochs", "many")),
     "nonfinite policy": Case(nothing, train("trainer.nonfinite=ignore"), ValueError,
-                             ("trainer.nonfinite='ignore'", "choose stop or skip")),
+                             ("trainer.nonfinite='ignore'", "choose one of ('stop', 'skip')")),
     "negative checkpoint interval": Case(nothing, train("trainer.checkpoint_every_steps=-1"), ValueError,
                                          ("trainer.checkpoint_every_steps=-1", ">= 0")),
     "keep no checkpoint": Case(nothing, train("trainer.keep_last=0"), ValueError, ("trainer.keep_last=0", ">= 1")),
@@ -266,19 +372,124 @@ CASES = {
                                           (FORGED, "'../../../victim/precious.txt'", "delete it")),
     "fresh run in a used directory": Case(nothing, train(run="done"), CheckpointError,
                                           ("already holds a run", "resume=auto", "hydra.run.dir")),
+    # numbers out of range (dist_egnn.config.RANGES / CHOICES): each names the key and its range
+    **{f"range {override}": Case(nothing, checked(override), ConfigError, says) for override, says in {
+        "model.edge_chunk_size=-1": ("model.edge_chunk_size=-1", "auto or a whole number of edges >= 1"),
+        "dataset.radius=-0.1": ("dataset.radius=-0.1", "must be > 0"),
+        "dataset.radius=0": ("dataset.radius=0.0", "must be > 0"),
+        "dataset.max_neighbors=0": ("dataset.max_neighbors=0", "must be >= 1"),
+        "trainer.lr=0": ("trainer.lr=0.0", "must be > 0"),
+        "trainer.steps_per_epoch=0": ("trainer.steps_per_epoch=0", "must be >= 1"),
+        "dataset.mmd_weight=-1": ("dataset.mmd_weight=-1.0", "must be >= 0"),
+        "dataset.mmd_samples=0": ("dataset.mmd_samples=0", "must be >= 1"),
+        "dataset.mmd_sigma=0": ("dataset.mmd_sigma=0.0", "must be > 0"),
+        "dataset.frame_stride=0": ("dataset.frame_stride=0", "must be >= 1"),
+        "dataset.frame_start=-1": ("dataset.frame_start=-1", "must be >= 0"),
+        "dataset.delta_t=0": ("dataset.delta_t=0", "must be >= 1"),
+        "trainer.num_threads=-1": ("trainer.num_threads=-1", "must be >= 1"),
+        "trainer.batch_size=0": ("trainer.batch_size=0", "must be >= 1"),
+        "trainer.eval_batch_size=0": ("trainer.eval_batch_size=0", "must be >= 1"),
+        "trainer.max_epochs=0": ("trainer.max_epochs=0", "must be >= 1"),
+        "trainer.patience=0": ("trainer.patience=0", "must be >= 1"),
+        "trainer.eval_every=0": ("trainer.eval_every=0", "must be >= 1"),
+        "trainer.weight_decay=-1": ("trainer.weight_decay=-1.0", "must be >= 0"),
+        "trainer.dtype=float16": ("trainer.dtype='float16'", "choose one of ('float32', 'float64')"),
+        "model.hidden=0": ("model.hidden=0", "must be >= 1"),
+        "model.layers=0": ("model.layers=0", "must be >= 1"),
+        "model.virtual_channels=0": ("model.virtual_channels=0", "must be >= 1"),
+        "model.cutoff_rate=1.5": ("model.cutoff_rate=1.5", "must be in [0, 1]"),
+        "distributed.parts=0": ("distributed.parts=0", "must be >= 1"),
+        "distributed.timeout_s=0": ("distributed.timeout_s=0.0", "must be > 0"),
+        "distributed.prepare_timeout_s=0": ("distributed.prepare_timeout_s=0.0", "must be > 0"),
+        "engine.zero_stage=-1": ("engine.zero_stage=-1", "must be >= 0"),
+        "engine.gradient_clipping=-1": ("engine.gradient_clipping=-1.0", "must be >= 0"),
+        "engine.name=horovod": ("engine.name='horovod'", "choose one of"),
+        "prepare.workers=0": ("prepare.workers=0", "must be >= 1"),
+    }.items()},
+    "bf16 with float64": Case(nothing, checked("trainer.precision=bf16", "trainer.dtype=float64"), ConfigError,
+                              ("trainer.precision=bf16 with trainer.dtype=float64", "use trainer.dtype=float32")),
+    "cuda without a GPU": Case(nothing, train("trainer.device=cuda"), ConfigError,
+                               ("trainer.device=cuda", "no CUDA device is visible", "trainer.device=cpu"), skip=NO_GPU),
+    # a store tied to the configuration that made it (issue 18 item 4)
+    "store made with other parameters": Case(nothing, train(CHANGED), StoreError,
+                                             (STORE, "dataset.nbody.num_particles: store 12, configured 16",
+                                              "dataset.name", "paths.data", "prepare.overwrite=true")),
+    "store made with other scene counts": Case(nothing, train("dataset.nbody.train=8", "dataset.nbody.val=4"),
+                                               StoreError, ("dataset.nbody.train: store 6, configured 8",
+                                                            "dataset.nbody.val: store 3, configured 4")),
+    "store of another source": Case(nothing, train("dataset.source=synthetic"), StoreError,
+                                    (STORE, "dataset.source: store 'nbody', configured 'synthetic'")),
+    "prepare over a store made with other parameters": Case(nothing, launch_prepare(CHANGED), StoreError,
+                                                            ("dataset.nbody.num_particles: store 12, configured 16",
+                                                             "prepare.overwrite=true")),
+    "resume on a store made with other parameters": Case(make_store("other", CHANGED), resume("paths.data=other"),
+                                                         StoreError, ("other/" + STORE, "dataset.nbody.num_particles: "
+                                                                      "store 16, configured 12")),
+    "resume on a store with other contents": Case(copy_store("other", radius=2.0), resume("paths.data=other"),
+                                                  CheckpointError, ("epoch-00002.json", "trained on the dataset store",
+                                                                    "radius: None -> 2.0", "paths.data",
+                                                                    "new run directory")),
+    # stores that cannot be read or made
+    "garbled array metadata": Case(garble(f"{STORE}/val/pos/zarr.json"), train(), StoreError,
+                                   (f"{STORE}/val/pos/zarr.json", "cannot be read as JSON", "prepare.overwrite=true")),
+    "garbled store metadata": Case(garble(f"{STORE}/zarr.json"), train(), StoreError,
+                                   (f"{STORE}/zarr.json", "cannot be read as JSON")),
+    "garbled partition metadata": Case(garble(f"{PARTITION}/train/assignment/zarr.json"),
+                                       train("distributed.parts=2", "distributed.partition=random"),
+                                       StalePartitionError, ("random-p2-s0.zarr/train/assignment/zarr.json",
+                                                             "cannot be read as JSON", "damaged",
+                                                             "launch/prepare.py dataset=nbody_small "
+                                                             "distributed.parts=2", "or delete the folder")),
+    "array metadata of the wrong kind": Case(garble(f"{STORE}/val/vel/zarr.json", '{"zarr_format": 3}'), train(),
+                                             StoreError, (f"{STORE}/val", "cannot be read", "prepare.overwrite=true")),
+    "dangling store link": Case(link_store("../nowhere/nbody_small.zarr"), train("paths.data=links"), StoreError,
+                                ("links/" + STORE, "a dangling link", "remove the link")),
+    "looping store link": Case(link_store(STORE), train("paths.data=links"), StoreError,
+                               ("links/" + STORE, "a symbolic link that loops", "remove the link")),
+    "store generation failing validation": Case(nothing, train("paths.data=fresh", "dataset.nbody.val=0"), StoreError,
+                                                ("fresh/" + STORE, "failed validation", "nothing is left behind",
+                                                 "holds no scenes", "dataset.nbody.val >= 1")),
+    # launches and run directories
+    "run directory is a file": Case(file_as_run_dir, train(run="afile"), RunDirError,
+                                    ("afile is a file, not a folder", "hydra.run.dir")),
+    "engine=deepspeed in one process": Case(nothing, train("engine=deepspeed"), ConfigError,
+                                            ("engine=deepspeed needs the deepspeed launcher",
+                                             "deepspeed --num_gpus P launch/train.py", "engine=plain")),
+    "resume a DeepSpeed run under another engine": Case(as_deepspeed_checkpoint, resume(), CheckpointError,
+                                                        ("epoch-00002.json", "written by engine=deepspeed",
+                                                         "engine=plain cannot read", "deepspeed --num_gpus P",
+                                                         "resume=auto")),
+    "resume a plain run under DeepSpeed": Case(nothing, resume_under_deepspeed, CheckpointError,
+                                               ("epoch-00002.json", "written by engine=plain",
+                                                "engine=deepspeed cannot read", "python launch/train.py")),
+    # graphs that train, but not as meant: a warning once per split
+    "graph without edges": Case(nothing, first_batch("dataset.radius=0.001"), GraphWarning,
+                                ("train graphs of", "has no edges at dataset.radius=0.001", "length unit")),
+    "radius far denser than documented": Case(make_synthetic, dense_synthetic_batch, GraphWarning,
+                                              ("dataset.radius=0.25 gives", "documented mean degree",
+                                               "dataset.max_neighbors")),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(pristine, tmp_path, monkeypatch, name):
     case = CASES[name]
+    if case.skip:
+        pytest.skip(case.skip)
     shutil.copytree(pristine, tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)
     case.damage(tmp_path)
     before = digest(tmp_path)
-    with pytest.raises(case.error) as caught:
-        case.run(tmp_path)
-    message = str(caught.value)
+    if issubclass(case.error, Warning):
+        with pytest.warns(case.error) as caught:
+            case.run(tmp_path)
+        given = [w for w in caught if issubclass(w.category, case.error)]
+        assert len(given) == 1, [str(w.message) for w in given]         # once, not every batch
+        message = str(given[0].message)
+    else:
+        with pytest.raises(case.error) as caught:
+            case.run(tmp_path)
+        message = str(caught.value)
     for fragment in case.says:
         assert fragment in message, f"{fragment!r} not in: {message}"
     assert digest(tmp_path) == before, "existing data changed"
@@ -286,4 +497,4 @@ def test_bad_input(pristine, tmp_path, monkeypatch, name):
 
 
 def test_the_catalogue_is_long_enough():
-    assert len(CASES) >= 15
+    assert len(CASES) >= 60

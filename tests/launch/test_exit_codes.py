@@ -69,7 +69,7 @@ def test_a_bad_configuration_value_is_one_line_with_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert error_lines(proc.stderr) == ["error (rank 0): invalid configuration:",
-                                        "  trainer.nonfinite='ignore': choose stop or skip"]
+                                        "  trainer.nonfinite='ignore': choose one of ('stop', 'skip')"]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -78,6 +78,30 @@ def test_a_missing_store_is_bad_input(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert len(error_lines(proc.stderr)) == 1 and "does not exist" in proc.stderr
+
+
+def test_a_run_directory_that_is_a_file_is_one_line_with_exit_2(tmp_path):
+    """Hydra creates the run directory before any of our code runs: its callback checks it first."""
+    (tmp_path / "run").write_text("a file where the run directory should be")
+    proc = launch(tmp_path, "train.py")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert error_lines(proc.stderr) == [f"error: run directory {tmp_path / 'run'} is a file, not a folder: choose "
+                                        f"another hydra.run.dir (or paths.runs), or move the file away"]
+    assert (tmp_path / "run").read_text() == "a file where the run directory should be"
+
+
+def test_a_store_made_with_other_parameters_is_one_line_with_exit_2(tmp_path):
+    """prepare.py then train.py with another particle count: both refuse the existing store, naming the key."""
+    first = launch(tmp_path, "prepare.py", *TINY[:5])
+    assert first.returncode == 0, first.stderr[-3000:]
+    for script in ("prepare.py", "train.py"):
+        proc = launch(tmp_path, script, *([] if script == "train.py" else TINY[1:5]), "dataset.nbody.num_particles=16")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        lines = error_lines(proc.stderr)
+        assert len(lines) == 1 and "dataset.nbody.num_particles: store 12, configured 16" in lines[0], lines
+        assert "prepare.overwrite=true" in lines[0]
 
 
 def test_prepare_reports_a_bug_with_its_traceback(tmp_path):

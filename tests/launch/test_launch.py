@@ -122,6 +122,36 @@ def test_resume_with_a_different_number_of_parts(data_dir):
     assert evaluations[-1]["parts"] == 1
 
 
+def test_resuming_a_deepspeed_run_under_another_engine_says_how(data_dir):
+    """Guards issue 18: a DeepSpeed run resumed by plain python said "checkpoint ... does not exist"; now it
+    names the engine that wrote the checkpoint and the command that resumes it, and changes nothing."""
+    shutil.copytree(data_dir / "ds", data_dir / "ds-plain")
+    before = sorted(p.name for p in (data_dir / "ds-plain" / "checkpoints" / "engine").iterdir())
+    proc = launch([], data_dir, "ds-plain", "trainer.max_epochs=3", "resume=auto", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "does not exist" not in proc.stderr
+    assert "epoch-00002.json was written by engine=deepspeed" in proc.stderr
+    assert "deepspeed --num_gpus P launch/train.py" in proc.stderr
+    assert sorted(p.name for p in (data_dir / "ds-plain" / "checkpoints" / "engine").iterdir()) == before
+
+
+def test_a_taken_master_port_under_deepspeed_is_one_line(data_dir):
+    """Guards issue 18: MASTER_PORT in use ended in a DistNetworkError traceback on rank 0 (and rank 1 waiting
+    on whatever held the port); now rank 0 names the port and the fix, exits 2, and the launcher stops."""
+    import socket
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        proc = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port)], data_dir, "taken",
+                      "distributed.parts=2", timeout=180)
+    assert proc.returncode != 0
+    assert f"MASTER_PORT={port} on MASTER_ADDR=127.0.0.1 is in use by another process" in proc.stderr
+    assert "deepspeed --master_port PORT" in proc.stderr
+    assert "Traceback" not in proc.stderr and "DistNetworkError" not in proc.stderr
+    assert not (data_dir / "taken").exists()
+
+
 def test_graph_and_data_parallel(data_dir):
     """Guards G = 2 graph groups of P = 2: equal to one process whose batch holds both groups' batches."""
     proc = launch(torchrun(4), data_dir, "gxd", "trainer.dtype=float64", "distributed.parts=2",

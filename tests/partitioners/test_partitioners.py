@@ -254,8 +254,9 @@ def test_prepare_command_builds_the_partitions(store, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     shutil.move(store, store.with_name("nbody_small.zarr"))
-    overrides = [f"paths.data={store.parent}", "dataset.frame_start=0", "dataset.delta_t=1", "trainer.progress=false",
-                 "distributed.parts=2", "distributed.partition=spatial"]
+    # dataset.source=test: the toy store's own source (a store made by another generator is refused, issue 18)
+    overrides = [f"paths.data={store.parent}", "dataset.source=test", "dataset.frame_start=0", "dataset.delta_t=1",
+                 "trainer.progress=false", "distributed.parts=2", "distributed.partition=spatial"]
     with initialize_config_dir(config_dir=str(ROOT / "launch" / "conf"), version_base="1.3"):
         cli.prepare(compose(config_name="prepare", overrides=overrides))
         assert "building it" in capsys.readouterr().out

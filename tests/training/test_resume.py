@@ -199,3 +199,16 @@ def test_running_sums_move_to_another_world_size():
     assert rank0[same] == rank1[same] == rank2[same] == 3
     assert np.array_equal(rank0[slowest], saved[:, slowest].max(0)) and not rank1[slowest].any()
     assert np.array_equal(rank0[summed], saved[:, summed].sum(0)) and not rank1[summed].any()
+
+
+def test_resume_on_a_copy_of_the_store_elsewhere(root):
+    """Guards the store identity in checkpoints (issue 18 item 4): the path does not count, the contents do. A run
+    resumed with paths.data pointing at a copy of its store continues exactly; each manifest records the store."""
+    import shutil
+    run = root / "moved"
+    fit(root / "data", run, "trainer.max_epochs=2")
+    manifest = checkpoint.complete_checkpoints(run / "checkpoints" / "engine")[-1]
+    assert manifest["store"]["path"].endswith("nbody_small.zarr") and len(manifest["store"]["hash"]) == 16
+    shutil.copytree(root / "data", root / "copy")
+    fit(root / "copy", run, "trainer.max_epochs=3", "resume=auto")
+    assert results(run) == results(root / "reference")
