@@ -47,12 +47,15 @@ def _cap_neighbors(pos: np.ndarray, edge_index: np.ndarray, max_neighbors: int) 
 
 def drop_longest_edges(edge_index: np.ndarray, pos: np.ndarray, cutoff_rate: float,
                        node_ids: np.ndarray | None = None) -> np.ndarray:
-    """Edge dropping (docs/maths.md §2): keep the shortest ⌊(1 − r)·|E|⌋ edges of the graph, drop the longest.
+    """Edge dropping (docs/maths.md §2): keep the shortest ⌊(1 − r)·|E|⌋ edges of the graph, drop the longest,
+    keeping or dropping the two directions of a pair together.
 
     ``cutoff_rate`` r in [0, 1]; r = 1 leaves no real edge, so only virtual nodes carry information. Ties
-    (every pair has two directed edges of one length) are broken by receiver, then sender id: ``node_ids``
-    maps the rows of ``pos`` to the ids that decide (default: the rows themselves), so that a rank holding
-    part of a graph decides as one device holding all of it.
+    are broken by the pair's smaller node id, then its larger one, then the receiver (:func:`edge_order`),
+    so the two directions of a pair (always one length) are adjacent in the order; when the keep boundary
+    falls between them, both are dropped (:func:`whole_pairs`: at most ⌊(1 − r)·|E|⌋ edges are kept, one
+    fewer in that case). ``node_ids`` maps the rows of ``pos`` to the ids that decide (default: the rows
+    themselves), so that a rank holding part of a graph decides as one device holding all of it.
     """
     if not 0.0 <= cutoff_rate <= 1.0:
         raise ConfigError(f"cutoff_rate must be in [0, 1], got {cutoff_rate}")
@@ -61,13 +64,33 @@ def drop_longest_edges(edge_index: np.ndarray, pos: np.ndarray, cutoff_rate: flo
     keep = int(np.floor((1.0 - cutoff_rate) * edge_index.shape[1]))
     length2 = np.square(pos[edge_index[0]] - pos[edge_index[1]]).sum(axis=1)
     ids = edge_index if node_ids is None else np.asarray(node_ids)[edge_index]
-    kept = np.sort(edge_order(ids[0], ids[1], length2)[:keep])
-    return edge_index[:, kept]
+    order = edge_order(ids[0], ids[1], length2)
+    keep = whole_pairs(ids[0][order], ids[1][order], keep)
+    return edge_index[:, np.sort(order[:keep])]
 
 
 def edge_order(receivers: np.ndarray, senders: np.ndarray, length2: np.ndarray) -> np.ndarray:
-    """Edge positions from shortest to longest, ties by receiver then sender id: the order dropping keeps."""
-    return np.lexsort((senders, receivers, length2))
+    """Edge positions from shortest to longest, the order dropping keeps. Ties by the pair's smaller id, then
+    its larger id, then the receiver: the two directions of a pair sit next to each other."""
+    return np.lexsort((receivers, np.maximum(receivers, senders), np.minimum(receivers, senders), length2))
+
+
+def whole_pairs(receivers: np.ndarray, senders: np.ndarray, keep: int) -> int:
+    """How many edges of an ordered list (:func:`edge_order`) to keep so that no pair is split: ``keep``, or
+    ``keep − 1`` when edge ``keep − 1`` (the last kept) and edge ``keep`` (the first dropped) are the two
+    directions of one pair, which are then dropped together."""
+    if 0 < keep < len(receivers):
+        last, first = keep - 1, keep
+        if receivers[last] == senders[first] and senders[last] == receivers[first]:
+            return keep - 1
+    return keep
+
+
+def mean_degree(pos: np.ndarray, radius: float | None) -> float:
+    """Edges per node of the radius graph of ``pos`` (complete graph for None): n − 1."""
+    if radius is None or len(pos) < 2:
+        return float(max(len(pos) - 1, 0))
+    return 2.0 * len(cKDTree(pos).query_pairs(radius, output_type="ndarray")) / len(pos)
 
 
 def node_features(recipe: list[str], vel: np.ndarray, scalars: np.ndarray, scalar_names: list[str]) -> np.ndarray:

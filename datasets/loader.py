@@ -1,12 +1,15 @@
 """Samples and batches from a store: frame t of a scene -> frame t + Δt, read lazily through dask.
 
 A sample is one (scene, frame t) pair: inputs are positions, velocities and features at t, the target is
-the positions at t + Δt. Only the slices a batch needs are read (``pos[t, a:b]``, ``pos[t + Δt, a:b]``,
-``vel[t, a:b]``), all of a batch's slices in one dask computation, so memory is bounded by the chunks
-those slices touch, not by the length of the dataset.
+the positions at t + Δt. Walls (node scalar ``type`` = 1, ``datasets.store``) are part of every graph as
+senders and receivers of messages, but are never scored: ``moving`` marks the nodes the loss and the
+metrics see (None: every node, a store without ``type``). Only the slices a batch needs are read
+(``pos[t, a:b]``, ``pos[t + Δt, a:b]``, ``vel[t, a:b]``), all of a batch's slices in one dask computation,
+so memory is bounded by the chunks those slices touch, not by the length of the dataset.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from typing import Iterator
 
@@ -15,15 +18,18 @@ import dask.array as da
 import numpy as np
 import torch
 import zarr
+from scipy.spatial import cKDTree
 
 from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
-from dist_egnn.datasets.store import StoreError, StoreInfo
+from dist_egnn.datasets.md import trivial_target
+from dist_egnn.datasets.store import WALL, StoreError, StoreInfo
 from dist_egnn.errors import ConfigError
 
 
 @dataclass
 class GraphSample:
-    """One graph, NumPy arrays: pos/vel/target (n, 3), node_features (n, F), edge_index (2, E), edge_attr (E, D)."""
+    """One graph, NumPy arrays: pos/vel/target (n, 3), node_features (n, F), edge_index (2, E), edge_attr (E, D),
+    moving (n,) bool or None (every node moves)."""
 
     pos: np.ndarray
     vel: np.ndarray
@@ -33,6 +39,7 @@ class GraphSample:
     edge_attr: np.ndarray
     scene: int
     frame: int
+    moving: np.ndarray | None = None
 
 
 @dataclass
@@ -61,6 +68,7 @@ class GraphBatch:
     edge_attr: torch.Tensor       # (E, D)
     batch: torch.Tensor           # (N,)
     num_graphs: int
+    moving: torch.Tensor | None = None   # (N,) bool: not a wall (scored, moved); None: every node
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "GraphBatch":
         moved = {}
@@ -85,10 +93,11 @@ def collate(samples: list[GraphSample]) -> GraphBatch:
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     cat = lambda name: torch.from_numpy(np.concatenate([getattr(s, name) for s in samples]))  # noqa: E731
     edge_index = np.concatenate([s.edge_index + off for s, off in zip(samples, offsets)], axis=1)
+    moving = None if any(s.moving is None for s in samples) else cat("moving")
     return GraphBatch(node_features=cat("node_features"), pos=cat("pos"), vel=cat("vel"), target=cat("target"),
                       edge_index=torch.from_numpy(edge_index), edge_attr=cat("edge_attr"),
                       batch=torch.from_numpy(np.repeat(np.arange(len(samples)), sizes)),
-                      num_graphs=len(samples))
+                      num_graphs=len(samples), moving=moving)
 
 
 VELOCITY_UNITS = ("store", "horizon")
@@ -153,6 +162,36 @@ class TrajectoryDataset:
         if velocity_scale != 1.0:
             self._vel = (self._vel * np.float32(velocity_scale)).astype(np.float32)
         self._scalars = da.from_zarr(group["node_scalars"])
+        self.type_column = info.node_scalars.index("type") if "type" in info.node_scalars else None
+        trivial = trivial_target(info.attrs, delta_t)
+        if trivial:
+            warnings.warn(trivial, stacklevel=2)
+        self._scene_moving: np.ndarray | None = None
+
+    def mean_degree(self, samples: int = 2000) -> float:
+        """Edges per node of the first sample's radius graph (complete graph: n − 1), estimated from up to
+        ``samples`` receivers spread over the scene."""
+        if self.radius is None:
+            return float(self.meta.scene_ptr[1] - 1)
+        pos = self._compute([self._pos[self.frames[0], self.meta.scene_nodes(0)]], [(0, int(self.frames[0]))])[0]
+        receivers = pos[np.linspace(0, len(pos) - 1, min(samples, len(pos))).astype(int)]
+        counts = cKDTree(pos).query_ball_point(receivers, self.radius, return_length=True)
+        return float(np.mean(counts) - 1)
+
+    def moving_of(self, scalars: np.ndarray) -> np.ndarray | None:
+        """(n,) bool of the rows of ``scalars`` (n, K) that are not walls; None for a store without ``type``."""
+        return None if self.type_column is None else scalars[:, self.type_column] != WALL
+
+    def scene_moving(self) -> np.ndarray:
+        """(S,) nodes per scene that are not walls (every node for a store without ``type``); read once."""
+        if self._scene_moving is None:
+            ptr = self.meta.scene_ptr
+            if self.type_column is None:
+                self._scene_moving = np.diff(ptr)
+            else:
+                moving = self._compute([self._scalars[:, self.type_column]], [])[0] != WALL
+                self._scene_moving = np.add.reduceat(moving.astype(np.int64), ptr[:-1])
+        return self._scene_moving
 
     def __len__(self) -> int:
         return self.meta.num_scenes * len(self.frames)
@@ -232,7 +271,7 @@ class TrajectoryDataset:
                            node_features=node_features(self.node_recipe, vel, scalars, names),
                            edge_index=edge_index,
                            edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names),
-                           scene=scene, frame=frame)
+                           scene=scene, frame=frame, moving=self.moving_of(scalars))
 
     def batches(self, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> Iterator[GraphBatch]:
         """Batches of the whole split; with ``shuffle`` the order depends only on (seed, epoch)."""

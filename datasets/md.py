@@ -15,7 +15,11 @@ What is stored, per trajectory (a scene):
 - velocities in Å/ps: from the file when every frame carries them (``velocities: file``, or ``auto``),
   otherwise forward differences v(t) = (x(t + 1) − x(t)) / Δt over stored frames (docs/maths.md §6; with the
   nominal 1 ps of the DIMS files this is exactly x(t + 1) − x(t)); the last frame, which has no successor,
-  is dropped;
+  is dropped. With such velocities a task Δt of one stored frame (``dataset.delta_t=1``) makes the target
+  x(t + 1) = x(t) + v(t)·Δt a function of the input: training warns (:func:`trivial_target`);
+- the frame interval: the file's own, or ``dt`` (ps between the files' frames, before ``stride``) when
+  given. Formats that carry none (AMBER ``.mdcrd``, for which MDAnalysis would silently assume 1 ps; NetCDF
+  files whose time variable is 0) stop with an error asking for ``dataset.md.dt``;
 - node scalar ``charge``: the topology's partial charges in e (0 when the topology has none, with a note).
 
 Splits (``split``):
@@ -47,6 +51,7 @@ from dist_egnn.errors import BadInput
 from dist_egnn.keys import SPLITS
 
 SELECTIONS = {"backbone": "backbone", "all": "all"}
+USUAL_SELECTIONS = "protein, backbone, nucleic"
 VELOCITY_SOURCES = ("auto", "file", "difference")
 SPLIT_MODES = ("time", "trajectory")
 NODE_SCALARS = ["charge"]
@@ -67,6 +72,8 @@ class MDConfig:
     split: str = "time"                              # time | trajectory
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # train, val, test shares
     stride: int = 1                                  # keep every stride-th frame of the files
+    dt: float | None = None                          # ps between the files' frames; None: the files' own
+                                                     # (required for formats without one: .mdcrd, NetCDF at 0)
     frames_per_write: int = 64                       # frames buffered per write (memory vs. write count)
 
 
@@ -106,6 +113,40 @@ def open_universe(topology: str, trajectory: str):
                          f"(PSF/PDB/GRO/TPR topologies; DCD/XTC/TRR/NetCDF trajectories, ...)") from err
 
 
+def frame_interval(traj, path: str, override: float | None) -> float:
+    """ps between a trajectory's frames: ``override`` (``dataset.md.dt``) when given, else the file's own;
+    a file that carries none (MDAnalysis warns "no dt information" and assumes 1 ps, or reads 0) is refused."""
+    import warnings
+
+    if override is not None:
+        if not (np.isfinite(override) and override > 0):
+            raise BadInput(f"dataset.md.dt={override}: must be a positive number of picoseconds between frames")
+        return float(override)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dt = float(traj.dt)
+    if any("no dt information" in str(w.message) for w in caught):
+        why = "MDAnalysis finds no time information in it and would assume 1 ps"
+    elif not np.isfinite(dt) or dt <= 0:
+        why = f"its frames are {dt!r} ps apart"
+    else:
+        return dt
+    raise BadInput(f"{path}: the file carries no time step ({why}); give the time between its frames with "
+                   f"dataset.md.dt=PS (picoseconds, before dataset.md.stride), e.g. dataset.md.dt=2.0")
+
+
+def trivial_target(attrs: dict[str, Any], delta_t: int) -> str | None:
+    """Why the task is trivial, or None: an MD store whose velocities are forward differences over one stored
+    frame, with a task Δt of that one frame, has target x(t + 1) = x(t) + v(t)·Δt, a function of the input."""
+    generator = attrs.get("generator") or {}
+    from_file = generator.get("velocities_from_file")
+    if attrs.get("source") != "md" or delta_t != 1 or from_file is None or all(from_file):
+        return None
+    return (f"dataset.delta_t=1 on {attrs.get('dataset')!r}, whose velocities are forward differences over one "
+            f"stored frame: the target x(t+1) = x(t) + v(t)·dt is the input's constant-velocity step, nothing is "
+            f"left to learn; use dataset.delta_t >= 2 or velocities from the file (dataset.md.velocities=file)")
+
+
 @dataclass
 class _Trajectory:
     topology: str
@@ -139,10 +180,11 @@ def _open_all(cfg: MDConfig) -> list[_Trajectory]:
             atoms = universe.select_atoms(selection)
         except Exception as err:
             raise BadInput(f"dataset.md.selection={cfg.selection!r} is not a valid MDAnalysis selection "
-                             f"({err}); use backbone, all, or e.g. 'protein and name CA'") from err
+                             f"({err}); the usual ones are {USUAL_SELECTIONS}, or e.g. 'protein and name CA'") from err
         if atoms.n_atoms == 0:
-            raise BadInput(f"dataset.md.selection={cfg.selection!r} selects no atom of {top}; "
-                             f"use backbone, all, or another selection")
+            raise BadInput(f"dataset.md.selection={cfg.selection!r} selects no atom of {top} "
+                           f"({universe.atoms.n_atoms} atoms); the usual ones are {USUAL_SELECTIONS} "
+                           f"(or all)")
         traj = universe.trajectory
         has_file_velocities = bool(traj.ts.has_velocities)
         if cfg.velocities == "file" and not has_file_velocities:
@@ -152,9 +194,7 @@ def _open_all(cfg: MDConfig) -> list[_Trajectory]:
         if frames < 2:
             raise BadInput(f"{path}: {len(traj)} frames (stride {cfg.stride}) leave {frames} stored frames; "
                              f"need at least 2 (lower dataset.md.stride)")
-        dt = float(traj.dt) * cfg.stride
-        if not np.isfinite(dt) or dt <= 0:
-            raise BadInput(f"{path}: frame interval {traj.dt!r} ps is not a positive number")
+        dt = frame_interval(traj, path, cfg.dt) * cfg.stride
         out.append(_Trajectory(top, path, universe, atoms, frames, dt, cfg.stride, from_file))
     dts = [t.dt for t in out]
     if max(dts) > min(dts) * (1 + 1e-3):

@@ -13,7 +13,15 @@ Scene recipe (one scene = one trajectory), after the DistEGNN paper's Fluid113K:
   velocity (uniform direction, speed uniform in [0, max_speed]);
 - frames at ``fps`` (50): frame k is the state at exactly t = k / fps (the step before a frame time is
   shortened to land on it), k = 0 .. round(duration · fps) − 1; positions in m, velocities in m/s straight
-  from the simulator (not finite differences).
+  from the simulator (not finite differences);
+- walls as particles (:func:`box_walls`, added when the store is assembled): the box's surface sampled on a
+  lattice at the fluid's particle spacing 2r, ``wall_layers`` layers deep (the first on the faces, then every
+  2r outward; the default 2 cover the SPH kernel support, 4r, of a fluid particle resting ~1.6r from a
+  face), edges and corners filled.
+  They are the same in every frame (velocity 0) and marked by the node scalar ``type`` = 1 (fluid 0), after
+  the fluid's rows of each scene. The simulator itself keeps its volume-map walls (the particles are not
+  fed back into it): SPlisHSPlasH's particle sampling of boundaries (Akinci et al. 2012) would change the
+  boundary handling, and its Poisson-disk sampling gives one irregular layer, so a regular lattice is used.
 
 Every scene draws its recipe from its own seed (``seed``, split, scene index), so a scene does not depend on
 which worker ran it or whether the run was resumed. The simulator itself uses OpenMP and is not bitwise
@@ -65,13 +73,13 @@ import numpy as np
 import zarr
 
 from dist_egnn.datasets.parallel import available_cores, map_tasks
-from dist_egnn.datasets.store import StoreError, atomic_store, create_split, write_root_attrs
+from dist_egnn.datasets.store import WALL, StoreError, atomic_store, create_split, write_root_attrs
 from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.keys import SPLITS
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 RECIPE_VERSION = 1            # bump when the recipe changes the data: old work folders are then refused
-NODE_SCALARS = ["type"]       # particle type: 0 = fluid (one phase here)
+NODE_SCALARS = ["type"]       # particle type: 0 = fluid (one phase here), 1 = wall (datasets.store)
 ROTATION_TRIES = 100         # random rotations tried until the turned block fits in the box
 
 
@@ -100,6 +108,7 @@ class SPHConfig:
     retries: int = 1                   # extra attempts for a scene whose subprocess crashed
     timeout_s: float | None = None     # wall-clock limit per scene attempt
     threads_per_scene: int | None = None  # OpenMP threads per scene; None: cores / parallel scenes
+    wall_layers: int = 2               # wall particle layers outside each face (2: the kernel support); 0: none
 
     @property
     def num_frames(self) -> int:
@@ -147,6 +156,31 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     if np.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
+
+
+def box_walls(box: list[float], particle_radius: float, layers: int) -> np.ndarray:
+    """(M, 3) float32 wall particles of the box [−w/2, w/2] × [0, h] × [−d/2, d/2]: the points of a lattice of
+    spacing 2r that lie on or outside its surface, ``layers`` deep (the first on the faces, the next 2r further
+    out, ...), edges and corners included. Along a side that is not a whole number of spacings the nearest
+    whole number of equal cells is used. Order: x, then y, then z (row-major over the lattice)."""
+    if layers < 0:
+        raise ConfigError(f"dataset.sph.wall_layers={layers}: must be >= 0 (0: no walls)")
+    if layers == 0:
+        return np.zeros((0, 3), np.float32)
+    spacing = 2.0 * particle_radius
+    lows = (-box[0] / 2, 0.0, -box[2] / 2)
+    axes, inside = [], []
+    for low, side in zip(lows, box):
+        cells = max(1, int(round(side / spacing)))
+        on = low + np.arange(cells + 1) * side / cells                 # the faces and the points between
+        out = np.arange(1, layers) * spacing
+        axes.append(np.concatenate([low - out[::-1], on, low + side + out]))
+        interior = np.zeros(len(axes[-1]), bool)
+        interior[layers:layers + cells - 1] = True                     # strictly between the two faces
+        inside.append(interior)
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    within = np.logical_and.reduce(np.meshgrid(*inside, indexing="ij")).reshape(-1)
+    return grid[~within].astype(np.float32)
 
 
 def stop_time(cfg: SPHConfig) -> float:
@@ -221,8 +255,8 @@ def _generator_record(cfg: SPHConfig) -> dict[str, Any]:
     return dict(asdict(cfg), recipe_version=RECIPE_VERSION, simulator="SPlisHSPlasH via pysplishsplash")
 
 
-# fields that do not change the data: a resumed run may change them
-_RUN_OPTIONS = ("retries", "timeout_s", "threads_per_scene")
+# fields that do not change the simulated scenes: a resumed run may change them (walls are added on assembly)
+_RUN_OPTIONS = ("retries", "timeout_s", "threads_per_scene", "wall_layers")
 
 
 def _data_keys(record: dict[str, Any]) -> dict[str, Any]:
@@ -407,32 +441,47 @@ def _assemble(path: Path, work: Path, cfg: SPHConfig, dataset: str, radius: floa
     from tqdm.auto import tqdm
 
     total = sum(cfg.scenes(s) for s in SPLITS)
+    walls = box_walls(cfg.box, cfg.particle_radius, cfg.wall_layers)
     bar = tqdm(total=total, desc=f"writing {path.name}", unit="scene", disable=not progress)
     with atomic_store(path, overwrite=overwrite) as root:
         write_root_attrs(root, dataset=dataset, source="sph", dt=1.0 / cfg.fps,
                          units={"length": "m", "time": "s", "velocity": "m/s"}, radius=radius,
-                         node_scalars=NODE_SCALARS, generator=_generator_record(cfg))
+                         node_scalars=NODE_SCALARS,
+                         generator=dict(_generator_record(cfg), wall_particles=len(walls),
+                                        wall_spacing=2.0 * cfg.particle_radius))
         for split in SPLITS:
             folders = [work / _scene_name(split, s) for s in range(cfg.scenes(split))]
             metas = [json.loads((f / "scene.json").read_text()) for f in folders]
-            group = create_split(root, split, [m["num_particles"] for m in metas], cfg.num_frames,
+            group = create_split(root, split, [m["num_particles"] + len(walls) for m in metas], cfg.num_frames,
                                  num_scalars=len(NODE_SCALARS))
             group.attrs["recipes"] = [dict(m["recipe"], steps=m["steps"], threads=m["threads"],
                                            simulation_s=round(float(m["simulation_s"]), 3),
-                                           seconds_per_frame=m.get("seconds_per_frame")) for m in metas]
+                                           seconds_per_frame=m.get("seconds_per_frame"), num_walls=len(walls))
+                                      for m in metas]
             for s, folder in enumerate(folders):
-                _copy_scene(group, s, folder)
+                _copy_scene(group, s, folder, walls)
                 bar.update(1)
     bar.close()
 
 
-def _copy_scene(group: zarr.Group, index: int, folder: Path, frames_per_write: int = 8) -> None:
+def _copy_scene(group: zarr.Group, index: int, folder: Path, walls: np.ndarray, frames_per_write: int = 8) -> None:
+    """One scene's rows: its fluid particles (every frame from the work folder), then the walls (the same
+    positions in every frame, velocity 0, type 1)."""
     ptr = group["scene_ptr"]
     start, stop = int(ptr[index]), int(ptr[index + 1])
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("pos", "vel")}
-    frames = arrays["pos"].shape[0]
+    frames, fluid = arrays["pos"].shape[:2]
+    if stop - start != fluid + len(walls):
+        raise StoreError(f"{folder}: {fluid} particles + {len(walls)} wall particles, but scene {index} of "
+                         f"{group.path} has {stop - start} rows; prepare again with prepare.overwrite=true")
+    still = {"pos": walls, "vel": np.zeros_like(walls)}
     for first in range(0, frames, frames_per_write):
         last = min(first + frames_per_write, frames)
         for name, values in arrays.items():
-            group[name][first:last, start:stop] = values[first:last]
-    group["node_scalars"][start:stop] = np.zeros((stop - start, len(NODE_SCALARS)), np.float32)
+            block = np.empty((last - first, stop - start, 3), np.float32)
+            block[:, :fluid] = values[first:last]
+            block[:, fluid:] = still[name]
+            group[name][first:last, start:stop] = block
+    types = np.zeros((stop - start, len(NODE_SCALARS)), np.float32)
+    types[fluid:, NODE_SCALARS.index("type")] = WALL
+    group["node_scalars"][start:stop] = types

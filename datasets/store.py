@@ -1,4 +1,4 @@
-"""The zarr layout for trajectories of geometric graphs (schema version 1): writing, opening, validating.
+"""The zarr layout for trajectories of geometric graphs (schema version 2): writing, opening, validating.
 
 Layout of one store (a zarr v3 group, ``<paths.data>/<dataset name>.zarr``)::
 
@@ -16,6 +16,12 @@ Chunking: (1, ``chunk_nodes``, 3), one frame per chunk, because a training sampl
 t + Δt) that are never adjacent; ``chunk_nodes`` defaults to 32,768 nodes (384 KiB of float32 coordinates),
 large enough that a 10^5-node scene is a handful of chunks, small enough that reading one small scene
 decompresses little and a rank reading only its partition touches only the chunks it needs.
+
+Node scalar ``type`` (schema 2): 0 = fluid (moved by the model, in the loss and the metrics), 1 = wall (a
+static particle: constant position in every frame, velocity 0; it sends messages but is never moved and
+never scored). SPH and converted (GNS/LagrangeBench) stores must hold it; a store without it (N-body,
+proteins) has no walls. Schema 1 stores of those two sources predate walls and are refused with the
+command that rebuilds them; schema 1 stores of the other sources are read as before.
 
 Units: ``dt`` is the physical time between two stored frames, in ``units["time"]``; positions are in
 ``units["length"]``. ``radius`` is the default radius-graph cutoff (null: complete graph).
@@ -41,7 +47,9 @@ import zarr
 from dist_egnn.errors import BadInput
 from dist_egnn.keys import SPLITS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+FLUID, WALL = 0, 1                 # values of the node scalar "type"
+WALL_SOURCES = ("sph", "gns")      # sources whose stores carry walls and the node scalar "type" since schema 2
 DEFAULT_CHUNK_NODES = 32_768
 FRAME_ARRAYS = ("pos", "vel")
 COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
@@ -220,6 +228,12 @@ def open_store(path: str | os.PathLike, check_values: bool = False) -> StoreInfo
                          f"{{'length': 'm', 'time': 's'}}, got {attrs['units']!r}")
     if not (isinstance(attrs["node_scalars"], list) and all(isinstance(n, str) for n in attrs["node_scalars"])):
         raise StoreError(f"{path}: attribute 'node_scalars' must be a list of names, got {attrs['node_scalars']!r}")
+    if attrs["source"] in WALL_SOURCES and (version < 2 or "type" not in attrs["node_scalars"]):
+        what = f"written with store schema {version}" if version < 2 else "without the node scalar 'type'"
+        raise StoreError(f"{path}: {attrs['source']} store {what}; {attrs['source']} stores now carry the walls as "
+                         f"static particles marked by the node scalar 'type' (0 fluid, 1 wall): rebuild it with "
+                         f"`python launch/prepare.py dataset={attrs['dataset']} prepare.overwrite=true`"
+                         + (" (with dataset.gns.path=FOLDER)" if attrs["source"] == "gns" else ""))
 
     splits = {}
     for split in SPLITS:

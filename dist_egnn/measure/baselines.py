@@ -6,7 +6,8 @@ A trained model is only interesting by how far it gets below these:
     constant velocity    x(t + Δt) ≈ x(t) + α v(t), one scalar α fitted by least squares on the training
                          split (so the frame time and the velocity units of each source need not be known)
 
-Both are measured over the same test samples and nodes as ``test_mse`` (mean over every node and coordinate).
+Both are measured over the same test samples and nodes as ``test_mse`` (mean over every moving node and
+coordinate: walls are left out, as in training).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def _sums(dataset, indices, alpha: float | None = None) -> tuple[float, float, f
     count = 0
     for start in range(0, len(indices), 50):
         for s in dataset.read(indices[start:start + 50]):
-            d = (s.target - s.pos).astype(np.float64)
-            v = s.vel.astype(np.float64)
+            rows = slice(None) if getattr(s, "moving", None) is None else s.moving
+            d = (s.target - s.pos)[rows].astype(np.float64)
+            v = s.vel[rows].astype(np.float64)
             dd += float(np.sum(d * d))
             dv += float(np.sum(d * v))
             vv += float(np.sum(v * v))

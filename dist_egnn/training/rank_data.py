@@ -20,8 +20,9 @@ Graph group g of G takes batches g, g + G, g + 2G, ... (graph × data parallel);
 takes the same number of steps, so a remainder of fewer than G batches is left out of that epoch.
 
 Edge dropping (docs/maths.md §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
-by (receiver, sender) id. In exact mode with P > 1 the length threshold is global: the ranks exchange
-their edge lengths (one all-gather per batch), so P ranks still equal one device. In drop mode each part
+by global ids so that the two directions of a pair are kept or dropped together. In exact mode with P > 1
+the length threshold is global: the ranks exchange their edge lengths (one all-gather per batch), so P ranks
+still equal one device. In drop mode each part
 drops its own longest edges, as each device of the paper's DistEGNN works on its own graph.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dist_egnn.datasets.graphs import (
     edge_order,
     node_features,
     radius_graph,
+    whole_pairs,
 )
 from dist_egnn.datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
 from dist_egnn.errors import BadInput
@@ -62,10 +64,20 @@ class RankBatch:
     graph_nodes: np.ndarray        # (B,) nodes of each whole graph, over all parts
     full_edges: int                # edges of the whole graphs before any dropping (cut or cutoff rate)
     mmd_keys: np.ndarray           # (N_owned,) uniform [0, 1) per node, drawn per (seed, epoch, sample, global id)
+    graph_moving: np.ndarray | None = None   # (B,) nodes of each whole graph that are not walls; None: all
 
     @property
     def total_nodes(self) -> int:
         return int(self.graph_nodes.sum())
+
+    @property
+    def moving_nodes(self) -> np.ndarray:
+        """(B,) nodes per whole graph that the loss and the metrics see (walls are left out)."""
+        return self.graph_nodes if self.graph_moving is None else self.graph_moving
+
+    @property
+    def total_moving(self) -> int:
+        return int(self.moving_nodes.sum())
 
     @property
     def num_edges(self) -> int:
@@ -247,19 +259,22 @@ class RankData:
             edges.append(stacked.batch_rows(b, e.reshape(-1)).reshape(2, -1))
         cat = lambda xs: torch.from_numpy(np.concatenate(xs))  # noqa: E731
         sizes = np.array([len(a.pos) for a in arrays])
+        walls = d.type_column is not None
         graph = GraphBatch(node_features=cat(features), pos=cat([a.pos for a in arrays]),
                            vel=cat([a.vel for a in arrays]), target=cat([a.target for a in arrays]),
                            edge_index=torch.from_numpy(np.concatenate(edges, axis=1) if edges
                                                        else np.zeros((2, 0), np.int64)),
                            edge_attr=cat(attrs), batch=torch.from_numpy(np.repeat(np.arange(len(arrays)), sizes)),
-                           num_graphs=len(arrays))
+                           num_graphs=len(arrays),
+                           moving=cat([d.moving_of(a.scalars) for a in arrays]) if walls else None)
         plan = None
         if self.halo:
             plan = stacked.halo_plan()
         graph_nodes = np.array([self.graph_sizes[d.locate(i)[0]] for i in sample_ids], dtype=np.int64)
         keys = np.concatenate([mmd_keys(seed, epoch, i, n)[p.owned] for i, n, p in zip(sample_ids, graph_nodes, nodes)])
+        graph_moving = d.scene_moving()[[d.locate(i)[0] for i in sample_ids]] if walls else None
         return RankBatch(graph=graph, plan=plan, sample_ids=list(sample_ids), graph_nodes=graph_nodes,
-                         full_edges=int(full_edges), mmd_keys=keys)
+                         full_edges=int(full_edges), mmd_keys=keys, graph_moving=graph_moving)
 
 
 def mmd_keys(seed: int, epoch: int, sample: int, num_nodes: int) -> np.ndarray:
@@ -274,7 +289,8 @@ def global_drop(edges: np.ndarray, pos: np.ndarray, node_ids: np.ndarray, rate: 
 
     Every rank holds the edges its nodes receive, so the ranks' edge sets partition the graph's: gathering
     their lengths gives the global threshold, and gathering the (rare) edges tied with it settles the rest
-    by (receiver, sender) id exactly as ``datasets.graphs.drop_longest_edges`` does on one device.
+    by global ids, pairs kept or dropped whole, exactly as ``datasets.graphs.drop_longest_edges`` does on one
+    device.
     """
     length2 = np.square(pos[edges[0]] - pos[edges[1]]).sum(axis=1)
     everyone = np.concatenate(gather(length2.astype(np.float64)))
@@ -287,7 +303,9 @@ def global_drop(edges: np.ndarray, pos: np.ndarray, node_ids: np.ndarray, rate: 
     still = keep - int((everyone < threshold).sum())
     ids = node_ids[edges[:, tied]]                                      # (2, T) global ids of tied edges
     pairs = np.concatenate(gather(ids.T.reshape(-1).astype(np.float64))).reshape(-1, 2)
-    chosen = pairs[edge_order(pairs[:, 0], pairs[:, 1], np.zeros(len(pairs)))[:still]]
+    order = edge_order(pairs[:, 0], pairs[:, 1], np.zeros(len(pairs)))
+    still = whole_pairs(pairs[order, 0], pairs[order, 1], still)     # the two directions of a pair go together
+    chosen = pairs[order[:still]]
     mine = ids.T.astype(np.float64)
     chosen_set = {tuple(p) for p in chosen.tolist()}
     tied_keep = np.array([tuple(p) in chosen_set for p in mine.tolist()], dtype=bool)

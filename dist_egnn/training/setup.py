@@ -15,6 +15,7 @@ The result, :class:`Ready`, holds those objects; :class:`~dist_egnn.training.tra
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,12 +171,19 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
                          f"(its node scalars: {info.node_scalars}); fix dataset.node_features")
     # configurations saved before velocity_unit existed used the store's unit
     scale = velocity_scale(d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
-    return {split: TrajectoryDataset(info, split, delta_t=d.delta_t, frame_start=d.frame_start,
-                                     frame_stop=d.frame_stop, frame_stride=d.frame_stride,
-                                     node_features=list(d.node_features), edge_features=list(d.edge_features),
-                                     radius=d.radius, max_neighbors=d.max_neighbors,
-                                     cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale)
-            for split in SPLITS}
+    splits = {split: TrajectoryDataset(info, split, delta_t=d.delta_t, frame_start=d.frame_start,
+                                       frame_stop=d.frame_stop, frame_stride=d.frame_stride,
+                                       node_features=list(d.node_features), edge_features=list(d.edge_features),
+                                       radius=d.radius, max_neighbors=d.max_neighbors,
+                                       cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale)
+              for split in SPLITS}
+    degree = splits["train"].mean_degree()
+    if degree < 1.0:                     # e.g. a radius in other length units than the store's
+        warnings.warn(f"dataset.radius={splits['train'].radius} gives {degree:.2f} edges per node on the first "
+                      f"training sample of {info.path} (under one: most nodes see no neighbour); check the radius "
+                      f"against the store's length unit ({info.attrs['units'].get('length')}) and its own radius "
+                      f"({info.attrs['radius']})", stacklevel=2)
+    return splits
 
 
 def open_data(cfg: DictConfig, rt: Runtime, progress: bool):

@@ -74,13 +74,22 @@ from dist_egnn.training.schedule import Schedule
 from dist_egnn.training.state import EpochTotals, TrainerState, resumed_totals
 
 
+def hold_walls(pred, graph):
+    """The prediction with every wall (``graph.moving`` False) at its input position: walls send messages but
+    are never moved, whatever the model's coordinate update gives them."""
+    if graph.moving is None:
+        return pred
+    return pred._replace(pos=torch.where(graph.moving.unsqueeze(-1), pred.pos, graph.pos.to(pred.pos.dtype)))
+
+
 def forward_loss(engine, communicator, batch: RankBatch, cfg, device: torch.device, dtype: torch.dtype,
                  parts: int):
     """Forward and loss share of one rank's share of a batch (no backward); the forward in
     ``trainer.precision`` (bf16: under autocast, dist_egnn.training.device), the loss in float32.
 
     ``parts`` is P of the graph group (1 for one process): the loss share's MMD part is divided by it and
-    the engine's ``loss_scale`` undoes its gradient averaging (see dist_egnn.engines.base). Returns the
+    the engine's ``loss_scale`` undoes its gradient averaging (see dist_egnn.engines.base). Walls are held at
+    their input positions (:func:`hold_walls`) and left out of the loss (``losses.objective``). Returns the
     loss terms (this rank's shares).
     """
     loss_cfg = cfg.loss
@@ -88,15 +97,16 @@ def forward_loss(engine, communicator, batch: RankBatch, cfg, device: torch.devi
     communicator.set_halo_plan(None if batch.plan is None else batch.plan.to(device))
     with autocast(device, cfg.trainer.get("precision", "fp32")):       # the loss below stays float32
         pred = engine.model(**graph.model_inputs())
+    pred = hold_walls(pred, graph)
     selected = None
-    if loss_cfg.mmd_samples is not None:
+    if loss_cfg.mmd_samples is not None:         # about M per graph among its moving nodes (walls never count)
         selected = sample_nodes(graph.batch, graph.num_graphs, loss_cfg.mmd_samples * cfg.model.virtual_channels,
-                                node_count=torch.as_tensor(batch.graph_nodes, device=device),
+                                node_count=torch.as_tensor(batch.moving_nodes, device=device),
                                 keys=torch.as_tensor(batch.mmd_keys, device=device))
     return objective(pred.pos, graph.target, pred.virtual_pos, graph.batch, graph.num_graphs,
                      mmd_weight=loss_cfg.mmd_weight, mmd_sigma=loss_cfg.mmd_sigma, mmd_kernel=loss_cfg.mmd_kernel,
                      mmd_target=loss_cfg.mmd_target, selected=selected, comm=communicator,
-                     total_nodes=float(batch.total_nodes), parts=parts)
+                     total_nodes=float(max(batch.total_moving, 1)), parts=parts, moving=graph.moving)
 
 
 def train_step(engine, communicator, batch: RankBatch, cfg, device: torch.device, dtype: torch.dtype, parts: int):
@@ -366,7 +376,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> float:
-        """MSE over every node and coordinate of a split, whole graphs (not a mean of batch means)."""
+        """MSE over every moving node (walls left out) and coordinate of a split, whole graphs (not a mean of
+        batch means)."""
         self.engine.eval()
         g = self.groups
         data = self.data[split]
@@ -378,8 +389,11 @@ class Trainer:
             self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
             with autocast(self.device, self.cfg.trainer.get("precision", "fp32")):
                 pred = self.engine.model(**graph.model_inputs())
-            squared += (pred.pos - graph.target).double().square().sum().item()
-            count += graph.target.numel()
+            error = hold_walls(pred, graph).pos - graph.target
+            if graph.moving is not None:
+                error = error[graph.moving]
+            squared += error.double().square().sum().item()
+            count += error.numel()
         squared, count = runtime.all_reduce_numbers([squared, count], "sum", device=self.collective_device)
         return squared / count
 

@@ -36,7 +36,8 @@ def test_edge_dropping_keeps_the_shortest_floor_fraction(rate):
     pos = np.random.default_rng(2).normal(size=(50, 3))
     e = complete_graph(50)
     kept = drop_longest_edges(e, pos, rate)
-    assert kept.shape[1] == int(np.floor((1 - rate) * e.shape[1]))
+    budget = int(np.floor((1 - rate) * e.shape[1]))
+    assert kept.shape[1] == budget - budget % 2           # distinct lengths: whole pairs, at most the budget
     if 0 < kept.shape[1] < e.shape[1]:
         length = lambda x: np.linalg.norm(pos[x[0]] - pos[x[1]], axis=1)  # noqa: E731
         dropped = np.array(sorted(set(map(tuple, e.T)) - set(map(tuple, kept.T)))).T
@@ -60,3 +61,32 @@ def test_feature_recipes():
         node_features(["mass"], vel, charge, ["charge"])
     with pytest.raises(ValueError, match="unknown edge feature"):
         edge_features(["angle"], complete_graph(2), pos, charge, ["charge"])
+
+
+def pairs_whole(edges: np.ndarray) -> bool:
+    kept = set(map(tuple, edges.T))
+    return all((j, i) in kept for i, j in kept)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_edge_dropping_keeps_or_drops_both_directions_of_a_pair(rate):
+    """A lattice has many exact ties: the keep boundary falls inside a group of equal lengths, and the
+    two directions of a pair must not be split (issue 17 item 5)."""
+    grid = np.stack(np.meshgrid(*[np.arange(5.0)] * 3, indexing="ij"), -1).reshape(-1, 3) * 0.05
+    e = radius_graph(grid, 0.075)
+    budget = int(np.floor((1 - rate) * e.shape[1]))
+    kept = drop_longest_edges(e, grid, rate)
+    assert pairs_whole(kept) and budget - 1 <= kept.shape[1] <= budget
+    ids = np.random.default_rng(0).permutation(len(grid)) + 1000        # other ids decide other ties
+    kept = drop_longest_edges(e, grid, rate, node_ids=ids)
+    assert pairs_whole(kept) and budget - 1 <= kept.shape[1] <= budget
+
+
+def test_pair_rule_on_a_split_pair():
+    """Three points on a line: lengths 1, 1 (two pairs) and 2; keeping 3 of 6 would split the second pair."""
+    pos = np.array([[0.0, 0, 0], [1, 0, 0], [2, 0, 0]])
+    e = complete_graph(3)
+    kept = drop_longest_edges(e, pos, 0.5)                                # budget 3 -> the first pair only
+    assert set(map(tuple, kept.T)) == {(0, 1), (1, 0)}
+    kept = drop_longest_edges(e, pos, 1 / 3)                              # budget 4 -> both short pairs
+    assert set(map(tuple, kept.T)) == {(0, 1), (1, 0), (1, 2), (2, 1)}

@@ -91,3 +91,40 @@ def test_empty_selection_and_too_few_trajectories(tmp_path):
         generate_md(tmp_path / "x.zarr", MDConfig(split="trajectory"), progress=False)
     with pytest.raises(ValueError, match="MDAnalysisTests.datafiles has no file named 'NOPE'"):
         generate_md(tmp_path / "x.zarr", MDConfig(trajectories=["MDAnalysisTests:NOPE"]), progress=False)
+
+
+@pytest.mark.parametrize("top, traj, why, stride", [
+    ("PRM", "TRJ", "MDAnalysis finds no time information in it and would assume 1 ps", 1),   # AMBER .mdcrd
+    ("PRMncdf", "NCDF", "its frames are 0.0 ps apart", 2),                                  # NetCDF, time 0
+])
+def test_formats_without_a_time_step_take_dataset_md_dt(tmp_path, top, traj, why, stride):
+    cfg = dict(topology=f"MDAnalysisTests:{top}", trajectories=[f"MDAnalysisTests:{traj}"], selection="name CA")
+    with pytest.raises(ValueError, match=rf"the file carries no time step \({why}\); give .* dataset.md.dt=PS"):
+        generate_md(tmp_path / "x.zarr", MDConfig(**cfg), progress=False)
+    path = generate_md(tmp_path / "x.zarr", MDConfig(**cfg, dt=1.5, stride=stride), progress=False)
+    assert open_store(path).attrs["dt"] == pytest.approx(1.5 * stride)
+    with pytest.raises(ValueError, match=r"dataset.md.dt=-1.0: must be a positive number"):
+        generate_md(tmp_path / "y.zarr", MDConfig(**cfg, dt=-1.0), progress=False)
+
+
+def test_dt_overrides_the_files_own(tmp_path):
+    path = generate_md(tmp_path / "x.zarr", MDConfig(dt=2.0), progress=False)
+    assert open_store(path).attrs["dt"] == pytest.approx(2.0)
+
+
+def test_empty_selection_suggests_the_usual_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"selects no atom of .*adk.psf \(3341 atoms\); the usual ones are "
+                                         r"protein, backbone, nucleic"):
+        generate_md(tmp_path / "x.zarr", MDConfig(selection="nucleic"), progress=False)
+
+
+def test_task_step_equal_to_the_difference_step_warns(adk):
+    from dist_egnn.datasets.loader import TrajectoryDataset
+
+    info = open_store(adk)
+    common = dict(node_features=["speed"], edge_features=["distance"])
+    with pytest.warns(UserWarning, match=r"dataset.delta_t=1 .* forward differences .* nothing is left to learn"):
+        TrajectoryDataset(info, "train", delta_t=1, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrajectoryDataset(info, "train", delta_t=2, **common)

@@ -7,10 +7,11 @@ import pytest
 import zarr
 
 import dist_egnn.datasets.sph as sph
-from dist_egnn.datasets.sph import SPHConfig, generate_sph, scene_recipe, unit_cube_obj, work_folder
+from dist_egnn.datasets.sph import SPHConfig, box_walls, generate_sph, scene_recipe, unit_cube_obj, work_folder
 from dist_egnn.datasets.store import StoreError, open_store
 
 TINY = dict(num_particles=120, train=1, val=1, test=1, duration=0.06, box=[0.8, 1.6, 0.8], retries=0)
+TINY_WALLS = 19 * 35 * 19 - 15 * 31 * 15      # lattice points on the faces and one spacing beyond them
 
 _available = None
 
@@ -61,6 +62,20 @@ def test_wall_cube_faces_point_outward():
         assert np.dot(normal, (vertices[a] + vertices[b] + vertices[c]) / 3) > 0
 
 
+def test_walls_are_a_lattice_shell_around_the_box():
+    box, r = [0.8, 1.6, 0.8], 0.025
+    walls = box_walls(box, r, 2)
+    assert len(walls) == TINY_WALLS and len(np.unique(walls, axis=0)) == len(walls)
+    lower, upper = np.array([-0.4, 0.0, -0.4]), np.array([0.4, 1.6, 0.4])
+    depth = np.maximum(lower - walls, walls - upper).max(axis=1)       # how far beyond the nearest face
+    np.testing.assert_allclose(np.unique(depth.round(6)), [0.0, 0.05])      # on the faces, one spacing out
+    gaps = np.sort(np.linalg.norm(walls[:500, None] - walls[None], axis=-1), axis=1)[:, 1]
+    np.testing.assert_allclose(gaps, 0.05, atol=1e-6)                 # the fluid's particle spacing
+    assert len(box_walls(box, r, 1)) == 17 * 33 * 17 - 15 * 31 * 15 and len(box_walls(box, r, 0)) == 0
+    with pytest.raises(ValueError, match="wall_layers=-1"):
+        box_walls(box, r, -1)
+
+
 # --------------------------------------------------------------------------------------- with simulator
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
@@ -78,14 +93,16 @@ def test_store_is_valid_and_documented(tiny_store):
     for split in ("train", "val", "test"):
         recipe = scene_recipe(cfg, split, 0)
         meta = info.splits[split]
-        assert meta.num_frames == 3 and meta.num_nodes == recipe["num_particles"]
+        assert meta.num_frames == 3 and meta.num_nodes == recipe["num_particles"] + TINY_WALLS
+    assert info.attrs["generator"]["wall_particles"] == TINY_WALLS
     assert not work_folder(tiny_store).exists()                        # cleaned up once complete
 
 
 def test_frame_zero_is_the_turned_moved_launched_lattice(tiny_store):
     group = zarr.open_group(str(tiny_store))["train"]
     recipe = scene_recipe(SPHConfig(**TINY), "train", 0)
-    pos0, vel0 = group["pos"][0], group["vel"][0]
+    fluid = recipe["num_particles"]                                     # fluid rows first, then the walls
+    pos0, vel0 = group["pos"][0, :fluid], group["vel"][0, :fluid]
     np.testing.assert_allclose(pos0.mean(axis=0), recipe["centre"], atol=1e-5)
     np.testing.assert_allclose(vel0, np.broadcast_to(recipe["velocity"], vel0.shape), atol=1e-6)
     gaps = np.sort(np.linalg.norm(pos0[:, None] - pos0[None], axis=-1), axis=1)[:, 1]
@@ -94,7 +111,8 @@ def test_frame_zero_is_the_turned_moved_launched_lattice(tiny_store):
 
 def test_particles_move_under_gravity_with_simulator_velocities(tiny_store):
     group = zarr.open_group(str(tiny_store))["train"]
-    pos, vel = group["pos"][:], group["vel"][:]
+    fluid = scene_recipe(SPHConfig(**TINY), "train", 0)["num_particles"]
+    pos, vel = group["pos"][:, :fluid], group["vel"][:, :fluid]
     displacement = (pos[1:] - pos[:-1]) / 0.02
     mean_velocity = 0.5 * (vel[1:] + vel[:-1])
     assert np.abs(displacement - mean_velocity).mean() < 0.05         # velocities belong to the positions
@@ -121,7 +139,7 @@ def test_a_crashing_scene_is_reported_and_the_rerun_resumes(tmp_path, monkeypatc
     generate_sph(path, cfg, progress=False, workers=2)
     assert [p.rsplit("/", 1)[-1] for p in ran] == ["val-00000"]   # completed scenes are not run again
     open_store(path, check_values=True)
-    np.testing.assert_array_equal(zarr.open_group(str(path))["train/pos"][:], before)
+    np.testing.assert_array_equal(zarr.open_group(str(path))["train/pos"][:, :before.shape[1]], before)
     assert not work.exists()
 
 
@@ -132,6 +150,7 @@ def test_resuming_with_other_parameters_is_refused(tmp_path):
     with pytest.raises(StoreError, match=r"other parameters \(num_particles: 120 -> 150\).*prepare.overwrite=true"):
         sph._prepare_work(work, SPHConfig(**{**TINY, "num_particles": 150}), overwrite=False)
     sph._prepare_work(work, SPHConfig(**{**TINY, "retries": 3}), overwrite=False)   # run options may change
+    sph._prepare_work(work, SPHConfig(**{**TINY, "wall_layers": 1}), overwrite=False)  # walls: added on assembly
     sph._prepare_work(work, SPHConfig(**{**TINY, "num_particles": 150}), overwrite=True)
     assert json.loads((work / "generator.json").read_text())["num_particles"] == 150
 
@@ -150,4 +169,18 @@ def test_scenes_run_on_a_dask_distributed_cluster(tmp_path):
                             cluster=cluster.scheduler_address)
     info = open_store(path, check_values=True)
     assert [info.splits[s].num_nodes for s in ("train", "val", "test")] == \
-        [scene_recipe(SPHConfig(**TINY), s, 0)["num_particles"] for s in ("train", "val", "test")]
+        [scene_recipe(SPHConfig(**TINY), s, 0)["num_particles"] + TINY_WALLS for s in ("train", "val", "test")]
+
+
+def test_walls_are_static_particles_of_type_one(tiny_store):
+    """Walls: the same positions in every frame, velocity 0, node scalar type 1 (fluid 0); the fluid stays
+    inside the box, the walls on and outside its faces."""
+    group = zarr.open_group(str(tiny_store))["val"]
+    fluid = scene_recipe(SPHConfig(**TINY), "val", 0)["num_particles"]
+    pos, vel, types = group["pos"][:], group["vel"][:], group["node_scalars"][:, 0]
+    np.testing.assert_array_equal(types, np.r_[np.zeros(fluid), np.ones(TINY_WALLS)])
+    walls = box_walls(TINY["box"], 0.025, 2)
+    np.testing.assert_array_equal(pos[:, fluid:], np.broadcast_to(walls, pos[:, fluid:].shape))
+    assert np.all(vel[:, fluid:] == 0) and np.all(vel[:, :fluid] != 0)
+    inside = np.abs(pos[:, :fluid, [0, 2]]).max() <= 0.4 and pos[:, :fluid, 1].min() >= 0.0
+    assert inside

@@ -1,5 +1,6 @@
 """The zarr layout: validation errors name the path and the fix; writes are atomic."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -77,6 +78,26 @@ def test_existing_store_is_not_overwritten_by_accident(store):
     with pytest.raises(StoreError, match="already exists"):
         with atomic_store(store):
             pass
+
+
+@pytest.mark.parametrize("source, extra", [("sph", ""), ("gns", " (with dataset.gns.path=FOLDER)")])
+def test_store_of_the_old_schema_without_walls_names_the_rebuild_command(store, source, extra):
+    """SPH and converted stores of schema 1 have no walls: refused with the command that rebuilds them."""
+    attrs = zarr.open_group(str(store)).attrs
+    attrs.update(source=source, dataset="fluid_small", schema_version=1, node_scalars=["type"])
+    command = f"`python launch/prepare.py dataset=fluid_small prepare.overwrite=true`{extra}"
+    with pytest.raises(StoreError, match=rf"{source} store written with store schema 1; .*node scalar 'type' "
+                                         rf"\(0 fluid, 1 wall\): rebuild it with {re.escape(command)}"):
+        open_store(store)
+    attrs.update(schema_version=SCHEMA_VERSION, node_scalars=["charge"])          # new schema, but no type
+    with pytest.raises(StoreError, match=r"without the node scalar 'type'.*prepare.overwrite=true"):
+        open_store(store)
+
+
+def test_other_sources_of_the_old_schema_still_open(store):
+    """N-body, MD and synthetic stores gained nothing in schema 2: their schema-1 stores are read as before."""
+    zarr.open_group(str(store)).attrs["schema_version"] = 1
+    assert open_store(store).node_scalars == ["charge"]
 
 
 # -- a store and the configuration that made it (issue 18 item 4) ------------------------------------------

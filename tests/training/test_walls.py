@@ -1,0 +1,181 @@
+"""Walls (node scalar type 1): they send messages but are never moved, never in the loss or the metrics, and
+P ranks in exact halo mode still equal one process when walls are halo nodes (issue 17 item 1).
+
+The store here is made by hand (no simulator): a few fluid particles falling inside a unit box, surrounded
+by one layer of wall particles (``datasets.sph.box_walls``), as an SPH store of schema 2 holds them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dist_egnn.datasets.loader import TrajectoryDataset
+from dist_egnn.datasets.sph import box_walls
+from dist_egnn.datasets.store import WALL, atomic_store, create_split, open_store, write_root_attrs, write_scenes
+from dist_egnn.losses import mmd_loss, objective
+from dist_egnn.models import Prediction
+from dist_egnn.parallel.seam import SingleProcess
+from dist_egnn.training.rank_data import RankData
+from dist_egnn.training.trainer import Trainer, forward_loss
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+FLUID, FRAMES, RADIUS = 40, 6, 0.35
+SCENES = {"train": 4, "val": 2, "test": 2}
+
+
+def wall_store(path: Path, seed: int = 0) -> Path:
+    """Fluid rows first, then 152 static walls (type 1) on the faces of a 1 x 1 x 1 box, every 0.2."""
+    walls = box_walls([1.0, 1.0, 1.0], 0.1, 1)
+    rng = np.random.default_rng(seed)
+    n = FLUID + len(walls)
+    t = np.arange(FRAMES)[:, None, None] * 0.05
+    with atomic_store(path) as root:
+        write_root_attrs(root, dataset="walls", source="sph", dt=0.05, units={"length": "m", "time": "s"},
+                         radius=RADIUS, node_scalars=["type"], generator={})
+        for split, scenes in SCENES.items():
+            group = create_split(root, split, [n] * scenes, FRAMES, num_scalars=1)
+            pos = np.empty((scenes, FRAMES, n, 3), np.float32)
+            vel = np.zeros_like(pos)
+            for s in range(scenes):
+                start = rng.uniform([-0.4, 0.3, -0.4], [0.4, 0.9, 0.4], size=(FLUID, 3))
+                v0 = rng.normal(0, 0.5, size=(FLUID, 3))
+                gravity = np.array([0.0, -9.81, 0.0])
+                pos[s, :, :FLUID] = start + v0 * t + 0.5 * gravity * t**2
+                vel[s, :, :FLUID] = v0 + gravity * t
+                pos[s, :, FLUID:] = walls
+            scalars = np.zeros((scenes, n, 1), np.float32)
+            scalars[:, FLUID:] = WALL
+            write_scenes(group, 0, pos, vel, scalars)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return wall_store(tmp_path_factory.mktemp("walls") / "data" / "walls.zarr")
+
+
+def dataset(store: Path, split: str = "train", **kw) -> TrajectoryDataset:
+    return TrajectoryDataset(open_store(store), split, delta_t=2, node_features=["speed", "type"],
+                             edge_features=["distance"], **kw)
+
+
+def test_loader_marks_the_walls_and_counts_the_moving_nodes(store):
+    data = dataset(store)
+    sample = data.read([0])[0]
+    assert sample.moving.sum() == FLUID and not sample.moving[FLUID:].any()
+    np.testing.assert_array_equal(sample.node_features[:, 1], ~sample.moving)       # type as a feature
+    assert sample.target[FLUID:].tolist() == sample.pos[FLUID:].tolist()          # walls do not move
+    walls_receive = np.isin(sample.edge_index[0], np.arange(FLUID, len(sample.pos)))
+    fluid_from_walls = (sample.edge_index[0] < FLUID) & (sample.edge_index[1] >= FLUID)
+    assert walls_receive.any() and fluid_from_walls.any()                         # walls are in the graph
+    batch = RankData(data).build([0, 5])
+    assert batch.graph.moving.sum() == 2 * FLUID and batch.total_moving == 2 * FLUID
+    assert batch.total_nodes == 2 * len(sample.pos)
+
+
+def shifting_model(shift: float):
+    """A stand-in model: every node moved by ``shift`` along x, virtual nodes at the graph's first node."""
+    def model(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, **_):
+        virtual = pos[:num_graphs].unsqueeze(-1).expand(-1, -1, 2) * 1.0
+        return Prediction(pos + torch.tensor([shift, 0.0, 0.0], dtype=pos.dtype), virtual)
+    return model
+
+
+def loss_cfg(mmd_samples=None, weight=0.1):
+    return OmegaConf.create(dict(loss=dict(mmd_weight=weight, mmd_sigma=1.0, mmd_kernel="gaussian",
+                                           mmd_target="truth", mmd_samples=mmd_samples),
+                                 model=dict(virtual_channels=2), trainer=dict(precision="fp32")))
+
+
+def test_loss_leaves_walls_out_of_the_mse_and_the_mmd(store):
+    batch = RankData(dataset(store)).build([0, 5])
+    engine = SimpleNamespace(model=shifting_model(0.1))
+    terms = forward_loss(engine, SingleProcess(), batch, loss_cfg(), torch.device("cpu"), torch.float64, 1)
+    g = batch.graph
+    fluid = g.moving.numpy()
+    pred = g.pos.double().numpy() + [0.1, 0, 0]
+    expected = np.square(pred[fluid] - g.target.double().numpy()[fluid]).mean()
+    assert terms.mse.item() == pytest.approx(expected, rel=1e-9)                  # fluid rows, fluid count
+    virtual = g.pos.double()[:2].unsqueeze(-1).expand(-1, -1, 2)                  # what the stand-in gives
+    rows = torch.as_tensor(fluid)
+    want = mmd_loss(virtual, g.target.double()[rows], g.batch[rows], 2, 1.0)      # the fluid's targets only
+    assert terms.mmd.item() == pytest.approx(want.item(), rel=1e-9)
+    # the sampled MMD (mmd_samples) draws among the fluid as well: a sample of every node equals all of it
+    sampled = forward_loss(engine, SingleProcess(), batch, loss_cfg(mmd_samples=FLUID), torch.device("cpu"),
+                           torch.float64, 1)
+    assert sampled.mmd.item() == pytest.approx(want.item(), rel=1e-9)
+
+
+def test_objective_without_a_mask_scores_every_node():
+    pred, target = torch.zeros(4, 3), torch.ones(4, 3)
+    moving = torch.tensor([True, True, False, False])
+    target[2:] = 0.0
+    kw = dict(virtual_pos=None, batch=torch.zeros(4, dtype=torch.long), num_graphs=1, mmd_weight=0.0, mmd_sigma=1.0)
+    assert objective(pred, target, **kw).mse.item() == pytest.approx(0.5)
+    assert objective(pred, target, moving=moving, **kw).mse.item() == pytest.approx(1.0)
+
+
+def test_walls_are_held_and_left_out_of_evaluation(store):
+    """Trainer.evaluate: walls at their input positions whatever the model says, MSE over fluid nodes only."""
+    data = RankData(dataset(store, split="test"))
+    trainer = SimpleNamespace(
+        engine=SimpleNamespace(model=shifting_model(0.2), eval=lambda: None), data={"test": data},
+        groups=SimpleNamespace(data_index=0, data_parallel=1), comm=SingleProcess(), device=torch.device("cpu"),
+        dtype=torch.float64, collective_device=torch.device("cpu"),
+        cfg=OmegaConf.create(dict(trainer=dict(eval_batch_size=3, precision="fp32"), dataset=dict(prefetch=0))))
+    got = Trainer.evaluate(trainer, "test")
+    squared = count = 0.0
+    for s in data.dataset.read(range(len(data))):
+        error = (s.pos + [0.2, 0, 0] - s.target)[s.moving]
+        squared, count = squared + np.square(error.astype(np.float64)).sum(), count + error.size
+    assert got == pytest.approx(squared / count, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ P = 2 exact == one process
+COMMON = ["dataset=fluid_small", "dataset.name=walls", "dataset.radius=0.35", "dataset.delta_t=2",
+          "dataset.mmd_samples=5", "model.hidden=16", "model.layers=2", "model.cutoff_rate=0.25",
+          "dataset.frame_stop=2", "trainer.batch_size=2", "trainer.max_epochs=1", "trainer.progress=false",
+          "trainer.dtype=float64"]
+COMPARED = ("train_loss", "train_mse", "val_mse", "test_mse")
+
+
+def launch(launcher: list[str], root: Path, run: str, *overrides: str):
+    cmd = [*launcher, str(ROOT / "launch" / "train.py"), f"paths.data={root / 'data'}",
+           f"hydra.run.dir={root / run}", *COMMON, *overrides]
+    if not launcher:
+        cmd = [sys.executable, *cmd]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=400, env=env)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_in_exact_halo_mode_equal_one_process_with_walls(store):
+    """Walls are halo nodes of both parts (the METIS cut runs through them); loss shares, MSE denominators
+    (fluid nodes of the whole graph), the MMD's fluid sample and the global edge dropping (lattice walls:
+    many exact ties) must all agree with one process, in float64."""
+    root = store.parent.parent
+    one = launch([], root, "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch([str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2"], root, "two",
+                 "distributed.parts=2", "distributed.halo=exact", "engine=ddp")
+    assert two.returncode == 0, two.stderr[-3000:]
+    got, want = records(root / "two"), records(root / "one")
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        for key in COMPARED:
+            if key in w:
+                assert abs(g[key] - w[key]) <= 1e-9 * abs(w[key]), f"{key}: {g[key]} != {w[key]}"
+    assert got[0]["parts"] == 2 and np.isfinite(want[-1]["test_mse"])
