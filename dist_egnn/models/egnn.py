@@ -16,8 +16,11 @@ Mixed precision: under ``torch.autocast(dtype=torch.bfloat16)`` (``trainer.preci
 MLPs phi_e, phi_x, phi_v, phi_h (and, in FastEGNN, phi_ev, phi_xv, phi_X, phi_hv) run in bfloat16. Float32 stay:
 positions, x_i - x_j and every coordinate update; the geometry columns of the first layers (|x_i - x_j|^2, e_ij)
 and their products; every sum or mean over edges or nodes; the node features h between layers (the residual
-stream; the embedding, a K = F product, runs in float32 too); the outputs ``pos`` and ``virtual_pos``. The fused
-blocks follow the same rules (:mod:`dist_egnn.models.fused`); without autocast nothing changes.
+stream; the embedding, a K = F product, runs in float32 too); the outputs ``pos`` and ``virtual_pos``. What reads
+h, mean_j m_ij and mean_c m_ic is only MLPs, which see their bf16 rounding anyway: a layer makes one bf16 copy of
+each, shared by its readers and kept for backward in place of the float32 tensor (half the bytes; the readers'
+gradients of h add up in bf16 before autograd casts them back). The fused blocks follow the same rules
+(:mod:`dist_egnn.models.fused`); without autocast nothing changes.
 """
 from __future__ import annotations
 

@@ -29,13 +29,21 @@ see it): the weights are cast to bfloat16 once per call; every matrix product (n
 float32 accumulation inside the GEMM; the (rows, H) activations and gradients between them are bfloat16.
 Everything else stays float32: positions and x_i - x_j, the geometry columns of the first layers
 (|x_i - x_j|^2, e_ij, |x_i - z_c|) and their weights, every sum over rows (message and displacement sums,
-scatter-adds of gradients, per-chunk weight and bias gradients are added into float32 accumulators) and the
-outputs; gradients come back in their inputs' dtypes (float32 for the float32 parameters). Without autocast,
-or for float64 inputs, nothing changes (the same operations as before, bit for bit).
+scatter-adds of gradients, bias gradients; a weight gradient is one bf16 GEMM per chunk, accumulated in float32
+inside it and added into a float32 accumulator) and the outputs; gradients come back in their inputs' dtypes
+(float32 for the float32 parameters). Without autocast, or for float64 inputs, nothing changes (the same
+operations as before, bit for bit).
 
-The C kernels (``native.py``) have bfloat16 variants: bf16 loads and stores, float32 arithmetic, float32
-accumulators. Chosen by measurement over converting each GEMM output to float32 for the float32 kernels or
-using torch's bfloat16 ops (asv_bench/PERF_NOTES.md §12, ``benchmarks/precision.py``).
+The elementwise C kernels have bfloat16 variants (``fused_avx512bf16.c`` through ``native.py``): bf16 loads and
+stores, float32 arithmetic and accumulators, written with AVX-512 and AVX512-BF16 (one instruction rounds 16
+lanes to bf16) and used where the CPU has them; the float32 kernels (``fused_avx2.c``) are untouched. Chosen by
+measurement (20K-node graph, FastEGNN step, 1 thread, CPU time, interleaved; asv_bench/PERF_NOTES.md §12,
+``benchmarks/precision.py``): with AVX2 bf16 variants (the rounding done in integer instructions) the bf16 step
+was no faster than converting every GEMM output to float32 for the float32 kernels, or than torch's bf16 ops
+(2.26 / 2.31 / 2.21 s, fp32 3.41 s): the kernels are bound by vector instructions and the AVX2 rounding doubled
+them. The AVX-512 variants: 1.99 s against 2.34 s (convert) and 2.56 s (torch's ops), fp32 3.67 s. Elsewhere
+(no AVX512-BF16, or no compiler) torch's bf16 ops run; where bf16 matrix products are not fast (no AVX512-BF16
+or AMX), bf16 autocast is not worth using on a CPU anyway.
 """
 from __future__ import annotations
 
