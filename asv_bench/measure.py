@@ -30,7 +30,7 @@ def side_by_side(names, graph, reps, threads):
         model.load_state_dict(base.state_dict())
     wall = {n: [] for n in names}
     cpu = {n: [] for n in names}
-    for name, model in models.items():                      # warm-up, not measured
+    for model in models.values():                           # warm-up, not measured
         common.training_step(model, graph)
     for _ in range(reps):
         for name, model in models.items():

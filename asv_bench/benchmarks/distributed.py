@@ -35,7 +35,8 @@ def part_batches(g: dict, parts: int, method: str, halo: bool) -> list[dict]:
         owned = torch.from_numpy(part.owned)
         plan = stacked.halo_plan() if halo and parts > 1 else None
         batches.append(dict(node_features=g["node_features"][owned], pos=g["pos"][owned], vel=g["vel"][owned],
-                            edge_index=torch.from_numpy(rows), edge_attr=g["edge_attr"][torch.from_numpy(part.edge_ids)],
+                            edge_index=torch.from_numpy(rows),
+                            edge_attr=g["edge_attr"][torch.from_numpy(part.edge_ids)],
                             batch=torch.zeros(len(owned), dtype=torch.long), num_graphs=1,
                             target=g["target"][owned], plan=plan, halo_rows=part.num_halo))
     return batches

@@ -31,12 +31,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_egnn.parallel.seam import SingleProcess
 from dist_egnn.keys import RECEIVER, SENDER
 from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp, velocity_mlp
 from dist_egnn.models.fused import edge_messages
-from dist_egnn.models.ops import (count_per_segment, full_precision, low_precision, mlp_inputs, scatter_sum,
-                                  split_columns)
+from dist_egnn.models.ops import (
+    count_per_segment,
+    full_precision,
+    low_precision,
+    mlp_inputs,
+    scatter_sum,
+    split_columns,
+)
+from dist_egnn.parallel.seam import SingleProcess
 
 
 class Prediction(NamedTuple):
@@ -57,7 +63,7 @@ class GraphContext:
     node_attr: Tensor | None  # (N, A) or None
     inv_degree: Tensor        # (N, 1): 1 / number of received edges, 0 for a node without edges
     node_count: Tensor        # (B, 1): real nodes per graph over ALL processes (a float, for division)
-    comm: object              # SingleProcess or a distributed communicator (dist_egnn.comm)
+    comm: object              # SingleProcess or a distributed communicator (dist_egnn.parallel.seam)
     edge_chunk_size: int | None
 
     def graph_means(self, *per_node: Tensor) -> tuple[Tensor, ...]:
@@ -185,8 +191,8 @@ def _cat_attr(parts: list[Tensor], node_attr: Tensor | None) -> Tensor:
 class EquivariantModel(nn.Module):
     """What EGNN and FastEGNN share: the input embedding, input checks and the per-forward graph context.
 
-    ``comm`` is the communication seam (dist_egnn.comm); the default ``SingleProcess`` runs whole graphs in
-    this process. A distributed trainer injects its communicator with :meth:`set_comm`.
+    ``comm`` is the communication seam (dist_egnn.parallel.seam); the default ``SingleProcess`` runs whole
+    graphs in this process. A distributed trainer injects its communicator with :meth:`set_comm`.
     """
 
     sort_edges: bool = True

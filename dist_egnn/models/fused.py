@@ -53,8 +53,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dist_egnn.models.native import (edge_pre1_backward, edge_pre1_silu, index_add_rows, silu, silu_backward,
-                                    silu_backward_outer, virtual_pre1_backward, virtual_pre1_silu)
+from dist_egnn.models.native import (
+    edge_pre1_backward,
+    edge_pre1_silu,
+    index_add_rows,
+    silu,
+    silu_backward,
+    silu_backward_outer,
+    virtual_pre1_backward,
+    virtual_pre1_silu,
+)
 from dist_egnn.models.ops import full_precision, low_precision
 
 DEFAULT_CHUNK = 16384

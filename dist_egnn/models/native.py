@@ -60,7 +60,7 @@ def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         warnings.warn("dist_egnn: no C compiler found (set CC): the fused blocks run on torch's kernels (slower, "
-                      "same maths)")
+                      "same maths)", stacklevel=2)
         return None
     library = _compile(SOURCE, FLAGS, compiler)
     if library is None:
