@@ -137,6 +137,17 @@ class DistributedConfig:
     backend: str = "auto"                     # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
     timeout_s: float = 300.0                  # a collective waiting longer fails (a dead rank stops the rest)
     prepare_timeout_s: float = 7200.0         # how long ranks wait while rank 0 prepares a missing store/partition
+    # Share of every graph's nodes each part gets (partitioners/strategies.py honours it for every method; part p
+    # runs on rank p of each graph group): uniform (1/P each) | measured (each rank times the model on a probe graph
+    # at set-up; shares proportional to speed, rounded to 1 %) | [w_0, ..., w_{P-1}]: P positive shares summing to 1.
+    # Non-uniform shares are stored as another partition (the artifact's name carries them).
+    part_weights: Any = "uniform"
+    # Injected delays, for tests and benchmarks only (dist_egnn/parallel/collectives.py, Injection); 0 / 1: none.
+    inject_latency_ms: float = 0.0            # every model collective (all-reduce, halo exchange; forward and
+                                              # backward) completes this long after it is issued, on every rank
+    inject_slowdown: float = 1.0              # the ranks in inject_ranks compute this many times slower (a straggler)
+    inject_delay_ms: float = 0.0              # the ranks in inject_ranks also sleep this long per forward pass
+    inject_ranks: list[int] = field(default_factory=lambda: [0])   # global ranks slowed by the two keys above
 
 
 @dataclass
@@ -288,7 +299,8 @@ RANGES = {
     "trainer.plateau_patience": (0, True), "trainer.plateau_factor": (0, False), "trainer.ema_decay": (0, True),
     "trainer.accumulate": (1, True),
     "distributed.parts": (1, True), "distributed.seed": (0, True), "distributed.timeout_s": (0, False),
-    "distributed.prepare_timeout_s": (0, False),
+    "distributed.prepare_timeout_s": (0, False), "distributed.inject_latency_ms": (0, True),
+    "distributed.inject_slowdown": (1, True), "distributed.inject_delay_ms": (0, True),
     "engine.zero_stage": (0, True), "engine.gradient_clipping": (0, True),
     "prepare.workers": (1, True),
 }
@@ -362,8 +374,37 @@ def check(cfg: DictConfig | Config) -> None:
         problems.append(f"model.edge_features={cfg.model.edge_features} but dataset.edge_features lists "
                         f"{len(cfg.dataset.edge_features)} features {list(cfg.dataset.edge_features)}: "
                         f"remove the model.edge_features override or change the recipe")
+    weights = part_weights_problem(cfg.distributed.get("part_weights", "uniform"), cfg.distributed.parts)
+    if weights:
+        problems.append(weights)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+WEIGHT_SUM_TOLERANCE = 1e-3   # distributed.part_weights must sum to 1 within this
+
+
+def part_weights_problem(value: Any, parts: int) -> str | None:
+    """What is wrong with ``distributed.part_weights`` for P = ``parts`` (None: nothing): uniform, measured, or P
+    positive shares of every graph's nodes summing to 1 (within :data:`WEIGHT_SUM_TOLERANCE`)."""
+    if isinstance(value, str):
+        if value in ("uniform", "measured"):
+            return None
+        return f"distributed.part_weights={value!r}: choose uniform, measured or a list of {parts} shares summing to 1"
+    try:
+        shares = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return (f"distributed.part_weights={value!r}: choose uniform, measured or a list of {parts} numbers (shares "
+                f"of the nodes) summing to 1")
+    if len(shares) != parts:
+        return (f"distributed.part_weights has {len(shares)} shares but distributed.parts={parts}: give one share per "
+                f"part, summing to 1")
+    if not all(v > 0 for v in shares):
+        return f"distributed.part_weights={shares}: every share must be positive (each part needs nodes)"
+    if abs(sum(shares) - 1.0) > WEIGHT_SUM_TOLERANCE:
+        return (f"distributed.part_weights={shares} sums to {sum(shares):.4g}, not 1: the shares are fractions of "
+                f"every graph's nodes (e.g. [0.33, 0.67] for a rank 0 at half the speed of rank 1)")
+    return None
 
 
 # launch/conf: the YAML groups over this schema, beside the package in a source checkout (pip install -e .)

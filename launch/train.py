@@ -83,7 +83,7 @@ if __name__ == "__main__":
     _env = runtime.DistEnv.from_environ()
     if _env.distributed and "DIST_EGNN_RUN_STAMP" not in os.environ:
         try:
-            os.environ["DIST_EGNN_RUN_STAMP"] = runtime.shared_run_stamp(_env)
+            os.environ["DIST_EGNN_RUN_STAMP"] = runtime.join_run(_env, sys.argv)
         except BadInput as _err:       # e.g. MASTER_PORT taken: one line; the launcher stops the other ranks
             print(f"error (rank {_env.rank}): {_err}", file=sys.stderr, flush=True)
             sys.exit(guard.EXIT_BAD_INPUT)

@@ -7,8 +7,8 @@ and METIS version, so the stored assignment is the reference.
 
 Layout of one artifact (a zarr v3 group)::
 
-    <paths.data>/<dataset>.partitions/<method>-p<P>-s<seed>.zarr
-    /                     attrs: schema_version, method, num_parts, seed, radius, max_neighbors,
+    <paths.data>/<dataset>.partitions/<method>-p<P>-s<seed>[-w<hash of the part weights>].zarr
+    /                     attrs: schema_version, method, num_parts, seed, radius, max_neighbors, weights,
                                  inputs (everything that determined the assignments), inputs_hash,
                                  metrics (per split: mean and max over samples of each quality number)
     /train /val /test     attrs: frames (input frames used, one per row), num_scenes
@@ -36,11 +36,13 @@ strategy's seed is derived from (seed, split, scene, frame), so samples are inde
 sample's parts do not depend on which worker computed it.
 
 Reuse: ``inputs`` records what determines the assignments: the partitioner version, method, P, seed,
-radius, max_neighbors, the frames of every split, and the dataset store's identity (a SHA-256 of its
-root attributes, which hold the generator and its seed, and per split of its shape, scene_ptr and the
-positions at the first and last frame used). When the stored ``inputs_hash`` matches, the artifact is
-reused; otherwise :func:`prepare_partitions` says which inputs changed and rebuilds it. An edit of a
-middle frame in place would go unnoticed: hashing every frame would read the whole dataset at every start.
+the part weights when they are not uniform (``distributed.part_weights``; they also name the artifact, so
+partitions for other rank speeds sit beside the uniform one), radius, max_neighbors, the frames of every
+split, and the dataset store's identity (a SHA-256 of its root attributes, which hold the generator and its
+seed, and per split of its shape, scene_ptr and the positions at the first and last frame used). When the
+stored ``inputs_hash`` matches, the artifact is reused; otherwise :func:`prepare_partitions` says which inputs
+changed and rebuilds it. An edit of a middle frame in place would go unnoticed: hashing every frame would read
+the whole dataset at every start.
 
 Artifacts are written into a temporary sibling and renamed into place when complete
 (``datasets.store.atomic_store``): a failed build keeps the previous artifact.
@@ -78,7 +80,7 @@ from dist_egnn.datasets.store import (
     unreadable_metadata,
 )
 from dist_egnn.errors import BadInput, ConfigError
-from dist_egnn.partitioners.strategies import METHODS, partition
+from dist_egnn.partitioners.strategies import METHODS, check_weights, partition
 from dist_egnn.partitioners.subgraphs import halo_mask, mask_dtype
 
 SCHEMA_VERSION = 2
@@ -95,16 +97,25 @@ class StalePartitionError(BadInput):
     """A stored partition that is missing or does not match the inputs it is asked for."""
 
 
-def artifact_path(store: str | os.PathLike, method: str, num_parts: int, seed: int) -> Path:
-    """``<data>/<name>.zarr`` -> ``<data>/<name>.partitions/<method>-p<P>-s<seed>.zarr``."""
+def artifact_path(store: str | os.PathLike, method: str, num_parts: int, seed: int, weights=None) -> Path:
+    """``<data>/<name>.zarr`` -> ``<data>/<name>.partitions/<method>-p<P>-s<seed>.zarr``; with non-uniform part
+    ``weights``, ``...-s<seed>-w<8 hex digits of their hash>.zarr``."""
     store = Path(store)
-    return store.with_name(f"{store.stem}.partitions") / f"{method}-p{num_parts}-s{seed}.zarr"
+    weights = canonical_weights(weights, num_parts)
+    suffix = "" if weights is None else f"-w{_sha(weights)[:8]}"
+    return store.with_name(f"{store.stem}.partitions") / f"{method}-p{num_parts}-s{seed}{suffix}.zarr"
+
+
+def canonical_weights(weights, num_parts: int) -> list[float] | None:
+    """Part weights as stored and hashed: P shares rounded to 6 decimals, or None when uniform (or None)."""
+    shares = check_weights(weights, num_parts)
+    return None if shares is None else [round(float(w), 6) for w in shares]
 
 
 # ----------------------------------------------------------------------------------------- preparing
 def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, seed: int = 0, *,
                        rebuild: bool = True, scheduler: str = "auto", workers: int | None = None,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, weights=None) -> Path:
     """Build the artifact for every sample of ``splits``, or reuse it when its inputs are unchanged.
 
     Args:
@@ -113,6 +124,7 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
         rebuild: rebuild a missing or stale artifact; False raises :class:`StalePartitionError` instead.
         scheduler: dask scheduler: ``auto``, ``processes``, ``threads`` or ``sync``.
         workers: dask workers; None: every core.
+        weights: P shares of every graph's nodes summing to 1 (``partitioners.partition``); None: equal parts.
     Returns:
         The artifact's path.
     """
@@ -125,8 +137,8 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
         raise ConfigError(f"num_parts={num_parts} (distributed.parts): every scene must give each part a node, and "
                          f"the smallest scene has {smallest} nodes; use 1..{smallest} parts")
     first = next(iter(splits.values()))
-    path = artifact_path(first.info.path, method, num_parts, seed)
-    inputs = describe_inputs(splits, method, num_parts, seed)
+    path = artifact_path(first.info.path, method, num_parts, seed, weights)
+    inputs = describe_inputs(splits, method, num_parts, seed, weights)
     digest = inputs_hash(inputs)
     stale = _why_stale(path, inputs, digest)
     if stale is None:
@@ -137,14 +149,14 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
     if not rebuild:
         raise StalePartitionError(f"{path}: {stale}; build it with `python launch/prepare.py "
                                   f"distributed.parts={num_parts} distributed.partition={method} "
-                                  f"distributed.seed={seed}` (plus your dataset overrides)")
+                                  f"distributed.seed={seed}{_weights_override(inputs)}` (plus your dataset overrides)")
     print(f"{path}: {stale}; building it")
     _build(path, splits, inputs, digest, scheduler, workers, progress)
     return path
 
 
 def partition_status(splits: Mapping[str, Any], method: str, num_parts: int,
-                     seed: int = 0) -> tuple[Path, str, str | None]:
+                     seed: int = 0, weights=None) -> tuple[Path, str, str | None]:
     """(artifact path, inputs hash, None if the stored artifact matches ``splits`` else why not, in words).
 
     Cheap (reads two frames per split, the artifact's attributes and its chunk listing): every rank of a run
@@ -154,19 +166,21 @@ def partition_status(splits: Mapping[str, Any], method: str, num_parts: int,
     user's back, as a damaged dataset store is not.
     """
     first = next(iter(splits.values()))
-    path = artifact_path(first.info.path, method, num_parts, seed)
-    inputs = describe_inputs(splits, method, num_parts, seed)
+    path = artifact_path(first.info.path, method, num_parts, seed, weights)
+    inputs = describe_inputs(splits, method, num_parts, seed, weights)
     digest = inputs_hash(inputs)
     stale = _why_stale(path, inputs, digest)
     if stale is None:
         damage = _why_damaged(path, splits)
         if damage is not None:
-            raise StalePartitionError(f"{path}: {damage}; {rebuild_hint(path, method, num_parts, seed)}")
+            raise StalePartitionError(f"{path}: {damage}; {rebuild_hint(path, method, num_parts, seed, weights)}")
     return path, digest, stale
 
 
-def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed: int) -> dict[str, Any]:
-    """Everything that determines the stored assignments, as JSON-able data."""
+def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed: int,
+                    weights=None) -> dict[str, Any]:
+    """Everything that determines the stored assignments, as JSON-able data (``weights`` only when not uniform,
+    so the inputs, and the hash, of unweighted partitions are what they were before weights existed)."""
     first = next(iter(splits.values()))
     root = zarr.open_group(str(first.info.path), mode="r")
     store_splits = {}
@@ -178,7 +192,9 @@ def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed
             digest.update(np.ascontiguousarray(pos[frame]).tobytes())
         store_splits[name] = digest.hexdigest()[:16]
     radius = first.radius
+    shares = canonical_weights(weights, num_parts)
     return dict(partitioner_version=PARTITIONER_VERSION, method=method, num_parts=int(num_parts), seed=int(seed),
+                **({} if shares is None else {"weights": shares}),
                 radius=None if radius is None else float(radius), max_neighbors=first.max_neighbors,
                 frames={name: [int(f) for f in data.frames] for name, data in splits.items()},
                 store_attrs=_sha(first.info.attrs)[:16], store_splits=store_splits)
@@ -274,12 +290,20 @@ def _absent_chunk_keys(directory: Path, array: zarr.Array) -> list[str]:
     return [key for key in keys if not (directory / key).exists()]
 
 
-def rebuild_hint(path: Path, method: str, num_parts: int, seed: int) -> str:
+def rebuild_hint(path: Path, method: str, num_parts: int, seed: int, weights=None) -> str:
     """The fix for a damaged artifact, in words: rebuild it with prepare.py, or delete it."""
     dataset = path.parent.name.removesuffix(".partitions")
+    shares = canonical_weights(weights, num_parts)
     return (f"rebuild it with `python launch/prepare.py dataset={dataset} distributed.parts={num_parts} "
-            f"distributed.partition={method} distributed.seed={seed}` (plus your dataset overrides), or delete "
+            f"distributed.partition={method} distributed.seed={seed}"
+            f"{_weights_override({'weights': shares} if shares else {})}` (plus your dataset overrides), or delete "
             f"the folder {path} (a run with dataset.auto_prepare=true then builds it again)")
+
+
+def _weights_override(inputs: Mapping[str, Any]) -> str:
+    """`` distributed.part_weights=[...]`` for a command line when the inputs have weights, else ``""``."""
+    shares = inputs.get("weights")
+    return "" if not shares else " distributed.part_weights=[" + ",".join(f"{w:g}" for w in shares) + "]"
 
 
 def _change(before: Any, after: Any) -> str:
@@ -310,13 +334,15 @@ def _build(path: Path, splits: Mapping[str, Any], inputs: dict[str, Any], digest
     workers = workers or os.cpu_count() or 1
     with atomic_store(path, overwrite=True, validate=False) as root:      # not a dataset store: checked on load
         root.attrs.update(dict(schema_version=SCHEMA_VERSION, method=inputs["method"], num_parts=num_parts,
-                               seed=inputs["seed"], radius=inputs["radius"], max_neighbors=inputs["max_neighbors"],
+                               seed=inputs["seed"], weights=inputs.get("weights"), radius=inputs["radius"],
+                               max_neighbors=inputs["max_neighbors"],
                                store=store, inputs=inputs))
         per_sample = {name: _create_split(root, name, data, num_parts) for name, data in splits.items()}
         samples = {t: t.stop_scene - t.first_scene for t in tasks}
         bar = tqdm(total=sum(samples.values()), desc=f"partitions {inputs['method']} P={num_parts}",
                    unit="sample", disable=not progress)
         options = {key: inputs[key] for key in ("method", "num_parts", "seed", "radius", "max_neighbors")}
+        options["weights"] = inputs.get("weights")
         pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
                 if scheduler == "processes" else None)
         try:
@@ -400,7 +426,7 @@ def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[st
         seed = sample_seed(options["seed"], task.split, scene, task.frame)
         try:
             part = partition(pos[lo:hi], options["num_parts"], options["method"], radius=options["radius"],
-                             seed=seed, max_neighbors=options["max_neighbors"])
+                             seed=seed, max_neighbors=options["max_neighbors"], weights=options.get("weights"))
         except ValueError as err:
             raise BadInput(f"{store}/{task.split}: scene {scene} at frame {task.frame}: {err}") from err
         assignment[lo:hi] = part.assignment
@@ -455,6 +481,7 @@ class SplitAssignments:
         group = root[split]
         self.path, self.split = path, split
         self.num_parts, self.method, self.seed = int(root.attrs["num_parts"]), root.attrs["method"], root.attrs["seed"]
+        self.weights = root.attrs.get("weights")             # None: equal parts
         damage = _split_damage(path, group)
         if damage is not None:
             raise StalePartitionError(f"{path}: {damage}; {self.hint()}")
@@ -464,7 +491,7 @@ class SplitAssignments:
         self._row = {int(f): k for k, f in enumerate(self.frames)}
 
     def hint(self) -> str:
-        return rebuild_hint(self.path, self.method, self.num_parts, self.seed)
+        return rebuild_hint(self.path, self.method, self.num_parts, self.seed, self.weights)
 
     def _read(self, name: str, *where: Any) -> np.ndarray:
         """``group[name][where]``; a chunk that cannot be decoded (truncated, overwritten) raises

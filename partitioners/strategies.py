@@ -22,6 +22,12 @@ positions (and the radius graph where it needs one), P and a seed to an (N,) ass
 Balance bound: every part holds at most ⌈(1 + BALANCE_TOLERANCE)·N/P⌉ nodes (spatial and random:
 at most ⌈N/P⌉).
 
+Weighted parts (``weights``: P positive shares summing to 1, e.g. for ranks of different speeds): part p gets
+about w_p·N nodes. METIS through its target part weights (``tpwgts``), the balance bound then
+⌈(1 + BALANCE_TOLERANCE)·w_p·N⌉ per part; spatial bisection splits each box at the weighted quantile of its
+parts' shares; random cuts the permutation at the cumulative shares. Spatial and random parts are within a few
+nodes of w_p·N. ``weights=None`` or equal shares take the unweighted path: the same assignments as before.
+
 Graph: a given ``edge_index`` is used as is (so callers that built the radius graph do not build it twice);
 otherwise it is built with ``datasets.graphs.radius_graph(pos, radius, max_neighbors)``, or the complete
 graph when ``radius`` is None (N-body). METIS sees it made undirected (both directions, no self-loops).
@@ -87,7 +93,7 @@ class Partition:
 
 def partition(pos: np.ndarray, num_parts: int, method: str = "metis", *, radius: float | None = None,
               seed: int = 0, edge_index: np.ndarray | None = None, max_neighbors: int | None = None,
-              allow_duplicates: bool = False) -> Partition:
+              allow_duplicates: bool = False, weights=None) -> Partition:
     """Split the N nodes at ``pos`` (N, 3) into ``num_parts`` non-empty parts; see the module docstring.
 
     Args:
@@ -99,27 +105,51 @@ def partition(pos: np.ndarray, num_parts: int, method: str = "metis", *, radius:
         edge_index: (2, E) a precomputed graph (row 0 receiving); skips building one.
         max_neighbors: cap of senders per receiver when building the radius graph.
         allow_duplicates: accept several nodes at one position.
+        weights: P positive shares of the nodes summing to 1 (:func:`check_weights`); None: equal parts.
     """
     pos = _check_positions(pos, allow_duplicates)
     n = len(pos)
     _check_request(n, num_parts, method, seed, radius)
+    weights = check_weights(weights, num_parts)
     if edge_index is None:
         edge_index = _build_graph(pos, radius, max_neighbors)
     else:
         edge_index = _check_edge_index(edge_index, n)
     if method == "metis":
-        assignment = metis_assignment(edge_index, n, num_parts, seed)
+        assignment = metis_assignment(edge_index, n, num_parts, seed, weights)
     elif method == "spatial":
-        assignment = spatial_assignment(pos, num_parts)
+        assignment = spatial_assignment(pos, num_parts, weights)
     else:
-        assignment = random_assignment(n, num_parts, seed)
+        assignment = random_assignment(n, num_parts, seed, weights)
     return Partition(assignment=assignment, num_parts=num_parts, method=method, seed=seed,
                      metrics=partition_metrics(edge_index, assignment, num_parts), edge_index=edge_index)
 
 
 # ------------------------------------------------------------------------------------------ strategies
-def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, seed: int) -> np.ndarray:
+def check_weights(weights, num_parts: int) -> np.ndarray | None:
+    """``weights`` as a float64 (P,) array of positive shares summing to 1, or None for equal parts (also when
+    every share is equal: the unweighted path, whose assignments stored partitions already hold).
+
+    A length other than P, a share that is not positive or a sum off 1 by more than 1e-3 is refused."""
+    if weights is None:
+        return None
+    shares = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if len(shares) != num_parts:
+        raise ConfigError(f"part weights {shares.tolist()} have {len(shares)} shares for {num_parts} parts: give one "
+                          f"share per part")
+    if not np.all(np.isfinite(shares)) or np.any(shares <= 0):
+        raise ConfigError(f"part weights {shares.tolist()}: every share must be positive")
+    if abs(shares.sum() - 1.0) > 1e-3:
+        raise ConfigError(f"part weights {shares.tolist()} sum to {shares.sum():.4g}, not 1: shares are fractions of "
+                          f"the nodes")
+    shares = shares / shares.sum()
+    return None if np.all(shares == shares[0]) else shares
+
+
+def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, seed: int,
+                     weights: np.ndarray | None = None) -> np.ndarray:
     """METIS on the graph made undirected, then the balance bound enforced (see the module docstring).
+    ``weights``: target shares of the parts (METIS's ``tpwgts``); None: equal.
 
     Raises ValueError if the graph has no edges or METIS leaves a part empty.
     """
@@ -128,7 +158,9 @@ def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, see
         raise BadInput(f"METIS cannot partition a graph without edges ({num_nodes} nodes, 0 edges besides "
                          f"self-loops): the radius is too small for these positions; use a larger radius or "
                          f"method='spatial'")
+    targets = None if weights is None else [float(w) for w in weights]
     result = pymetis.part_graph(num_parts, adjacency=pymetis.CSRAdjacency(adjacency.indptr, adjacency.indices),
+                                tpwgts=targets,
                                 options=pymetis.Options(seed=int(seed) % (2**31 - 1) + 1))  # METIS seeds 0 and 1 agree
     assignment = np.asarray(result.vertex_part, dtype=np.int64)
     counts = np.bincount(assignment, minlength=num_parts)
@@ -137,7 +169,10 @@ def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, see
         raise BadInput(f"METIS returned {int(np.sum(counts == 0))} empty parts of {num_parts} for a graph of "
                          f"{num_nodes} nodes in {components} connected pieces (part sizes {counts.tolist()}); "
                          f"use fewer parts or method='spatial' or 'random', which never leave a part empty")
-    return rebalance(adjacency, assignment, num_parts, max_part_size(num_nodes, num_parts))
+    if weights is None:
+        return rebalance(adjacency, assignment, num_parts, max_part_size(num_nodes, num_parts))
+    caps = np.ceil((1 + BALANCE_TOLERANCE) * weights * num_nodes).astype(np.int64)
+    return rebalance(adjacency, assignment, num_parts, caps)
 
 
 def max_part_size(num_nodes: int, num_parts: int) -> int:
@@ -145,19 +180,22 @@ def max_part_size(num_nodes: int, num_parts: int) -> int:
     return int(np.ceil((1 + BALANCE_TOLERANCE) * num_nodes / num_parts))
 
 
-def rebalance(adjacency: sp.csr_matrix, assignment: np.ndarray, num_parts: int, cap: int) -> np.ndarray:
-    """Move nodes out of parts above ``cap`` into the smallest part, most neighbours there first.
+def rebalance(adjacency: sp.csr_matrix, assignment: np.ndarray, num_parts: int, cap) -> np.ndarray:
+    """Move nodes out of parts above their cap into the part with the most room, most neighbours there first.
 
-    Each step empties the largest part's excess into the smallest part's room (both at least one node,
-    since cap >= N/P), so the loop ends with every part at most ``cap``.
+    ``cap``: one bound for every part, or one per part (weighted parts); the caps add up to at least N. Each
+    step empties the part furthest above its cap into the room of the part furthest below its own (both at
+    least one node), so the loop ends with every part at most its cap. With one cap, the part with the most
+    room is the smallest part.
     """
+    caps = np.broadcast_to(np.asarray(cap, dtype=np.int64), (num_parts,))
     sizes = np.bincount(assignment, minlength=num_parts)
-    while sizes.max() > cap:
-        big, small = int(sizes.argmax()), int(sizes.argmin())
+    while np.any(sizes > caps):
+        big, small = int(np.argmax(sizes - caps)), int(np.argmax(caps - sizes))
         members = np.flatnonzero(assignment == big)
         rows = adjacency[members]
         gain = rows @ (assignment == small).astype(np.int64) - rows @ (assignment == big).astype(np.int64)
-        count = int(min(sizes[big] - cap, cap - sizes[small]))
+        count = int(min(sizes[big] - caps[big], caps[small] - sizes[small]))
         assignment[members[np.argsort(-gain, kind="stable")[:count]]] = small
         sizes[big] -= count
         sizes[small] += count
@@ -176,8 +214,8 @@ def undirected_adjacency(edge_index: np.ndarray, num_nodes: int) -> sp.csr_matri
     return adjacency
 
 
-def spatial_assignment(pos: np.ndarray, num_parts: int) -> np.ndarray:
-    """Recursive coordinate bisection: parts of ⌊N/P⌋ or ⌈N/P⌉ nodes, compact boxes."""
+def spatial_assignment(pos: np.ndarray, num_parts: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Recursive coordinate bisection: parts of ⌊N/P⌋ or ⌈N/P⌉ nodes (about w_p·N with ``weights``), compact boxes."""
     assignment = np.empty(len(pos), dtype=np.int64)
     pending = [(np.arange(len(pos)), 0, num_parts)]          # (global ids, first part, parts to make)
     while pending:
@@ -189,15 +227,26 @@ def spatial_assignment(pos: np.ndarray, num_parts: int) -> np.ndarray:
         axis = int(np.argmax(coords.max(axis=0) - coords.min(axis=0)))
         order = nodes[np.lexsort((nodes, coords[:, axis]))]  # along the axis, ties by global id
         left = parts // 2
-        cut = len(nodes) * left // parts                      # keeps every part within ⌊N/P⌋..⌈N/P⌉
+        if weights is None:
+            cut = len(nodes) * left // parts                  # keeps every part within ⌊N/P⌋..⌈N/P⌉
+        else:                                                 # the left parts' share, each side a node per part
+            share = weights[first:first + left].sum() / weights[first:first + parts].sum()
+            cut = min(max(int(round(len(nodes) * share)), left), len(nodes) - (parts - left))
         pending += [(order[:cut], first, left), (order[cut:], first + left, parts - left)]
     return assignment
 
 
-def random_assignment(num_nodes: int, num_parts: int, seed: int) -> np.ndarray:
-    """A seeded permutation cut into num_parts near-equal parts."""
+def random_assignment(num_nodes: int, num_parts: int, seed: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """A seeded permutation cut into num_parts near-equal parts (at the cumulative shares with ``weights``)."""
     assignment = np.empty(num_nodes, dtype=np.int64)
-    assignment[np.random.default_rng(seed).permutation(num_nodes)] = np.arange(num_nodes) * num_parts // num_nodes
+    order = np.random.default_rng(seed).permutation(num_nodes)
+    if weights is None:
+        assignment[order] = np.arange(num_nodes) * num_parts // num_nodes
+        return assignment
+    bounds = np.round(np.cumsum(weights)[:-1] * num_nodes).astype(np.int64)
+    bounds = np.maximum(bounds, np.arange(1, num_parts))                       # a node for every part
+    bounds = np.minimum(bounds, num_nodes - num_parts + np.arange(1, num_parts))
+    assignment[order] = np.searchsorted(bounds, np.arange(num_nodes), side="right")
     return assignment
 
 

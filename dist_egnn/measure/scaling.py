@@ -96,7 +96,9 @@ def measure_part(cfg_container: dict, part: int, parts: int, halo: bool, steps: 
     if parts == 1:
         data = RankData(train)
     else:
-        assignments = load_assignments(artifact_path(info.path, d.partition, parts, d.seed), "train")
+        weights = d.get("part_weights", "uniform")               # a list: the stored partition of those shares
+        weights = None if isinstance(weights, str) else list(weights)
+        assignments = load_assignments(artifact_path(info.path, d.partition, parts, d.seed, weights), "train")
         # Edge dropping's global threshold needs the other ranks; alone, a part drops by its own lengths.
         data = RankData(train, part, parts, halo, assignments, gather=lambda values: [values])
     torch.manual_seed(t.seed)

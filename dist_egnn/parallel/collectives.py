@@ -5,8 +5,19 @@ the P ranks of a graph group each hold one part of every graph: ``sum_over_parts
 (:class:`AllReduceSum`), ``exchange_halo`` an all-to-all (:class:`HaloExchange`). Each is a
 ``torch.autograd.Function`` whose backward is the adjoint collective, so gradients are exactly those of one
 device holding whole graphs (docs/maths.md §4-5).
+
+Every collective is issued asynchronously and completed through a :class:`Pending` handle. That is where
+injected delays live (:class:`Injection`, tests and benchmarks only): ``latency_s`` makes a collective
+complete no sooner than that long after it was *issued*, like a network round trip, so work done between
+issuing and waiting (a later overlap of the halo exchange with interior-edge compute) hides it, while the
+blocking use today (issue, then wait at once) puts all of it on the critical path. ``slowdown`` and
+``delay_s`` stand in for a slower rank (a straggler): its compute between collectives takes ``slowdown``
+times as long, plus ``delay_s`` per forward pass.
 """
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,6 +25,53 @@ from torch import Tensor
 
 from dist_egnn.parallel.seam import CommStats
 from dist_egnn.partitioners.subgraphs import HaloPlan
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Delays injected into one rank: tests and benchmarks only (``distributed.inject_*``; none by default).
+
+    * ``latency_s``: every collective of the model (all-reduce, halo exchange; forward and backward) completes
+      no sooner than ``latency_s`` after it was issued (:meth:`Pending.wait`). The clock starts at the issue,
+      not at the wait: compute placed between the two overlaps the latency as it would a network round trip.
+    * ``slowdown``: this rank's compute between two collectives (and from the start of a forward pass to its
+      first collective) takes ``slowdown`` times as long: before each collective it sleeps (slowdown − 1) × the
+      time it computed since the previous one. A device at 1/slowdown of the others' speed, for the work the
+      model does between collectives (not the optimizer step or the data path).
+    * ``delay_s``: a fixed sleep at the start of every forward pass (:meth:`GraphParallel.set_halo_plan`),
+      e.g. a busy host; unlike ``slowdown`` it does not shrink with the rank's share of the graph.
+
+    Sleeps are measured on the host clock: meaningful on the CPU (gloo); on CUDA they delay kernel launches
+    only.
+    """
+
+    latency_s: float = 0.0
+    slowdown: float = 1.0
+    delay_s: float = 0.0
+
+
+class Pending:
+    """A collective in flight (issued by :meth:`GraphParallel.issue`): :meth:`wait` completes it.
+
+    ``wait`` waits for the collective, then until ``latency_s`` has passed since it was issued (that remainder,
+    the latency nothing hid, is added to ``GraphParallel.exposed_latency_s``), counts it in the communicator's
+    :class:`CommStats` and restarts the compute clock of :class:`Injection`'s slowdown.
+    """
+
+    def __init__(self, comm: "GraphParallel", work, started: float, counted: Tensor):
+        self.comm, self.work, self.started, self.counted = comm, work, started, counted
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        latency = self.comm.injection.latency_s
+        if latency > 0:
+            remaining = self.started + latency - time.perf_counter()
+            if remaining > 0:
+                time.sleep(remaining)
+                self.comm.exposed_latency_s += remaining
+        self.comm.stats.add(self.started, self.counted)
+        self.comm.computing_since = time.perf_counter()
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -31,21 +89,18 @@ class AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, group, stats: CommStats) -> Tensor:
-        ctx.group, ctx.stats = group, stats
+    def forward(ctx, tensor: Tensor, comm: "GraphParallel") -> Tensor:
+        ctx.comm = comm
         out = tensor.contiguous().clone()
-        started = stats.start(out)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        stats.add(started, out)
+        comm.issue(lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=comm.group, async_op=True), out).wait()
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        comm = ctx.comm
         grad = grad.contiguous().clone()
-        started = ctx.stats.start(grad)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        ctx.stats.add(started, grad)
-        return grad, None, None
+        comm.issue(lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=comm.group, async_op=True), grad).wait()
+        return grad, None
 
 
 class HaloExchange(torch.autograd.Function):
@@ -64,28 +119,26 @@ class HaloExchange(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, owned: Tensor, plan: HaloPlan, group, stats: CommStats) -> Tensor:
-        ctx.plan, ctx.group, ctx.stats, ctx.num_owned = plan, group, stats, owned.shape[0]
+    def forward(ctx, owned: Tensor, plan: HaloPlan, comm: "GraphParallel") -> Tensor:
+        ctx.plan, ctx.comm, ctx.num_owned = plan, comm, owned.shape[0]
         send = owned.index_select(0, plan.send_index).contiguous()
         recv = owned.new_empty((plan.num_recv, *owned.shape[1:]))
-        started = stats.start(send)
-        dist.all_to_all_single(recv, send, output_split_sizes=plan.recv_counts,
-                               input_split_sizes=plan.send_counts, group=group)
-        stats.add(started, send)
+        comm.issue(lambda: dist.all_to_all_single(recv, send, output_split_sizes=plan.recv_counts,
+                                                  input_split_sizes=plan.send_counts, group=comm.group,
+                                                  async_op=True), send).wait()
         return torch.cat([owned, recv])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        plan = ctx.plan
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        plan, comm = ctx.plan, ctx.comm
         grad_owned = grad[:ctx.num_owned].clone()
         grad_halo = grad[ctx.num_owned:].contiguous()
         back = grad.new_empty((plan.send_index.shape[0], *grad.shape[1:]))
-        started = ctx.stats.start(grad_halo)
-        dist.all_to_all_single(back, grad_halo, output_split_sizes=plan.send_counts,
-                               input_split_sizes=plan.recv_counts, group=ctx.group)
-        ctx.stats.add(started, grad_halo)
+        comm.issue(lambda: dist.all_to_all_single(back, grad_halo, output_split_sizes=plan.send_counts,
+                                                  input_split_sizes=plan.recv_counts, group=comm.group,
+                                                  async_op=True), grad_halo).wait()
         grad_owned.index_add_(0, plan.send_index, back)
-        return grad_owned, None, None, None
+        return grad_owned, None, None
 
 
 class GraphParallel:
@@ -95,23 +148,42 @@ class GraphParallel:
     flattened into one buffer: one collective per call, not one per tensor). ``exchange_halo`` runs one
     :class:`HaloExchange` for all its arguments together (concatenated along columns) when a halo plan is
     set (exact mode, :meth:`set_halo_plan` before each forward); without one (drop mode) it is the
-    identity, like :class:`SingleProcess`.
+    identity, like :class:`SingleProcess`. ``injection``: delays for tests and benchmarks (:class:`Injection`).
     """
 
-    def __init__(self, group, world_size: int):
+    def __init__(self, group, world_size: int, injection: Injection | None = None):
         self.group = group
         self.world_size = world_size
         self.plan: HaloPlan | None = None
         self.stats = CommStats()
+        self.injection = injection or Injection()
+        self.computing_since: float | None = None   # end of the last collective (start of the forward pass)
+        self.exposed_latency_s = 0.0                 # injected latency waited for, not hidden by other work
 
     def set_halo_plan(self, plan: HaloPlan | None) -> None:
+        """The halo plan of the next forward pass (None: drop mode); called once before every forward."""
         self.plan = plan
+        if self.injection.delay_s > 0:
+            time.sleep(self.injection.delay_s)
+        self.computing_since = time.perf_counter()
+
+    def issue(self, start, counted: Tensor) -> Pending:
+        """Issue one collective: ``start()`` calls it with ``async_op=True`` and returns its work handle.
+
+        First the injected slowdown of the compute since the previous collective (a slower rank arrives
+        later); the returned :class:`Pending` completes it, with the injected latency counted from now.
+        """
+        slowdown = self.injection.slowdown
+        if slowdown != 1.0 and self.computing_since is not None:
+            time.sleep(max(0.0, (slowdown - 1.0) * (time.perf_counter() - self.computing_since)))
+        started = self.stats.start(counted)
+        return Pending(self, start(), started, counted)
 
     def sum_over_parts(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         if self.world_size == 1:
             return tensors
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        total = AllReduceSum.apply(flat, self.group, self.stats)
+        total = AllReduceSum.apply(flat, self)
         sizes = [t.numel() for t in tensors]
         return tuple(piece.view_as(t) for piece, t in zip(torch.split(total, sizes), tensors))
 
@@ -119,7 +191,7 @@ class GraphParallel:
         if self.plan is None:
             return node_tensors
         widths = [t.shape[1] for t in node_tensors]
-        both = HaloExchange.apply(torch.cat(node_tensors, dim=1), self.plan, self.group, self.stats)
+        both = HaloExchange.apply(torch.cat(node_tensors, dim=1), self.plan, self)
         return tuple(torch.split(both, widths, dim=1))
 
 

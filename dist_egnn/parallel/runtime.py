@@ -21,33 +21,122 @@ import torch
 import torch.distributed as dist
 
 from dist_egnn.errors import BadInput, ConfigError
-from dist_egnn.parallel.collectives import GraphParallel
+from dist_egnn.parallel.collectives import GraphParallel, Injection
 from dist_egnn.parallel.seam import Communicator, SingleProcess
+
+# What each launcher sets, by family: the first family whose rank variable is present is read, and only its own
+# variables (a torchrun inside a Slurm job has SLURM_* too: RANK wins). Fields: rank, world size, local rank, ranks
+# on this node, node index, node count; a tuple lists alternatives within the family, first present wins.
+LAUNCHERS = {
+    # torchrun (torch/distributed/elastic/agent/server/local_elastic_agent.py) and deepspeed's own launcher
+    # (deepspeed/launcher/launch.py: LOCAL_SIZE, CROSS_RANK, CROSS_SIZE)
+    "torchrun/deepspeed": ("RANK", "WORLD_SIZE", "LOCAL_RANK", ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"),
+                           ("GROUP_RANK", "CROSS_RANK"), ("GROUP_WORLD_SIZE", "CROSS_SIZE")),
+    # mpirun of Open MPI (deepspeed --launcher openmpi): no node index or count
+    "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                ("OMPI_COMM_WORLD_LOCAL_SIZE",), (), ()),
+    # MPICH / Intel MPI (deepspeed --launcher mpich|impi also exports LOCAL_SIZE)
+    "mpich": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", ("MPI_LOCALNRANKS", "LOCAL_SIZE"), (), ()),
+    # srun (deepspeed --launcher slurm; sbatch): ranks per node from --ntasks-per-node, else the step's layout
+    "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+              ("SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"),
+              ("SLURM_NODEID",), ("SLURM_STEP_NUM_NODES", "SLURM_NNODES")),
+}
 
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process stands, from the variables every launcher sets (deepspeed, torchrun, mpirun)."""
+    """Where this process stands, from the variables its launcher sets (:data:`LAUNCHERS`).
+
+    ``local_world_size`` (ranks on this node), ``node`` and ``nodes`` are what the launcher says, never derived
+    from one another: None where it says nothing (Open MPI and MPICH give no node index or count). A multi-process
+    launch without a number of ranks per node is refused by :func:`check_layout`, naming the variables to set.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    local_world_size: int = 1
+    local_world_size: int | None = 1
+    node: int | None = 0
+    nodes: int | None = 1
+    launcher: str = "none"                  # the family of LAUNCHERS that was read; "none": one process
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> "DistEnv":
-        world = int(environ.get("WORLD_SIZE", 1))
-        local_world = int(environ.get("LOCAL_WORLD_SIZE", environ.get("LOCAL_SIZE", 0)) or 0)
-        if not local_world:
-            # DeepSpeed's launcher on CPU sets neither: all ranks are local unless a node count is given.
-            nodes = int(environ.get("CROSS_SIZE", environ.get("GROUP_WORLD_SIZE", 1)) or 1)
-            local_world = max(1, world // max(nodes, 1))
-        return cls(rank=int(environ.get("RANK", 0)), world_size=world,
-                   local_rank=int(environ.get("LOCAL_RANK", 0)), local_world_size=local_world)
+        for launcher, (rank, world, local_rank, local_world, node, nodes) in LAUNCHERS.items():
+            if rank not in environ:
+                continue
+            first = lambda names: next((environ[n] for n in names if environ.get(n, "") != ""), None)  # noqa: E731
+            node_index = first(node)
+            return cls(rank=int(environ[rank]), world_size=int(environ.get(world, 1)),
+                       local_rank=int(environ.get(local_rank, 0)),
+                       local_world_size=_per_node(first(local_world), node_index),
+                       node=None if node_index is None else int(node_index),
+                       nodes=None if first(nodes) is None else int(first(nodes)), launcher=launcher)
+        return cls()
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def export(self, environ=os.environ) -> None:
+        """Set RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE where the launcher did not (mpirun, srun), for the
+        libraries that read them (DeepSpeed needs LOCAL_RANK); variables already set are kept."""
+        if not self.distributed:
+            return
+        for key, value in (("RANK", self.rank), ("WORLD_SIZE", self.world_size), ("LOCAL_RANK", self.local_rank),
+                           ("LOCAL_WORLD_SIZE", self.local_world_size)):
+            if value is not None:
+                environ.setdefault(key, str(value))
+
+    def layout(self) -> str:
+        """The launch in words for messages, e.g. ``2 nodes × 1 rank per node, from torchrun/deepspeed variables``."""
+        per_node = "? ranks" if self.local_world_size is None else \
+            f"{self.local_world_size} rank{'s' * (self.local_world_size != 1)}"
+        nodes = "? nodes" if self.nodes is None else f"{self.nodes} node{'s' * (self.nodes != 1)}"
+        return f"{nodes} × {per_node} per node, from {self.launcher} variables"
+
+
+def _per_node(value: str | None, node: str | None) -> int | None:
+    """Ranks on this node from a count (``4``) or Slurm's per-node list (``2(x3),1``: this node's entry)."""
+    if value is None:
+        return None
+    counts = []
+    for entry in value.split(","):
+        count, _, repeat = entry.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    if len(set(counts)) == 1:
+        return counts[0]
+    return counts[int(node)] if node is not None and int(node) < len(counts) else None
+
+
+def check_layout(env: DistEnv, parts: int) -> None:
+    """Every rank runs this before any collective: a launch that cannot hold P parts stops every rank, none hangs.
+
+    Refused: a world size that is not a multiple of P; a multi-process launch whose launcher does not say how
+    many ranks run on each node (the variables to set are named); nodes with different rank counts; and graph
+    groups that straddle nodes unevenly (ranks per node neither a multiple nor a divisor of P: the halo traffic
+    of some groups would cross the network and of others not). Every rank reaches the same verdict from its own
+    environment, except under a launcher that gives nodes different rank counts: ranks whose own count fits
+    then fail within ``distributed.timeout_s`` instead.
+    """
+    check_world(env.world_size, parts, env)
+    if not env.distributed:
+        return
+    if env.local_world_size is None:
+        wanted = " or ".join(v for v in LAUNCHERS.get(env.launcher, LAUNCHERS["torchrun/deepspeed"])[3])
+        raise ConfigError(f"{env.world_size} ranks were launched ({env.launcher} variables) but nothing says how many "
+                          f"run on this node: set {wanted} (torchrun sets LOCAL_WORLD_SIZE, deepspeed LOCAL_SIZE, "
+                          f"mpirun OMPI_COMM_WORLD_LOCAL_SIZE, srun SLURM_NTASKS_PER_NODE with --ntasks-per-node); it "
+                          f"is not guessed")
+    local = env.local_world_size
+    if env.nodes is not None and env.nodes * local != env.world_size:
+        raise ConfigError(f"launch layout: {env.layout()}; {env.nodes} × {local} != {env.world_size} ranks, so "
+                          f"nodes run different numbers of ranks; launch the same number of ranks on every node")
+    if local % parts and parts % local:
+        raise ConfigError(f"launch layout: {env.layout()}; it does not fit distributed.parts={parts}: graph groups of "
+                          f"{parts} consecutive ranks would straddle nodes unevenly; run a multiple or a divisor of "
+                          f"{parts} ranks per node (e.g. --nproc-per-node {parts}) or change distributed.parts")
 
 
 def launcher_arguments(argv: list[str], env: DistEnv) -> list[str]:
@@ -85,20 +174,58 @@ class Groups:
     data_index: int               # which graph group this rank is in: 0 .. data_parallel − 1
     data_parallel: int
 
-    def communicator(self) -> Communicator:
-        return GraphParallel(self.graph, self.parts) if self.parts > 1 else SingleProcess()
+    def communicator(self, injection: Injection | None = None) -> Communicator:
+        """GraphParallel over this rank's graph group (with ``injection``'s test delays), or SingleProcess."""
+        return GraphParallel(self.graph, self.parts, injection) if self.parts > 1 else SingleProcess()
 
 
-def check_world(world_size: int, parts: int) -> None:
+def check_world(world_size: int, parts: int, env: DistEnv | None = None) -> None:
     """Every rank runs this before any collective: a bad world size stops all of them, none hangs.
 
     One process accepts any P: it runs the P parts itself (``dist_egnn.training.rank_data``, sequential).
+    ``env``: named in the message (the launch's layout, :func:`check_layout`).
     """
     if parts < 1:
         raise ConfigError(f"distributed.parts={parts} must be >= 1")
     if world_size > 1 and world_size % parts:
-        raise ConfigError(f"world size {world_size} is not a multiple of distributed.parts={parts}: launch "
+        layout = f" (launch layout: {env.layout()})" if env is not None else ""
+        raise ConfigError(f"world size {world_size}{layout} is not a multiple of distributed.parts={parts}: launch "
                          f"P, 2P, 3P, ... ranks (e.g. deepspeed --num_gpus {parts} ...) or change distributed.parts")
+
+
+class RendezvousTimeout(BadInput):
+    """Nobody answered at the launch's rendezvous address (MASTER_ADDR:MASTER_PORT) in time: a launch mistake."""
+
+
+def rendezvous_timeout_s(argv: list[str]) -> float:
+    """``distributed.timeout_s`` as given on the command line (``launch/train.py`` joins the rendezvous before Hydra
+    composes the configuration), else the schema's default: how long a rank waits for the others to arrive."""
+    from dist_egnn.config import DistributedConfig
+
+    given = [arg.split("=", 1)[1] for arg in argv if arg.lstrip("+").startswith("distributed.timeout_s=")]
+    try:
+        return float(given[-1]) if given else float(DistributedConfig.timeout_s)
+    except ValueError:
+        raise ConfigError(f"distributed.timeout_s={given[-1]!r}: give a number of seconds") from None
+
+
+def join_run(env: DistEnv, argv: list[str]) -> str:
+    """:func:`shared_run_stamp` within ``distributed.timeout_s`` (:func:`rendezvous_timeout_s`): the first meeting of
+    the ranks of a launch. A rendezvous nobody answers, or one the other ranks never reach, is
+    :class:`RendezvousTimeout` naming the address and what to check, never a wait without end."""
+    timeout_s = rendezvous_timeout_s(argv)
+    try:
+        return shared_run_stamp(env, timeout_s)
+    except (dist.DistNetworkError, dist.DistStoreError) as error:
+        err = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        where = f"MASTER_ADDR:MASTER_PORT={os.environ.get('MASTER_ADDR', '127.0.0.1')}:" \
+                f"{os.environ.get('MASTER_PORT', '29500')}"
+        what = (f"rank 0 waited {timeout_s:g} s at {where} but not every rank of {env.world_size} arrived ({err})"
+                if env.rank == 0 else f"nobody answered at the rendezvous {where} within {timeout_s:g} s ({err})")
+        raise RendezvousTimeout(f"{what}: start every node's launcher with the same rendezvous address and port "
+                                f"(deepspeed --master_addr/--master_port, torchrun --rdzv-endpoint or --master-addr/"
+                                f"--master-port), check that this node can reach it, or wait longer with "
+                                f"distributed.timeout_s") from None
 
 
 _STORE = None        # the rendezvous store of this process, when shared_run_stamp made it before the groups
@@ -175,7 +302,7 @@ def init_groups(env: DistEnv, parts: int, backend: str, timeout_s: float,
     (a gloo group of every rank made here, while all ranks are present).
     """
     global _WAIT_GROUP
-    check_world(env.world_size, parts)
+    check_layout(env, parts)
     if not env.distributed:                    # one process: whole graphs, or all P parts in sequence
         return Groups(env, 1, None, None, 0, 0, 1)
     data_parallel = env.world_size // parts

@@ -31,10 +31,12 @@ from dist_egnn.errors import ConfigError
 from dist_egnn.keys import SPLITS
 from dist_egnn.models import EGNN, FastEGNN
 from dist_egnn.parallel import Communicator, runtime
+from dist_egnn.parallel.collectives import Injection
 from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
 from dist_egnn.training.device import configure_cuda, edge_chunk_rows, resolve_device
 from dist_egnn.training.lock import RunLock, RunLockedError, check_run_dir
 from dist_egnn.training.rank_data import RankData
+from dist_egnn.training.weights import injected_slowdown, resolve_part_weights
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # What a launcher (deepspeed, torchrun) sets and deepspeed.initialize needs; without them DeepSpeed tries MPI.
@@ -84,7 +86,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
         data = rank_data(cfg, rt, splits, progress)
         torch.manual_seed(cfg.trainer.seed)
         model = build_model(cfg.model, rt.device).to(rt.device, rt.dtype)
-        comm = rt.groups.communicator()
+        comm = rt.groups.communicator(injection(cfg, rt.env.rank))
         model.set_comm(comm)
         t = cfg.trainer
         engine = build_engine(rt.engine_name, model,
@@ -100,7 +102,8 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
 def start_runtime(cfg: DictConfig, env: runtime.DistEnv) -> Runtime:
     """Check the launch against the configuration, then pick the device and threads and start the groups."""
     t, d = cfg.trainer, cfg.distributed
-    runtime.check_world(env.world_size, d.parts)
+    runtime.check_layout(env, d.parts)            # ranks per node and nodes from the launcher, fitting P
+    env.export()                                  # RANK, LOCAL_RANK, ... for DeepSpeed under mpirun / srun
     engine_name = resolve_engine(cfg.engine.name, env.world_size)
     if engine_name == "deepspeed" and t.dtype == "float64":
         raise ConfigError("trainer.dtype=float64: DeepSpeed reduces float32/16 gradients only; use "
@@ -160,6 +163,16 @@ def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreI
     return open_store(path, check_values=True) if dataset_cfg.check_values else info
 
 
+def check_everyone_sees(path: Path, rt: Runtime, what: str) -> None:
+    """After rank 0 prepared ``path`` and the others waited for it: every rank must see it. Agreed, so a rank on a
+    node that does not share rank 0's filesystem stops every rank (never a second preparer, never a hang)."""
+    if runtime.agree([not path.exists()], rt.collective_device)[0]:
+        here = "does not see it either" if not path.exists() else "sees it"
+        raise ConfigError(f"rank 0 prepared {what} {path}, but a rank does not see it (rank {rt.env.rank} on node "
+                          f"{rt.env.node} {here}): paths.data must be a filesystem every node shares (one preparer "
+                          f"per job), or prepare the data on every node first (python launch/prepare.py ... on each)")
+
+
 def load_splits(cfg: DictConfig, info: StoreInfo):
     """The train/val/test ``TrajectoryDataset`` of the configured dataset."""
     from dist_egnn.datasets.loader import TrajectoryDataset, velocity_scale
@@ -187,7 +200,8 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
 
 
 def open_data(cfg: DictConfig, rt: Runtime, progress: bool):
-    """The store and its splits; in a multi-rank run, rank 0 prepares what is missing while others wait."""
+    """The store and its splits; in a multi-rank run, rank 0 prepares what is missing while others wait (on every
+    node: one preparer per job, so ``paths.data`` must be a filesystem every node shares)."""
     d = cfg.dataset
     check_store_path(Path(d.store))        # on every rank: a broken link stops all of them, none waits for rank 0
     # Agreed before rank 0 starts writing: a rank that looked later would see a half-written store.
@@ -195,6 +209,7 @@ def open_data(cfg: DictConfig, rt: Runtime, progress: bool):
         if rt.is_main:
             open_dataset_store(d, progress=progress)
         runtime.barrier(cfg.distributed.prepare_timeout_s)
+        check_everyone_sees(Path(d.store), rt, "the dataset store")
     info = open_dataset_store(d, progress=progress)
     return info, load_splits(cfg, info)
 
@@ -206,18 +221,21 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
     if d.parts == 1:
         return {name: RankData(data, report=rt.is_main) for name, data in splits.items()}
     sequential = not rt.env.distributed           # one process runs all P parts (drop-mode reference)
-    path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed)
+    weights = resolve_part_weights(cfg, rt)       # None: equal parts
+    path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed, weights)
     # Agreed before rank 0 starts building: every rank takes the same branch, no one waits in vain.
     if runtime.agree([stale is not None], rt.collective_device)[0]:
         stale = stale or "stale as another rank saw it"
         if not cfg.dataset.auto_prepare:
             raise StalePartitionError(f"{path}: {stale}; build it with `python launch/prepare.py "
                                       f"dataset={cfg.dataset.name} distributed.parts={d.parts} "
-                                      f"distributed.partition={d.partition} distributed.seed={d.seed}`")
+                                      f"distributed.partition={d.partition} distributed.seed={d.seed}"
+                                      f"{weights_override(weights)}`")
         if rt.is_main:
             prepare_partitions(splits, d.partition, d.parts, d.seed, progress=progress,
-                               scheduler=cfg.prepare.scheduler, workers=cfg.prepare.workers)
+                               scheduler=cfg.prepare.scheduler, workers=cfg.prepare.workers, weights=weights)
         runtime.barrier(d.prepare_timeout_s)
+        check_everyone_sees(path, rt, "the partition")
     # Batches are built ahead in a background thread (datasets.prefetch): their collectives run on a group
     # of their own, so they never interleave with the model's on the graph group.
     group, device = rt.groups.data, torch.device("cpu")          # the data group is gloo
@@ -226,6 +244,18 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
                            load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential,
                            report=rt.is_main)
             for name, data in splits.items()}
+
+
+def weights_override(weights: list[float] | None) -> str:
+    """`` distributed.part_weights=[...]`` for a command line, or ``""`` for equal parts."""
+    return "" if weights is None else " distributed.part_weights=[" + ",".join(f"{w:g}" for w in weights) + "]"
+
+
+def injection(cfg: DictConfig, rank: int) -> Injection:
+    """This rank's injected delays (``distributed.inject_*``, tests and benchmarks; none by default)."""
+    slowdown, delay_s = injected_slowdown(cfg, rank)
+    return Injection(latency_s=float(cfg.distributed.get("inject_latency_ms", 0.0)) / 1e3, slowdown=slowdown,
+                     delay_s=delay_s)
 
 
 # -- model ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ means". Also: the distributed forward is E(3)-equivariant, and the collectives' 
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from dist_egnn.datasets.graphs import radius_graph
 from dist_egnn.losses import objective
 from dist_egnn.models import EGNN, FastEGNN
-from dist_egnn.parallel.collectives import GraphParallel
+from dist_egnn.parallel.collectives import GraphParallel, Injection
 from dist_egnn.partitioners import partition
 from dist_egnn.partitioners.subgraphs import HaloPlan, halo_mask, part_nodes, split_graph, stack_parts
 
@@ -100,10 +101,10 @@ def rank_batch(problem, parts_of_rank, dtype, halo: bool):
                 attr=t(edge_attr(problem["pos"], global_edges)))
 
 
-def _rank_worker(rank, world_size, kind, dtype, problem, parts, halo):
+def _rank_worker(rank, world_size, kind, dtype, problem, parts, halo, injection=None):
     """One rank: forward, loss share and backward on its parts; gradients summed over ranks as DDP would."""
     local = rank_batch(problem, [graph_parts[rank] for graph_parts in parts], dtype, halo)
-    comm = GraphParallel(dist.group.WORLD, world_size)
+    comm = GraphParallel(dist.group.WORLD, world_size, injection)
     comm.set_halo_plan(local["plan"])
     model = build_model(kind, dtype)
     model.set_comm(comm)
@@ -140,8 +141,9 @@ def compare(results, reference, dtype):
             assert_close(g, ref_grads[name], 10 * tol, f"gradient of {name}")
 
 
-def graph_parts(problem, num_parts: int, method: str, halo: bool):
-    return [split_graph(e, partition(p, num_parts, method, edge_index=e, seed=1).assignment, num_parts, halo)
+def graph_parts(problem, num_parts: int, method: str, halo: bool, weights=None):
+    return [split_graph(e, partition(p, num_parts, method, edge_index=e, seed=1, weights=weights).assignment,
+                        num_parts, halo)
             for p, e in zip(problem["graph_pos"], problem["graph_edges"])]
 
 
@@ -185,6 +187,9 @@ def rank_results(world_size: int) -> dict:
             problem, parts, _ = drop_case(*case)
             jobs[("drop", *case)] = (_rank_worker, ("fastegnn", torch.float64, problem, parts, False))
     if world_size == 2:
+        problem, parts = weighted_case()
+        jobs["weighted-injected"] = (_rank_worker, ("fastegnn", torch.float64, problem, parts, True, INJECTED))
+        jobs["latency"] = (_latency_worker, ())
         jobs["equivariance"] = (_equivariance_worker, equivariance_case())
         jobs["adjoints"] = (_collectives_worker, ())
         jobs["disagree"] = (_disagreeing_worker, ())
@@ -206,6 +211,69 @@ def test_drop_mode_equals_whole_graph_without_cut_edges(world_size, method):
     problem, _, keep = drop_case(world_size, method)
     results = rank_results(world_size)[("drop", world_size, method)]
     compare(results, one_device("fastegnn", torch.float64, problem, edge_index=keep), torch.float64)
+
+
+WEIGHTS = [0.3, 0.7]
+# rank 0 twice as slow plus 1 ms per forward; every collective 2 ms late: none of it may change a number
+INJECTED = Injection(latency_s=0.002, slowdown=2.0, delay_s=0.001)
+
+
+def weighted_case():
+    problem = make_problem(4)
+    return problem, graph_parts(problem, 2, "metis", halo=True, weights=WEIGHTS)
+
+
+def test_weighted_parts_with_injected_delays_equal_one_device():
+    """Guards weighted partitions (distributed.part_weights) and the injected latency and slowdown: exact mode
+    still equals one device, and the parts have the asked shares."""
+    problem, parts = weighted_case()
+    owned = [sum(len(graph[p].owned) for graph in parts) for p in range(2)]
+    assert abs(owned[0] / sum(owned) - WEIGHTS[0]) < 0.05, owned
+    compare(rank_results(2)["weighted-injected"], one_device("fastegnn", torch.float64, problem), torch.float64)
+
+
+def _latency_worker(rank, world_size, latency=0.2):
+    """Seconds of: an all-reduce with latency L waited for at once; one with L of other work between issue and
+    wait (an overlap); a halo exchange's forward and backward with L each. The compute clock of the slowdown too."""
+    timed = {}
+    comm = GraphParallel(dist.group.WORLD, world_size, Injection(latency_s=latency))
+    x = torch.ones(4, dtype=torch.float64)
+    for name, overlap in (("blocking", 0.0), ("overlapped", latency)):
+        dist.barrier()
+        started = time.perf_counter()
+        pending = comm.issue(lambda: dist.all_reduce(x, async_op=True), x)
+        time.sleep(overlap)                           # work done while the collective is in flight
+        pending.wait()
+        timed[name] = time.perf_counter() - started
+    send, send_counts, recv_counts = PLANS[rank]
+    comm.set_halo_plan(HaloPlan(torch.tensor(send), send_counts, recv_counts))
+    rows = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    dist.barrier()
+    started = time.perf_counter()
+    comm.exchange_halo(rows)[0].sum().backward()
+    timed["halo forward and backward"] = time.perf_counter() - started
+    timed["calls"] = comm.stats.calls
+    slow = GraphParallel(dist.group.WORLD, world_size, Injection(slowdown=3.0 if rank == 0 else 1.0))
+    slow.set_halo_plan(None)
+    time.sleep(0.1)                                   # 0.1 s of "compute": rank 0 adds 0.2 s before its collective
+    dist.barrier()
+    started = time.perf_counter()
+    slow.sum_over_parts(x)
+    timed["waited for the slow rank"] = time.perf_counter() - started
+    return timed
+
+
+def test_injected_latency_is_counted_from_the_issue():
+    """Guards distributed.inject_latency_ms: every collective completes L after it was issued, so a blocking one
+    takes L, one with L of work between issue and wait adds nothing, and forward and backward each pay it; and
+    distributed.inject_slowdown: the slow rank arrives (slowdown − 1) × its compute late at the next collective."""
+    for timed in rank_results(2)["latency"]:
+        assert 0.2 <= timed["blocking"] < 0.35, timed
+        assert 0.2 <= timed["overlapped"] < 0.3, timed          # not 0.4: the latency ran during the work
+        assert 0.4 <= timed["halo forward and backward"] < 0.7, timed
+        assert timed["calls"] == 4, timed
+    fast = rank_results(2)["latency"][1]["waited for the slow rank"]
+    assert 0.15 <= fast < 0.4, fast
 
 
 def _equivariance_worker(rank, world_size, problem, parts, rotation, shift):
