@@ -24,7 +24,6 @@ Writes ``<out>.csv``, ``<out>.md`` (with this command line) and ``<out>.png``. :
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -34,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from dist_egnn.measure.reporting import write_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -169,11 +170,7 @@ def study(parts_list: list[int], halos: list[str], latencies: list[float], steps
 
 
 def write(rows: list[dict[str, Any]], out: Path, command: str, notes: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, COLUMNS, out.with_suffix(".csv"))
     lines = ["# Step time under injected network latency", "", f"Made by `{command}`.", "", notes, "",
              "| P | halo | latency (ms) | step time (s) | median, slowest (s) | added (s) | collectives per step | "
              "predicted, blocking (s) | latency waited for (s) | in collectives (s) | CPU (s) |",

@@ -6,6 +6,7 @@ standard deviation over seeds, and compared with a baseline group by relative ch
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -22,6 +23,17 @@ def write_json(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pa
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(list(records), indent=1) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: str | os.PathLike) -> Path:
+    """``rows`` as CSV with ``columns`` (other keys left out), the parent folder created; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
     return path
 
 

@@ -19,7 +19,6 @@ Writes ``<results_dir>/<name>.csv``, ``.md`` (the table) and ``.png`` (speedup a
 """
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from dist_egnn.config import ScalingConfig, register, to_container  # noqa: F401  (ScalingConfig: the schema)
+from dist_egnn.measure.reporting import write_csv
 from dist_egnn.measure.scaling import in_fresh_process, measure_links, measure_part, project
 from dist_egnn.partitioners.artifacts import prepare_partitions
 from dist_egnn.training.setup import load_splits, open_dataset_store
@@ -185,10 +185,7 @@ def run(argv: list[str]) -> None:
         work = Path(cfg.work_dir) / time.strftime("%Y-%m-%d_%H-%M-%S")
         work.mkdir(parents=True)
         rows = rows_of(cfg, work)
-    with open(out / f"{cfg.name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, COLUMNS, out / f"{cfg.name}.csv")
     write_table(rows, cfg, out / f"{cfg.name}.md")
     plot(rows, cfg, out / f"{cfg.name}.png")
     print((out / f"{cfg.name}.md").read_text())

@@ -26,7 +26,6 @@ Writes ``<out>.csv`` and ``<out>.md`` (with the command line).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_egnn.measure.latency import COMMON, NODES, ROOT, graph, run_worker, summarize
+from dist_egnn.measure.reporting import write_csv
 
 SETTINGS = lambda slowdown: [dict(label="no straggler"),  # noqa: E731
                              dict(label="straggler", slowdown=slowdown, slow_ranks=[0])]
@@ -114,11 +114,7 @@ COLUMNS = ["kind", "parts", "slowdown", "partition", "shares", "straggler", "ste
 
 
 def write(rows: list[dict[str, Any]], out: Path, command: str, notes: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, COLUMNS, out.with_suffix(".csv"))
     lines = ["# A straggler, and partitions weighted by rank speed", "", f"Made by `{command}`.", "", notes, "",
              "| kind | P | rank 0 slowdown | partition | node shares | straggler on | step time (s) | "
              "recovered of the lost time | best possible |", "|---|---|---|---|---|---|---|---|---|"]
