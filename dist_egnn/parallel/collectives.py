@@ -10,9 +10,15 @@ Every collective is issued asynchronously and completed through a :class:`Pendin
 injected delays live (:class:`Injection`, tests and benchmarks only): ``latency_s`` makes a collective
 complete no sooner than that long after it was *issued*, like a network round trip, so work done between
 issuing and waiting (a later overlap of the halo exchange with interior-edge compute) hides it, while the
-blocking use today (issue, then wait at once) puts all of it on the critical path. ``slowdown`` and
-``delay_s`` stand in for a slower rank (a straggler): its compute between collectives takes ``slowdown``
-times as long, plus ``delay_s`` per forward pass.
+blocking use (issue, then wait at once: ``sum_over_parts``, ``exchange_halo``) puts all of it on the critical
+path. ``slowdown`` and ``delay_s`` stand in for a slower rank (a straggler): its compute between collectives takes
+``slowdown`` times as long, plus ``delay_s`` per forward pass.
+
+Overlap (``distributed.overlap``): ``start_halo`` and ``start_sum`` return a handle at once and the model
+computes what needs no remote rows (interior edges, FastEGNN's virtual terms) before it waits. Each is two
+autograd nodes, :class:`IssueCollective` and :class:`CompleteCollective`; in backward they run in the opposite
+order, so the adjoint collective is issued by the second and waited for by the first, and the backward of the
+work done between them in the forward pass runs while it is in flight (:class:`InFlight`).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dist_egnn.parallel.seam import CommStats
+from dist_egnn.parallel.seam import CommStats, Ready
 from dist_egnn.partitioners.subgraphs import HaloPlan
 
 
@@ -141,6 +147,129 @@ class HaloExchange(torch.autograd.Function):
         return grad_owned, None, None
 
 
+class InFlight:
+    """One collective between its issue and its completion, forward and (reversed) backward.
+
+    ``kind`` says which collective (:class:`SumKind`, :class:`HaloKind`). Forward: :class:`IssueCollective`
+    issues it and returns a token, :class:`CompleteCollective` (fed the token) waits and returns the result.
+    Backward runs the two nodes the other way round: CompleteCollective's backward issues the adjoint
+    collective, IssueCollective's backward waits for it and returns the input's gradient. Autograd's engine runs
+    ready nodes with the highest sequence number first (on the CPU, in the calling thread), so the backward of
+    the work created between the two in the forward pass runs while the adjoint is in flight.
+
+    Every rank must issue its collectives in the same order. Forward: program order, the same on every rank.
+    Backward: the engine's order, which depends only on the graph's shape, the same on every rank because the
+    model runs the same ops on every rank (a rank without cut edges still runs the cut-edge block on zero edges,
+    so its halo exchange stays in the graph and its adjoint is issued like everyone else's).
+    """
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.result: Tensor | None = None
+        self.pending: Pending | None = None
+
+    def issue(self, tensor: Tensor) -> None:
+        self.result, self.pending = self.kind.issue(tensor)
+
+    def complete(self) -> Tensor:
+        self.pending.wait()
+        result, self.result, self.pending = self.result, None, None
+        return result
+
+    def issue_adjoint(self, grad: Tensor) -> None:
+        self.result, self.pending = self.kind.issue_adjoint(grad)
+
+    def complete_adjoint(self) -> Tensor:
+        return self.kind.adjoint_result(self.complete())
+
+
+class SumKind:
+    """An all-reduce SUM (its adjoint is the same all-reduce, :class:`AllReduceSum`): flat tensors."""
+
+    def __init__(self, comm: "GraphParallel"):
+        self.comm = comm
+
+    def issue(self, tensor: Tensor) -> tuple[Tensor, Pending]:
+        out = tensor.contiguous().clone()
+        comm = self.comm
+        return out, comm.issue(lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=comm.group,
+                                                       async_op=True), out)
+
+    issue_adjoint = issue
+
+    @staticmethod
+    def adjoint_result(summed: Tensor) -> Tensor:
+        return summed
+
+
+class HaloKind:
+    """The halo all-to-all of :class:`HaloExchange`, returning the halo rows alone (R, W)."""
+
+    def __init__(self, comm: "GraphParallel", plan: HaloPlan, num_owned: int):
+        self.comm, self.plan, self.num_owned = comm, plan, num_owned
+
+    def issue(self, owned: Tensor) -> tuple[Tensor, Pending]:
+        plan, comm = self.plan, self.comm
+        send = owned.index_select(0, plan.send_index).contiguous()
+        recv = owned.new_empty((plan.num_recv, *owned.shape[1:]))
+        return recv, comm.issue(lambda: dist.all_to_all_single(recv, send, output_split_sizes=plan.recv_counts,
+                                                               input_split_sizes=plan.send_counts,
+                                                               group=comm.group, async_op=True), send)
+
+    def issue_adjoint(self, grad_halo: Tensor) -> tuple[Tensor, Pending]:
+        plan, comm = self.plan, self.comm
+        grad_halo = grad_halo.contiguous()
+        back = grad_halo.new_empty((plan.send_index.shape[0], *grad_halo.shape[1:]))
+        return back, comm.issue(lambda: dist.all_to_all_single(back, grad_halo, output_split_sizes=plan.send_counts,
+                                                               input_split_sizes=plan.recv_counts,
+                                                               group=comm.group, async_op=True), grad_halo)
+
+    def adjoint_result(self, back: Tensor) -> Tensor:
+        """The owned rows' gradient from the halo: a row sent to several ranks collects all their gradients."""
+        grad = back.new_zeros((self.num_owned, *back.shape[1:]))
+        return grad.index_add_(0, self.plan.send_index, back)
+
+
+class IssueCollective(torch.autograd.Function):
+    """Forward: issue ``flight``'s collective on ``tensor``, return an empty token for :class:`CompleteCollective`.
+    Backward: wait for the adjoint collective that CompleteCollective's backward issued; ``tensor``'s gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, flight: InFlight) -> Tensor:
+        ctx.flight = flight
+        flight.issue(tensor)
+        return tensor.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _token_grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.flight.complete_adjoint(), None
+
+
+class CompleteCollective(torch.autograd.Function):
+    """Forward: wait for ``flight``'s collective, return its result. Backward: issue the adjoint collective."""
+
+    @staticmethod
+    def forward(ctx, token: Tensor, flight: InFlight) -> Tensor:
+        ctx.flight = flight
+        return flight.complete()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.flight.issue_adjoint(grad)
+        return grad.new_zeros(0), None
+
+
+class Started:
+    """A handle of ``start_sum`` / ``start_halo``: :meth:`wait` returns the tensors (and records the autograd
+    node that completes the collective); ``finish`` maps the collective's one result to them."""
+
+    def __init__(self, token: Tensor, flight: InFlight, finish):
+        self.token, self.flight, self.finish = token, flight, finish
+
+    def wait(self) -> tuple[Tensor, ...]:
+        return self.finish(CompleteCollective.apply(self.token, self.flight))
+
+
 class GraphParallel:
     """The communicator of one rank of a graph group: P ranks, each holding one part of every graph.
 
@@ -149,11 +278,16 @@ class GraphParallel:
     :class:`HaloExchange` for all its arguments together (concatenated along columns) when a halo plan is
     set (exact mode, :meth:`set_halo_plan` before each forward); without one (drop mode) it is the
     identity, like :class:`SingleProcess`. ``injection``: delays for tests and benchmarks (:class:`Injection`).
+
+    ``overlap`` (``distributed.overlap``) tells the model to use :meth:`start_halo` and :meth:`start_sum`, which
+    return at once a handle whose ``wait()`` completes the collective, and to compute what needs no remote rows
+    in between (docs/design.md, distributed section). Both are autograd-correct like their blocking twins.
     """
 
-    def __init__(self, group, world_size: int, injection: Injection | None = None):
+    def __init__(self, group, world_size: int, injection: Injection | None = None, overlap: bool = False):
         self.group = group
         self.world_size = world_size
+        self.overlap = bool(overlap)
         self.plan: HaloPlan | None = None
         self.stats = CommStats()
         self.injection = injection or Injection()
@@ -194,4 +328,25 @@ class GraphParallel:
         both = HaloExchange.apply(torch.cat(node_tensors, dim=1), self.plan, self)
         return tuple(torch.split(both, widths, dim=1))
 
+    def start_sum(self, *tensors: Tensor) -> Started | Ready:
+        """:meth:`sum_over_parts` issued now and completed by the handle's ``wait()`` (one all-reduce)."""
+        if self.world_size == 1:
+            return Ready(tensors)
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flight = InFlight(SumKind(self))
+        sizes = [t.numel() for t in tensors]
 
+        def finish(total: Tensor) -> tuple[Tensor, ...]:
+            return tuple(piece.view_as(t) for piece, t in zip(torch.split(total, sizes), tensors))
+        return Started(IssueCollective.apply(flat, flight), flight, finish)
+
+    def start_halo(self, *node_tensors: Tensor) -> Started | Ready:
+        """Issue the halo exchange of :meth:`exchange_halo` now; the handle's ``wait()`` returns the halo rows
+        alone, (R, W_k) for each input (R = 0 without a plan), in the order ``exchange_halo`` appends them."""
+        if self.plan is None:
+            return Ready(tuple(t[:0] for t in node_tensors))
+        widths = [t.shape[1] for t in node_tensors]
+        packed = torch.cat(node_tensors, dim=1)
+        flight = InFlight(HaloKind(self, self.plan, packed.shape[0]))
+        return Started(IssueCollective.apply(packed, flight), flight,
+                       lambda rows: tuple(torch.split(rows, widths, dim=1)))

@@ -174,9 +174,10 @@ class Groups:
     data_index: int               # which graph group this rank is in: 0 .. data_parallel − 1
     data_parallel: int
 
-    def communicator(self, injection: Injection | None = None) -> Communicator:
-        """GraphParallel over this rank's graph group (with ``injection``'s test delays), or SingleProcess."""
-        return GraphParallel(self.graph, self.parts, injection) if self.parts > 1 else SingleProcess()
+    def communicator(self, injection: Injection | None = None, overlap: bool = False) -> Communicator:
+        """GraphParallel over this rank's graph group (with ``injection``'s test delays and ``overlap``, see
+        ``distributed.overlap``), or SingleProcess."""
+        return GraphParallel(self.graph, self.parts, injection, overlap) if self.parts > 1 else SingleProcess()
 
 
 def check_world(world_size: int, parts: int, env: DistEnv | None = None) -> None:

@@ -8,6 +8,9 @@ The model asks two things of its communicator, once per layer:
   virtual coordinate increment (term 5) and the mean real->virtual message (term 7).
 * ``exchange_halo(*node_tensors)``: append, below the owned rows, the rows of the halo nodes (remote
   endpoints of cut edges) so that edges can read them (docs/maths.md §5, exact mode).
+* ``start_sum`` / ``start_halo``: the same two, issued now and completed by the returned handle's ``wait()``
+  (:class:`Handle`), used when the communicator's ``overlap`` is true: the model computes what needs no
+  remote data (interior edges, FastEGNN's virtual terms) while the collective is in flight.
 
 :class:`Communicator` is that contract. Two classes fulfil it: :class:`SingleProcess` here, where one
 process holds whole graphs (the mean is a division, there is no halo), and
@@ -62,15 +65,39 @@ class CommStats:
         return snapshot
 
 
+class Handle(Protocol):
+    """A collective in flight: ``wait()`` completes it and returns its tensors (autograd-aware)."""
+
+    def wait(self) -> tuple[Tensor, ...]: ...
+
+
+class Ready:
+    """A :class:`Handle` whose tensors were there at once (nothing to communicate)."""
+
+    def __init__(self, tensors: tuple[Tensor, ...]):
+        self.tensors = tensors
+
+    def wait(self) -> tuple[Tensor, ...]:
+        return self.tensors
+
+
 class Communicator(Protocol):
     """What the model and the trainer need from parallelism; see the module docstring."""
 
     world_size: int
     stats: CommStats
+    overlap: bool       # the model starts collectives early and computes in between (start_sum, start_halo)
 
     def sum_over_parts(self, *tensors: Tensor) -> tuple[Tensor, ...]: ...
 
     def exchange_halo(self, *node_tensors: Tensor) -> tuple[Tensor, ...]: ...
+
+    def start_sum(self, *tensors: Tensor) -> Handle:
+        """``sum_over_parts`` issued now; ``wait()`` returns the sums."""
+
+    def start_halo(self, *node_tensors: Tensor) -> Handle:
+        """``exchange_halo`` issued now; ``wait()`` returns the halo rows alone, (R, W_k) for each input, not the
+        owned rows again (the caller has them; copying them would cost a node tensor per layer)."""
 
     def set_halo_plan(self, plan: HaloPlan | None) -> None: ...
 
@@ -84,6 +111,7 @@ class SingleProcess:
     """
 
     world_size = 1
+    overlap = False       # nothing is ever in flight
 
     def __init__(self):
         self.stats = CommStats()
@@ -98,6 +126,14 @@ class SingleProcess:
     def exchange_halo(self, *node_tensors: Tensor) -> tuple[Tensor, ...]:
         """Owned rows followed by halo rows. One process owns every node and has no halo: identity."""
         return node_tensors
+
+    def start_sum(self, *tensors: Tensor) -> Ready:
+        """The sums (this process holds every part) at once."""
+        return Ready(tensors)
+
+    def start_halo(self, *node_tensors: Tensor) -> Ready:
+        """No halo rows (zero rows of each input) at once."""
+        return Ready(tuple(t[:0] for t in node_tensors))
 
     def set_halo_plan(self, plan: HaloPlan | None) -> None:
         """Whole graphs have no halo: only ``None`` makes sense here."""
