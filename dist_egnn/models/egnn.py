@@ -42,7 +42,7 @@ from dist_egnn.models.ops import (
     scatter_sum,
     split_columns,
 )
-from dist_egnn.parallel.seam import SingleProcess
+from dist_egnn.parallel.seam import Ready, SingleProcess
 
 
 class Prediction(NamedTuple):
@@ -50,6 +50,45 @@ class Prediction(NamedTuple):
 
     pos: Tensor
     virtual_pos: Tensor | None = None
+
+
+@dataclass
+class EdgeSplit:
+    """The edges split for overlap (``distributed.overlap``): interior edges, whose sender this process owns, need
+    no halo and are computed while the halo exchange is in flight; the cut edges after it.
+
+    Both keep the receiver-sorted order of the context's edges (a stable split), so every sum adds its terms in
+    the same order on every run. The cut edges are numbered in a compact block of their own nodes, [the owned
+    rows that receive cut edges (``cut_rows``, ascending); the halo rows], so the cut-edge block projects and
+    keeps those rows only, not every owned row again.
+    """
+
+    interior_index: Tensor    # (2, E_in): both ends < N
+    interior_attr: Tensor     # (E_in, D)
+    cut_index: Tensor         # (2, E_cut): receiver k is owned row cut_rows[k]; sender len(cut_rows) + halo row r
+    cut_attr: Tensor          # (E_cut, D)
+    cut_rows: Tensor          # (K,): owned rows that receive cut edges, ascending
+
+    @staticmethod
+    def of(edge_index: Tensor, edge_attr: Tensor, num_owned: int) -> "EdgeSplit":
+        """Split (2, E) edges (receivers < N owned, senders < N_all) into interior and cut edges."""
+        is_cut = edge_index[SENDER] >= num_owned
+        cut = edge_index[:, is_cut]
+        cut_rows, receiver = torch.unique(cut[RECEIVER], sorted=True, return_inverse=True)
+        cut_index = torch.empty_like(cut)
+        cut_index[RECEIVER] = receiver
+        cut_index[SENDER] = cut[SENDER] - num_owned + cut_rows.shape[0]
+        return EdgeSplit(edge_index[:, ~is_cut], edge_attr[~is_cut], cut_index, edge_attr[is_cut], cut_rows)
+
+
+class Deferred:
+    """A handle whose ``wait()`` completes a communicator handle and applies ``then`` to its tensors."""
+
+    def __init__(self, handle, then):
+        self.handle, self.then = handle, then
+
+    def wait(self) -> tuple[Tensor, ...]:
+        return self.then(self.handle.wait())
 
 
 @dataclass
@@ -65,6 +104,7 @@ class GraphContext:
     node_count: Tensor        # (B, 1): real nodes per graph over ALL processes (a float, for division)
     comm: object              # SingleProcess or a distributed communicator (dist_egnn.parallel.seam)
     edge_chunk_size: int | None
+    split: EdgeSplit | None = None   # interior and cut edges when the communicator overlaps (comm.overlap)
 
     def graph_means(self, *per_node: Tensor) -> tuple[Tensor, ...]:
         """Exact per-graph means over all real nodes of all processes: (N, *S) -> (B, *S) for each input."""
@@ -72,7 +112,20 @@ class GraphContext:
 
     def means_of_sums(self, *local_sums: Tensor) -> tuple[Tensor, ...]:
         """Per-graph means from per-graph sums over this process's real nodes: (B, *S) -> (B, *S) each."""
-        sums = self.comm.sum_over_parts(*local_sums)
+        return self.divide_by_count(self.comm.sum_over_parts(*local_sums))
+
+    def start_graph_means(self, *per_node: Tensor) -> Deferred | Ready:
+        """:meth:`graph_means` as a handle (see :meth:`start_means`)."""
+        return self.start_means(*(scatter_sum(v, self.batch, self.num_graphs) for v in per_node))
+
+    def start_means(self, *local_sums: Tensor) -> Deferred | Ready:
+        """:meth:`means_of_sums` as a handle: with overlap the all-reduce is issued now and ``wait()`` completes it
+        (work in between hides its latency); without, the means are computed now (the blocking all-reduce)."""
+        if self.split is None:
+            return Ready(self.means_of_sums(*local_sums))
+        return Deferred(self.comm.start_sum(*local_sums), self.divide_by_count)
+
+    def divide_by_count(self, sums: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return tuple(s / self.node_count.view(-1, *([1] * (s.dim() - 1))) for s in sums)
 
 
@@ -97,9 +150,15 @@ class EGNNLayer(nn.Module):
 
     def forward(self, h: Tensor, pos: Tensor, vel: Tensor, ctx: GraphContext) -> tuple[Tensor, Tensor]:
         """(h (N, H), pos (N, 3), vel (N, 3)) -> (h' (N, H), pos' (N, 3))."""
-        h_all, pos_all = ctx.comm.exchange_halo(h, pos)
-        h_all, h_read = self.mlp_reads(h, h_all, pos)
-        message, displacement = self.real_messages(h_all, pos_all, ctx)
+        if ctx.split is None:
+            h_all, pos_all = ctx.comm.exchange_halo(h, pos)
+            h_all, h_read = self.mlp_reads(h, h_all, pos)
+            message, displacement = self.real_messages(h_all, pos_all, ctx)
+        else:                                       # overlap: the interior edges while the halo is in flight
+            halo = ctx.comm.start_halo(h, pos)
+            h_read = self.mlp_read(h, pos)
+            message, displacement = self.real_messages_with_cut(self.interior_sums(h_read, pos, ctx), halo, h_read,
+                                                                pos, ctx)
         pos_new = pos + displacement + self.recomputed(self.velocity_term, h_read, vel)
         h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h_read,
                                     *mlp_inputs(low_precision(pos), message))
@@ -114,6 +173,12 @@ class EGNNLayer(nn.Module):
             return h_all, h
         h_all = h_all.to(low)
         return h_all, h_all[:h.shape[0]]
+
+    @staticmethod
+    def mlp_read(h: Tensor, pos: Tensor) -> Tensor:
+        """The owned rows h as the layer reads them (overlap: the halo rows come later): h, or its bf16 copy."""
+        low = low_precision(pos)
+        return h if low is None else h.to(low)
 
     # -- term (6) ------------------------------------------------------------------------------------------
     def feature_update(self, node_attr: Tensor | None, h: Tensor, *messages: Tensor) -> Tensor:
@@ -135,31 +200,59 @@ class EGNNLayer(nn.Module):
         :class:`~dist_egnn.models.fused.EdgeMessages` (chunks of ``edge_chunk_size`` edges, recomputed in
         backward: no (E, H) tensor is kept); ``fused = False`` runs the plain autograd version below.
         """
-        n_owned = ctx.inv_degree.shape[0]
+        msg_sum, disp_sum = self.edge_sums(h_all, pos_all, ctx.edge_index, ctx.edge_attr, ctx.inv_degree.shape[0],
+                                           ctx.edge_chunk_size)
+        return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
+
+    def interior_sums(self, h: Tensor, pos: Tensor, ctx: GraphContext) -> tuple[Tensor, Tensor]:
+        """Overlap, before the halo arrives: the sums of :meth:`real_messages` over the interior edges (senders
+        owned here), (N, H) and (N, 3), from the owned rows alone."""
+        split = ctx.split
+        return self.edge_sums(h, pos, split.interior_index, split.interior_attr, pos.shape[0], ctx.edge_chunk_size)
+
+    def real_messages_with_cut(self, interior: tuple[Tensor, Tensor], halo, h: Tensor, pos: Tensor,
+                               ctx: GraphContext) -> tuple[Tensor, Tensor]:
+        """Overlap, after the interior edges: wait for the halo rows (``halo``, a ``start_halo`` handle), add the
+        cut edges' sums to ``interior`` and divide by the degree: what :meth:`real_messages` returns.
+
+        The cut-edge block runs on every rank, on zero edges too: it keeps the halo exchange in the autograd
+        graph, so every rank issues its adjoint in backward (a collective all ranks must join)."""
+        split = ctx.split
+        h_halo, pos_halo = halo.wait()
+        rows = split.cut_rows
+        block_h = torch.cat([h.index_select(0, rows), h_halo.to(h.dtype)])        # (K + R, H)
+        block_pos = torch.cat([pos.index_select(0, rows), pos_halo])                # (K + R, 3)
+        cut_msg, cut_disp = self.edge_sums(block_h, block_pos, split.cut_index, split.cut_attr, rows.shape[0],
+                                           ctx.edge_chunk_size)
+        msg_sum = interior[0].index_add(0, rows, cut_msg.to(interior[0].dtype))
+        disp_sum = interior[1].index_add(0, rows, cut_disp)
+        return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
+
+    def edge_sums(self, h_all: Tensor, pos_all: Tensor, edge_index: Tensor, edge_attr: Tensor, n_owned: int,
+                  chunk: int | None) -> tuple[Tensor, Tensor]:
+        """Sums at the receivers (rows < ``n_owned``) of m_ij and (x_i - x_j) phi_x(m_ij) over ``edge_index``:
+        (n_owned, H) and (n_owned, 3); fused or plain autograd."""
         if self.fused:
-            msg_sum, disp_sum = edge_messages(h_all, pos_all, ctx.edge_index, ctx.edge_attr, n_owned,
-                                              self.edge_mlp[0], self.edge_mlp[2], self.coord_mlp, ctx.edge_chunk_size)
-            return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
+            return edge_messages(h_all, pos_all, edge_index, edge_attr, n_owned, self.edge_mlp[0], self.edge_mlp[2],
+                                 self.coord_mlp, chunk)
         first = self.edge_mlp[0]
         w_recv, w_send, w_edge = split_columns(first, [self.hidden, self.hidden, 1 + self.edge_features])
         proj_recv = torch.addmm(first.bias, h_all[:n_owned], w_recv.t())   # (N, H), bias folded in
         proj_send = h_all @ w_send.t()                                     # (N_all, H)
-        msg_sum, disp_sum = self._edge_block_autograd(proj_recv, proj_send, pos_all, ctx, w_edge)
-        return msg_sum * ctx.inv_degree, disp_sum * ctx.inv_degree
+        return self._edge_block_autograd(proj_recv, proj_send, pos_all, edge_index, edge_attr, chunk, w_edge)
 
-    def _edge_block_autograd(self, proj_recv: Tensor, proj_send: Tensor, pos_all: Tensor, ctx: GraphContext,
-                             w_edge: Tensor) -> tuple[Tensor, Tensor]:
-        """The same sums with plain autograd; ``edge_chunk_size`` chunks go through torch checkpointing."""
-        num_edges = ctx.edge_index.shape[1]
-        chunk = ctx.edge_chunk_size
+    def _edge_block_autograd(self, proj_recv: Tensor, proj_send: Tensor, pos_all: Tensor, edge_index: Tensor,
+                             edge_attr: Tensor, chunk: int | None, w_edge: Tensor) -> tuple[Tensor, Tensor]:
+        """The same sums with plain autograd; ``chunk``-edge chunks go through torch checkpointing."""
+        num_edges = edge_index.shape[1]
         if not chunk or num_edges <= chunk:
-            return self._edge_block(proj_recv, proj_send, pos_all, ctx.edge_index, ctx.edge_attr, w_edge)
+            return self._edge_block(proj_recv, proj_send, pos_all, edge_index, edge_attr, w_edge)
         msg_sum = proj_recv.new_zeros(proj_recv.shape[0], self.hidden)
         disp_sum = pos_all.new_zeros(proj_recv.shape[0], 3)
         for start in range(0, num_edges, chunk):
             part = slice(start, start + chunk)
-            m, d = checkpoint(self._edge_block, proj_recv, proj_send, pos_all, ctx.edge_index[:, part],
-                              ctx.edge_attr[part], w_edge, use_reentrant=False)
+            m, d = checkpoint(self._edge_block, proj_recv, proj_send, pos_all, edge_index[:, part],
+                              edge_attr[part], w_edge, use_reentrant=False)
             msg_sum = msg_sum + m
             disp_sum = disp_sum + d
         return msg_sum, disp_sum
@@ -272,10 +365,12 @@ class EquivariantModel(nn.Module):
         degree = count_per_segment(recv, n, pos.dtype)
         inv_degree = torch.where(degree > 0, 1.0 / degree.clamp(min=1), torch.zeros_like(degree)).unsqueeze(1)
         (node_count,) = self.comm.sum_over_parts(count_per_segment(batch, num_graphs, pos.dtype).unsqueeze(1))
-        return GraphContext(edge_index=edge_index, edge_attr=edge_attr.to(pos.dtype), batch=batch,
+        edge_attr = edge_attr.to(pos.dtype)
+        split = EdgeSplit.of(edge_index, edge_attr, n) if getattr(self.comm, "overlap", False) else None
+        return GraphContext(edge_index=edge_index, edge_attr=edge_attr, batch=batch,
                             num_graphs=num_graphs, node_attr=node_attr, inv_degree=inv_degree,
                             node_count=node_count.clamp(min=1), comm=self.comm,
-                            edge_chunk_size=self.edge_chunk_size)
+                            edge_chunk_size=self.edge_chunk_size, split=split)
 
 
 class EGNN(EquivariantModel):

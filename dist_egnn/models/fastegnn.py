@@ -43,26 +43,40 @@ class FastEGNNLayer(EGNNLayer):
 
     def forward(self, h: Tensor, pos: Tensor, vel: Tensor, virtual_h: Tensor, virtual_pos: Tensor,
                 ctx: GraphContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(h, pos, vel, virtual_h, virtual_pos) -> (h', pos', virtual_h', virtual_pos')."""
-        h_all, pos_all = ctx.comm.exchange_halo(h, pos)
-        h_all, h_read = self.mlp_reads(h, h_all, pos)                                      # bf16 under autocast
-        message, displacement = self.real_messages(h_all, pos_all, ctx)                   # (1)
-        gram = self.virtual_geometry(pos, virtual_pos, ctx)                                # (2)
+        """(h, pos, vel, virtual_h, virtual_pos) -> (h', pos', virtual_h', virtual_pos').
+
+        With overlap (``ctx.split``) the collectives are started early and waited for late: the halo exchange
+        and the centroid's all-reduce fly during the interior edges, the all-reduce of (5) and (7) during the
+        cut edges, (4) and (6). Without, each is waited for where it is issued. Same terms, same sums."""
+        if ctx.split is None:
+            h_all, pos_all = ctx.comm.exchange_halo(h, pos)
+            h_all, h_read = self.mlp_reads(h, h_all, pos)                                  # bf16 under autocast
+            message, displacement = self.real_messages(h_all, pos_all, ctx)               # (1)
+            (centroid,) = ctx.graph_means(pos)
+        else:
+            halo = ctx.comm.start_halo(h, pos)
+            centroid_mean = ctx.start_graph_means(pos)
+            h_read = self.mlp_read(h, pos)
+            interior = self.interior_sums(h_read, pos, ctx)                                # (1), senders owned here
+            (centroid,) = centroid_mean.wait()
+        gram = self.virtual_geometry(virtual_pos, centroid, pos)                          # (2)
         channel_mean, graph_sum, to_virtual, pull, push = self.virtual_messages(h_read, pos, virtual_h, virtual_pos,
                                                                                 gram, ctx)  # (3)
+        virtual_sums = ctx.start_means(                                                   # (5), (7) one sum
+            scatter_sum(self.virtual_displacement(to_virtual, push), ctx.batch, ctx.num_graphs), graph_sum)
+        if ctx.split is not None:
+            message, displacement = self.real_messages_with_cut(interior, halo, h_read, pos, ctx)   # (1), cut edges
         pos_new = (pos + displacement + self.virtual_pull(to_virtual, pull)                # (4)
                    + self.recomputed(self.velocity_term, h_read, vel))
-        virtual_move, virtual_message_mean = ctx.means_of_sums(                            # (5), (7) one sum
-            scatter_sum(self.virtual_displacement(to_virtual, push), ctx.batch, ctx.num_graphs), graph_sum)
-        virtual_pos_new = virtual_pos + virtual_move                                      # (5)
         h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h_read,                       # (6)
                                     *mlp_inputs(low_precision(pos), message, channel_mean))
+        virtual_move, virtual_message_mean = virtual_sums.wait()
+        virtual_pos_new = virtual_pos + virtual_move                                      # (5)
         virtual_h_new = virtual_h + self.virtual_feature_update(virtual_h, virtual_message_mean)        # (7)
         return h_new, pos_new, virtual_h_new, virtual_pos_new
 
-    def virtual_geometry(self, pos: Tensor, virtual_pos: Tensor, ctx: GraphContext) -> Tensor:
-        """(2) G = ẐᵀẐ with Ẑ = Z - centroid of the real positions: (B, C, C), invariant under E(3)."""
-        (centroid,) = ctx.graph_means(pos)                                      # (B, 3)
+    def virtual_geometry(self, virtual_pos: Tensor, centroid: Tensor, pos: Tensor) -> Tensor:
+        """(2) G = ẐᵀẐ with Ẑ = Z - centroid (B, 3) of the real positions pos: (B, C, C), invariant under E(3)."""
         centred = virtual_pos - centroid.unsqueeze(-1)                          # (B, 3, C)
         with full_precision(pos):                                               # positions' products stay float32
             return centred.transpose(1, 2) @ centred

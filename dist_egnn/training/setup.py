@@ -86,7 +86,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
         data = rank_data(cfg, rt, splits, progress)
         torch.manual_seed(cfg.trainer.seed)
         model = build_model(cfg.model, rt.device).to(rt.device, rt.dtype)
-        comm = rt.groups.communicator(injection(cfg, rt.env.rank))
+        comm = rt.groups.communicator(injection(cfg, rt.env.rank), overlap=bool(cfg.distributed.get("overlap", False)))
         model.set_comm(comm)
         t = cfg.trainer
         engine = build_engine(rt.engine_name, model,

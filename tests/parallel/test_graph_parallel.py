@@ -101,12 +101,14 @@ def rank_batch(problem, parts_of_rank, dtype, halo: bool):
                 attr=t(edge_attr(problem["pos"], global_edges)))
 
 
-def _rank_worker(rank, world_size, kind, dtype, problem, parts, halo, injection=None):
-    """One rank: forward, loss share and backward on its parts; gradients summed over ranks as DDP would."""
+def _rank_worker(rank, world_size, kind, dtype, problem, parts, halo, injection=None, overlap=False, fused=True):
+    """One rank: forward, loss share and backward on its parts; gradients summed over ranks as DDP would.
+    ``overlap``: the communicator's distributed.overlap (start the collectives early); ``fused``: the model's."""
     local = rank_batch(problem, [graph_parts[rank] for graph_parts in parts], dtype, halo)
-    comm = GraphParallel(dist.group.WORLD, world_size, injection)
+    comm = GraphParallel(dist.group.WORLD, world_size, injection, overlap=overlap)
     comm.set_halo_plan(local["plan"])
     model = build_model(kind, dtype)
+    model.set_fused(fused)
     model.set_comm(comm)
     pred, terms = forward_loss(model, local["features"], local["pos"], local["vel"], local["edge_index"],
                                local["attr"], local["batch"], local["target"], comm=comm,
@@ -149,6 +151,7 @@ def graph_parts(problem, num_parts: int, method: str, halo: bool, weights=None):
 
 EXACT = [(2, "metis", torch.float64, "fastegnn"), (2, "random", torch.float32, "fastegnn"),
          (4, "metis", torch.float32, "fastegnn"), (2, "spatial", torch.float64, "egnn")]
+PLAIN_OVERLAP = [(2, "metis", torch.float64, "fastegnn"), (2, "spatial", torch.float64, "egnn")]
 DROP = [(2, "metis"), (4, "random")]
 
 
@@ -181,14 +184,29 @@ def rank_results(world_size: int) -> dict:
     for case in EXACT:
         if case[0] == world_size:
             problem, parts = exact_case(*case)
-            jobs[("exact", *case)] = (_rank_worker, (case[3], case[2], problem, parts, True))
+            for overlap in (False, True):
+                jobs[("exact", *case, overlap)] = (_rank_worker, (case[3], case[2], problem, parts, True, None,
+                                                                  overlap))
     for case in DROP:
         if case[0] == world_size:
             problem, parts, _ = drop_case(*case)
-            jobs[("drop", *case)] = (_rank_worker, ("fastegnn", torch.float64, problem, parts, False))
+            for overlap in (False, True):
+                jobs[("drop", *case, overlap)] = (_rank_worker, ("fastegnn", torch.float64, problem, parts, False,
+                                                                 None, overlap))
+    for case in PLAIN_OVERLAP:
+        if case[0] == world_size:
+            problem, parts = exact_case(*case)
+            jobs[("plain-overlap", *case)] = (_rank_worker, (case[3], case[2], problem, parts, True, None, True,
+                                                              False))
     if world_size == 2:
         problem, parts = weighted_case()
         jobs["weighted-injected"] = (_rank_worker, ("fastegnn", torch.float64, problem, parts, True, INJECTED))
+        jobs["weighted-injected-overlap"] = (_rank_worker, ("fastegnn", torch.float64, problem, parts, True,
+                                                            INJECTED, True))
+        problem, parts = lonely_case()
+        jobs["lonely-overlap"] = (_rank_worker, ("fastegnn", torch.float64, problem, parts, True, None, True))
+        jobs["overlap-latency"] = (_overlap_latency_worker, ())
+        jobs["adjoints-started"] = (_collectives_worker, (True,))
         jobs["latency"] = (_latency_worker, ())
         jobs["equivariance"] = (_equivariance_worker, equivariance_case())
         jobs["adjoints"] = (_collectives_worker, ())
@@ -197,20 +215,53 @@ def rank_results(world_size: int) -> dict:
     return {key: [results[k] for results in per_rank] for k, key in enumerate(jobs)}
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
 @pytest.mark.parametrize("world_size, method, dtype, kind", EXACT)
-def test_exact_mode_equals_one_device(world_size, method, dtype, kind):
-    """Guards the halo exchange, the global means and the loss scaling: P ranks == the whole graph."""
+def test_exact_mode_equals_one_device(world_size, method, dtype, kind, overlap):
+    """Guards the halo exchange, the global means and the loss scaling: P ranks == the whole graph; with
+    distributed.overlap also the interior/cut edge split and the collectives started early (both directions)."""
     problem, _ = exact_case(world_size, method, dtype, kind)
-    results = rank_results(world_size)[("exact", world_size, method, dtype, kind)]
+    results = rank_results(world_size)[("exact", world_size, method, dtype, kind, overlap)]
     compare(results, one_device(kind, dtype, problem), dtype)
 
 
+@pytest.mark.parametrize("world_size, method, dtype, kind", PLAIN_OVERLAP)
+def test_overlap_with_plain_autograd_equals_one_device(world_size, method, dtype, kind):
+    """Guards the overlap path of the unfused (plain autograd) edge block: the compact cut-edge rows."""
+    problem, _ = exact_case(world_size, method, dtype, kind)
+    compare(rank_results(world_size)[("plain-overlap", world_size, method, dtype, kind)],
+            one_device(kind, dtype, problem), dtype)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
 @pytest.mark.parametrize("world_size, method", DROP)
-def test_drop_mode_equals_whole_graph_without_cut_edges(world_size, method):
+def test_drop_mode_equals_whole_graph_without_cut_edges(world_size, method, overlap):
     """Guards drop mode (the paper's DistEGNN): only the cut edges differ from one device."""
     problem, _, keep = drop_case(world_size, method)
-    results = rank_results(world_size)[("drop", world_size, method)]
+    results = rank_results(world_size)[("drop", world_size, method, overlap)]
     compare(results, one_device("fastegnn", torch.float64, problem, edge_index=keep), torch.float64)
+
+
+def lonely_case():
+    """Two graphs whose parts leave rank 1 without any cut edge it receives while rank 0 still receives from it:
+    rank 1's halo exchange has nothing to read, yet its adjoint must be issued (one-sided cut edges)."""
+    problem = make_problem(5)
+    parts = []
+    for b, (pos, edges) in enumerate(zip(problem["graph_pos"], problem["graph_edges"])):
+        assignment = partition(pos, 2, "metis", edge_index=edges, seed=1).assignment
+        edges = edges[:, ~((assignment[edges[0]] == 1) & (assignment[edges[1]] == 0))]   # none 0 -> 1
+        problem["graph_edges"][b] = edges
+        parts.append(split_graph(edges, assignment, 2, True))
+    problem["edge_index"] = np.concatenate([e + o for e, o in zip(problem["graph_edges"], problem["offsets"])],
+                                           axis=1)
+    assert sum(g[1].num_halo for g in parts) == 0 < sum(g[0].num_halo for g in parts)
+    return problem, parts
+
+
+def test_overlap_with_a_rank_without_cut_edges_equals_one_device():
+    """Guards the overlap path when one rank receives no halo rows: it still joins the adjoint exchange."""
+    problem, _ = lonely_case()
+    compare(rank_results(2)["lonely-overlap"], one_device("fastegnn", torch.float64, problem), torch.float64)
 
 
 WEIGHTS = [0.3, 0.7]
@@ -230,6 +281,8 @@ def test_weighted_parts_with_injected_delays_equal_one_device():
     owned = [sum(len(graph[p].owned) for graph in parts) for p in range(2)]
     assert abs(owned[0] / sum(owned) - WEIGHTS[0]) < 0.05, owned
     compare(rank_results(2)["weighted-injected"], one_device("fastegnn", torch.float64, problem), torch.float64)
+    compare(rank_results(2)["weighted-injected-overlap"], one_device("fastegnn", torch.float64, problem),
+            torch.float64)
 
 
 def _latency_worker(rank, world_size, latency=0.2):
@@ -276,6 +329,49 @@ def test_injected_latency_is_counted_from_the_issue():
     assert 0.15 <= fast < 0.4, fast
 
 
+class Sleep(torch.autograd.Function):
+    """Identity that sleeps ``seconds`` in forward and again in backward: work of known length."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        time.sleep(seconds)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.seconds)
+        return grad, None
+
+
+def _overlap_latency_worker(rank, world_size, latency=0.2):
+    """Seconds of a halo exchange started, L of work, then waited for: forward alone, forward and backward."""
+    timed = {}
+    comm = GraphParallel(dist.group.WORLD, world_size, Injection(latency_s=latency), overlap=True)
+    send, send_counts, recv_counts = PLANS[rank]
+    comm.set_halo_plan(HaloPlan(torch.tensor(send), send_counts, recv_counts))
+    rows = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    dist.barrier()
+    started = time.perf_counter()
+    handle = comm.start_halo(rows)
+    work = Sleep.apply(rows, latency)               # made between issue and wait: its backward runs in between too
+    (halo,) = handle.wait()
+    timed["forward"] = time.perf_counter() - started
+    (halo.sum() + work.sum()).backward()
+    timed["forward and backward"] = time.perf_counter() - started
+    timed["calls"] = comm.stats.calls
+    return timed
+
+
+def test_started_halo_exchange_hides_latency_in_both_directions():
+    """Guards distributed.overlap's mechanism: work placed between start_halo and wait hides the injected latency,
+    and autograd runs that work's backward while the adjoint exchange is in flight (2 L in all, not 4 L)."""
+    for timed in rank_results(2)["overlap-latency"]:
+        assert 0.2 <= timed["forward"] < 0.3, timed
+        assert 0.4 <= timed["forward and backward"] < 0.6, timed
+        assert timed["calls"] == 2, timed
+
+
 def _equivariance_worker(rank, world_size, problem, parts, rotation, shift):
     local = rank_batch(problem, [g[rank] for g in parts], torch.float64, True)
     comm = GraphParallel(dist.group.WORLD, world_size)
@@ -306,7 +402,7 @@ PLANS = {0: ([2, 0], [0, 2], [0, 1]), 1: ([1], [1, 0], [2, 0])}
 """Rank 0 sends its rows [2, 0] to rank 1; rank 1 sends its row [1] to rank 0 (send_index, send, recv counts)."""
 
 
-def _collectives_worker(rank, world_size):
+def _collectives_worker(rank, world_size, started=False):
     def inputs(r):
         g = torch.Generator().manual_seed(r)
         return [torch.randn(*shape, dtype=torch.float64, generator=g) for shape in ((3, 2), (3, 1), (5, 2), (2,))]
@@ -319,9 +415,14 @@ def _collectives_worker(rank, world_size):
     send, send_counts, recv_counts = PLANS[rank]
     comm.set_halo_plan(HaloPlan(torch.tensor(send), send_counts, recv_counts))
     x = inputs(rank)[0].requires_grad_()
-    (rows,) = comm.exchange_halo(x)
-    (total,) = comm.sum_over_parts((x * inputs(rank)[1]).sum(0))
-    loss(rank, x, rows[3:], total).backward()
+    if started:                                       # distributed.overlap's handles: both in flight at once
+        halo, summed = comm.start_halo(x), comm.start_sum((x * inputs(rank)[1]).sum(0))
+        (halo_rows,), (total,) = halo.wait(), summed.wait()
+    else:
+        (rows,) = comm.exchange_halo(x)
+        (total,) = comm.sum_over_parts((x * inputs(rank)[1]).sum(0))
+        halo_rows = rows[3:]
+    loss(rank, x, halo_rows, total).backward()
 
     # The same arithmetic in one process, every rank's inputs at hand: L = L_0 + L_1.
     xs = [inputs(r)[0].requires_grad_() for r in range(2)]
@@ -332,8 +433,10 @@ def _collectives_worker(rank, world_size):
 
 
 def test_collective_adjoints_match_one_process():
-    """Guards the backward of the all-reduce and of the halo all-to-all against one process's autograd."""
+    """Guards the backward of the all-reduce and of the halo all-to-all against one process's autograd, blocking
+    and started (start_halo, start_sum: the overlap's autograd nodes)."""
     assert max(rank_results(2)["adjoints"]) < 1e-12
+    assert max(rank_results(2)["adjoints-started"]) < 1e-12
 
 
 def _disagreeing_worker(rank, world_size):
