@@ -1,22 +1,24 @@
 """Step time under injected network latency, real ranks: ``python -m dist_egnn.measure.latency``.
 
-    python -m dist_egnn.measure.latency                       # P = 2, exact and drop modes, 0/1/5/20 ms
-    python -m dist_egnn.measure.latency --parts 2 4 --repeats 3 --out docs/results/latency
+    python -m dist_egnn.measure.latency                       # P = 2 and 4, exact and drop, overlap off/on, 0/1/5/20 ms
+    python -m dist_egnn.measure.latency --parts 2 --halo exact --overlap true --repeats 3 --out /tmp/latency
 
 For each P and halo mode, one ``torchrun --standalone --nproc-per-node P`` launch runs :func:`worker` on every
 rank: set-up as ``launch/train.py`` does it (``dist_egnn.training.setup.prepare``: stored partition, model, DDP
 engine; the store and partition made on first use), one batch built once, then training steps
 (``trainer.train_step``: forward, loss, backward, optimizer step) under each injected latency in turn
-(``GraphParallel.injection``, the mechanism behind ``distributed.inject_latency_ms``), the latencies interleaved
-and repeated so that drift in the machine's load hits them alike. Each step starts after a barrier; its time is
-the slowest rank's wall time. Reported per setting: the fastest step (and the median), the model's collectives per step
-(``CommStats.calls``, forward and backward), the time in them, the injected latency the slowest rank waited for
-(``GraphParallel.exposed_latency_s``: what no other work hid; a clock of sleeps, so other jobs on the machine
-hardly change it, unlike the step time), its CPU time, and the step time the blocking model predicts,
+(``GraphParallel.injection``, the mechanism behind ``distributed.inject_latency_ms``) and with the overlap off and
+on (``GraphParallel.overlap``, what ``distributed.overlap`` sets: the model reads it at every forward), the
+settings interleaved and repeated so that drift in the machine's load hits them alike. Each step starts after a
+barrier; its time is the slowest rank's wall time. Reported per setting: the fastest step (and the median), the
+model's collectives per step (``CommStats.calls``, forward and backward), the time in them, the injected latency
+the slowest rank waited for (``GraphParallel.exposed_latency_s``: what no other work hid; a clock of sleeps, so
+other jobs on the machine hardly change it, unlike the step time), its CPU time, and the step time the blocking
+model predicts,
 T(0) + calls × latency: every collective completes ``latency`` after it is issued and the caller waits for it at
 once, so the whole latency is on the critical path (an upper bound: a rank that would have waited for its partner
-anyway absorbs part of it). A later overlap of the halo exchange with interior-edge compute would show as
-measured well below predicted.
+anyway absorbs part of it). With the overlap on, the halo exchange flies during the interior edges and FastEGNN's
+all-reduces during the virtual terms and the cut edges (forward and backward): measured well below predicted.
 
 Writes ``<out>.csv``, ``<out>.md`` (with this command line) and ``<out>.png``. :func:`worker` and
 :func:`run_worker` are shared with ``dist_egnn.measure.straggler``.
@@ -59,7 +61,8 @@ def worker(out: Path, run_dir: Path, settings: list[dict[str, Any]], steps: int,
     """One rank under torchrun: set up as launch/train.py does, then time ``steps`` training steps (after one
     warm-up step) for every setting, ``repeats`` times in turn; rank 0 writes every rank's times to ``out``.
 
-    A setting: ``label``, ``latency_ms`` (every rank), ``slowdown`` and ``slow_ranks`` (the straggler)."""
+    A setting: ``label``, ``latency_ms`` (every rank), ``overlap`` (default: the configured one), ``slowdown`` and
+    ``slow_ranks`` (the straggler)."""
     import torch.distributed as dist
     from hydra import compose, initialize_config_dir
 
@@ -78,12 +81,14 @@ def worker(out: Path, run_dir: Path, settings: list[dict[str, Any]], steps: int,
     data = ready.data["train"]
     batch = data.build([0], cfg.trainer.seed, 1)
     engine.train()
+    configured_overlap = comm.overlap if hasattr(comm, "overlap") else False
     rows = []
     for repeat in range(repeats):
         for setting in settings:
             slow = env.rank in setting.get("slow_ranks", [])
             comm.injection = Injection(latency_s=setting.get("latency_ms", 0.0) / 1e3,
                                        slowdown=setting.get("slowdown", 1.0) if slow else 1.0)
+            comm.overlap = bool(setting.get("overlap", configured_overlap))
             for step in range(steps + 1):
                 dist.barrier()
                 comm.stats.reset()
@@ -146,38 +151,49 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------ the study
-COLUMNS = ["parts", "halo", "latency_ms", "step_time_s", "step_median_s", "step_max_s", "added_s", "calls",
-           "predicted_s", "exposed_s", "comm_s", "cpu_max_s", "steps"]
+COLUMNS = ["parts", "halo", "overlap", "latency_ms", "step_time_s", "step_median_s", "step_max_s", "added_s",
+           "vs_zero", "vs_blocking_zero", "calls", "predicted_s", "exposed_s", "comm_s", "cpu_max_s", "steps"]
 
 
-def study(parts_list: list[int], halos: list[str], latencies: list[float], steps: int, repeats: int,
-          overrides: list[str], work: Path) -> list[dict[str, Any]]:
+def study(parts_list: list[int], halos: list[str], overlaps: list[bool], latencies: list[float], steps: int,
+          repeats: int, overrides: list[str], work: Path) -> list[dict[str, Any]]:
+    """One launch per P and halo mode; in it every (overlap, latency) setting, interleaved. Per row: added over
+    the same overlap's first latency (``vs_zero``: the ratio), and the ratio to the blocking run at that latency
+    (``vs_blocking_zero``) when the blocking one was measured."""
     rows = []
     for parts in parts_list:
         for halo in halos:
-            settings = [dict(label=f"{latency:g}", latency_ms=latency) for latency in latencies]
+            settings = [dict(label=f"{overlap}-{latency:g}", latency_ms=latency, overlap=overlap)
+                        for overlap in overlaps for latency in latencies]
             measured = summarize(run_worker(parts, [*overrides, f"distributed.parts={parts}",
                                                     f"distributed.halo={halo}"], settings, steps, repeats,
                                             work / f"p{parts}-{halo}"))
-            base = measured[f"{latencies[0]:g}"]
-            for latency in latencies:
-                m = measured[f"{latency:g}"]
-                rows.append(dict(parts=parts, halo=halo, latency_ms=latency, **m,
-                                 added_s=m["step_time_s"] - base["step_time_s"],
-                                 predicted_s=base["step_time_s"] + m["calls"] * latency / 1e3))
-            print(json.dumps(rows[-len(latencies):]), flush=True)
+            blocking = measured.get(f"False-{latencies[0]:g}")
+            for overlap in overlaps:
+                base = measured[f"{overlap}-{latencies[0]:g}"]
+                for latency in latencies:
+                    m = measured[f"{overlap}-{latency:g}"]
+                    rows.append(dict(parts=parts, halo=halo, overlap=overlap, latency_ms=latency, **m,
+                                     added_s=m["step_time_s"] - base["step_time_s"],
+                                     vs_zero=m["step_time_s"] / base["step_time_s"],
+                                     vs_blocking_zero=(m["step_time_s"] / blocking["step_time_s"] if blocking
+                                                       else float("nan")),
+                                     predicted_s=base["step_time_s"] + m["calls"] * latency / 1e3))
+            print(json.dumps(rows[-len(latencies) * len(overlaps):]), flush=True)
     return rows
 
 
 def write(rows: list[dict[str, Any]], out: Path, command: str, notes: str) -> None:
     write_csv(rows, COLUMNS, out.with_suffix(".csv"))
     lines = ["# Step time under injected network latency", "", f"Made by `{command}`.", "", notes, "",
-             "| P | halo | latency (ms) | step time (s) | median, slowest (s) | added (s) | collectives per step | "
-             "predicted, blocking (s) | latency waited for (s) | in collectives (s) | CPU (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| P | halo | overlap | latency (ms) | step time (s) | median, slowest (s) | added (s) | × 0 ms | "
+             "× 0 ms blocking | collectives per step | predicted, blocking (s) | latency waited for (s) | "
+             "in collectives (s) | CPU (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['parts']} | {r['halo']} | {r['latency_ms']:g} | {r['step_time_s']:.3f} | "
-                     f"{r['step_median_s']:.3f}, {r['step_max_s']:.3f} | {r['added_s']:+.3f} | {r['calls']:.0f} | "
+        lines.append(f"| {r['parts']} | {r['halo']} | {'on' if r['overlap'] else 'off'} | {r['latency_ms']:g} | "
+                     f"{r['step_time_s']:.3f} | {r['step_median_s']:.3f}, {r['step_max_s']:.3f} | "
+                     f"{r['added_s']:+.3f} | {r['vs_zero']:.2f} | {r['vs_blocking_zero']:.2f} | {r['calls']:.0f} | "
                      f"{r['predicted_s']:.3f} | {r['exposed_s']:.3f} | {r['comm_s']:.3f} | {r['cpu_max_s']:.3f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, out.with_suffix(".png"))
@@ -188,23 +204,35 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for parts in sorted({r["parts"] for r in rows}):
-        for halo, marker in (("exact", "o"), ("none", "s")):
-            sel = [r for r in rows if r["parts"] == parts and r["halo"] == halo]
-            if not sel:
-                continue
-            line, = ax.plot([r["latency_ms"] for r in sel], [r["step_time_s"] for r in sel], marker=marker,
-                            label=f"P = {parts}, halo {halo}: measured")
-            ax.plot([r["latency_ms"] for r in sel], [r["predicted_s"] for r in sel], ":", color=line.get_color(),
-                    label=f"P = {parts}, halo {halo}: T(0) + calls × latency")
-    ax.set_xlabel("injected latency per collective (ms)")
-    ax.set_ylabel("step time (s, slowest rank, fastest step)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("DistEGNN step time vs injected latency (real ranks, CPU)")
+    halos = [h for h in ("exact", "none") if any(r["halo"] == h for r in rows)]
+    fig, axes = plt.subplots(1, len(halos), figsize=(6.0 * len(halos), 4.4), squeeze=False)
+    for ax, halo in zip(axes[0], halos):
+        for k, parts in enumerate(sorted({r["parts"] for r in rows})):
+            color = f"C{k}"
+            for overlap, marker, style in ((False, "o", "-"), (True, "s", "--")):
+                sel = [r for r in rows if r["parts"] == parts and r["halo"] == halo and r["overlap"] == overlap]
+                if not sel:
+                    continue
+                ax.plot([r["latency_ms"] for r in sel], [r["step_time_s"] for r in sel], style, marker=marker,
+                        color=color, label=f"P = {parts}, overlap {'on' if overlap else 'off'}")
+                if not overlap:
+                    ax.plot([r["latency_ms"] for r in sel], [r["predicted_s"] for r in sel], ":", color=color,
+                            label=f"P = {parts}: T(0) + calls × latency")
+        ax.set_xlabel("injected latency per collective (ms)")
+        ax.set_ylabel("step time (s, slowest rank, fastest step)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"halo {halo}: step time vs injected latency (real ranks, CPU)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+
+
+def uptime() -> str:
+    """``uptime``'s line (the load averages), or the load averages alone where the command is missing."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,8 +250,10 @@ def main(argv: list[str] | None = None) -> None:
                argv[split + 1:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", type=int, nargs="+", default=[2])
+    parser.add_argument("--parts", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--halo", nargs="+", default=["exact", "none"])
+    parser.add_argument("--overlap", nargs="+", choices=["false", "true"], default=["false", "true"],
+                        help="distributed.overlap settings, interleaved in each launch")
     parser.add_argument("--latency-ms", type=float, nargs="+", default=list(LATENCIES_MS))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per setting and repeat")
     parser.add_argument("--repeats", type=int, default=5)
@@ -234,19 +264,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = [*graph(args.nodes), *COMMON, f"paths.data={args.data}", *args.overrides]
     started = time.strftime("%Y-%m-%d %H:%M")
+    uptime_before = uptime()
     with tempfile.TemporaryDirectory(prefix="latency-") as work:
-        rows = study(args.parts, args.halo, args.latency_ms, args.steps, args.repeats, overrides, Path(work))
-    load = os.getloadavg()[0]
-    notes = (f"{started}, this machine ({os.cpu_count()} cores, load average {load:.1f} at the end: other jobs "
-             f"shared the cores), one thread per rank, {args.steps} timed steps × {args.repeats} repeats per "
-             f"setting, latencies interleaved. Graph: {' '.join(graph(args.nodes)[1:])}, one graph per step, "
-             f"FastEGNN defaults. "
+        rows = study(args.parts, args.halo, [o == "true" for o in args.overlap], args.latency_ms, args.steps,
+                     args.repeats, overrides, Path(work))
+    notes = (f"{started}, this machine ({os.cpu_count()} cores; other jobs shared them: `uptime` before: "
+             f"{uptime_before}; after: {uptime()}), one thread per rank (P = 4: four ranks on two cores), "
+             f"{args.steps} timed steps × {args.repeats} repeats per setting, overlap off/on and latencies "
+             f"interleaved in one launch per P and halo mode. Graph: {' '.join(graph(args.nodes)[1:])}, one graph "
+             f"per step, FastEGNN defaults. "
              f"Step time: the fastest step's wall time on the slowest rank (other jobs only ever add time; the "
-             f"median and slowest step beside it). Added: over 0 ms. Predicted: T(0) + "
-             f"collectives per step × latency, all of it on the critical path (issue, then wait at once: no "
-             f"overlap yet). Latency waited for: the injected latency the slowest rank slept through per step, "
-             f"what no work hid (median). CPU: the busiest rank's CPU time per step (median). DDP's gradient "
-             f"all-reduce is not delayed (the injection is GraphParallel's).")
+             f"median and slowest step beside it). Added and × 0 ms: over the same overlap setting's 0 ms row; × 0 ms "
+             f"blocking: over the overlap-off 0 ms row. Predicted: T(0) + collectives per step × latency, all of it "
+             f"on the critical path (issue, then wait at once). Latency waited for: the injected latency the slowest "
+             f"rank slept through per step, what no work hid (median). CPU: the busiest rank's CPU time per step "
+             f"(median). DDP's gradient all-reduce is not delayed (the injection is GraphParallel's).")
     write(rows, Path(args.out), "python -m dist_egnn.measure.latency " + " ".join(argv), notes)
     print(Path(args.out).with_suffix(".md").read_text())
 
