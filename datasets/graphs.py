@@ -2,6 +2,12 @@
 
 All functions work on one graph in NumPy; ``edge_index[0]`` receives and ``edge_index[1]`` sends (see
 ``dist_egnn.keys``). Every graph here holds both directions of each pair.
+
+Walls (node scalar ``type`` = 1, ``walls`` (n,) bool below): no edge joins two walls. Walls never move and the
+model's update of a wall is discarded, so a wall -> wall message can only change a wall's features, never a
+prediction that is scored, yet in the SPH boxes such edges were 91 % of the graph (docs/maths.md §8). Edges
+between a wall and a moving node are kept in both directions. Every graph that is trained on, partitioned
+or rolled out is built by :func:`graph_edges`, so partitions and halos see the same edge set as the model.
 """
 from __future__ import annotations
 
@@ -20,19 +26,49 @@ def complete_graph(num_nodes: int) -> np.ndarray:
     return np.stack([recv, send]).astype(np.int64)
 
 
-def radius_graph(pos: np.ndarray, radius: float, max_neighbors: int | None = None) -> np.ndarray:
+def graph_edges(pos: np.ndarray, radius: float | None, max_neighbors: int | None = None,
+                walls: np.ndarray | None = None) -> np.ndarray:
+    """The graph every consumer builds: the radius graph (:func:`radius_graph`), or the complete graph when
+    ``radius`` is None, without wall -> wall edges: (2, E) int64."""
+    if radius is not None:
+        return radius_graph(pos, radius, max_neighbors, walls)
+    edge_index = complete_graph(len(pos))
+    if walls is not None:
+        edge_index = edge_index[:, ~(walls[edge_index[0]] & walls[edge_index[1]])]
+    return edge_index
+
+
+def radius_graph(pos: np.ndarray, radius: float, max_neighbors: int | None = None,
+                 walls: np.ndarray | None = None) -> np.ndarray:
     """Pairs closer than ``radius`` (both directions), via scipy's cKDTree: (2, E) int64.
 
-    ``max_neighbors`` keeps, for every receiver, only its nearest ``max_neighbors`` senders (the graph may
-    then hold one direction of a pair but not the other).
+    ``walls`` (n,) bool: pairs of two walls are left out (module docstring). They are never searched for:
+    one tree over the moving nodes finds the moving-moving pairs and, against a tree over the walls, the
+    moving-wall pairs (in the SPH boxes the walls are up to 25x the fluid). ``max_neighbors`` keeps, for
+    every receiver, only its nearest ``max_neighbors`` senders among the edges left (the graph may then hold
+    one direction of a pair but not the other).
     """
     if not np.all(np.isfinite(pos)):
         raise BadInput("radius_graph: positions contain NaN or Inf")
-    pairs = cKDTree(pos).query_pairs(radius, output_type="ndarray")
+    if walls is None or not np.any(walls):
+        pairs = cKDTree(pos).query_pairs(radius, output_type="ndarray")
+    else:
+        pairs = _pairs_without_walls(pos, radius, np.asarray(walls, dtype=bool))
     edge_index = np.concatenate([pairs.T, pairs.T[::-1]], axis=1).astype(np.int64)
     if max_neighbors is not None and edge_index.shape[1]:
         edge_index = _cap_neighbors(pos, edge_index, max_neighbors)
     return edge_index
+
+
+def _pairs_without_walls(pos: np.ndarray, radius: float, walls: np.ndarray) -> np.ndarray:
+    """(K, 2) node pairs within ``radius`` with at least one end not a wall, each pair once."""
+    moving, wall = np.flatnonzero(~walls), np.flatnonzero(walls)
+    if not len(moving):
+        return np.zeros((0, 2), np.int64)
+    tree = cKDTree(pos[moving])
+    inner = moving[tree.query_pairs(radius, output_type="ndarray")].reshape(-1, 2)
+    near = tree.sparse_distance_matrix(cKDTree(pos[wall]), radius, output_type="ndarray")
+    return np.concatenate([inner, np.stack([moving[near["i"]], wall[near["j"]]], axis=1)])
 
 
 def _cap_neighbors(pos: np.ndarray, edge_index: np.ndarray, max_neighbors: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 A sample is one (scene, frame t) pair: inputs are positions, velocities and features at t, the target is
 the positions at t + Δt. Walls (node scalar ``type`` = 1, ``datasets.store``) are part of every graph as
-senders and receivers of messages, but are never scored: ``moving`` marks the nodes the loss and the
+senders and receivers of messages to and from moving nodes (no edge joins two walls: ``datasets.graphs``),
+but are never scored: ``moving`` marks the nodes the loss and the
 metrics see (None: every node, a store without ``type``). Only the slices a batch needs are read
 (``pos[t, a:b]``, ``pos[t + Δt, a:b]``, ``vel[t, a:b]``), all of a batch's slices in one dask computation,
 so memory is bounded by the chunks those slices touch, not by the length of the dataset.
@@ -20,7 +21,7 @@ import torch
 import zarr
 from scipy.spatial import cKDTree
 
-from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
+from dist_egnn.datasets.graphs import drop_longest_edges, edge_features, graph_edges, node_features
 from dist_egnn.datasets.md import trivial_target
 from dist_egnn.datasets.store import WALL, StoreError, StoreInfo
 from dist_egnn.errors import ConfigError
@@ -169,18 +170,28 @@ class TrajectoryDataset:
         self._scene_moving: np.ndarray | None = None
 
     def mean_degree(self, samples: int = 2000) -> float:
-        """Edges per node of the first sample's radius graph (complete graph: n − 1), estimated from up to
-        ``samples`` receivers spread over the scene."""
+        """Edges per moving node of the first sample's radius graph (complete graph: n − 1), estimated from up
+        to ``samples`` receivers spread over the scene's moving nodes (walls, which receive only from moving
+        nodes, left out; every node in a store without walls)."""
         if self.radius is None:
             return float(self.meta.scene_ptr[1] - 1)
-        pos = self._compute([self._pos[self.frames[0], self.meta.scene_nodes(0)]], [(0, int(self.frames[0]))])[0]
-        receivers = pos[np.linspace(0, len(pos) - 1, min(samples, len(pos))).astype(int)]
+        nodes = self.meta.scene_nodes(0)
+        pos, scalars = self._compute([self._pos[self.frames[0], nodes], self._scalars[nodes]],
+                                     [(0, int(self.frames[0]))])
+        moving = self.moving_of(scalars)
+        candidates = pos if moving is None or not moving.any() else pos[moving]
+        receivers = candidates[np.linspace(0, len(candidates) - 1, min(samples, len(candidates))).astype(int)]
         counts = cKDTree(pos).query_ball_point(receivers, self.radius, return_length=True)
         return float(np.mean(counts) - 1)
 
     def moving_of(self, scalars: np.ndarray) -> np.ndarray | None:
         """(n,) bool of the rows of ``scalars`` (n, K) that are not walls; None for a store without ``type``."""
         return None if self.type_column is None else scalars[:, self.type_column] != WALL
+
+    def walls_of(self, scalars: np.ndarray) -> np.ndarray | None:
+        """(n,) bool of the rows of ``scalars`` (n, K) that are walls, whose pairs no graph holds
+        (``datasets.graphs``); None for a store without ``type``."""
+        return None if self.type_column is None else scalars[:, self.type_column] == WALL
 
     def scene_moving(self) -> np.ndarray:
         """(S,) nodes per scene that are not walls (every node for a store without ``type``); read once."""
@@ -261,10 +272,7 @@ class TrajectoryDataset:
             if not np.all(np.isfinite(values)):
                 raise StoreError(f"{self.info.path}/{self.split}: {name} of scene {scene} at frame "
                                  f"{frame if name != 'target pos' else frame + self.delta_t} holds NaN or Inf")
-        if self.radius is None:
-            edge_index = complete_graph(len(pos))
-        else:
-            edge_index = radius_graph(pos, self.radius, self.max_neighbors)
+        edge_index = graph_edges(pos, self.radius, self.max_neighbors, self.walls_of(scalars))
         edge_index = drop_longest_edges(edge_index, pos, self.cutoff_rate)
         names = self.info.node_scalars
         return GraphSample(pos=pos, vel=vel, target=target,

@@ -31,13 +31,16 @@ artifact. With both, a rank finds its owned nodes, its halo and what it sends to
 (``partitioners.subgraphs.part_nodes``) without reading any position it does not need.
 
 Graph and seed per sample: the radius graph of the positions at t with the dataset's radius and
-max_neighbors (complete when the radius is None), before any edge dropping (``model.cutoff_rate``); the
+max_neighbors (complete when the radius is None), before any edge dropping (``model.cutoff_rate``), and
+without wall -> wall edges (walls: node scalar ``type`` 1; ``datasets.graphs.graph_edges``), the graph
+the model trains on, so that no such edge makes a halo row; the
 strategy's seed is derived from (seed, split, scene, frame), so samples are independent draws and a
 sample's parts do not depend on which worker computed it.
 
 Reuse: ``inputs`` records what determines the assignments: the partitioner version, method, P, seed,
 the part weights when they are not uniform (``distributed.part_weights``; they also name the artifact, so
-partitions for other rank speeds sit beside the uniform one), radius, max_neighbors, the frames of every
+partitions for other rank speeds sit beside the uniform one), radius, max_neighbors, ``graph`` (stores with
+walls: "no wall-wall edges"; their artifacts built before that rule are stale), the frames of every
 split, and the dataset store's identity (a SHA-256 of its root attributes, which hold the generator and its
 seed, and per split of its shape, scene_ptr and the positions at the first and last frame used). When the
 stored ``inputs_hash`` matches, the artifact is reused; otherwise :func:`prepare_partitions` says which inputs
@@ -75,6 +78,7 @@ from tqdm.auto import tqdm
 from dist_egnn.datasets.store import (
     COMPRESSORS,
     DEFAULT_CHUNK_NODES,
+    WALL,
     atomic_store,
     missing_chunks,
     unreadable_metadata,
@@ -89,6 +93,8 @@ TASK_NODES = 250_000             # nodes partitioned by one dask task
 PROCESSES_MIN_NODES = 2_000_000  # "auto" starts worker processes only for jobs at least this big
 SCHEDULERS = ("auto", "processes", "threads", "sync")
 SPLIT_KEYS = ("train", "val", "test")
+WALL_SCALAR = "type"             # the node scalar marking walls (datasets.store)
+WALL_GRAPH = "no wall-wall edges"  # inputs["graph"] of stores with walls (datasets.graphs.graph_edges)
 PER_SAMPLE = ("cut_fraction", "boundary_fraction", "imbalance", "num_edges", "part_size", "halo_size")
 SPLIT_ARRAYS = ("assignment", "halo_mask", "scene_ptr", *PER_SAMPLE)
 
@@ -196,8 +202,18 @@ def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed
     return dict(partitioner_version=PARTITIONER_VERSION, method=method, num_parts=int(num_parts), seed=int(seed),
                 **({} if shares is None else {"weights": shares}),
                 radius=None if radius is None else float(radius), max_neighbors=first.max_neighbors,
+                **({"graph": WALL_GRAPH} if _has_walls(splits) else {}),
                 frames={name: [int(f) for f in data.frames] for name, data in splits.items()},
                 store_attrs=_sha(first.info.attrs)[:16], store_splits=store_splits)
+
+
+def _has_walls(splits: Mapping[str, Any]) -> bool:
+    """Whether any scene of ``splits`` holds a wall: only then is the graph other than before walls existed,
+    so wall-free stores (N-body, synthetic, a fluid with ``wall_layers: 0``) keep their artifacts."""
+    first = next(iter(splits.values()))
+    if WALL_SCALAR not in first.info.node_scalars:
+        return False
+    return any(int(data.scene_moving().sum()) < int(data.meta.scene_ptr[-1]) for data in splits.values())
 
 
 def inputs_hash(inputs: Mapping[str, Any]) -> str:
@@ -343,6 +359,8 @@ def _build(path: Path, splits: Mapping[str, Any], inputs: dict[str, Any], digest
                    unit="sample", disable=not progress)
         options = {key: inputs[key] for key in ("method", "num_parts", "seed", "radius", "max_neighbors")}
         options["weights"] = inputs.get("weights")
+        scalars = first.info.node_scalars
+        options["wall_column"] = scalars.index(WALL_SCALAR) if inputs.get("graph") == WALL_GRAPH else None
         pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
                 if scheduler == "processes" else None)
         try:
@@ -417,7 +435,10 @@ def _create_split(root: zarr.Group, name: str, data: Any, num_parts: int) -> dic
 
 def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[str, Any]) -> dict[str, np.ndarray]:
     """One dask task: read the positions of a run of scenes at one frame and partition each scene."""
-    pos = zarr.open_group(store, mode="r")[task.split]["pos"][task.frame, ptr[0]:ptr[-1]]
+    group = zarr.open_group(store, mode="r")[task.split]
+    pos = group["pos"][task.frame, ptr[0]:ptr[-1]]
+    column = options.get("wall_column")
+    walls = None if column is None else group["node_scalars"][ptr[0]:ptr[-1], column] == WALL
     assignment = np.empty(ptr[-1] - ptr[0], dtype=np.int32)
     mask = np.zeros(ptr[-1] - ptr[0], dtype=mask_dtype(options["num_parts"]))
     metrics = []
@@ -426,7 +447,8 @@ def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[st
         seed = sample_seed(options["seed"], task.split, scene, task.frame)
         try:
             part = partition(pos[lo:hi], options["num_parts"], options["method"], radius=options["radius"],
-                             seed=seed, max_neighbors=options["max_neighbors"], weights=options.get("weights"))
+                             seed=seed, max_neighbors=options["max_neighbors"], weights=options.get("weights"),
+                             walls=None if walls is None else walls[lo:hi])
         except ValueError as err:
             raise BadInput(f"{store}/{task.split}: scene {scene} at frame {task.frame}: {err}") from err
         assignment[lo:hi] = part.assignment

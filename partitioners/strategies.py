@@ -29,8 +29,10 @@ parts' shares; random cuts the permutation at the cumulative shares. Spatial and
 nodes of w_p·N. ``weights=None`` or equal shares take the unweighted path: the same assignments as before.
 
 Graph: a given ``edge_index`` is used as is (so callers that built the radius graph do not build it twice);
-otherwise it is built with ``datasets.graphs.radius_graph(pos, radius, max_neighbors)``, or the complete
-graph when ``radius`` is None (N-body). METIS sees it made undirected (both directions, no self-loops).
+otherwise it is built with ``datasets.graphs.graph_edges(pos, radius, max_neighbors, walls)``: the radius
+graph, or the complete graph when ``radius`` is None (N-body), without wall -> wall edges, the graph the
+model trains on (walls with no moving neighbour are then isolated nodes, placed by balance alone). METIS
+sees it made undirected (both directions, no self-loops).
 
 Bad input raises ValueError that says what is wrong and how to fix it: P < 1 or P > N, no nodes,
 positions that are not (N, 3), NaN/Inf positions, duplicate positions (two nodes at one point mean a
@@ -49,7 +51,7 @@ import pymetis
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from dist_egnn.datasets.graphs import complete_graph, radius_graph
+from dist_egnn.datasets.graphs import graph_edges
 from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.partitioners.metrics import PartitionMetrics, partition_metrics
 from dist_egnn.partitioners.subgraphs import PartGraph, split_graph
@@ -93,7 +95,7 @@ class Partition:
 
 def partition(pos: np.ndarray, num_parts: int, method: str = "metis", *, radius: float | None = None,
               seed: int = 0, edge_index: np.ndarray | None = None, max_neighbors: int | None = None,
-              allow_duplicates: bool = False, weights=None) -> Partition:
+              allow_duplicates: bool = False, weights=None, walls: np.ndarray | None = None) -> Partition:
     """Split the N nodes at ``pos`` (N, 3) into ``num_parts`` non-empty parts; see the module docstring.
 
     Args:
@@ -106,13 +108,14 @@ def partition(pos: np.ndarray, num_parts: int, method: str = "metis", *, radius:
         max_neighbors: cap of senders per receiver when building the radius graph.
         allow_duplicates: accept several nodes at one position.
         weights: P positive shares of the nodes summing to 1 (:func:`check_weights`); None: equal parts.
+        walls: (N,) bool, the walls (node scalar ``type`` 1) when building the graph: no edge joins two.
     """
     pos = _check_positions(pos, allow_duplicates)
     n = len(pos)
     _check_request(n, num_parts, method, seed, radius)
     weights = check_weights(weights, num_parts)
     if edge_index is None:
-        edge_index = _build_graph(pos, radius, max_neighbors)
+        edge_index = _build_graph(pos, radius, max_neighbors, walls)
     else:
         edge_index = _check_edge_index(edge_index, n)
     if method == "metis":
@@ -287,13 +290,14 @@ def _check_request(n: int, num_parts: int, method: str, seed: int, radius: float
         raise ConfigError(f"radius={radius!r}: need a positive cutoff, or None for the complete graph")
 
 
-def _build_graph(pos: np.ndarray, radius: float | None, max_neighbors: int | None) -> np.ndarray:
-    if radius is not None:
-        return radius_graph(pos, radius, max_neighbors)
-    if len(pos) > MAX_COMPLETE_NODES:
+def _build_graph(pos: np.ndarray, radius: float | None, max_neighbors: int | None,
+                 walls: np.ndarray | None) -> np.ndarray:
+    if radius is None and len(pos) > MAX_COMPLETE_NODES:
         raise BadInput(f"radius=None asks for the complete graph, which on {len(pos)} nodes has "
                          f"{len(pos) * (len(pos) - 1):,} edges; give a radius (or an edge_index)")
-    return complete_graph(len(pos))
+    if walls is not None and np.shape(walls) != (len(pos),):
+        raise BadInput(f"walls must be one bool per node ({len(pos)},), got shape {np.shape(walls)}")
+    return graph_edges(pos, radius, max_neighbors, None if walls is None else np.asarray(walls, dtype=bool))
 
 
 def _check_edge_index(edge_index, n: int) -> np.ndarray:

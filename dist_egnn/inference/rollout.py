@@ -45,7 +45,7 @@ import zarr
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
+from dist_egnn.datasets.graphs import drop_longest_edges, edge_features, graph_edges, node_features
 from dist_egnn.datasets.loader import GraphBatch, GraphSample, collate, velocity_scale
 from dist_egnn.datasets.store import StoreInfo
 from dist_egnn.errors import BadInput, ConfigError
@@ -121,14 +121,14 @@ def build_graph(pos: np.ndarray, vel: np.ndarray, scalars: np.ndarray, recipe: G
     P = 1: exactly ``TrajectoryDataset.make_sample``'s graph. P > 1: the current positions are partitioned
     and the parts' edges united (see the module docstring).
     """
-    n = len(pos)
-    whole = complete_graph(n) if recipe.radius is None else radius_graph(pos, recipe.radius, recipe.max_neighbors)
+    names = list(recipe.scalar_names)
+    walls = scalars[:, names.index(WALL_SCALAR)] == WALL_TYPE if WALL_SCALAR in names else None
+    whole = graph_edges(pos, recipe.radius, recipe.max_neighbors, walls)          # no wall -> wall edge
     cut = None
     if parts.parts == 1:
         edges = drop_longest_edges(whole, pos, recipe.cutoff_rate)
     else:
         edges, cut = partitioned_edges(pos, whole, recipe.cutoff_rate, parts)
-    names = list(recipe.scalar_names)
     return StepGraph(edge_index=edges,
                      edge_attr=edge_features(list(recipe.edge_features), edges, pos, scalars, names),
                      node_features=node_features(list(recipe.node_features), vel, scalars, names),

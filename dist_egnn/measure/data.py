@@ -18,6 +18,10 @@ sph      SPlisHSPlasH time per simulated frame (50 fps) at ~10K and ~113K partic
          after the walls' volume map is built (reported apart), with every core.
 sizes    Bytes on disk per stored frame (positions + velocities) of the 113K-node store, and of the stores
          under ``--data`` when they exist (``du``).
+walls    (only when asked: ``--parts walls --stores A.zarr,B.zarr``) per SPH store: nodes and edges per training
+         graph by kind (wall <- wall, fluid <- wall, wall <- fluid) at ``dataset.frame_stride=20``, Δt = 20,
+         radius 0.075, CPU seconds to read and build a graph, and CPU seconds of a FastEGNN step (H 64, 4 layers,
+         C 3, one graph, forward + backward + Adam, 1 thread, mean of 8 after a warm-up): the wall cost table.
 
 Synthetic particles: a jittered lattice of spacing 0.05 (the SPH particle spacing), so a radius of 0.075
 gives a fluid-like ~18 neighbours per node.
@@ -41,7 +45,7 @@ NODES = 113_000
 DELTA_T = 20
 RADIUS = 0.075
 SPACING = 0.05
-PARTS = ("memory", "read", "step", "sph", "sizes")
+PARTS = ("memory", "read", "step", "sph", "sizes")      # the default; "walls" runs only when asked
 PREFETCH = 2                 # batches read ahead in the memory runs (the trainer's default)
 
 
@@ -250,6 +254,50 @@ def measure_sph(work: Path, sizes=(10_000, 113_000), frames: int = 5, threads: i
 
 
 # ------------------------------------------------------------------------------------------------ misc
+def measure_walls(store: str, steps: int = 8) -> dict:
+    """Edges per graph by kind and the FastEGNN step on the training samples of an SPH store (module docstring)."""
+    import torch
+
+    from dist_egnn.datasets.loader import TrajectoryDataset, collate
+    from dist_egnn.datasets.store import open_store
+    from dist_egnn.models import FastEGNN
+
+    torch.set_num_threads(1)
+    info = open_store(store)
+    data = TrajectoryDataset(info, "train", delta_t=DELTA_T, frame_stride=20, node_features=["speed", "type"],
+                             edge_features=["distance", "distance"], radius=RADIUS,
+                             velocity_scale=DELTA_T * float(info.attrs["dt"]))
+    cpu = time.process_time()
+    samples = data.read(list(range(len(data))))
+    build = (time.process_time() - cpu) / len(samples)
+    kinds = {"wall <- wall": (True, True), "fluid <- wall": (False, True), "wall <- fluid": (True, False)}
+    counts = {name: [] for name in ("nodes", "edges", *kinds)}
+    for s in samples:
+        wall = np.zeros(len(s.pos), bool) if s.moving is None else ~s.moving
+        recv, send = s.edge_index
+        counts["nodes"].append(len(s.pos))
+        counts["edges"].append(s.edge_index.shape[1])
+        for name, (r, q) in kinds.items():
+            counts[name].append(int(((wall[recv] == r) & (wall[send] == q)).sum()))
+    torch.manual_seed(0)
+    model = FastEGNN(node_features=2, edge_features=2, hidden=64, layers=4, virtual_channels=3)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    times = []
+    for k, s in enumerate(samples[:steps + 1]):
+        graph = collate([s])
+        cpu = time.process_time()
+        pred = model(**graph.model_inputs())
+        error = pred.pos - graph.target
+        loss = (error if graph.moving is None else error[graph.moving]).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if k:                                            # the first step is the warm-up
+            times.append(time.process_time() - cpu)
+    return dict(store=store, samples=len(samples), build_cpu_s=build, step_cpu_s=float(np.mean(times)),
+                step_cpu_min_s=float(np.min(times)), **{k: float(np.mean(v)) for k, v in counts.items()})
+
+
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -280,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_child(argv[1], int(argv[2]))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}, or walls")
+    parser.add_argument("--stores", default="", help="comma-separated SPH stores for --parts walls")
     parser.add_argument("--nodes", type=int, default=NODES, help="nodes of the synthetic trajectory")
     parser.add_argument("--samples", type=int, default=6, help="samples read per memory run")
     parser.add_argument("--lengths", default="100,10000", help="dataset lengths (samples) compared for memory")
@@ -314,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         if "sizes" in parts:
             results["sizes"] = measure_sizes(Path(args.data), read)
             print(json.dumps({"sizes": results["sizes"]}, indent=1), flush=True)
+        if "walls" in parts:
+            results["walls"] = [measure_walls(store) for store in args.stores.split(",") if store]
+            print(json.dumps({"walls": results["walls"]}, indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     return 0

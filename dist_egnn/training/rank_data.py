@@ -35,12 +35,11 @@ import numpy as np
 import torch
 
 from dist_egnn.datasets.graphs import (
-    complete_graph,
     drop_longest_edges,
     edge_features,
     edge_order,
+    graph_edges,
     node_features,
-    radius_graph,
     whole_pairs,
 )
 from dist_egnn.datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
@@ -203,7 +202,8 @@ class RankData:
         own = d.info.attrs.get("radius")
         if whole_graph is None or own is None or d.radius is None or d.radius <= own or len(whole_graph.pos) < 2:
             return None
-        degree = radius_graph(whole_graph.pos, own).shape[1] / len(whole_graph.pos)
+        walls = d.walls_of(whole_graph.scalars)
+        degree = graph_edges(whole_graph.pos, own, walls=walls).shape[1] / len(whole_graph.pos)
         return (degree, f"the degree at the store's own radius {own}") if degree > 0 else None
 
     def nodes_of(self, sample: int) -> PartNodes:
@@ -215,10 +215,11 @@ class RankData:
                           self.assignments.halo_mask_of(scene, frame) if self.halo else None, self.part, self.parts)
 
     def local_edges(self, arrays: PartArrays) -> np.ndarray:
-        """(2, E) edges received by the owned nodes, local ids (owned rows, then halo rows)."""
+        """(2, E) edges received by the owned nodes, local ids (owned rows, then halo rows); no wall -> wall edge,
+        as in the whole graph and the stored partition's halos (``datasets.graphs.graph_edges``)."""
         pos = np.concatenate([arrays.pos, arrays.halo_pos])
-        radius = self.dataset.radius
-        edges = complete_graph(len(pos)) if radius is None else radius_graph(pos, radius, self.dataset.max_neighbors)
+        walls = self.dataset.walls_of(np.concatenate([arrays.scalars, arrays.halo_scalars]))
+        edges = graph_edges(pos, self.dataset.radius, self.dataset.max_neighbors, walls)
         return edges[:, edges[0] < len(arrays.pos)]
 
     def drop_edges(self, local: list[np.ndarray], arrays: list[PartArrays], nodes: list[PartNodes]) -> list[np.ndarray]:

@@ -2,7 +2,14 @@
 import numpy as np
 import pytest
 
-from dist_egnn.datasets.graphs import complete_graph, drop_longest_edges, edge_features, node_features, radius_graph
+from dist_egnn.datasets.graphs import (
+    complete_graph,
+    drop_longest_edges,
+    edge_features,
+    graph_edges,
+    node_features,
+    radius_graph,
+)
 
 
 def brute_force_pairs(pos, r):
@@ -24,6 +31,32 @@ def test_neighbor_cap_keeps_the_nearest_senders():
         senders = full[1, full[0] == i]
         nearest = senders[np.argsort(np.linalg.norm(pos[senders] - pos[i], axis=1), kind="stable")[:4]]
         assert set(capped[1, capped[0] == i]) == set(nearest)
+
+
+def test_no_edge_joins_two_walls_and_every_other_pair_stays():
+    """Walls (a dense lattice shell) and a cloud inside: the graph is the plain one minus wall -> wall edges,
+    both directions of every wall-fluid pair kept; the cap then picks among the edges left."""
+    rng = np.random.default_rng(2)
+    side = np.arange(0.0, 1.01, 0.1)
+    shell = np.array([(x, y, z) for x in side for y in side for z in side if min(x, y, z) == 0 or max(x, y, z) > 0.99])
+    pos = np.concatenate([rng.uniform(0.05, 0.95, size=(150, 3)), shell])
+    walls = np.arange(len(pos)) >= 150
+    plain = radius_graph(pos, 0.15)
+    wall_pair = walls[plain[0]] & walls[plain[1]]
+    assert wall_pair.mean() > 0.5                                       # the case the rule is for
+    got = radius_graph(pos, 0.15, walls=walls)
+    assert sorted(map(tuple, got.T)) == sorted(map(tuple, plain[:, ~wall_pair].T))
+    assert (walls[got[0]] & ~walls[got[1]]).any() and (~walls[got[0]] & walls[got[1]]).any()
+    assert np.array_equal(radius_graph(pos, 0.15, walls=np.zeros(len(pos), bool)), plain)     # no walls: as before
+    capped = radius_graph(pos, 0.15, max_neighbors=3, walls=walls)
+    assert not (walls[capped[0]] & walls[capped[1]]).any() and np.bincount(capped[0]).max() <= 3
+    for i in (0, 150, 151, 200):                                        # nearest 3 among the kept senders
+        senders = got[1, got[0] == i]
+        nearest = senders[np.argsort(np.linalg.norm(pos[senders] - pos[i], axis=1), kind="stable")[:3]]
+        assert set(capped[1, capped[0] == i]) == set(nearest)
+    complete = graph_edges(pos[145:155], None, walls=walls[145:155])    # 5 fluid, 5 walls
+    assert complete.shape[1] == 10 * 9 - 5 * 4 and not (walls[145:155][complete].all(axis=0)).any()
+    assert np.array_equal(graph_edges(pos, 0.15), plain)
 
 
 def test_complete_graph_has_every_ordered_pair_once():

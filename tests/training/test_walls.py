@@ -1,5 +1,6 @@
-"""Walls (node scalar type 1): they send messages but are never moved, never in the loss or the metrics, and
-P ranks in exact halo mode still equal one process when walls are halo nodes (issue 17 item 1).
+"""Walls (node scalar type 1): they send messages but are never moved, never in the loss or the metrics, no
+edge joins two of them (graphs, halos and stored partitions alike), and P ranks in exact halo mode still
+equal one process when walls are halo nodes (issue 17 item 1).
 
 The store here is made by hand (no simulator): a few fluid particles falling inside a unit box, surrounded
 by one layer of wall particles (``datasets.sph.box_walls``), as an SPH store of schema 2 holds them.
@@ -16,14 +17,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import zarr
 from omegaconf import OmegaConf
 
+from dist_egnn.datasets.graphs import radius_graph
 from dist_egnn.datasets.loader import TrajectoryDataset
 from dist_egnn.datasets.sph import box_walls
 from dist_egnn.datasets.store import WALL, atomic_store, create_split, open_store, write_root_attrs, write_scenes
 from dist_egnn.losses import mmd_loss, objective
 from dist_egnn.models import Prediction
 from dist_egnn.parallel.seam import SingleProcess
+from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
+from dist_egnn.partitioners.subgraphs import halo_mask, part_nodes
 from dist_egnn.training.rank_data import RankData
 from dist_egnn.training.trainer import Trainer, forward_loss
 
@@ -81,6 +86,61 @@ def test_loader_marks_the_walls_and_counts_the_moving_nodes(store):
     batch = RankData(data).build([0, 5])
     assert batch.graph.moving.sum() == 2 * FLUID and batch.total_moving == 2 * FLUID
     assert batch.total_nodes == 2 * len(sample.pos)
+
+
+def test_no_edge_joins_two_walls_in_any_graph_a_rank_builds(store):
+    """The loader's graph, one rank's part and halo, and the stored partition's halo masks all come from the
+    graph without wall -> wall edges: no such edge, and no wall in a halo that only walls across the cut see."""
+    data = dataset(store)
+    for sample in data.read(range(len(data))):
+        walls = ~sample.moving
+        recv, send = sample.edge_index
+        assert not (walls[recv] & walls[send]).any()
+        assert (walls[recv] & ~walls[send]).any() and (~walls[recv] & walls[send]).any()
+    splits = {split: dataset(store, split) for split in SCENES}
+    path = prepare_partitions(splits, "metis", 2, progress=False, scheduler="threads")
+    assert zarr.open_group(str(path), mode="r").attrs["inputs"]["graph"] == "no wall-wall edges"
+    stored = load_assignments(path, "train")
+    wall_halo = False
+    for i in range(len(data)):
+        scene, frame = data.locate(i)
+        sample = data.read([i])[0]
+        walls, parts = ~sample.moving, stored.of(scene, frame)
+        trained = radius_graph(sample.pos, RADIUS, walls=walls)
+        assert np.array_equal(stored.halo_mask_of(scene, frame), halo_mask(trained, parts, 2))
+        plain = halo_mask(radius_graph(sample.pos, RADIUS), parts, 2)
+        wall_halo |= bool((plain != stored.halo_mask_of(scene, frame)).any())
+        for part in range(2):
+            rank = RankData(data, part, 2, halo=True, assignments=stored).build([i])
+            ids = rank_ids(stored, part, scene, frame)
+            got = {(ids[r], ids[q]) for r, q in rank.graph.edge_index.T.tolist()}
+            want = {(r, q) for r, q in trained.T.tolist() if parts[r] == part}
+            assert got == want                                    # exactly the whole graph's edges at its receivers
+    assert wall_halo                                              # the cut runs through the walls: rows saved
+
+
+def rank_ids(stored, part: int, scene: int, frame: int) -> np.ndarray:
+    """Global ids of a rank's local rows (owned, then halo) for one sample."""
+    return part_nodes(stored.of(scene, frame), stored.halo_mask_of(scene, frame), part, 2).local_to_global
+
+
+def test_partitions_built_before_the_wall_rule_are_stale(tmp_path, monkeypatch, capsys):
+    """An artifact whose inputs lack the rule (built with wall -> wall edges) is refused with the command that
+    rebuilds it, or rebuilt (stores without walls have no ``graph`` input: their artifacts stay valid)."""
+    from dist_egnn.partitioners import artifacts
+
+    store = wall_store(tmp_path / "data" / "walls.zarr")
+    splits = {split: dataset(store, split) for split in SCENES}
+    monkeypatch.setattr(artifacts, "_has_walls", lambda splits: False)      # as built before the rule
+    path = prepare_partitions(splits, "random", 2, progress=False)
+    monkeypatch.undo()
+    assert "graph" not in zarr.open_group(str(path), mode="r").attrs["inputs"]
+    _, _, stale = partition_status(splits, "random", 2)
+    assert stale is not None and 'graph null -> "no wall-wall edges"' in stale
+    with pytest.raises(StalePartitionError, match=r"graph null.*launch/prepare.py distributed.parts=2"):
+        prepare_partitions(splits, "random", 2, rebuild=False, progress=False)
+    prepare_partitions(splits, "random", 2, progress=False)
+    assert "building it" in capsys.readouterr().out and partition_status(splits, "random", 2)[2] is None
 
 
 def shifting_model(shift: float):
