@@ -124,6 +124,9 @@ class TrainerConfig:
                                               # accumulation); steps_per_epoch and checkpoint_every_steps count
                                               # optimizer steps
     tensorboard: bool = True                  # TensorBoard event files in <run dir>/tensorboard (rank 0)
+    # none | rms: the model works in units where the training split's displacement has RMS 1 (inputs scaled by the
+    # store's statistics, datasets/statistics.py; docs/maths.md §1). Reported MSEs stay in the store's units.
+    normalization: str = "none"
 
 
 @dataclass
@@ -312,6 +315,7 @@ CHOICES = {
     "trainer.dtype": ("float32", "float64"), "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"), "trainer.nonfinite": ("stop", "skip"),
     "trainer.scheduler": ("none", "cosine", "exponential", "plateau"),
+    "trainer.normalization": ("none", "rms"),
     "distributed.halo": HALO_MODES, "distributed.partition": PARTITION_METHODS,
     "distributed.backend": ("auto", "gloo", "nccl"), "engine.name": ENGINE_NAMES,
 }

@@ -7,7 +7,9 @@ with other generator parameters than the configuration's. Generation runs in par
 address runs it on a cluster). An interrupted SPH generation resumes when the command is run again.
 With ``distributed.parts=P`` (P > 1) it also builds, or reuses when its inputs are unchanged, the
 partition of every sample (``distributed.partition``, ``distributed.seed``) beside the store; see
-``partitioners/artifacts.py``.
+``partitioners/artifacts.py``. It records the training split's normalisation statistics for the configured
+``dataset.delta_t`` and frame range in the store's attributes (``datasets/statistics.py``) when they are not
+there yet, the statistics ``trainer.normalization=rms`` scales by.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dist_egnn.config import register
 from dist_egnn.datasets.prepare import check_store_matches, prepare_dataset
+from dist_egnn.datasets.statistics import ensure_statistics, statistics_key
 from dist_egnn.datasets.store import check_store_path, open_store
 from dist_egnn.errors import BadInput
 from dist_egnn.partitioners.artifacts import prepare_partitions
@@ -43,6 +46,12 @@ def prepare(cfg: DictConfig) -> None:
     info = open_store(path, check_values=True)
     sizes = ", ".join(f"{s}: {m.num_scenes} scenes x {m.num_frames} frames" for s, m in info.splits.items())
     print(f"{path}: valid ({sizes})")
+    d = cfg.dataset
+    selection = (d.delta_t, d.frame_start, d.frame_stop, d.frame_stride)
+    record, note = ensure_statistics(info, *selection)
+    print(note or f"{path}: normalisation statistics {statistics_key(*selection)} already recorded", flush=True)
+    print(f"  training split: displacement RMS {record['displacement_rms']:.6g}, mean |displacement| "
+          f"{record['displacement_mean_norm']:.6g}, velocity RMS {record['velocity_rms']:.6g} (store units)")
     if cfg.distributed.parts > 1:
         prepare_partitions(load_splits(cfg, info), cfg.distributed.partition, cfg.distributed.parts,
                            cfg.distributed.seed, scheduler=cfg.prepare.scheduler, workers=cfg.prepare.workers,

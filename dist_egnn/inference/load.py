@@ -7,8 +7,10 @@ evaluation, with ``epoch``, ``val_mse`` and ``config``). :func:`load_model` rebu
 returns it in eval mode in the run's ``trainer.dtype``.
 
 The model it returns is the ``torch.nn.Module`` itself (``EGNN`` or ``FastEGNN``), called as in training,
-``model(**batch.model_inputs())`` -> ``Prediction(pos, virtual_pos)`` (``dist_egnn.datasets.loader.GraphBatch``),
-with three plain attributes added:
+``model(**batch.model_inputs())`` -> ``Prediction(pos, virtual_pos)`` (``dist_egnn.datasets.loader.GraphBatch``);
+for a run trained with ``trainer.normalization=rms`` it is wrapped in
+``dist_egnn.training.normalization.NormalizedModel``, which takes and returns the store's units with the
+statistics ``best.pt`` recorded (the trained module is its ``.model``). Three plain attributes are added:
 
 * ``model.config``: the run's configuration (an OmegaConf ``DictConfig``, as read from ``config.yaml``):
   the dataset recipe (``model.config.dataset``: ``delta_t``, ``velocity_unit``, features, radius), which a
@@ -95,11 +97,28 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
                        f"config.yaml launch/train.py wrote") from err
     check_state(model, saved["model"], cfg, run_dir)
     model.load_state_dict(saved["model"])
+    model = normalized(model, saved, cfg, best)
     model.to(device=device, dtype=dtype).eval()
     model.config = cfg
     model.run_dir = run_dir
     model.checkpoint = {"path": str(best), "epoch": saved.get("epoch"), "val_mse": saved.get("val_mse")}
     return model
+
+
+def normalized(model: torch.nn.Module, saved: dict[str, Any], cfg: DictConfig, best: Path) -> torch.nn.Module:
+    """The model as the trainer called it: with ``trainer.normalization=rms`` wrapped in ``NormalizedModel`` with
+    the statistics ``best.pt`` recorded (inputs scaled, outputs in the store's units); else the model itself."""
+    from dist_egnn.training.normalization import Normalization, NormalizedModel
+
+    mode = cfg.trainer.get("normalization", "none")
+    if mode == "none":
+        return model
+    state = saved.get("normalization")
+    if not isinstance(state, dict):
+        raise RunError(f"{best} holds no 'normalization' statistics, but its config.yaml says trainer.normalization="
+                       f"{mode}: the model's units are unknown; restore the best.pt written with this config.yaml, "
+                       f"or train the run again")
+    return NormalizedModel(model, Normalization.from_state(state))
 
 
 def check_state(model: torch.nn.Module, state: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:

@@ -14,6 +14,7 @@ The result, :class:`Ready`, holds those objects; :class:`~dist_egnn.training.tra
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dist_egnn.config import check
 from dist_egnn.datasets.prepare import check_store_matches, prepare_dataset
-from dist_egnn.datasets.store import StoreInfo, check_store_path, open_store
+from dist_egnn.datasets.store import StoreError, StoreInfo, check_store_path, open_store
 from dist_egnn.engines import Engine, build_engine, resolve_engine
-from dist_egnn.errors import ConfigError
+from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.keys import SPLITS
 from dist_egnn.models import EGNN, FastEGNN
 from dist_egnn.parallel import Communicator, runtime
@@ -35,6 +36,7 @@ from dist_egnn.parallel.collectives import Injection
 from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
 from dist_egnn.training.device import configure_cuda, edge_chunk_rows, resolve_device
 from dist_egnn.training.lock import RunLock, RunLockedError, check_run_dir
+from dist_egnn.training.normalization import NONE, Normalization
 from dist_egnn.training.rank_data import RankData
 from dist_egnn.training.weights import injected_slowdown, resolve_part_weights
 
@@ -72,6 +74,7 @@ class Ready:
     data: dict[str, RankData]          # train / val / test as this rank sees them
     comm: Communicator                 # the model's communicator (SingleProcess or GraphParallel)
     engine: Engine                     # the model inside its engine, with its optimizer
+    normalization: Normalization = NONE    # trainer.normalization: the units the model works in
 
 
 def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = None) -> Ready:
@@ -83,6 +86,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
     try:                                   # a refused set-up leaves no lock file behind
         progress = cfg.trainer.progress and rt.is_main
         info, splits = open_data(cfg, rt, progress)
+        normalization = resolve_normalization(cfg, rt, info)
         data = rank_data(cfg, rt, splits, progress)
         torch.manual_seed(cfg.trainer.seed)
         model = build_model(cfg.model, rt.device).to(rt.device, rt.dtype)
@@ -95,7 +99,8 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
     except BaseException:
         lock.release()
         raise
-    return Ready(cfg=cfg, run_dir=run_dir, runtime=rt, lock=lock, info=info, data=data, comm=comm, engine=engine)
+    return Ready(cfg=cfg, run_dir=run_dir, runtime=rt, lock=lock, info=info, data=data, comm=comm, engine=engine,
+                 normalization=normalization)
 
 
 # -- runtime --------------------------------------------------------------------------------------------
@@ -212,6 +217,41 @@ def open_data(cfg: DictConfig, rt: Runtime, progress: bool):
         check_everyone_sees(Path(d.store), rt, "the dataset store")
     info = open_dataset_store(d, progress=progress)
     return info, load_splits(cfg, info)
+
+
+def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo) -> Normalization:
+    """``trainer.normalization``: none, or rms from the store's statistics of this run's frame selection
+    (``datasets/statistics.py``). A store without them (made before they existed, or another ``dataset.delta_t``
+    or frame range) gets them now: rank 0 computes and records them in the store's attributes while the other
+    ranks wait, then hands them to every rank (one line says so)."""
+    from dist_egnn.datasets.loader import velocity_scale
+    from dist_egnn.datasets.statistics import ensure_statistics, statistics_key
+
+    if cfg.trainer.get("normalization", "none") == "none":
+        return NONE
+    d = cfg.dataset
+    text = ""
+    if rt.is_main:
+        try:
+            record, note = ensure_statistics(info, d.delta_t, d.frame_start, d.frame_stop, d.frame_stride)
+            if note:
+                print(note, flush=True)
+            text = json.dumps(dict(record=record))
+        except BadInput as err:            # said on every rank, not only rank 0 (the others would wait in vain)
+            text = json.dumps(dict(error=str(err)))
+    if rt.env.distributed:
+        runtime.barrier(cfg.distributed.prepare_timeout_s)
+    got = json.loads(runtime.broadcast_text(text, device=rt.collective_device))
+    if "error" in got:
+        raise StoreError(got["error"])
+    key = statistics_key(d.delta_t, d.frame_start, d.frame_stop, d.frame_stride)
+    normalization = Normalization.rms(got["record"], velocity_scale(d.get("velocity_unit", "store"), d.delta_t,
+                                                                    info.attrs["dt"]),
+                                      d.node_features, d.edge_features,
+                                      where=f"{info.path} (attribute statistics[{key!r}])")
+    if rt.is_main:
+        print(normalization.describe(), flush=True)
+    return normalization
 
 
 # -- partitions -----------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ The run directory receives (rank 0 writes):
                          and constant_velocity_mse (dist_egnn.measure.baselines)
     tensorboard/         TensorBoard event files: loss and lr per optimizer step, every evaluation's numbers
     curves.png           train loss, train and validation MSE per evaluation (dist_egnn.training.curves)
+                         (with trainer.normalization=rms, train_loss and mmd_share are the objective in the
+                         model's units, dist_egnn.training.normalization; every MSE stays in the store's units)
     checkpoints/best.pt  the model with the best validation MSE, portable (torch.load(weights_only=True)); with
                          trainer.ema_decay the averaged weights, which every evaluation uses too
     checkpoints/engine/  resume points: model, optimizer, trainer state (epoch, step in the epoch, early
@@ -68,6 +70,7 @@ from dist_egnn.training.callbacks import Callback
 from dist_egnn.training.curves import Curves
 from dist_egnn.training.device import autocast, memory_mb, synchronize
 from dist_egnn.training.ema import EMA
+from dist_egnn.training.normalization import NONE, Normalization
 from dist_egnn.training.rank_data import RankBatch
 from dist_egnn.training.resume import Checkpoints, MetricsLog
 from dist_egnn.training.schedule import Schedule
@@ -83,28 +86,31 @@ def hold_walls(pred, graph):
 
 
 def forward_loss(engine, communicator, batch: RankBatch, cfg, device: torch.device, dtype: torch.dtype,
-                 parts: int):
+                 parts: int, normalization: Normalization = NONE):
     """Forward and loss share of one rank's share of a batch (no backward); the forward in
     ``trainer.precision`` (bf16: under autocast, dist_egnn.training.device), the loss in float32.
 
     ``parts`` is P of the graph group (1 for one process): the loss share's MMD part is divided by it and
     the engine's ``loss_scale`` undoes its gradient averaging (see dist_egnn.engines.base). Walls are held at
-    their input positions (:func:`hold_walls`) and left out of the loss (``losses.objective``). Returns the
-    loss terms (this rank's shares).
+    their input positions (:func:`hold_walls`) and left out of the loss (``losses.objective``). With
+    ``trainer.normalization=rms`` the model works in scaled units and the loss is computed in them
+    (dist_egnn.training.normalization). Returns the loss terms (this rank's shares).
     """
     loss_cfg = cfg.loss
     graph = batch.graph.to(device, dtype)
     communicator.set_halo_plan(None if batch.plan is None else batch.plan.to(device))
     with autocast(device, cfg.trainer.get("precision", "fp32")):       # the loss below stays float32
-        pred = engine.model(**graph.model_inputs())
+        pred = normalization.call(engine.model, graph.model_inputs())
     pred = hold_walls(pred, graph)
     selected = None
     if loss_cfg.mmd_samples is not None:         # about M per graph among its moving nodes (walls never count)
         selected = sample_nodes(graph.batch, graph.num_graphs, loss_cfg.mmd_samples * cfg.model.virtual_channels,
                                 node_count=torch.as_tensor(batch.moving_nodes, device=device),
                                 keys=torch.as_tensor(batch.mmd_keys, device=device))
-    return objective(pred.pos, graph.target, pred.virtual_pos, graph.batch, graph.num_graphs,
-                     mmd_weight=loss_cfg.mmd_weight, mmd_sigma=loss_cfg.mmd_sigma, mmd_kernel=loss_cfg.mmd_kernel,
+    scaled = normalization.model_units                  # identity without trainer.normalization
+    return objective(scaled(pred.pos), scaled(graph.target), scaled(pred.virtual_pos), graph.batch, graph.num_graphs,
+                     mmd_weight=loss_cfg.mmd_weight, mmd_kernel=loss_cfg.mmd_kernel,
+                     mmd_sigma=normalization.mmd_sigma(loss_cfg.mmd_sigma, loss_cfg.mmd_kernel),
                      mmd_target=loss_cfg.mmd_target, selected=selected, comm=communicator,
                      total_nodes=float(max(batch.total_moving, 1)), parts=parts, moving=graph.moving)
 
@@ -130,6 +136,7 @@ class Trainer:
         self.device, self.dtype, self.collective_device = rt.device, rt.dtype, rt.collective_device
         self.is_main = rt.is_main
         self.info, self.data, self.comm, self.engine = ready.info, ready.data, ready.comm, ready.engine
+        self.normalization = ready.normalization
         self.lock = ready.lock
         self.progress = self.cfg.trainer.progress and self.is_main
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
@@ -276,8 +283,8 @@ class Trainer:
             self.state.step += 1
             self.state.skipped += skipped
             stop, window_skipped = stop or stopping, window_skipped or skipped
-            loss, mse, mmd = (0.0, 0.0, 0.0) if skipped else (terms.total.item(), terms.mse.item(),
-                                                              self.mmd_part(terms))
+            loss, mse, mmd = (0.0, 0.0, 0.0) if skipped else (
+                terms.total.item(), self.normalization.original_mse(terms.mse.item()), self.mmd_part(terms))
             window_loss += loss
             self.totals.add(loss=loss, mse=mse, mmd=mmd, edges=batch.num_edges, full_edges=batch.full_edges,
                             skipped=skipped, comm_seconds=comm_seconds)
@@ -312,7 +319,8 @@ class Trainer:
         Returns (loss terms, whether the batch was skipped, whether to stop)."""
         number = self.state.global_step + 1
         with self.engine.accumulating(boundary):
-            terms = forward_loss(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts)
+            terms = forward_loss(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts,
+                                 self.normalization)
             for callback in self.callbacks:
                 terms.total = callback.after_forward(number, terms.total)
             if first:
@@ -388,7 +396,7 @@ class Trainer:
             graph = batch.graph.to(self.device, self.dtype)
             self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
             with autocast(self.device, self.cfg.trainer.get("precision", "fp32")):
-                pred = self.engine.model(**graph.model_inputs())
+                pred = self.normalization.call(self.engine.model, graph.model_inputs())
             error = hold_walls(pred, graph).pos - graph.target
             if graph.moving is not None:
                 error = error[graph.moving]
@@ -400,11 +408,13 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_best(self, epoch: int, val_mse: float) -> None:
         """The portable best model (rank 0 writes; every rank takes part when the engine shards weights): the
-        weight average with trainer.ema_decay."""
+        weight average with trainer.ema_decay. With trainer.normalization the statistics it was trained with
+        (``normalization``), which ``dist_egnn.load_model`` applies."""
         state = self.engine.export_state() if self.ema is None else self.ema.state_dict(self.engine)
         if self.is_main:
+            extra = dict(normalization=self.normalization.state_dict()) if self.normalization.active else {}
             checkpoint.save_atomic(dict(model=state, epoch=epoch, val_mse=val_mse, config=to_container(self.cfg),
-                                        schema_version=checkpoint.SCHEMA_VERSION), self.best_path)
+                                        schema_version=checkpoint.SCHEMA_VERSION, **extra), self.best_path)
         runtime.barrier()
 
     def start(self) -> None:

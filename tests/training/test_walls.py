@@ -29,6 +29,7 @@ from dist_egnn.models import Prediction
 from dist_egnn.parallel.seam import SingleProcess
 from dist_egnn.partitioners.artifacts import StalePartitionError, load_assignments, partition_status, prepare_partitions
 from dist_egnn.partitioners.subgraphs import halo_mask, part_nodes
+from dist_egnn.training.normalization import NONE
 from dist_egnn.training.rank_data import RankData
 from dist_egnn.training.trainer import Trainer, forward_loss
 
@@ -191,7 +192,7 @@ def test_walls_are_held_and_left_out_of_evaluation(store):
     trainer = SimpleNamespace(
         engine=SimpleNamespace(model=shifting_model(0.2), eval=lambda: None), data={"test": data},
         groups=SimpleNamespace(data_index=0, data_parallel=1), comm=SingleProcess(), device=torch.device("cpu"),
-        dtype=torch.float64, collective_device=torch.device("cpu"),
+        dtype=torch.float64, collective_device=torch.device("cpu"), normalization=NONE,
         cfg=OmegaConf.create(dict(trainer=dict(eval_batch_size=3, precision="fp32"), dataset=dict(prefetch=0))))
     got = Trainer.evaluate(trainer, "test")
     squared = count = 0.0
