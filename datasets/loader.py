@@ -83,9 +83,11 @@ class GraphBatch:
         return GraphBatch(**moved)
 
     def model_inputs(self) -> dict:
-        """Keyword arguments for ``EGNN``/``FastEGNN.forward``."""
+        """Keyword arguments for ``EGNN``/``FastEGNN.forward``; ``moving`` only for a store with walls' ``type``
+        (FastEGNN's centroid averages the moving nodes, docs/maths.md §8)."""
+        walls = {} if self.moving is None else {"moving": self.moving}
         return dict(node_features=self.node_features, pos=self.pos, vel=self.vel, edge_index=self.edge_index,
-                    edge_attr=self.edge_attr, batch=self.batch, num_graphs=self.num_graphs)
+                    edge_attr=self.edge_attr, batch=self.batch, num_graphs=self.num_graphs, **walls)
 
 
 def collate(samples: list[GraphSample]) -> GraphBatch:

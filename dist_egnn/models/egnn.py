@@ -105,6 +105,8 @@ class GraphContext:
     comm: object              # SingleProcess or a distributed communicator (dist_egnn.parallel.seam)
     edge_chunk_size: int | None
     split: EdgeSplit | None = None   # interior and cut edges when the communicator overlaps (comm.overlap)
+    moving: Tensor | None = None     # (N,) bool: the nodes the centroid averages (not walls); None: every node
+    moving_count: Tensor | None = None   # (B, 1): moving nodes per graph over ALL processes (with ``moving``)
 
     def graph_means(self, *per_node: Tensor) -> tuple[Tensor, ...]:
         """Exact per-graph means over all real nodes of all processes: (N, *S) -> (B, *S) for each input."""
@@ -127,6 +129,33 @@ class GraphContext:
 
     def divide_by_count(self, sums: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return tuple(s / self.node_count.view(-1, *([1] * (s.dim() - 1))) for s in sums)
+
+    def centroid(self, pos: Tensor) -> Tensor:
+        """x̄ (docs/maths.md §2 term 2, §8 walls): per-graph mean position of the moving nodes of all processes,
+        (N, 3) -> (B, 3). Without a mask it is :meth:`graph_means` itself (every real node, bit for bit); a graph
+        with no moving node takes the mean of all its nodes."""
+        if self.moving is None:
+            return self.graph_means(pos)[0]
+        return self.centroid_of(self.comm.sum_over_parts(*self.centroid_sums(pos)))
+
+    def start_centroid(self, pos: Tensor) -> Deferred | Ready:
+        """:meth:`centroid` as a handle whose ``wait()`` gives ``(centroid,)`` (see :meth:`start_means`)."""
+        if self.moving is None:
+            return self.start_graph_means(pos)
+        if self.split is None:
+            return Ready((self.centroid(pos),))
+        return Deferred(self.comm.start_sum(*self.centroid_sums(pos)), lambda sums: (self.centroid_of(sums),))
+
+    def centroid_sums(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-graph sums over this process's nodes of the moving nodes' positions and of all positions: (B, 3)."""
+        moving_pos = pos.masked_fill(~self.moving.unsqueeze(1), 0.0)
+        return scatter_sum(moving_pos, self.batch, self.num_graphs), scatter_sum(pos, self.batch, self.num_graphs)
+
+    def centroid_of(self, sums: tuple[Tensor, Tensor]) -> Tensor:
+        """(B, 3) centroids from the summed :meth:`centroid_sums` of all processes."""
+        moving_sum, every_sum = sums
+        return torch.where(self.moving_count > 0, moving_sum / self.moving_count.clamp(min=1),
+                           every_sum / self.node_count)
 
 
 class EGNNLayer(nn.Module):
@@ -322,8 +351,11 @@ class EquivariantModel(nn.Module):
 
     def context(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
                 edge_attr: Tensor | None, batch: Tensor | None, num_graphs: int | None,
-                node_attr: Tensor | None) -> GraphContext:
-        """Check the inputs against the model's widths and build the per-forward graph context."""
+                node_attr: Tensor | None, moving: Tensor | None = None) -> GraphContext:
+        """Check the inputs against the model's widths and build the per-forward graph context.
+
+        ``moving`` (N,) bool marks the nodes that are not walls (``GraphBatch.moving``): FastEGNN's centroid
+        averages them alone (:meth:`GraphContext.centroid`); None: every node."""
         name = type(self).__name__
         n = pos.shape[0]
         if pos.dim() != 2 or pos.shape[1] != 3 or vel.shape != pos.shape:
@@ -365,12 +397,26 @@ class EquivariantModel(nn.Module):
         degree = count_per_segment(recv, n, pos.dtype)
         inv_degree = torch.where(degree > 0, 1.0 / degree.clamp(min=1), torch.zeros_like(degree)).unsqueeze(1)
         (node_count,) = self.comm.sum_over_parts(count_per_segment(batch, num_graphs, pos.dtype).unsqueeze(1))
+        moving, moving_count = self.moving_nodes(moving, batch, num_graphs, pos)
         edge_attr = edge_attr.to(pos.dtype)
         split = EdgeSplit.of(edge_index, edge_attr, n) if getattr(self.comm, "overlap", False) else None
         return GraphContext(edge_index=edge_index, edge_attr=edge_attr, batch=batch,
                             num_graphs=num_graphs, node_attr=node_attr, inv_degree=inv_degree,
                             node_count=node_count.clamp(min=1), comm=self.comm,
-                            edge_chunk_size=self.edge_chunk_size, split=split)
+                            edge_chunk_size=self.edge_chunk_size, split=split, moving=moving,
+                            moving_count=moving_count)
+
+    def moving_nodes(self, moving: Tensor | None, batch: Tensor, num_graphs: int,
+                     pos: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The checked mask and its per-graph count over all processes, (B, 1); (None, None) without a mask."""
+        if moving is None:
+            return None, None
+        if moving.shape != (pos.shape[0],) or moving.dtype != torch.bool:
+            raise ValueError(f"{type(self).__name__}: moving must be a bool (N,) = ({pos.shape[0]},) mask; got "
+                             f"{moving.dtype} of shape {tuple(moving.shape)}")
+        moving = moving.to(pos.device)
+        (count,) = self.comm.sum_over_parts(count_per_segment(batch[moving], num_graphs, pos.dtype).unsqueeze(1))
+        return moving, count
 
 
 class EGNN(EquivariantModel):
@@ -388,7 +434,9 @@ class EGNN(EquivariantModel):
         comm: communication seam, default single process.
 
     Call: ``model(node_features (N, F), pos (N, 3), vel (N, 3), edge_index (2, E), edge_attr (E, D),
-    batch (N,), num_graphs, node_attr (N, A))`` -> ``Prediction(pos (N, 3), None)``.
+    batch (N,), num_graphs, node_attr (N, A), moving (N,))`` -> ``Prediction(pos (N, 3), None)``. ``moving``
+    (bool, walls False) is accepted and checked so that every model takes the same inputs; EGNN has no per-graph
+    mean for it to change.
     """
 
     def __init__(self, node_features: int = 2, edge_features: int = 2, node_attrs: int = 0, hidden: int = 64,
@@ -398,8 +446,8 @@ class EGNN(EquivariantModel):
 
     def forward(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
                 edge_attr: Tensor | None = None, batch: Tensor | None = None, num_graphs: int | None = None,
-                node_attr: Tensor | None = None) -> Prediction:
-        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr)
+                node_attr: Tensor | None = None, moving: Tensor | None = None) -> Prediction:
+        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr, moving)
         h = self.embed(node_features, pos)
         for layer in self.layers:
             h, pos = layer(h, pos, vel, ctx)

@@ -11,9 +11,16 @@ One layer reads (h, x, S, Z) and writes all four; every term uses the layer's in
     h_i'  = h_i + phi_h([h_i, mean_j m_ij, mean_c m_ic, a_i])                        (6) real features
     s_c'  = s_c + phi_hv([s_c, mean_i m_ic])                                         (7) virtual features
 
-``mean_i`` runs over ALL real nodes of the graph. When a graph is split over processes, those means (and
-the centroid) are the only global quantities; they go through ``ctx.graph_means`` / ``ctx.means_of_sums``,
+``mean_i`` of (5) and (7) runs over ALL real nodes of the graph. When a graph is split over processes, those
+means and the centroid are the only global quantities; they go through ``ctx.centroid`` / ``ctx.means_of_sums``,
 which sum over processes via the injected communicator, so this file is the same for one and many processes.
+
+Walls (``moving`` False, node scalar ``type`` 1; docs/maths.md §8): the centroid x̄ of (2), where the virtual
+nodes also start, is the mean of the moving nodes only (the fluid's centroid, not the wall shell's; all nodes
+of a graph that has no moving one). Walls stay senders of m_ic: (3) runs for them, and the means over i of (5)
+and (7) count them, divided by the number of all real nodes, so the virtual nodes hear where the walls are.
+A wall's (4) is computed and discarded by the trainer, its (6) kept (its features shape the messages it sends).
+Without a mask every mean is over all real nodes, exactly as before walls existed.
 
 Shapes: N real nodes, B graphs, C virtual nodes per graph, H hidden.
     h (N, H)  pos (N, 3)  vel (N, 3)  virtual_h (B, H, C)  virtual_pos (B, 3, C)
@@ -52,10 +59,10 @@ class FastEGNNLayer(EGNNLayer):
             h_all, pos_all = ctx.comm.exchange_halo(h, pos)
             h_all, h_read = self.mlp_reads(h, h_all, pos)                                  # bf16 under autocast
             message, displacement = self.real_messages(h_all, pos_all, ctx)               # (1)
-            (centroid,) = ctx.graph_means(pos)
+            centroid = ctx.centroid(pos)
         else:
             halo = ctx.comm.start_halo(h, pos)
-            centroid_mean = ctx.start_graph_means(pos)
+            centroid_mean = ctx.start_centroid(pos)
             h_read = self.mlp_read(h, pos)
             interior = self.interior_sums(h_read, pos, ctx)                                # (1), senders owned here
             (centroid,) = centroid_mean.wait()
@@ -129,14 +136,16 @@ class FastEGNNLayer(EGNNLayer):
 class FastEGNN(EquivariantModel):
     """FastEGNN: embedding Linear(F -> H), C virtual nodes, ``layers`` FastEGNN layers; outputs positions.
 
-    Virtual coordinates start at the centroid of each graph's input positions; virtual features start from
-    one learned (H, C) parameter shared by all graphs, which is what makes the C virtual nodes distinct.
+    Virtual coordinates start at the centroid of each graph's input positions (of its moving nodes); virtual
+    features start from one learned (H, C) parameter shared by all graphs, which is what makes the C virtual
+    nodes distinct.
 
     Args: as :class:`~dist_egnn.models.egnn.EGNN`, plus ``virtual_channels`` (C). With the defaults
     (F = 2, D = 2, A = 0, H = 64, 4 layers, C = 3) the model has 284,804 trainable parameters.
 
-    Call: ``model(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr)`` ->
-    ``Prediction(pos (N, 3), virtual_pos (B, 3, C))``.
+    Call: ``model(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr, moving)`` ->
+    ``Prediction(pos (N, 3), virtual_pos (B, 3, C))``; ``moving`` (N,) bool marks the nodes that are not walls
+    (module docstring, walls), None: every node.
     """
 
     def __init__(self, node_features: int = 2, edge_features: int = 2, node_attrs: int = 0, hidden: int = 64,
@@ -151,10 +160,10 @@ class FastEGNN(EquivariantModel):
 
     def forward(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
                 edge_attr: Tensor | None = None, batch: Tensor | None = None, num_graphs: int | None = None,
-                node_attr: Tensor | None = None) -> Prediction:
-        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr)
+                node_attr: Tensor | None = None, moving: Tensor | None = None) -> Prediction:
+        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr, moving)
         h = self.embed(node_features, pos)
-        (centroid,) = ctx.graph_means(pos)
+        centroid = ctx.centroid(pos)                                                        # the moving nodes'
         virtual_pos = centroid.unsqueeze(-1).expand(-1, -1, self.virtual_channels)          # (B, 3, C)
         virtual_h = self.virtual_h_init.unsqueeze(0).expand(ctx.num_graphs, -1, -1)          # (B, H, C)
         for layer in self.layers:

@@ -58,7 +58,7 @@ class ConstantVelocity(torch.nn.Module):
         super().__init__()
         self.per_displacement = per_displacement
 
-    def forward(self, node_features, pos, vel, edge_index, edge_attr=None, batch=None, num_graphs=None):
+    def forward(self, node_features, pos, vel, edge_index, edge_attr=None, batch=None, num_graphs=None, **_):
         return Prediction(pos + vel / self.per_displacement, None)
 
 
