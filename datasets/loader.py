@@ -41,6 +41,7 @@ class GraphSample:
     scene: int
     frame: int
     moving: np.ndarray | None = None
+    gravity: np.ndarray | None = None   # (3,) the external field in the task's units; None: none
 
 
 @dataclass
@@ -70,6 +71,7 @@ class GraphBatch:
     batch: torch.Tensor           # (N,)
     num_graphs: int
     moving: torch.Tensor | None = None   # (N,) bool: not a wall (scored, moved); None: every node
+    gravity: torch.Tensor | None = None  # (B, 3) external field per graph, task units (task_gravity); None: none
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "GraphBatch":
         moved = {}
@@ -86,8 +88,9 @@ class GraphBatch:
         """Keyword arguments for ``EGNN``/``FastEGNN.forward``; ``moving`` only for a store with walls' ``type``
         (FastEGNN's centroid averages the moving nodes, docs/maths.md §8)."""
         walls = {} if self.moving is None else {"moving": self.moving}
+        field = {} if self.gravity is None else {"gravity": self.gravity}       # dataset.gravity, docs/maths.md §8
         return dict(node_features=self.node_features, pos=self.pos, vel=self.vel, edge_index=self.edge_index,
-                    edge_attr=self.edge_attr, batch=self.batch, num_graphs=self.num_graphs, **walls)
+                    edge_attr=self.edge_attr, batch=self.batch, num_graphs=self.num_graphs, **walls, **field)
 
 
 def collate(samples: list[GraphSample]) -> GraphBatch:
@@ -97,10 +100,12 @@ def collate(samples: list[GraphSample]) -> GraphBatch:
     cat = lambda name: torch.from_numpy(np.concatenate([getattr(s, name) for s in samples]))  # noqa: E731
     edge_index = np.concatenate([s.edge_index + off for s, off in zip(samples, offsets)], axis=1)
     moving = None if any(s.moving is None for s in samples) else cat("moving")
+    gravity = None if any(s.gravity is None for s in samples) else torch.from_numpy(
+        np.stack([s.gravity for s in samples]))
     return GraphBatch(node_features=cat("node_features"), pos=cat("pos"), vel=cat("vel"), target=cat("target"),
                       edge_index=torch.from_numpy(edge_index), edge_attr=cat("edge_attr"),
                       batch=torch.from_numpy(np.repeat(np.arange(len(samples)), sizes)),
-                      num_graphs=len(samples), moving=moving)
+                      num_graphs=len(samples), moving=moving, gravity=gravity)
 
 
 VELOCITY_UNITS = ("store", "horizon")
@@ -121,6 +126,38 @@ def velocity_scale(unit: str, delta_t: int, frame_dt: float) -> float:
     raise ConfigError(f"dataset.velocity_unit={unit!r}: choose one of {VELOCITY_UNITS}")
 
 
+def check_gravity(value) -> np.ndarray | None:
+    """``dataset.gravity`` as a (3,) float64 array (None: no external field); a ConfigError unless it is a list of 3
+    finite numbers."""
+    if value is None:
+        return None
+    fix = "give a list of 3 finite numbers in the store's length / time² (e.g. [0, -9.81, 0]) or null (no field)"
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ConfigError(f"dataset.gravity={value!r}: {fix}")
+    values = list(value)
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"dataset.gravity={values!r}: {fix}")
+    g = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(g)):
+        raise ConfigError(f"dataset.gravity={values!r} is not finite: {fix}")
+    return g
+
+
+def task_gravity(value, unit: str, delta_t: int, frame_dt: float) -> np.ndarray | None:
+    """``dataset.gravity`` (length / time² in the store's units, e.g. m/s²) in the task's units, (3,) float32, or
+    None for no field.
+
+    Scaled as the velocities are (:func:`velocity_scale`, s): a velocity v in the task's units is v · s, so an
+    acceleration is g · s². ``horizon`` (s = Δt · dt, the task step T): g · T², the displacement scale of one task
+    step (a free fall covers g T² / 2), of the same order as the inputs and the target displacement. ``store``
+    (s = 1): as given, in the store's units, like the velocities. The model's phi_g learns the rest of the scale.
+    """
+    g = check_gravity(value)
+    if g is None:
+        return None
+    return (g * velocity_scale(unit, delta_t, frame_dt) ** 2).astype(np.float32)
+
+
 class TrajectoryDataset:
     """The samples of one split of a store, read on demand.
 
@@ -135,13 +172,15 @@ class TrajectoryDataset:
         max_neighbors: optional cap of senders per receiver. cutoff_rate: edge dropping (docs/maths.md §2).
         velocity_scale: factor applied to the stored velocities as they are read (inputs and the speed
             feature alike); see ``velocity_scale``.
+        gravity: the external field of every graph, (3,) in the task's units (:func:`task_gravity`); None: none.
     """
 
     def __init__(self, info: StoreInfo, split: str, *, delta_t: int, frame_start: int = 0,
                  frame_stop: int | None = None, frame_stride: int = 1, node_features: list[str],
                  edge_features: list[str], radius: float | None = None, max_neighbors: int | None = None,
-                 cutoff_rate: float = 0.0, velocity_scale: float = 1.0):
+                 cutoff_rate: float = 0.0, velocity_scale: float = 1.0, gravity: np.ndarray | None = None):
         self.info = info
+        self.gravity = None if gravity is None else np.asarray(gravity, dtype=np.float32).reshape(3)
         self.split = split
         self.meta = info.splits[split]
         where = f"{info.path}/{split}"
@@ -281,7 +320,7 @@ class TrajectoryDataset:
                            node_features=node_features(self.node_recipe, vel, scalars, names),
                            edge_index=edge_index,
                            edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names),
-                           scene=scene, frame=frame, moving=self.moving_of(scalars))
+                           scene=scene, frame=frame, moving=self.moving_of(scalars), gravity=self.gravity)
 
     def batches(self, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> Iterator[GraphBatch]:
         """Batches of the whole split; with ``shuffle`` the order depends only on (seed, epoch)."""

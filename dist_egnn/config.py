@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from dist_egnn.datasets.gns import GNSConfig
+from dist_egnn.datasets.loader import check_gravity
 from dist_egnn.datasets.md import MDConfig
 from dist_egnn.datasets.nbody import NBodyConfig
 from dist_egnn.datasets.sph import SPHConfig
@@ -49,6 +50,11 @@ class DatasetConfig:
     frame_stride: int = 1
     velocity_unit: str = "store"              # store: as stored | horizon: v · delta_t · dt
                                               # (displacement per task step)
+    # External field of every graph (docs/maths.md §8): [gx, gy, gz] in the store's length / time² (the SPH fluids:
+    # [0, -9.81, 0], what datasets/sph.py simulates), scaled into the task's units as the velocities are
+    # (datasets/loader.py task_gravity); null: none (N-body, proteins). Set: the model gets phi_g (model weights
+    # differ from a run without it). Any: a list of 3 finite numbers or null, checked by check() (ConfigError).
+    gravity: Any = None
     node_features: list[str] = field(default_factory=lambda: ["speed"])
     edge_features: list[str] = field(default_factory=lambda: ["distance", "distance"])
     radius: Optional[float] = None            # None: the store's own radius (None there: complete graph)
@@ -76,6 +82,8 @@ class ModelConfig:
     edge_features: int = II("len:${dataset.edge_features}")
     node_attrs: int = 0
     cutoff_rate: float = 0.0                  # edge dropping r (docs/maths.md §2), applied when graphs are built
+    normalize: bool = False                   # term (4)'s real-real sum reads (x_i - x_j) / (|x_i - x_j| + 1e-8),
+                                              # the norm detached: the authors' N-body choice (docs/maths.md §8)
     edge_chunk_size: Any = "auto"             # edges per recomputed chunk: auto (CPU 16384, CUDA from free memory) | N
     compile: bool = False                     # torch.compile the model's dense per-node work (see README: measured)
 
@@ -381,6 +389,10 @@ def check(cfg: DictConfig | Config) -> None:
         problems.append(f"model.edge_features={cfg.model.edge_features} but dataset.edge_features lists "
                         f"{len(cfg.dataset.edge_features)} features {list(cfg.dataset.edge_features)}: "
                         f"remove the model.edge_features override or change the recipe")
+    try:
+        check_gravity(cfg.dataset.get("gravity"))
+    except ConfigError as err:
+        problems.append(str(err))
     weights = part_weights_problem(cfg.distributed.get("part_weights", "uniform"), cfg.distributed.parts)
     if weights:
         problems.append(weights)

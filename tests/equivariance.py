@@ -6,7 +6,9 @@ compares
 
     f(π·(Q x + t), π·(Q v), π·features, π·edges)   with   π·(Q f(x, v, ...) + t)
 
-Positions translate, velocities only rotate, invariant features and edge attributes are untouched.
+Positions translate, velocities only rotate, invariant features and edge attributes are untouched. A graph
+with an external field (``gravity``, (B, 3) per graph) has it rotated with the velocities: the model is then
+checked for f(Q x + t, Q v, Q g) = Q f(x, v, g) + t (docs/maths.md §8).
 The error is relative: max |difference| / max |output|, with a tolerance per dtype (float64 is the
 reference precision).
 """
@@ -31,14 +33,20 @@ class Graph:
     edge_attr: torch.Tensor       # (E, D)
     batch: torch.Tensor           # (N,)
     num_graphs: int
+    gravity: torch.Tensor | None = None   # (B, 3) external field per graph; None: none
 
     def to(self, dtype: torch.dtype) -> "Graph":
         return replace(self, node_features=self.node_features.to(dtype), pos=self.pos.to(dtype),
-                       vel=self.vel.to(dtype), edge_attr=self.edge_attr.to(dtype))
+                       vel=self.vel.to(dtype), edge_attr=self.edge_attr.to(dtype),
+                       gravity=None if self.gravity is None else self.gravity.to(dtype))
 
     def kwargs(self) -> dict:
-        return dict(node_features=self.node_features, pos=self.pos, vel=self.vel, edge_index=self.edge_index,
-                    edge_attr=self.edge_attr, batch=self.batch, num_graphs=self.num_graphs)
+        """The model's keyword arguments (``gravity`` only when the graph has a field)."""
+        out = dict(node_features=self.node_features, pos=self.pos, vel=self.vel, edge_index=self.edge_index,
+                   edge_attr=self.edge_attr, batch=self.batch, num_graphs=self.num_graphs)
+        if self.gravity is not None:
+            out["gravity"] = self.gravity
+        return out
 
 
 def random_orthogonal(generator: torch.Generator, reflect: bool, dtype=torch.float64) -> torch.Tensor:
@@ -51,7 +59,8 @@ def random_orthogonal(generator: torch.Generator, reflect: bool, dtype=torch.flo
 
 
 def transform(graph: Graph, rotation: torch.Tensor, translation: torch.Tensor, perm: torch.Tensor) -> Graph:
-    """Apply x -> Q x + t, v -> Q v and relabel nodes so that new node k is old node perm[k]."""
+    """Apply x -> Q x + t, v -> Q v, g -> Q g (a per-graph field: rotated, neither translated nor permuted)
+    and relabel nodes so that new node k is old node perm[k]."""
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(len(perm))
     return replace(graph,
@@ -59,7 +68,8 @@ def transform(graph: Graph, rotation: torch.Tensor, translation: torch.Tensor, p
                    pos=(graph.pos @ rotation.T + translation)[perm],
                    vel=(graph.vel @ rotation.T)[perm],
                    edge_index=inverse[graph.edge_index],
-                   batch=graph.batch[perm])
+                   batch=graph.batch[perm],
+                   gravity=None if graph.gravity is None else graph.gravity @ rotation.T)
 
 
 def equivariance_error(fn: Callable[[Graph], torch.Tensor], graph: Graph, dtype: torch.dtype, *,
@@ -95,8 +105,9 @@ def assert_equivariant(fn: Callable[[Graph], torch.Tensor], graph: Graph, dtype:
 
 
 def random_graph(num_graphs: int = 2, nodes: int = 12, node_features: int = 2, edge_features: int = 2,
-                 radius: float = 1.6, seed: int = 0) -> Graph:
-    """A small batch of random geometric graphs: radius graphs over Gaussian point clouds."""
+                 radius: float = 1.6, seed: int = 0, gravity: bool = False) -> Graph:
+    """A small batch of random geometric graphs: radius graphs over Gaussian point clouds; with ``gravity`` a
+    random field per graph (different directions and lengths, so a mix-up of graphs shows)."""
     gen = torch.Generator().manual_seed(seed)
     pos = torch.randn(num_graphs * nodes, 3, generator=gen, dtype=torch.float64)
     batch = torch.arange(num_graphs).repeat_interleave(nodes)
@@ -108,4 +119,5 @@ def random_graph(num_graphs: int = 2, nodes: int = 12, node_features: int = 2, e
                  pos=pos, vel=torch.randn(len(pos), 3, generator=gen, dtype=torch.float64),
                  edge_index=edge_index,
                  edge_attr=torch.randn(edge_index.shape[1], edge_features, generator=gen, dtype=torch.float64),
-                 batch=batch, num_graphs=num_graphs)
+                 batch=batch, num_graphs=num_graphs,
+                 gravity=torch.randn(num_graphs, 3, generator=gen, dtype=torch.float64) if gravity else None)

@@ -251,3 +251,32 @@ def test_normalization_is_checked_against_its_choices():
     schema.check(composed("config", "trainer.normalization=rms"))
     with pytest.raises(ConfigError, match=r"trainer\.normalization='std': choose one of \('none', 'rms'\)"):
         schema.check(composed("config", "trainer.normalization=std"))
+
+
+# ------------------------------------------------------------------------------------ dataset.gravity, normalize
+def test_gravity_is_on_for_the_sph_fluids_and_off_elsewhere():
+    """issue 17 item 2: the SPH fluids (and the GNS Water-3D converter) give every graph gravity as datasets/sph.py
+    simulates it; N-body, proteins and the synthetic sets have none."""
+    on = {"fluid_small", "water3d_like", "fluid113k", "water3d"}
+    for path in DATASET_YAMLS:
+        gravity = composed("config", f"dataset={path.stem}").dataset.gravity
+        assert (list(gravity) == [0.0, -9.81, 0.0]) if path.stem in on else gravity is None, path.stem
+
+
+@pytest.mark.parametrize("value", ["[0,-9.81]", "[0,.nan,0]", "[0,.inf,0]", "[a,b,c]", "9.81", "[true,0,0]",
+                                   "[0,0,0,0]"])
+def test_gravity_that_is_not_three_finite_numbers_is_a_config_error(value):
+    from dist_egnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dataset\.gravity=.*3 finite numbers"):
+        schema.check(composed("config", f"dataset.gravity={value}"))
+    schema.check(composed("config", "dataset.gravity=[0,-9.81,0]"))
+    schema.check(composed("config", "dataset.gravity=null"))
+
+
+def test_model_normalize_defaults_off_and_the_nbody_study_turns_it_on():
+    """issue 17 item 5: the authors' N-body configuration normalises x_i - x_j; the N-body study does as they do."""
+    assert composed("config").model.normalize is False
+    assert composed("config", "model.normalize=true").model.normalize is True
+    study = yaml.safe_load((CONF / "study" / "nbody.yaml").read_text())
+    assert "model.normalize=true" in study["common"]

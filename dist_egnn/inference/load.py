@@ -71,7 +71,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
         device: where the model lives (``"cpu"``, ``"cuda"``, ...).
         dtype: ``"float32"``/``"float64"`` (or a torch dtype); None: the run's ``trainer.dtype``.
     """
-    from dist_egnn.training.setup import build_model  # lazy: `import dist_egnn` stays light
+    from dist_egnn.training.setup import build_model, has_external_field  # lazy: `import dist_egnn` stays light
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -89,7 +89,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
         raise RunError(f"{best} holds no 'model' state dict; it is not a dist-egnn best.pt: train the run again")
     dtype = _dtype(dtype if dtype is not None else cfg.trainer.get("dtype", "float32"))
     try:
-        model = build_model(cfg.model, device)
+        model = build_model(cfg.model, device, external_field=has_external_field(cfg.dataset))
     except BadInput as err:
         raise RunError(f"{run_dir / CONFIG_FILE}: {err}") from err
     except (TypeError, ValueError, KeyError, AttributeError) as err:   # widths that cannot build a model
@@ -136,7 +136,8 @@ def check_state(model: torch.nn.Module, state: dict[str, Any], cfg: DictConfig, 
               f"model.virtual_channels={m.get('virtual_channels')}, model.node_features={m.get('node_features')} "
               f"(dataset.node_features={list(d.get('node_features', []))}), "
               f"model.edge_features={m.get('edge_features')} "
-              f"(dataset.edge_features={list(d.get('edge_features', []))})")
+              f"(dataset.edge_features={list(d.get('edge_features', []))}), "
+              f"dataset.gravity={d.get('gravity')} (set: phi_g, field_mlp, in every layer)")
     found = []
     if shapes:
         found.append("shapes differ: " + "; ".join(f"{k} {a} in best.pt, {b} from config.yaml"

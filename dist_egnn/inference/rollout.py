@@ -46,7 +46,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dist_egnn.datasets.graphs import drop_longest_edges, edge_features, graph_edges, node_features
-from dist_egnn.datasets.loader import GraphBatch, GraphSample, collate, velocity_scale
+from dist_egnn.datasets.loader import GraphBatch, GraphSample, collate, task_gravity, velocity_scale
 from dist_egnn.datasets.store import StoreInfo
 from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.keys import SPLITS
@@ -224,10 +224,51 @@ def model_inputs(graph: GraphBatch, cfg: DictConfig) -> dict[str, Any]:
     """The keyword arguments of the model's forward for one batch, as the trainer passes them
     (``training.trainer.forward_loss``: ``graph.model_inputs()``).
 
-    GRAVITY (issue 17 item 2): this is the one place a rollout hands the model its per-graph inputs; when
-    ``dataset.gravity`` reaches the trainer's forward, pass it here the same way.
+    The per-graph inputs travel on the batch as in training: ``gravity`` (B, 3), the run's ``dataset.gravity``
+    in the task's units (``datasets.loader.task_gravity``, put on every sample by :func:`predict_step`), and
+    the walls' ``moving`` mask.
     """
     return graph.model_inputs()
+
+
+@dataclass
+class RolloutPlan:
+    """What a rollout covers: the chosen scenes of ``split`` from input frame ``start``, ``todo`` of the
+    ``requested`` steps of ``delta_t`` frames (fewer when the trajectory ends first: ``stopped`` says so), the
+    scenes grouped ``batches`` (indices into ``scenes``) per forward."""
+
+    split: str
+    start: int
+    delta_t: int
+    requested: int
+    todo: int
+    scenes: list[int]
+    batches: list[list[int]]
+    stopped: str | None
+
+
+@dataclass
+class RolloutState:
+    """The chosen scenes' nodes concatenated (``ptr``): the current inputs (``pos`` in the model's dtype, ``vel``
+    in the training units), what stays fixed, and the trajectories kept so far (one entry per step)."""
+
+    read: Callable[[str, int], np.ndarray]    # read(name, t): stored array ``name`` of the chosen scenes at frame t
+    ptr: np.ndarray
+    scalars: np.ndarray
+    moving: np.ndarray
+    typed: bool                               # the store marks walls (``type``): the model gets ``moving``
+    gravity: np.ndarray | None                # (3,) dataset.gravity in the task's units; None: no field
+    pos: np.ndarray
+    vel: np.ndarray
+    first_displacement: np.ndarray            # v_0 as displacement per task step (the constant-velocity reference)
+    pred: list[np.ndarray] = field(default_factory=list)
+    truth: list[np.ndarray] = field(default_factory=list)
+    base: list[np.ndarray] = field(default_factory=list)
+    out_vel: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def walls(self) -> np.ndarray:
+        return ~self.moving
 
 
 def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: str, steps: int, *,
@@ -244,6 +285,39 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
             scenes of the split (None: all). batch_size: scenes per forward (None: ``trainer.eval_batch_size``).
         parts: P parts per step (see :class:`Parts`). dtype: the model's dtype (the state is kept in it).
     """
+    plan = plan_rollout(cfg, info, split, steps, start, scenes, batch_size, parts)
+    recipe = GraphRecipe.of(cfg, info)
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    state = initial_state(cfg, info, plan, np_dtype)
+    result = Rollout(split=split, start=plan.start, delta_t=plan.delta_t, requested=steps, scenes=plan.scenes,
+                     scene_ptr=state.ptr, pred=None, vel=None, truth=None, baseline=None, scalars=state.scalars,
+                     moving=state.moving, cut_fraction=[] if parts.parts > 1 else None, stopped=plan.stopped)
+    bar = tqdm(total=plan.todo * len(plan.batches), desc="rollout", unit="batch", disable=not progress)
+    model_eval = getattr(model, "eval", None)
+    if callable(model_eval):
+        model_eval()
+    _, per_displacement = displacement_factor(cfg, info)
+    for k in range(1, plan.todo + 1):
+        new_pos, cuts = predict_step(model, cfg, state, plan, recipe, parts, k, device, dtype, bar)
+        new_pos[state.walls] = state.pos[state.walls]
+        if not np.all(np.isfinite(new_pos)):
+            bad = int((~np.isfinite(new_pos).all(axis=1)).sum())
+            result.stopped = (f"stopped after {k - 1} of {steps} steps: the predictions of step {k} hold NaN or Inf "
+                              f"at {bad} nodes (the model diverged)")
+            break
+        truth = state.read("pos", plan.start + k * plan.delta_t).astype(np.float64)
+        advance(state, new_pos, truth, per_displacement, store_step_time(info, plan))
+        record_errors(result, state, truth, cuts)
+        bar.set_postfix(step=k, mse=f"{result.mse[-1]:.4g}", const_vel=f"{result.baseline_mse[-1]:.4g}")
+    bar.close()
+    result.pred, result.truth, result.baseline = np.stack(state.pred), np.stack(state.truth), np.stack(state.base)
+    result.vel = np.stack(state.out_vel)
+    return result
+
+
+def plan_rollout(cfg: DictConfig, info: StoreInfo, split: str, steps: int, start: int | None, scenes: int | None,
+                 batch_size: int | None, parts: Parts) -> RolloutPlan:
+    """Check the request and resolve its defaults from the run's configuration (see :func:`rollout`)."""
     if steps < 1:
         raise RolloutError(f"steps={steps}: a rollout needs at least one step; set steps=K with K >= 1")
     parts.check()
@@ -256,93 +330,105 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
     if not chosen:
         raise RolloutError(f"scenes={scenes}: choose at least one scene (the split has {meta.num_scenes})")
     batch_size = int(batch_size or cfg.trainer.get("eval_batch_size", 1) or 1)
-    recipe = GraphRecipe.of(cfg, info)
-    scale, per_displacement = displacement_factor(cfg, info)
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
     available = available_steps(info, split, start, delta_t)
     todo = min(steps, available)
     stopped = None
     if todo < steps:
         stopped = (f"stopped after {todo} of {steps} steps: {info.path}/{split} ends at frame {meta.num_frames - 1}, "
                    f"so input frame {start} has ground truth for {available} steps of {delta_t} frames")
+    batches = [list(range(i, min(i + batch_size, len(chosen)))) for i in range(0, len(chosen), batch_size)]
+    return RolloutPlan(split=split, start=start, delta_t=delta_t, requested=steps, todo=todo, scenes=chosen,
+                       batches=batches, stopped=stopped)
 
-    group = zarr.open_group(str(info.path), mode="r")[split]
-    slices = [meta.scene_nodes(s) for s in chosen]
+
+def initial_state(cfg: DictConfig, info: StoreInfo, plan: RolloutPlan, np_dtype) -> RolloutState:
+    """The stored state of the chosen scenes at the input frame, as the loader feeds it (step 0 of every
+    trajectory); a :class:`RolloutError` when every node is a wall."""
+    meta = info.splits[plan.split]
+    group = zarr.open_group(str(info.path), mode="r")[plan.split]
+    slices = [meta.scene_nodes(s) for s in plan.scenes]
     sizes = np.array([sl.stop - sl.start for sl in slices])
     ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
-    def frame(name: str, t: int) -> np.ndarray:
+    def read(name: str, t: int) -> np.ndarray:
         return np.concatenate([np.asarray(group[name][t, sl]) for sl in slices])
 
     scalars = np.concatenate([np.asarray(group["node_scalars"][sl]) for sl in slices]).astype(np.float32)
+    typed = WALL_SCALAR in info.node_scalars       # the model gets the walls mask as the loader gives it
     moving = np.ones(len(scalars), dtype=bool)
-    if WALL_SCALAR in info.node_scalars:
+    if typed:
         moving = scalars[:, info.node_scalars.index(WALL_SCALAR)] != WALL_TYPE
-    walls = ~moving
     if not moving.any():
-        raise RolloutError(f"{info.path}/{split}: every node of the chosen scenes is a wall ({WALL_SCALAR}="
+        raise RolloutError(f"{info.path}/{plan.split}: every node of the chosen scenes is a wall ({WALL_SCALAR}="
                            f"{WALL_TYPE}); there is nothing to predict: choose other scenes or another store")
-
-    stored_vel = frame("vel", start)
+    d = cfg.dataset
+    unit = d.get("velocity_unit", "store")
+    scale, per_displacement = displacement_factor(cfg, info)
+    stored_vel = read("vel", plan.start)
     if scale != 1.0:                                   # exactly as the loader scales (float32)
         stored_vel = (stored_vel * np.float32(scale)).astype(np.float32)
-    pos = frame("pos", start).astype(np_dtype)
+    pos = read("pos", plan.start).astype(np_dtype)
     vel = stored_vel.astype(np_dtype)                  # step 1 sees what the loader feeds (walls included)
-    first_displacement = vel / np_dtype(per_displacement)      # v_0 as displacement per task step
-    out_vel = [frame("vel", start).astype(np.float32)]
-    pred, truth, base = [pos.copy()], [pos.copy()], [pos.copy()]
-    result = Rollout(split=split, start=start, delta_t=delta_t, requested=steps, scenes=chosen, scene_ptr=ptr,
-                     pred=None, vel=None, truth=None, baseline=None, scalars=scalars, moving=moving,
-                     cut_fraction=[] if parts.parts > 1 else None, stopped=stopped)
-    batches = [list(range(i, min(i + batch_size, len(chosen)))) for i in range(0, len(chosen), batch_size)]
-    bar = tqdm(total=todo * len(batches), desc="rollout", unit="batch", disable=not progress)
-    store_per_displacement = 1.0 / (float(delta_t) * float(info.attrs["dt"]))
-    model_eval = getattr(model, "eval", None)
-    if callable(model_eval):
-        model_eval()
-    for k in range(1, todo + 1):
-        new_pos = np.empty_like(pos)
-        cuts = []
-        for members in batches:
-            samples = []
-            for b in members:
-                sl = slice(ptr[b], ptr[b + 1])
-                g = build_graph(pos[sl], vel[sl], scalars[sl], recipe, parts)
-                if g.cut_fraction is not None:
-                    cuts.append(g.cut_fraction)
-                samples.append(GraphSample(pos=pos[sl], vel=vel[sl], target=pos[sl], node_features=g.node_features,
-                                           edge_index=g.edge_index, edge_attr=g.edge_attr, scene=chosen[b],
-                                           frame=start + (k - 1) * delta_t))
-            graph = collate(samples).to(device, dtype)
-            with torch.no_grad():
-                out = model(**model_inputs(graph, cfg))
-            rows = slice(ptr[members[0]], ptr[members[-1] + 1])
-            new_pos[rows] = out.pos.detach().to("cpu", dtype).numpy()
-            bar.update(1)
-        new_pos[walls] = pos[walls]
-        if not np.all(np.isfinite(new_pos)):
-            bad = int((~np.isfinite(new_pos).all(axis=1)).sum())
-            result.stopped = (f"stopped after {k - 1} of {steps} steps: the predictions of step {k} hold NaN or Inf "
-                              f"at {bad} nodes (the model diverged)")
-            break
-        displacement = new_pos - pos
-        vel = displacement * np_dtype(per_displacement)
-        pos = new_pos
-        true_k = frame("pos", start + k * delta_t).astype(np.float64)
-        base_k = base[-1] + first_displacement
-        base_k[walls] = base[0][walls]
-        mse = float(np.mean(np.square(pos[moving].astype(np.float64) - true_k[moving])))
-        base_mse = float(np.mean(np.square(base_k[moving].astype(np.float64) - true_k[moving])))
-        pred.append(pos.copy())
-        truth.append(true_k.astype(np_dtype))
-        base.append(base_k)
-        out_vel.append((displacement * store_per_displacement).astype(np.float32))
-        result.mse.append(mse)
-        result.baseline_mse.append(base_mse)
-        if result.cut_fraction is not None:
-            result.cut_fraction.append(float(np.mean(cuts)))
-        bar.set_postfix(step=k, mse=f"{mse:.4g}", const_vel=f"{base_mse:.4g}")
-    bar.close()
-    result.pred, result.truth, result.baseline = np.stack(pred), np.stack(truth), np.stack(base)
-    result.vel = np.stack(out_vel)
-    return result
+    return RolloutState(read=read, ptr=ptr, scalars=scalars, moving=moving, typed=typed,
+                        gravity=task_gravity(d.get("gravity"), unit, plan.delta_t, info.attrs["dt"]),
+                        pos=pos, vel=vel, first_displacement=vel / np_dtype(per_displacement),
+                        pred=[pos.copy()], truth=[pos.copy()], base=[pos.copy()],
+                        out_vel=[read("vel", plan.start).astype(np.float32)])
+
+
+def predict_step(model: Callable[..., Any], cfg: DictConfig, state: RolloutState, plan: RolloutPlan,
+                 recipe: GraphRecipe, parts: Parts, k: int, device, dtype: torch.dtype, bar) -> tuple[np.ndarray, list]:
+    """Step k: every batch of scenes' graph built at the current state and the model's positions (N, 3) (walls
+    as the model returned them), with the cut fraction of every scene's partition (P > 1; else empty)."""
+    new_pos = np.empty_like(state.pos)
+    cuts = []
+    ptr = state.ptr
+    for members in plan.batches:
+        samples = []
+        for b in members:
+            sl = slice(ptr[b], ptr[b + 1])
+            g = build_graph(state.pos[sl], state.vel[sl], state.scalars[sl], recipe, parts)
+            if g.cut_fraction is not None:
+                cuts.append(g.cut_fraction)
+            samples.append(GraphSample(pos=state.pos[sl], vel=state.vel[sl], target=state.pos[sl],
+                                       node_features=g.node_features, edge_index=g.edge_index, edge_attr=g.edge_attr,
+                                       scene=plan.scenes[b], frame=plan.start + (k - 1) * plan.delta_t,
+                                       moving=state.moving[sl] if state.typed else None, gravity=state.gravity))
+        graph = collate(samples).to(device, dtype)
+        with torch.no_grad():
+            out = model(**model_inputs(graph, cfg))
+        rows = slice(ptr[members[0]], ptr[members[-1] + 1])
+        new_pos[rows] = out.pos.detach().to("cpu", dtype).numpy()
+        bar.update(1)
+    return new_pos, cuts
+
+
+def store_step_time(info: StoreInfo, plan: RolloutPlan) -> float:
+    """Store velocity units per unit of displacement per task step: 1 / (Δt · dt)."""
+    return 1.0 / (float(plan.delta_t) * float(info.attrs["dt"]))
+
+
+def advance(state: RolloutState, new_pos: np.ndarray, truth: np.ndarray, per_displacement: float,
+            store_per_displacement: float) -> None:
+    """Feed the step's predictions back: the next inputs (velocity from the displacement, in training units)
+    and the step's entries of the trajectories (prediction, ``truth`` (N, 3), constant velocity)."""
+    np_dtype = state.pos.dtype.type
+    displacement = new_pos - state.pos
+    state.vel = displacement * np_dtype(per_displacement)
+    state.pos = new_pos
+    base_k = state.base[-1] + state.first_displacement
+    base_k[state.walls] = state.base[0][state.walls]
+    state.pred.append(new_pos.copy())
+    state.truth.append(truth.astype(np_dtype))
+    state.base.append(base_k)
+    state.out_vel.append((displacement * store_per_displacement).astype(np.float32))
+
+
+def record_errors(result: Rollout, state: RolloutState, truth: np.ndarray, cuts: list[float]) -> None:
+    """The step just advanced: the MSE over the moving nodes of the prediction and of constant velocity against
+    ``truth`` (N, 3) float64, and the mean cut fraction of its partitions (P > 1)."""
+    moving = state.moving
+    result.mse.append(float(np.mean(np.square(state.pos[moving].astype(np.float64) - truth[moving]))))
+    result.baseline_mse.append(float(np.mean(np.square(state.base[-1][moving].astype(np.float64) - truth[moving]))))
+    if result.cut_fraction is not None:
+        result.cut_fraction.append(float(np.mean(cuts)))

@@ -84,7 +84,7 @@ def measure_part(cfg_container: dict, part: int, parts: int, halo: bool, steps: 
     from dist_egnn.engines.plain import PlainEngine
     from dist_egnn.partitioners.artifacts import artifact_path, load_assignments
     from dist_egnn.training.rank_data import RankData
-    from dist_egnn.training.setup import DTYPES, build_model, load_splits, open_dataset_store
+    from dist_egnn.training.setup import DTYPES, build_model, has_external_field, load_splits, open_dataset_store
     from dist_egnn.training.trainer import train_step
 
     torch.set_num_threads(PROJECTION_THREADS)
@@ -103,7 +103,7 @@ def measure_part(cfg_container: dict, part: int, parts: int, halo: bool, steps: 
         data = RankData(train, part, parts, halo, assignments, gather=lambda values: [values])
     torch.manual_seed(t.seed)
     dtype = DTYPES[t.dtype]
-    model = build_model(cfg.model).to(dtype=dtype)
+    model = build_model(cfg.model, external_field=has_external_field(cfg.dataset)).to(dtype=dtype)
     twin = PartTwin(parts)
     model.set_comm(twin)
     groups = type("Groups", (), {"parts": parts, "env": None})()

@@ -3,11 +3,14 @@
 One layer (docs/maths.md §2 without the virtual terms), every term reading the layer's inputs:
 
     m_ij  = phi_e([h_i, h_j, |x_i - x_j|^2, e_ij])                                  (1) real-real message
-    x_i'  = x_i + mean_j (x_i - x_j) phi_x(m_ij) + phi_v(h_i) v_i                    (4) coordinates
+    x_i'  = x_i + mean_j (x_i - x_j) phi_x(m_ij) + phi_v(h_i) v_i [+ phi_g(h_i) g]    (4) coordinates
     h_i'  = h_i + phi_h([h_i, mean_j m_ij, a_i])                                     (6) features
 
 ``mean_j`` runs over the senders j of edges received by i (0 for a node without edges). The velocity v is
-the input velocity in every layer.
+the input velocity in every layer. The external field g (``gravity``, (B, 3) per graph, docs/maths.md §8) is a
+summand of (4) only in a model built with ``external_field=True``; without it the model has no phi_g at all.
+With ``normalize=True`` (the authors' N-body configuration) the real-real sum of (4) reads
+(x_i - x_j) / (|x_i - x_j| + 1e-8) with the norm detached from autograd (:data:`NORMALIZE_EPS`).
 
 Shapes: N real nodes (owned by this process), N_all = N + halo rows, E edges (receivers < N), B graphs,
 H hidden, F node features, D edge features, A node attributes.
@@ -32,8 +35,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_egnn.keys import RECEIVER, SENDER
-from dist_egnn.models.blocks import coordinate_mlp, message_mlp, update_mlp, velocity_mlp
-from dist_egnn.models.fused import edge_messages
+from dist_egnn.models.blocks import coordinate_mlp, field_mlp, message_mlp, update_mlp, velocity_mlp
+from dist_egnn.models.fused import NORMALIZE_EPS, edge_messages
 from dist_egnn.models.ops import (
     count_per_segment,
     full_precision,
@@ -105,6 +108,7 @@ class GraphContext:
     comm: object              # SingleProcess or a distributed communicator (dist_egnn.parallel.seam)
     edge_chunk_size: int | None
     split: EdgeSplit | None = None   # interior and cut edges when the communicator overlaps (comm.overlap)
+    field: Tensor | None = None      # (N, 3): the external field g of each node's graph; None: no field
     moving: Tensor | None = None     # (N,) bool: the nodes the centroid averages (not walls); None: every node
     moving_count: Tensor | None = None   # (B, 1): moving nodes per graph over ALL processes (with ``moving``)
 
@@ -162,19 +166,27 @@ class EGNNLayer(nn.Module):
     """One EGNN layer: terms (1), (4) and (6) above.
 
     ``extra_node_inputs`` widens phi_h's input for subclasses that add more aggregated messages (FastEGNN).
+    ``external_field`` adds phi_g (``field_mlp``) and the summand phi_g(h_i) g of (4); without it the layer has
+    no such parameters. ``normalize`` divides x_i - x_j by its detached norm (+ 1e-8) in the real-real sum of (4).
     ``fused`` (default True) runs the per-edge work through the hand-written, recomputing autograd functions
     of :mod:`dist_egnn.models.fused`; False runs the plain autograd composition (same maths, more memory).
     """
 
     fused: bool = True
 
-    def __init__(self, hidden: int, edge_features: int, node_attrs: int, extra_node_inputs: int = 0):
+    def __init__(self, hidden: int, edge_features: int, node_attrs: int, extra_node_inputs: int = 0,
+                 external_field: bool = False, normalize: bool = False):
         super().__init__()
         self.hidden = hidden
         self.edge_features = edge_features
+        self.normalize = bool(normalize)
         self.edge_mlp = message_mlp(2 * hidden + 1 + edge_features, hidden)          # phi_e
         self.coord_mlp = coordinate_mlp(hidden)                                      # phi_x
         self.velocity_mlp = velocity_mlp(hidden)                                     # phi_v
+        if external_field:
+            self.field_mlp = field_mlp(hidden)                                       # phi_g
+        else:
+            self.field_mlp = None
         self.node_mlp = update_mlp(2 * hidden + extra_node_inputs + node_attrs, hidden)  # phi_h
 
     def forward(self, h: Tensor, pos: Tensor, vel: Tensor, ctx: GraphContext) -> tuple[Tensor, Tensor]:
@@ -188,7 +200,7 @@ class EGNNLayer(nn.Module):
             h_read = self.mlp_read(h, pos)
             message, displacement = self.real_messages_with_cut(self.interior_sums(h_read, pos, ctx), halo, h_read,
                                                                 pos, ctx)
-        pos_new = pos + displacement + self.recomputed(self.velocity_term, h_read, vel)
+        pos_new = pos + displacement + self.own_motion(h_read, vel, ctx)
         h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h_read,
                                     *mlp_inputs(low_precision(pos), message))
         return h_new, pos_new
@@ -263,7 +275,7 @@ class EGNNLayer(nn.Module):
         (n_owned, H) and (n_owned, 3); fused or plain autograd."""
         if self.fused:
             return edge_messages(h_all, pos_all, edge_index, edge_attr, n_owned, self.edge_mlp[0], self.edge_mlp[2],
-                                 self.coord_mlp, chunk)
+                                 self.coord_mlp, chunk, normalize=self.normalize)
         first = self.edge_mlp[0]
         w_recv, w_send, w_edge = split_columns(first, [self.hidden, self.hidden, 1 + self.edge_features])
         proj_recv = torch.addmm(first.bias, h_all[:n_owned], w_recv.t())   # (N, H), bias folded in
@@ -296,14 +308,35 @@ class EGNNLayer(nn.Module):
             pre = torch.addmm((proj_recv[recv] + proj_send[send]).to(pos_all.dtype),
                               torch.cat([dist2, edge_attr], dim=1), w_edge.t())
         message = self.edge_mlp[3](self.edge_mlp[2](self.edge_mlp[1](pre)))    # SiLU, Linear, SiLU
-        displacement = diff * self.coord_mlp(message)
+        displacement = self.direction(diff) * self.coord_mlp(message)
         n_owned = proj_recv.shape[0]
         return scatter_sum(message.to(pos_all.dtype), recv, n_owned), scatter_sum(displacement, recv, n_owned)
 
-    # -- velocity part of (4) ----------------------------------------------------------------------------
+    def direction(self, diff: Tensor) -> Tensor:
+        """The vector of the real-real sum of (4): x_i - x_j (E, 3), or with ``normalize`` x_i - x_j divided by
+        (|x_i - x_j| + 1e-8), the norm detached: no gradient flows through it (the authors' N-body choice)."""
+        if not self.normalize:
+            return diff
+        norm = torch.linalg.vector_norm(diff.detach(), dim=1, keepdim=True)
+        return diff / (norm + NORMALIZE_EPS)
+
+    # -- velocity and external-field parts of (4) -----------------------------------------------------------
+    def own_motion(self, h: Tensor, vel: Tensor, ctx: GraphContext) -> Tensor:
+        """The summands of (4) that read node i alone: phi_v(h_i) v_i, plus phi_g(h_i) g with an external field
+        (``ctx.field``): (N, 3). Each is :meth:`recomputed` (its (N, H) hidden layer is not kept for backward)."""
+        motion = self.recomputed(self.velocity_term, h, vel)
+        if self.field_mlp is not None:
+            motion = motion + self.recomputed(self.field_term, h, ctx.field)
+        return motion
+
     def velocity_term(self, h: Tensor, vel: Tensor) -> Tensor:
         """phi_v(h_i) v_i: (N, 3)."""
         return self.velocity_mlp(h) * vel
+
+    def field_term(self, h: Tensor, field: Tensor) -> Tensor:
+        """phi_g(h_i) g: (N, 3), ``field`` (N, 3) the g of each node's graph. Equivariant as phi_v(h_i) v_i is:
+        an invariant scale of a vector that rotates with the positions (and does not translate)."""
+        return self.field_mlp(h) * field
 
 
 def _cat_attr(parts: list[Tensor], node_attr: Tensor | None) -> Tensor:
@@ -321,7 +354,7 @@ class EquivariantModel(nn.Module):
     """Reorder edges by receiver at the start of a forward (same sums, better memory locality)."""
 
     def __init__(self, node_features: int, edge_features: int, node_attrs: int, hidden: int, layers: int,
-                 edge_chunk_size: int | None, comm=None):
+                 edge_chunk_size: int | None, comm=None, external_field: bool = False, normalize: bool = False):
         super().__init__()
         for name, value, least in [("node_features", node_features, 1), ("edge_features", edge_features, 0),
                                    ("node_attrs", node_attrs, 0), ("hidden", hidden, 1), ("layers", layers, 1)]:
@@ -332,6 +365,8 @@ class EquivariantModel(nn.Module):
         self.node_attrs = node_attrs
         self.hidden = hidden
         self.edge_chunk_size = edge_chunk_size
+        self.external_field = bool(external_field)
+        self.normalize = bool(normalize)
         self.embedding = nn.Linear(node_features, hidden)
         self.comm = comm if comm is not None else SingleProcess()
 
@@ -351,7 +386,8 @@ class EquivariantModel(nn.Module):
 
     def context(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
                 edge_attr: Tensor | None, batch: Tensor | None, num_graphs: int | None,
-                node_attr: Tensor | None, moving: Tensor | None = None) -> GraphContext:
+                node_attr: Tensor | None, gravity: Tensor | None = None,
+                moving: Tensor | None = None) -> GraphContext:
         """Check the inputs against the model's widths and build the per-forward graph context.
 
         ``moving`` (N,) bool marks the nodes that are not walls (``GraphBatch.moving``): FastEGNN's centroid
@@ -403,8 +439,9 @@ class EquivariantModel(nn.Module):
         return GraphContext(edge_index=edge_index, edge_attr=edge_attr, batch=batch,
                             num_graphs=num_graphs, node_attr=node_attr, inv_degree=inv_degree,
                             node_count=node_count.clamp(min=1), comm=self.comm,
-                            edge_chunk_size=self.edge_chunk_size, split=split, moving=moving,
-                            moving_count=moving_count)
+                            edge_chunk_size=self.edge_chunk_size, split=split,
+                            field=self.field_per_node(gravity, batch, num_graphs, pos),
+                            moving=moving, moving_count=moving_count)
 
     def moving_nodes(self, moving: Tensor | None, batch: Tensor, num_graphs: int,
                      pos: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -417,6 +454,26 @@ class EquivariantModel(nn.Module):
         moving = moving.to(pos.device)
         (count,) = self.comm.sum_over_parts(count_per_segment(batch[moving], num_graphs, pos.dtype).unsqueeze(1))
         return moving, count
+
+    def field_per_node(self, gravity: Tensor | None, batch: Tensor, num_graphs: int, pos: Tensor) -> Tensor | None:
+        """The external field g (B, 3) of each node's graph, (N, 3) in pos's dtype; None for a model without one.
+
+        A model built with ``external_field`` needs g, one built without refuses it (it has no phi_g to read it):
+        either way a mismatch is a run whose ``dataset.gravity`` differs from the model's."""
+        name = type(self).__name__
+        if not self.external_field:
+            if gravity is not None:
+                raise ValueError(f"{name} was built without an external field but got gravity of shape "
+                                 f"{tuple(gravity.shape)}: build it with external_field=True (dataset.gravity set "
+                                 f"when the model is built), or leave gravity out")
+            return None
+        if gravity is None:
+            raise ValueError(f"{name} was built with an external field (dataset.gravity) but got no gravity: pass "
+                             f"gravity (B, 3), the field of every graph")
+        if gravity.shape != (num_graphs, 3):
+            raise ValueError(f"{name}: gravity must be (B, 3) = ({num_graphs}, 3), one vector per graph; got "
+                             f"{tuple(gravity.shape)}")
+        return gravity.to(pos.dtype)[batch]
 
 
 class EGNN(EquivariantModel):
@@ -432,22 +489,32 @@ class EGNN(EquivariantModel):
             (``dist_egnn.models.fused.DEFAULT_CHUNK``; 8192 under bf16 autocast, ``DEFAULT_CHUNK_LOW``). After
             ``set_fused(False)`` (plain autograd): chunks through torch checkpointing, None keeps every edge tensor.
         comm: communication seam, default single process.
+        external_field: the model reads a per-graph external field g (``gravity``): every layer gets phi_g
+            and the summand phi_g(h_i) g of (4) (docs/maths.md §8). False (default): no phi_g, no such input,
+            the parameters of a model without a field.
+        normalize: ``model.normalize``, the authors' N-body choice: the real-real sum of (4) reads
+            (x_i - x_j) / (|x_i - x_j| + 1e-8), the norm detached.
 
     Call: ``model(node_features (N, F), pos (N, 3), vel (N, 3), edge_index (2, E), edge_attr (E, D),
-    batch (N,), num_graphs, node_attr (N, A), moving (N,))`` -> ``Prediction(pos (N, 3), None)``. ``moving``
-    (bool, walls False) is accepted and checked so that every model takes the same inputs; EGNN has no per-graph
-    mean for it to change.
+    batch (N,), num_graphs, node_attr (N, A), gravity (B, 3))`` -> ``Prediction(pos (N, 3), None)``; ``gravity``
+    is required with ``external_field`` and refused without. ``moving`` (N,) bool (walls False) is accepted and
+    checked so that every model takes the same inputs; EGNN has no per-graph mean for it to change.
     """
 
     def __init__(self, node_features: int = 2, edge_features: int = 2, node_attrs: int = 0, hidden: int = 64,
-                 layers: int = 4, edge_chunk_size: int | None = None, comm=None):
-        super().__init__(node_features, edge_features, node_attrs, hidden, layers, edge_chunk_size, comm)
-        self.layers = nn.ModuleList(EGNNLayer(hidden, edge_features, node_attrs) for _ in range(layers))
+                 layers: int = 4, edge_chunk_size: int | None = None, comm=None, external_field: bool = False,
+                 normalize: bool = False):
+        super().__init__(node_features, edge_features, node_attrs, hidden, layers, edge_chunk_size, comm,
+                         external_field, normalize)
+        self.layers = nn.ModuleList(EGNNLayer(hidden, edge_features, node_attrs, external_field=external_field,
+                                              normalize=normalize) for _ in range(layers))
 
     def forward(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
                 edge_attr: Tensor | None = None, batch: Tensor | None = None, num_graphs: int | None = None,
-                node_attr: Tensor | None = None, moving: Tensor | None = None) -> Prediction:
-        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr, moving)
+                node_attr: Tensor | None = None, gravity: Tensor | None = None,
+                moving: Tensor | None = None) -> Prediction:
+        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr, gravity,
+                           moving=moving)
         h = self.embed(node_features, pos)
         for layer in self.layers:
             h, pos = layer(h, pos, vel, ctx)

@@ -6,7 +6,7 @@ One layer reads (h, x, S, Z) and writes all four; every term uses the layer's in
     x̄     = mean_i x_i;   Ẑ = Z - x̄;   G = ẐᵀẐ (C x C);   g_c = column c of G          (2) virtual geometry
     m_ic  = phi_ev([h_i, s_c, |x_i - z_c|, g_c])                                     (3) real-virtual message
     x_i'  = x_i + mean_j (x_i - x_j) phi_x(m_ij) + mean_c (x_i - z_c) phi_xv(m_ic)
-                + phi_v(h_i) v_i                                                     (4) real coordinates
+                + phi_v(h_i) v_i [+ phi_g(h_i) g]                                    (4) real coordinates
     z_c'  = z_c + mean_i (z_c - x_i) phi_X(m_ic)                                     (5) virtual coordinates
     h_i'  = h_i + phi_h([h_i, mean_j m_ij, mean_c m_ic, a_i])                        (6) real features
     s_c'  = s_c + phi_hv([s_c, mean_i m_ic])                                         (7) virtual features
@@ -21,6 +21,9 @@ of a graph that has no moving one). Walls stay senders of m_ic: (3) runs for the
 and (7) count them, divided by the number of all real nodes, so the virtual nodes hear where the walls are.
 A wall's (4) is computed and discarded by the trainer, its (6) kept (its features shape the messages it sends).
 Without a mask every mean is over all real nodes, exactly as before walls existed.
+The bracketed summand of (4), the external field g (``gravity``, (B, 3) per graph: the same on every process
+holding part of a graph, so it needs no collective), and ``normalize`` (the real-real sum of (4) only, never the
+virtual terms) are as in :mod:`dist_egnn.models.egnn`.
 
 Shapes: N real nodes, B graphs, C virtual nodes per graph, H hidden.
     h (N, H)  pos (N, 3)  vel (N, 3)  virtual_h (B, H, C)  virtual_pos (B, 3, C)
@@ -40,8 +43,10 @@ from dist_egnn.models.ops import full_precision, low_precision, mlp_inputs, scat
 class FastEGNNLayer(EGNNLayer):
     """EGNN layer plus the virtual-node terms (2), (3), (5), (7) and the virtual parts of (4) and (6)."""
 
-    def __init__(self, hidden: int, edge_features: int, node_attrs: int, virtual_channels: int):
-        super().__init__(hidden, edge_features, node_attrs, extra_node_inputs=hidden)
+    def __init__(self, hidden: int, edge_features: int, node_attrs: int, virtual_channels: int,
+                 external_field: bool = False, normalize: bool = False):
+        super().__init__(hidden, edge_features, node_attrs, extra_node_inputs=hidden, external_field=external_field,
+                         normalize=normalize)
         self.virtual_channels = virtual_channels
         self.virtual_edge_mlp = message_mlp(2 * hidden + 1 + virtual_channels, hidden)   # phi_ev
         self.virtual_coord_mlp = coordinate_mlp(hidden)                                  # phi_xv
@@ -74,7 +79,7 @@ class FastEGNNLayer(EGNNLayer):
         if ctx.split is not None:
             message, displacement = self.real_messages_with_cut(interior, halo, h_read, pos, ctx)   # (1), cut edges
         pos_new = (pos + displacement + self.virtual_pull(to_virtual, pull)                # (4)
-                   + self.recomputed(self.velocity_term, h_read, vel))
+                   + self.own_motion(h_read, vel, ctx))
         h_new = h + self.recomputed(self.feature_update, ctx.node_attr, h_read,                       # (6)
                                     *mlp_inputs(low_precision(pos), message, channel_mean))
         virtual_move, virtual_message_mean = virtual_sums.wait()
@@ -140,28 +145,34 @@ class FastEGNN(EquivariantModel):
     features start from one learned (H, C) parameter shared by all graphs, which is what makes the C virtual
     nodes distinct.
 
-    Args: as :class:`~dist_egnn.models.egnn.EGNN`, plus ``virtual_channels`` (C). With the defaults
-    (F = 2, D = 2, A = 0, H = 64, 4 layers, C = 3) the model has 284,804 trainable parameters.
+    Args: as :class:`~dist_egnn.models.egnn.EGNN` (``external_field``, ``normalize`` included), plus
+    ``virtual_channels`` (C). With the defaults (F = 2, D = 2, A = 0, H = 64, 4 layers, C = 3) the model has
+    284,804 trainable parameters; ``external_field`` adds phi_g to every layer (H² + 2H + 1 each).
 
-    Call: ``model(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr, moving)`` ->
-    ``Prediction(pos (N, 3), virtual_pos (B, 3, C))``; ``moving`` (N,) bool marks the nodes that are not walls
-    (module docstring, walls), None: every node.
+    Call: ``model(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr, gravity,
+    moving)`` -> ``Prediction(pos (N, 3), virtual_pos (B, 3, C))``; ``moving`` (N,) bool marks the nodes that
+    are not walls (module docstring, walls), None: every node.
     """
 
     def __init__(self, node_features: int = 2, edge_features: int = 2, node_attrs: int = 0, hidden: int = 64,
-                 layers: int = 4, virtual_channels: int = 3, edge_chunk_size: int | None = None, comm=None):
-        super().__init__(node_features, edge_features, node_attrs, hidden, layers, edge_chunk_size, comm)
+                 layers: int = 4, virtual_channels: int = 3, edge_chunk_size: int | None = None, comm=None,
+                 external_field: bool = False, normalize: bool = False):
+        super().__init__(node_features, edge_features, node_attrs, hidden, layers, edge_chunk_size, comm,
+                         external_field, normalize)
         if virtual_channels < 1:
             raise ValueError(f"FastEGNN: virtual_channels={virtual_channels} must be >= 1")
         self.virtual_channels = virtual_channels
         self.virtual_h_init = nn.Parameter(torch.randn(hidden, virtual_channels))
-        self.layers = nn.ModuleList(FastEGNNLayer(hidden, edge_features, node_attrs, virtual_channels)
+        self.layers = nn.ModuleList(FastEGNNLayer(hidden, edge_features, node_attrs, virtual_channels,
+                                                  external_field=external_field, normalize=normalize)
                                     for _ in range(layers))
 
     def forward(self, node_features: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor,
                 edge_attr: Tensor | None = None, batch: Tensor | None = None, num_graphs: int | None = None,
-                node_attr: Tensor | None = None, moving: Tensor | None = None) -> Prediction:
-        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr, moving)
+                node_attr: Tensor | None = None, gravity: Tensor | None = None,
+                moving: Tensor | None = None) -> Prediction:
+        ctx = self.context(node_features, pos, vel, edge_index, edge_attr, batch, num_graphs, node_attr, gravity,
+                           moving=moving)
         h = self.embed(node_features, pos)
         centroid = ctx.centroid(pos)                                                        # the moving nodes'
         virtual_pos = centroid.unsqueeze(-1).expand(-1, -1, self.virtual_channels)          # (B, 3, C)

@@ -74,6 +74,10 @@ DEFAULT_CHUNK_LOW = 8192
 node tensors (asv_bench/PERF_NOTES.md §12)."""
 
 
+NORMALIZE_EPS = 1e-8
+"""``model.normalize``: x_i - x_j is divided by (|x_i - x_j| + NORMALIZE_EPS), the authors' constant."""
+
+
 def _default_chunk(like: Tensor) -> int:
     return DEFAULT_CHUNK if low_precision(like) is None else DEFAULT_CHUNK_LOW
 
@@ -205,8 +209,13 @@ class EdgeMessages(torch.autograd.Function):
     Inputs: h_all (N_all, H) owned rows first, pos_all (N_all, 3), recv (E,) < N, send (E,) < N_all,
     edge_attr (E, D), then phi_e's first Linear cut by input columns: w_recv (H, H), w_send (H, H),
     w_geo (H, 1 + D) (for [|x_i - x_j|^2, e_ij]) and b1 (H,); phi_e's second Linear w2 (H, H), b2 (H,);
-    phi_x: wx (H, H), bx (H,), vx (1, H); n_owned N; chunk_size.
+    phi_x: wx (H, H), bx (H,), vx (1, H); n_owned N; chunk_size; normalize (``model.normalize``: the
+    displacement reads (x_i - x_j) / (|x_i - x_j| + 1e-8), the norm a constant for the backward, as detached).
     Outputs: message sum (N, H), displacement sum (N, 3) (divide by the degree for means).
+
+    x_i - x_j, its norm and the displacement are computed here in torch (:func:`_edge_inputs`,
+    :func:`_direction`), not in the C kernels (``native.py`` receives the geometry columns |x_i - x_j|^2, e_ij and
+    returns their gradient), so ``normalize`` needs no kernel of its own.
 
     The node projections h_i W_recv^T + b1 and h_j W_send^T are computed here once per node (not per edge)
     and recomputed in backward, so only the inputs are kept. Under autocast: see the module docstring.
@@ -214,8 +223,9 @@ class EdgeMessages(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx, vx,
-                n_owned, chunk_size):
+                n_owned, chunk_size, normalize=False):
         ctx.low = low = low_precision(pos_all)
+        ctx.normalize = normalize
         with full_precision(pos_all):          # the body casts explicitly (and its workers never see autocast)
             return EdgeMessages._forward(ctx, low, h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1,
                                          w2, b2, wx, bx, vx, n_owned, chunk_size)
@@ -223,6 +233,7 @@ class EdgeMessages(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, low, h_all, pos_all, recv, send, edge_attr, w_recv, w_send, w_geo, b1, w2, b2, wx, bx, vx,
                  n_owned, chunk_size):
+        normalize = ctx.normalize
         acc = h_all.dtype if low is None else pos_all.dtype                     # the sums' dtype
         h_mm, w_recv_mm, w_send_mm, b1_mm, w2_mm, b2_mm, wx_mm, bx_mm, vx_mm = _operands(
             low, h_all, w_recv, w_send, b1, w2, b2, wx, bx, vx)
@@ -239,7 +250,7 @@ class EdgeMessages(torch.autograd.Function):
                                                     edge_attr[start:start + chunk_size], w_geo, keep_pre1=False)
                 _a1, _pre2, m, ((_c, _act, weight),) = _rows_forward(pre1, w2_mm, b2_mm, heads, a1)
                 index_add_rows(msg_sum, r, m)
-                index_add_rows(disp_sum, r, diff * weight)
+                index_add_rows(disp_sum, r, _direction(diff, normalize)[0] * weight)
             return msg_sum, disp_sum
 
         if recv.shape[0]:
@@ -283,9 +294,12 @@ class EdgeMessages(torch.autograd.Function):
                 diff, geo, pre1, a1 = _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr[part], w_geo)
                 a1, pre2, m, head_values = _rows_forward(pre1, w2_mm, b2_mm, heads, a1)
                 weight = head_values[0][2]                                         # phi_x(m_ij) (e, 1)
+                direction, norm = _direction(diff, ctx.normalize)                   # (e, 3), (e, 1) or None
                 g_disp_e = grad_disp.index_select(0, r)                             # (e, 3)
-                g_weight = (g_disp_e * diff).sum(1, keepdim=True)                   # (e, 1)
+                g_weight = (g_disp_e * direction).sum(1, keepdim=True)              # (e, 1)
                 g_diff = g_disp_e * weight                                          # (e, 3)
+                if norm is not None:                                                # the norm is a constant
+                    g_diff = g_diff / norm
                 g_a1 = _rows_backward(pre1, a1, pre2, m, head_values, grad_msg_mm.index_select(0, r),
                                       [g_weight], w2_mm, heads, grads, through_first_silu=False)
                 g_geo = edge_pre1_backward(g_a1, pre1, r, s, geo, w_geo, g_recv, g_send, g_wgeo)   # (e, 1 + D)
@@ -314,7 +328,7 @@ class EdgeMessages(torch.autograd.Function):
             g_w_recv = (g_recv_mm.t() @ h_mm[:n_owned]).to(w_recv.dtype)
             g_w_send = (g_send_mm.t() @ h_mm).to(w_send.dtype)
         return (g_h, g_pos, None, None, g_attr, g_w_recv, g_w_send, g_wgeo, g_recv.sum(0).to(b1.dtype), grads["w2"],
-                grads["b2"], grads["w0"], grads["b0"], grads["v0"], None, None)
+                grads["b2"], grads["w0"], grads["b0"], grads["v0"], None, None, None)
 
 
 def _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr, w_geo, keep_pre1: bool = True):
@@ -326,17 +340,28 @@ def _edge_inputs(proj_recv, proj_send, pos_all, r, s, edge_attr, w_geo, keep_pre
     return diff, geo, pre1, a1
 
 
+def _direction(diff: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
+    """The vector of the real-real sum of term (4) for a chunk, (e, 3): x_i - x_j, or with ``normalize``
+    (x_i - x_j) / n with n = |x_i - x_j| + 1e-8 (e, 1), also returned (None without): the backward treats n as
+    a constant, the plain path's detached norm (``EGNNLayer.direction``, same expression, same rounding)."""
+    if not normalize:
+        return diff, None
+    norm = torch.linalg.vector_norm(diff, dim=1, keepdim=True) + NORMALIZE_EPS
+    return diff / norm, norm
+
+
 def edge_messages(h_all: Tensor, pos_all: Tensor, edge_index: Tensor, edge_attr: Tensor, n_owned: int,
                   first_linear: torch.nn.Linear, message_linear: torch.nn.Linear, coord_mlp: torch.nn.Sequential,
-                  chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """:class:`EdgeMessages` with the weights of phi_e (first Linear cut as [h_i | h_j | geometry]) and phi_x."""
+                  chunk_size: int | None = None, normalize: bool = False) -> tuple[Tensor, Tensor]:
+    """:class:`EdgeMessages` with the weights of phi_e (first Linear cut as [h_i | h_j | geometry]) and phi_x;
+    ``normalize``: ``model.normalize`` (see :class:`EdgeMessages`)."""
     hidden = h_all.shape[1]
     w_recv, w_send, w_geo = torch.split(first_linear.weight, [hidden, hidden, first_linear.in_features - 2 * hidden],
                                         dim=1)
     return EdgeMessages.apply(h_all, pos_all, edge_index[0], edge_index[1], edge_attr, w_recv, w_send, w_geo,
                               first_linear.bias, message_linear.weight, message_linear.bias, coord_mlp[0].weight,
                               coord_mlp[0].bias, coord_mlp[2].weight, int(n_owned),
-                              int(chunk_size or _default_chunk(pos_all)))
+                              int(chunk_size or _default_chunk(pos_all)), bool(normalize))
 
 
 # -- real-virtual pairs: term (3) and the heads of terms (4) and (5) ----------------------------------------

@@ -267,7 +267,8 @@ class RankData:
                                                        else np.zeros((2, 0), np.int64)),
                            edge_attr=cat(attrs), batch=torch.from_numpy(np.repeat(np.arange(len(arrays)), sizes)),
                            num_graphs=len(arrays),
-                           moving=cat([d.moving_of(a.scalars) for a in arrays]) if walls else None)
+                           moving=cat([d.moving_of(a.scalars) for a in arrays]) if walls else None,
+                           gravity=per_graph_field(d.gravity, len(arrays)))
         plan = None
         if self.halo:
             plan = stacked.halo_plan()
@@ -276,6 +277,12 @@ class RankData:
         graph_moving = d.scene_moving()[[d.locate(i)[0] for i in sample_ids]] if walls else None
         return RankBatch(graph=graph, plan=plan, sample_ids=list(sample_ids), graph_nodes=graph_nodes,
                          full_edges=int(full_edges), mmd_keys=keys, graph_moving=graph_moving)
+
+
+def per_graph_field(gravity: np.ndarray | None, num_graphs: int) -> torch.Tensor | None:
+    """The dataset's external field (3,) as the model's ``gravity`` (B, 3), one row per graph; None: no field.
+    Every rank holding part of a graph gets the same row from the same configuration: no collective."""
+    return None if gravity is None else torch.from_numpy(np.tile(gravity, (num_graphs, 1)))
 
 
 def mmd_keys(seed: int, epoch: int, sample: int, num_nodes: int) -> np.ndarray:

@@ -89,7 +89,8 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
         normalization = resolve_normalization(cfg, rt, info)
         data = rank_data(cfg, rt, splits, progress)
         torch.manual_seed(cfg.trainer.seed)
-        model = build_model(cfg.model, rt.device).to(rt.device, rt.dtype)
+        model = build_model(cfg.model, rt.device, external_field=has_external_field(cfg.dataset)).to(rt.device,
+                                                                                                     rt.dtype)
         comm = rt.groups.communicator(injection(cfg, rt.env.rank), overlap=bool(cfg.distributed.get("overlap", False)))
         model.set_comm(comm)
         t = cfg.trainer
@@ -180,7 +181,7 @@ def check_everyone_sees(path: Path, rt: Runtime, what: str) -> None:
 
 def load_splits(cfg: DictConfig, info: StoreInfo):
     """The train/val/test ``TrajectoryDataset`` of the configured dataset."""
-    from dist_egnn.datasets.loader import TrajectoryDataset, velocity_scale
+    from dist_egnn.datasets.loader import TrajectoryDataset, task_gravity, velocity_scale
 
     d = cfg.dataset
     missing = [n for n in d.node_features if n != "speed" and n not in info.node_scalars]
@@ -189,11 +190,12 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
                          f"(its node scalars: {info.node_scalars}); fix dataset.node_features")
     # configurations saved before velocity_unit existed used the store's unit
     scale = velocity_scale(d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
+    gravity = task_gravity(d.get("gravity"), d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
     splits = {split: TrajectoryDataset(info, split, delta_t=d.delta_t, frame_start=d.frame_start,
                                        frame_stop=d.frame_stop, frame_stride=d.frame_stride,
                                        node_features=list(d.node_features), edge_features=list(d.edge_features),
                                        radius=d.radius, max_neighbors=d.max_neighbors,
-                                       cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale)
+                                       cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale, gravity=gravity)
               for split in SPLITS}
     degree = splits["train"].mean_degree()
     if degree < 1.0:                     # e.g. a radius in other length units than the store's
@@ -299,12 +301,23 @@ def injection(cfg: DictConfig, rank: int) -> Injection:
 
 
 # -- model ----------------------------------------------------------------------------------------------
-def build_model(model_cfg: DictConfig | Any, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """EGNN or FastEGNN from the ``model`` config group, its edge chunks sized for ``device``."""
+def has_external_field(dataset_cfg: DictConfig | Any) -> bool:
+    """Whether the dataset gives every graph an external field (``dataset.gravity`` set; a ConfigError naming the
+    key when it is not 3 finite numbers): the model is then built with phi_g (``external_field``)."""
+    from dist_egnn.datasets.loader import check_gravity
+
+    return check_gravity(dataset_cfg.get("gravity")) is not None
+
+
+def build_model(model_cfg: DictConfig | Any, device: torch.device | str = "cpu",
+                external_field: bool = False) -> torch.nn.Module:
+    """EGNN or FastEGNN from the ``model`` config group, its edge chunks sized for ``device``; ``external_field``
+    (from :func:`has_external_field` of the dataset) adds phi_g, the gravity summand of term (4)."""
     device = torch.device(device)
     common = dict(node_features=model_cfg.node_features, edge_features=model_cfg.edge_features,
                   node_attrs=model_cfg.node_attrs, hidden=model_cfg.hidden, layers=model_cfg.layers,
-                  edge_chunk_size=edge_chunk_rows(model_cfg.get("edge_chunk_size"), device, model_cfg.hidden))
+                  edge_chunk_size=edge_chunk_rows(model_cfg.get("edge_chunk_size"), device, model_cfg.hidden),
+                  external_field=bool(external_field), normalize=bool(model_cfg.get("normalize", False)))
     if model_cfg.name == "egnn":
         model = EGNN(**common)
     elif model_cfg.name == "fastegnn":
