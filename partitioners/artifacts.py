@@ -42,10 +42,10 @@ the part weights when they are not uniform (``distributed.part_weights``; they a
 partitions for other rank speeds sit beside the uniform one), radius, max_neighbors, ``graph`` (stores with
 walls: "no wall-wall edges"; their artifacts built before that rule are stale), the frames of every
 split, and the dataset store's identity (a SHA-256 of its root attributes, which hold the generator and its
-seed, and per split of its shape, scene_ptr and the positions at the first and last frame used). When the
-stored ``inputs_hash`` matches, the artifact is reused; otherwise :func:`prepare_partitions` says which inputs
-changed and rebuilds it. An edit of a middle frame in place would go unnoticed: hashing every frame would read
-the whole dataset at every start.
+seed, less the normalisation statistics added to the same data later; and per split of its shape, scene_ptr
+and the positions at the first and last frame used). When the stored ``inputs_hash`` matches, the artifact
+is reused; otherwise :func:`prepare_partitions` says which inputs changed and rebuilds it. An edit of a
+middle frame in place would go unnoticed: hashing every frame would read the whole dataset at every start.
 
 Artifacts are written into a temporary sibling and renamed into place when complete
 (``datasets.store.atomic_store``): a failed build keeps the previous artifact.
@@ -75,6 +75,7 @@ import zarr
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
+from dist_egnn.datasets.statistics import STATISTICS_ATTR
 from dist_egnn.datasets.store import (
     COMPRESSORS,
     DEFAULT_CHUNK_NODES,
@@ -204,7 +205,13 @@ def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed
                 radius=None if radius is None else float(radius), max_neighbors=first.max_neighbors,
                 **({"graph": WALL_GRAPH} if _has_walls(splits) else {}),
                 frames={name: [int(f) for f in data.frames] for name, data in splits.items()},
-                store_attrs=_sha(first.info.attrs)[:16], store_splits=store_splits)
+                store_attrs=_sha(_identity_attrs(first.info.attrs))[:16], store_splits=store_splits)
+
+
+def _identity_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The store's root attributes that identify its data: all but the normalisation statistics, which
+    ``launch/prepare.py`` or a training adds later to the same data (``datasets.statistics``)."""
+    return {key: value for key, value in attrs.items() if key != STATISTICS_ATTR}
 
 
 def _has_walls(splits: Mapping[str, Any]) -> bool:
