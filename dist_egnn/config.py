@@ -233,8 +233,20 @@ class ScalingConfig:
     partition: str = "metis"
     parts: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     halo: list[str] = field(default_factory=lambda: ["exact", "none"])
-    steps: int = 4                                  # timed steps per measurement (after one warm-up step)
+    # None below: chosen by graph size (a graph of large_nodes or more is "large"; dist_egnn/measure/scaling_study.py)
+    steps: Optional[int] = None                     # timed steps per measurement; None: 4, large 1
+    warmup: Optional[int] = None                    # untimed steps before them; None: 1, large 0
+    project_parts: Optional[str] = None             # all | largest: parts timed alone; None: all, large largest
+    real_halo: Optional[list[str]] = None           # halo modes of the real runs; None: halo, large [exact]
+    large_nodes: int = 500_000
     real_max_ranks: int = 2                         # real runs up to this many ranks (this machine's cores; 0: none)
+    # Partitioning and loading cost at this size, and a projection to target_nodes over target_ranks (exact halo)
+    # over an inter-node link of this latency and bandwidth (and over this machine's measured loopback link)
+    costs: bool = True
+    target_nodes: int = 10_000_000
+    target_ranks: int = 64
+    node_link_latency_s: float = 5e-5               # 50 us: MPI/gloo over a datacentre Ethernet
+    node_link_bandwidth: float = 1.25e9             # bytes/s: 10 Gb/s
     link_repeats: int = 20                          # repetitions of each collective when measuring α and β
     overrides: list[str] = field(default_factory=list)   # extra launch/train.py overrides (model, paths, ...)
     results_dir: str = "docs/results"

@@ -74,10 +74,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_part(cfg_container: dict, part: int, parts: int, halo: bool, steps: int) -> dict[str, Any]:
-    """Time part ``part`` of ``parts`` alone for ``steps`` training steps after one warm-up step (one thread).
+def rss_mb() -> float:
+    """The resident set now (MB)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def measure_part(cfg_container: dict, part: int, parts: int, halo: bool, steps: int,
+                 warmup: int = 1) -> dict[str, Any]:
+    """Time part ``part`` of ``parts`` alone for ``steps`` training steps after ``warmup`` untimed ones (one thread).
 
     Runs in its own process (see :func:`in_fresh_process`), so its peak memory is this part's alone.
+    ``train_added_mb`` is the training step's own memory: the peak resident set over the resident set just
+    before the first step, with that step's batch (read, graph, features) already built.
     """
     from omegaconf import OmegaConf
 
@@ -110,12 +120,16 @@ def measure_part(cfg_container: dict, part: int, parts: int, halo: bool, steps: 
     engine = PlainEngine(model, torch.optim.Adam(model.parameters(), lr=t.lr), groups)
     ids = data.batch_ids(t.batch_size, shuffle=True, seed=t.seed, epoch=1)
     times, walls, edges, nodes, rows, full = [], [], [], [], [], []
-    for k in range(steps + 1):
+    before_training = None
+    for k in range(steps + warmup):
+        batch = None                                                   # one batch alive at a time
         batch = data.build(list(map(int, ids[k % len(ids)])), t.seed, 1)
+        if before_training is None:
+            before_training = rss_mb()
         twin.reset()
         started, cpu_started = time.perf_counter(), time.process_time()
         train_step(engine, twin, batch, cfg, torch.device("cpu"), dtype, parts)
-        if k:                                                          # the first step warms up
+        if k >= warmup:                                                # the first steps warm up
             times.append(time.process_time() - cpu_started)
             walls.append(time.perf_counter() - started)
         edges.append(batch.num_edges)
@@ -127,7 +141,36 @@ def measure_part(cfg_container: dict, part: int, parts: int, halo: bool, steps: 
                 edges=float(np.mean(edges)), owned=float(np.mean(nodes)), halo_rows=float(np.mean(rows)),
                 allreduce_calls=twin.allreduce_calls, allreduce_bytes=twin.allreduce_bytes,
                 halo_calls=twin.halo_calls, halo_bytes=twin.halo_bytes,
-                peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline, full_edges=float(np.mean(full)))
+                peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline, full_edges=float(np.mean(full)),
+                train_added_mb=peak_rss_mb() - before_training)
+
+
+def count_parts(cfg_container: dict, parts: int, halo: bool) -> list[dict[str, float]]:
+    """Edges, owned nodes and halo rows of every part of training sample 0, without a step (one process).
+
+    Where only the part with the most edges is timed (large graphs), these say which part that is and give the
+    table its totals (edges over all ranks, the dropped fraction).
+    """
+    from omegaconf import OmegaConf
+
+    from dist_egnn.partitioners.artifacts import artifact_path, load_assignments
+    from dist_egnn.training.rank_data import RankData
+    from dist_egnn.training.setup import load_splits, open_dataset_store
+
+    cfg = OmegaConf.create(cfg_container)
+    d = cfg.distributed
+    info = open_dataset_store(cfg.dataset, progress=False)
+    train = load_splits(cfg, info)["train"]
+    assignments = load_assignments(artifact_path(info.path, d.partition, parts, d.seed, None), "train")
+    counts = []
+    for part in range(parts):
+        data = RankData(train, part, parts, halo, assignments, gather=lambda values: [values], report=False)
+        batch = data.build([0])
+        counts.append(dict(part=part, edges=float(batch.num_edges), owned=float(batch.graph.pos.shape[0]),
+                           halo_rows=float(batch.plan.num_recv if batch.plan is not None else 0),
+                           full_edges=float(batch.full_edges)))
+        del batch
+    return counts
 
 
 def in_fresh_process(fn, *args):
@@ -213,4 +256,6 @@ def project(part_results: list[dict[str, Any]], links: dict[str, float]) -> dict
                 full_edges=part_results[0]["full_edges"],
                 peak_mem_mb=max(r["peak_rss_mb"] for r in part_results),
                 added_mem_mb=max(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in part_results),
+                train_bytes_per_edge=max(r.get("train_added_mb", 0.0) * 2**20 / max(r["edges"], 1)
+                                         for r in part_results),
                 threads_per_rank=PROJECTION_THREADS, cores=os.cpu_count())

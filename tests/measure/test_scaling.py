@@ -59,9 +59,14 @@ def test_study_end_to_end(tmp_path):
            f"results_dir={tmp_path / 'out'}", f"work_dir={tmp_path / 'runs'}", "progress=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "out" / "scaling-nbody_small.csv")))
+    every = list(csv.DictReader(open(tmp_path / "out" / "scaling-nbody_small.csv")))
+    rows = [r for r in every if r["kind"] in ("projected", "real")]
     assert {(r["kind"], r["parts"]) for r in rows} == {("projected", "1"), ("real", "1"), ("projected", "2"),
                                                         ("real", "2")}
+    # costs (default): the projection to 10M nodes over 64 ranks, over two links; partitioning and loading
+    assert [(r["kind"], r["parts"]) for r in every if r not in rows] == [("projected 10M", "64")] * 2
+    costs = list(csv.DictReader(open(tmp_path / "out" / "scaling-nbody_small-costs.csv")))
+    assert [(r["table"], r["parts"]) for r in costs] == [("partition", "2"), ("load", "1"), ("load", "2")]
     assert all(float(r["step_time_s"]) > 0 and r["edges_per_rank"] and r["dropped_edge_fraction"] for r in rows)
     assert "Check, P = 2, halo exact" in (tmp_path / "out" / "scaling-nbody_small.md").read_text()
     assert (tmp_path / "out" / "scaling-nbody_small.png").stat().st_size > 10_000
