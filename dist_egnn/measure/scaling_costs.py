@@ -7,8 +7,10 @@ a graph larger than this machine holds over more ranks than it has.
   ``launch/prepare.py`` builds it), in a fresh process, with its peak memory.
 * :func:`measure_load` reads rank 0's share of one sample (owned nodes, plus the halo in exact mode) the way
   training does (``RankData.build``: zarr/dask read, radius graph, features), in a fresh process: read time,
-  build time, the growth of the resident set, and how many of the frame's chunks the read touched. That
-  growth against the store's size is the evidence that the loader reads by chunks and never the whole store.
+  build time, the growth of the resident set, the peak of the memory the read allocated (tracemalloc: numpy
+  arrays and decompressed chunks, not the thread pools and libraries a first read sets up), and how many of
+  the frame's chunks the read touched. That peak against one whole sample and the store is the evidence
+  that the loader reads by chunks and never the whole store.
 * :func:`project_larger` takes the measured per-edge compute cost of one rank and the measured halo volume
   and scales them to ``target_nodes`` over ``target_ranks`` (METIS parts, exact halo):
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -83,9 +86,12 @@ def measure_load(cfg_container: dict, parts: int, halo: bool) -> dict[str, Any]:
     nodes = data.nodes_of(0)
     whole = parts == 1
     before = rss_mb()
+    tracemalloc.start()
     started = time.perf_counter()
     (arrays,) = train.read_parts([0], [None if whole else nodes.owned], [nodes.halo])
     read_s = time.perf_counter() - started
+    read_traced = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
     read_added = peak_rss_mb() - before
     del arrays
     started = time.perf_counter()
@@ -99,6 +105,7 @@ def measure_load(cfg_container: dict, parts: int, halo: bool) -> dict[str, Any]:
     frame_chunks = math.ceil(train._pos.shape[1] / chunk)
     return dict(parts=parts, halo=halo and parts > 1, owned=len(rows), halo_rows=len(nodes.halo),
                 edges=batch.num_edges, read_s=read_s, build_s=build_s, read_added_mb=read_added,
+                read_peak_mb=read_traced, result_mb=(len(rows) * 10 + len(nodes.halo) * 4) * 4 / 2**20,
                 build_added_mb=peak_rss_mb() - before, peak_mem_mb=peak_rss_mb(),
                 chunks_touched=len(touched), frame_chunks=frame_chunks, chunk_nodes=chunk,
                 sample_mb=sample_bytes(train) / 2**20, store_mb=store_bytes(info.path) / 2**20)

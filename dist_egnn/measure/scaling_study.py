@@ -192,7 +192,8 @@ COLUMNS = ["kind", "parts", "halo", "step_time_s", "speedup", "efficiency", "com
            "threads_per_rank", "train_bytes_per_edge", "edge_imbalance", "timed_parts", "link"]
 PARTITION_COLUMNS = ["parts", "method", "nodes", "edges", "graph_s", "partition_s", "total_s", "cut_fraction",
                      "max_halo_rows", "added_mem_mb", "peak_mem_mb"]
-LOAD_COLUMNS = ["parts", "halo", "owned", "halo_rows", "edges", "read_s", "build_s", "read_added_mb",
+LOAD_COLUMNS = ["parts", "halo", "owned", "halo_rows", "edges", "read_s", "build_s", "read_peak_mb", "result_mb",
+                "read_added_mb",
                 "build_added_mb", "peak_mem_mb", "chunks_touched", "frame_chunks", "chunk_nodes", "sample_mb",
                 "store_mb"]
 FORMATS = {"step_time_s": "{:.3f}", "speedup": "{:.2f}", "efficiency": "{:.0%}", "comm_s": "{:.3f}",
@@ -201,7 +202,8 @@ FORMATS = {"step_time_s": "{:.3f}", "speedup": "{:.2f}", "efficiency": "{:.0%}",
            "train_bytes_per_edge": "{:,.0f}", "edge_imbalance": "{:.3f}", "nodes": "{:,}", "edges": "{:,.0f}",
            "graph_s": "{:.1f}", "partition_s": "{:.1f}", "total_s": "{:.1f}", "cut_fraction": "{:.2%}",
            "max_halo_rows": "{:,}", "owned": "{:,}", "halo_rows": "{:,}", "read_s": "{:.2f}", "build_s": "{:.2f}",
-           "read_added_mb": "{:,.0f}", "build_added_mb": "{:,.0f}", "sample_mb": "{:,.0f}", "store_mb": "{:,.0f}"}
+           "read_added_mb": "{:,.0f}", "read_peak_mb": "{:,.1f}", "result_mb": "{:,.1f}",
+           "build_added_mb": "{:,.0f}", "sample_mb": "{:,.0f}", "store_mb": "{:,.0f}"}
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
@@ -260,15 +262,19 @@ def costs_text(cfg, rows: list[dict[str, Any]], settings: dict[str, Any], costs:
              "sample took " + ", ".join(f"P = {p}: {s:.0f} s" for p, s in settings["prepare_s"].items() if p > 1)
              + " (0: reused).", "", *markdown(costs["partitions"], PARTITION_COLUMNS),
              "", "## Reading one rank's sample (rank 0, exact halo; fresh process per P)", "",
-             "`read_s`/`read_added_mb`: the zarr/dask read of its owned and halo rows and the growth of the "
-             "resident set it caused; `build_*`: read + radius graph + features, as training does; "
+             "`read_s`: the zarr/dask read of its owned and halo rows; `read_peak_mb`: the most memory that read "
+             "held at once (tracemalloc: arrays and decompressed chunks), `result_mb`: what it returns, "
+             "`read_added_mb`: the growth of the resident set (also the thread pools and codecs a first read sets "
+             "up); `build_*`: read + radius graph + features, as training does; "
              "`store_mb`: the whole store uncompressed, `sample_mb`: one whole sample as read.", "",
              *markdown(costs["loads"], LOAD_COLUMNS)]
     big = max(costs["loads"], key=lambda r: r["parts"])
-    lines += ["", f"The read is bounded by chunks: rank 0 of P = {big['parts']} grew by {big['read_added_mb']:.0f} MB "
-                  f"reading {big['owned'] + big['halo_rows']:,} rows from {big['chunks_touched']} of the frame's "
-                  f"{big['frame_chunks']} chunks ({big['chunk_nodes']:,} nodes each), against "
-                  f"{big['sample_mb']:.0f} MB for a whole sample and {big['store_mb']:.0f} MB for the store."]
+    lines += ["", f"The read is bounded by chunks: rank 0 of P = {big['parts']} held at most "
+                  f"{big['read_peak_mb']:.1f} MB "
+                  f"reading {big['owned'] + big['halo_rows']:,} rows ({big['result_mb']:.1f} MB) from "
+                  f"{big['chunks_touched']} of the frame's {big['frame_chunks']} chunks ({big['chunk_nodes']:,} nodes "
+                  f"each), against {big['sample_mb']:.0f} MB for a whole sample and {big['store_mb']:.0f} MB for "
+                  "the store."]
     exact = [r for r in rows if r["kind"] == "projected" and r["halo"] in ("exact", "-")]
     per_edge = max(r["train_bytes_per_edge"] for r in exact)
     lines += ["", f"Training memory: at most {per_edge:,.0f} bytes per edge of a rank (`train_bytes_per_edge`, exact "
