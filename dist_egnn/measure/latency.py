@@ -205,24 +205,30 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     halos = [h for h in ("exact", "none") if any(r["halo"] == h for r in rows)]
-    fig, axes = plt.subplots(1, len(halos), figsize=(6.0 * len(halos), 4.4), squeeze=False)
-    for ax, halo in zip(axes[0], halos):
+    fig, axes = plt.subplots(2, len(halos), figsize=(6.0 * len(halos), 8.0), squeeze=False)
+    for column, halo in enumerate(halos):
+        top, bottom = axes[0][column], axes[1][column]
         for k, parts in enumerate(sorted({r["parts"] for r in rows})):
             color = f"C{k}"
             for overlap, marker, style in ((False, "o", "-"), (True, "s", "--")):
                 sel = [r for r in rows if r["parts"] == parts and r["halo"] == halo and r["overlap"] == overlap]
                 if not sel:
                     continue
-                ax.plot([r["latency_ms"] for r in sel], [r["step_time_s"] for r in sel], style, marker=marker,
-                        color=color, label=f"P = {parts}, overlap {'on' if overlap else 'off'}")
+                label = f"P = {parts}, overlap {'on' if overlap else 'off'}"
+                latency = [r["latency_ms"] for r in sel]
+                top.plot(latency, [r["step_time_s"] for r in sel], style, marker=marker, color=color, label=label)
+                bottom.plot(latency, [r["exposed_s"] for r in sel], style, marker=marker, color=color, label=label)
                 if not overlap:
-                    ax.plot([r["latency_ms"] for r in sel], [r["predicted_s"] for r in sel], ":", color=color,
-                            label=f"P = {parts}: T(0) + calls × latency")
-        ax.set_xlabel("injected latency per collective (ms)")
-        ax.set_ylabel("step time (s, slowest rank, fastest step)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.set_title(f"halo {halo}: step time vs injected latency (real ranks, CPU)", fontsize=9)
+                    top.plot(latency, [r["predicted_s"] for r in sel], ":", color=color,
+                             label=f"P = {parts}: T(0) + calls × latency")
+        top.set_title(f"halo {halo}: step time vs injected latency (real ranks, CPU)", fontsize=9)
+        top.set_ylabel("step time (s, slowest rank, fastest step)")
+        bottom.set_title(f"halo {halo}: injected latency no work hid, per step", fontsize=9)
+        bottom.set_ylabel("latency waited for (s per step, median)")
+        for ax in (top, bottom):
+            ax.set_xlabel("injected latency per collective (ms)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 

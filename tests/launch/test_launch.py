@@ -68,13 +68,16 @@ def assert_same_metrics(run_dir: Path, reference: Path, tol: float, keys: tuple[
                 assert abs(g[key] - w[key]) <= tol * abs(w[key]), f"{key}: {g[key]} != {w[key]}"
 
 
-def test_torchrun_ddp_exact_halo_equals_one_process(data_dir):
-    """Guards the whole distributed path (partitions, per-rank reads, halo, loss scaling, DDP averaging)."""
-    proc = launch(torchrun(2), data_dir, "ddp", "trainer.dtype=float64", "distributed.parts=2",
-                  "distributed.halo=exact", "engine=ddp")
+@pytest.mark.parametrize("overlap", ["false", "true"])
+def test_torchrun_ddp_exact_halo_equals_one_process(data_dir, overlap):
+    """Guards the whole distributed path (partitions, per-rank reads, halo, loss scaling, DDP averaging), with
+    the halo exchange and all-reduces blocking or started early (distributed.overlap)."""
+    run = f"ddp-overlap-{overlap}"
+    proc = launch(torchrun(2), data_dir, run, "trainer.dtype=float64", "distributed.parts=2",
+                  "distributed.halo=exact", "engine=ddp", f"distributed.overlap={overlap}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_metrics(data_dir / "ddp", data_dir / "single-float64", 1e-9)
-    last = records(data_dir / "ddp")[0]
+    assert_same_metrics(data_dir / run, data_dir / "single-float64", 1e-9)
+    last = records(data_dir / run)[0]
     reference = records(data_dir / "single-float64")[0]
     assert last["world_size"] == 2 and last["parts"] == 2
     assert last["dropped_edge_fraction"] == pytest.approx(reference["dropped_edge_fraction"], abs=0.01)
