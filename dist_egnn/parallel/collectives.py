@@ -9,7 +9,7 @@ device holding whole graphs (docs/maths.md §4-5).
 Every collective is issued asynchronously and completed through a :class:`Pending` handle. That is where
 injected delays live (:class:`Injection`, tests and benchmarks only): ``latency_s`` makes a collective
 complete no sooner than that long after it was *issued*, like a network round trip, so work done between
-issuing and waiting (a later overlap of the halo exchange with interior-edge compute) hides it, while the
+issuing and waiting (the overlap below: interior edges while the halo exchange is in flight) hides it, while the
 blocking use (issue, then wait at once: ``sum_over_parts``, ``exchange_halo``) puts all of it on the critical
 path. ``slowdown`` and ``delay_s`` stand in for a slower rank (a straggler): its compute between collectives takes
 ``slowdown`` times as long, plus ``delay_s`` per forward pass.
@@ -184,7 +184,8 @@ class InFlight:
 
 
 class SumKind:
-    """An all-reduce SUM (its adjoint is the same all-reduce, :class:`AllReduceSum`): flat tensors."""
+    """An all-reduce SUM of a flat tensor; its adjoint is the same all-reduce (the arithmetic and a worked
+    example: :class:`AllReduceSum`)."""
 
     def __init__(self, comm: "GraphParallel"):
         self.comm = comm
@@ -203,7 +204,8 @@ class SumKind:
 
 
 class HaloKind:
-    """The halo all-to-all of :class:`HaloExchange`, returning the halo rows alone (R, W)."""
+    """The halo all-to-all of :class:`HaloExchange`, returning the halo rows alone (R, W); its adjoint is the
+    reverse all-to-all, summed into the sent rows (the arithmetic and a worked example: :class:`HaloExchange`)."""
 
     def __init__(self, comm: "GraphParallel", plan: HaloPlan, num_owned: int):
         self.comm, self.plan, self.num_owned = comm, plan, num_owned
