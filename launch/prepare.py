@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from dist_egnn.config import register
 from dist_egnn.datasets.prepare import check_store_matches, prepare_dataset
 from dist_egnn.datasets.statistics import ensure_statistics, statistics_key
-from dist_egnn.datasets.store import check_store_path, open_store
+from dist_egnn.datasets.store import StoreError, check_store_path, open_store
 from dist_egnn.errors import BadInput
 from dist_egnn.partitioners.artifacts import prepare_partitions
 from dist_egnn.training.setup import load_splits
@@ -48,14 +48,30 @@ def prepare(cfg: DictConfig) -> None:
     print(f"{path}: valid ({sizes})")
     d = cfg.dataset
     selection = (d.delta_t, d.frame_start, d.frame_stop, d.frame_stride)
-    record, note = ensure_statistics(info, *selection)
-    print(note or f"{path}: normalisation statistics {statistics_key(*selection)} already recorded", flush=True)
-    print(f"  training split: displacement RMS {record['displacement_rms']:.6g}, mean |displacement| "
-          f"{record['displacement_mean_norm']:.6g}, velocity RMS {record['velocity_rms']:.6g} (store units)")
+    record_statistics(path, info, selection)
     if cfg.distributed.parts > 1:
         prepare_partitions(load_splits(cfg, info), cfg.distributed.partition, cfg.distributed.parts,
                            cfg.distributed.seed, scheduler=cfg.prepare.scheduler, workers=cfg.prepare.workers,
                            progress=cfg.trainer.progress)
+
+
+def record_statistics(path: Path, info, selection: tuple) -> None:
+    """Record the normalisation statistics of the configured frame selection, if the store can give them.
+
+    A store is not refused for them: they serve only ``trainer.normalization=rms``, and a store is often
+    prepared once and trained with other frame selections. Statistics that cannot be computed (no sample in
+    the selection, a split that does not move) are said in one line, and an rms training of that selection
+    then stops with the same error.
+    """
+    try:
+        record, note = ensure_statistics(info, *selection)
+    except StoreError as err:
+        print(f"note: no normalisation statistics recorded for {statistics_key(*selection)} "
+              f"(trainer.normalization=rms would need them): {err}", flush=True)
+        return
+    print(note or f"{path}: normalisation statistics {statistics_key(*selection)} already recorded", flush=True)
+    print(f"  training split: displacement RMS {record['displacement_rms']:.6g}, mean |displacement| "
+          f"{record['displacement_mean_norm']:.6g}, velocity RMS {record['velocity_rms']:.6g} (store units)")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prepare")

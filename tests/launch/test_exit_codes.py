@@ -93,8 +93,9 @@ def test_a_run_directory_that_is_a_file_is_one_line_with_exit_2(tmp_path):
 
 def test_a_store_made_with_other_parameters_is_one_line_with_exit_2(tmp_path):
     """prepare.py then train.py with another particle count: both refuse the existing store, naming the key."""
-    first = launch(tmp_path, "prepare.py", *TINY[:5])
+    first = launch(tmp_path, "prepare.py", *TINY[:5])        # frames 30 -> 40 of 11 stored: a store, no statistics
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "note: no normalisation statistics recorded for delta_t=10" in first.stdout
     for script in ("prepare.py", "train.py"):
         proc = launch(tmp_path, script, *([] if script == "train.py" else TINY[1:5]), "dataset.nbody.num_particles=16")
         assert proc.returncode == 2, proc.stderr[-3000:]
