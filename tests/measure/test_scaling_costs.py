@@ -54,7 +54,10 @@ def test_parts_counted_and_the_largest_measured(tiny):
     largest = max(counts, key=lambda c: c["edges"])
     result = measure_part(container, largest["part"], 2, True, 1, 0)
     assert result["steps"] == 1 and result["edges"] == largest["edges"] and result["halo_rows"] == largest["halo_rows"]
-    assert result["step_time_s"] > 0 and result["train_added_mb"] >= 0 and result["halo_bytes"] > 0
+    assert result["step_time_s"] > 0 and result["halo_bytes"] > 0
+    # a 1,500-node step adds almost nothing over the resident set, and the allocator may hand pages back
+    # meanwhile (-0.07 MB was seen): only a real leak or a wrong sign would pass a megabyte
+    assert abs(result["train_added_mb"]) < 64
 
 
 def test_partition_and_load_measured(tiny):
