@@ -432,8 +432,12 @@ class EquivariantModel(nn.Module):
             edge_index, edge_attr, recv = edge_index[:, order], edge_attr[order], recv[order]
         degree = count_per_segment(recv, n, pos.dtype)
         inv_degree = torch.where(degree > 0, 1.0 / degree.clamp(min=1), torch.zeros_like(degree)).unsqueeze(1)
-        (node_count,) = self.comm.sum_over_parts(count_per_segment(batch, num_graphs, pos.dtype).unsqueeze(1))
-        moving, moving_count = self.moving_nodes(moving, batch, num_graphs, pos)
+        moving = self.checked_moving(moving, pos)
+        local_counts = [count_per_segment(batch, num_graphs, pos.dtype).unsqueeze(1)]       # (B, 1) nodes
+        if moving is not None:                                                               # (B, 1) moving nodes
+            local_counts.append(count_per_segment(batch[moving], num_graphs, pos.dtype).unsqueeze(1))
+        node_count, *moving_count = self.comm.sum_over_parts(*local_counts)                 # one collective
+        moving_count = moving_count[0] if moving_count else None
         edge_attr = edge_attr.to(pos.dtype)
         split = EdgeSplit.of(edge_index, edge_attr, n) if getattr(self.comm, "overlap", False) else None
         return GraphContext(edge_index=edge_index, edge_attr=edge_attr, batch=batch,
@@ -443,17 +447,14 @@ class EquivariantModel(nn.Module):
                             field=self.field_per_node(gravity, batch, num_graphs, pos),
                             moving=moving, moving_count=moving_count)
 
-    def moving_nodes(self, moving: Tensor | None, batch: Tensor, num_graphs: int,
-                     pos: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """The checked mask and its per-graph count over all processes, (B, 1); (None, None) without a mask."""
+    def checked_moving(self, moving: Tensor | None, pos: Tensor) -> Tensor | None:
+        """The moving-node mask (N,) on pos's device, checked; None without one."""
         if moving is None:
-            return None, None
+            return None
         if moving.shape != (pos.shape[0],) or moving.dtype != torch.bool:
             raise ValueError(f"{type(self).__name__}: moving must be a bool (N,) = ({pos.shape[0]},) mask; got "
                              f"{moving.dtype} of shape {tuple(moving.shape)}")
-        moving = moving.to(pos.device)
-        (count,) = self.comm.sum_over_parts(count_per_segment(batch[moving], num_graphs, pos.dtype).unsqueeze(1))
-        return moving, count
+        return moving.to(pos.device)
 
     def field_per_node(self, gravity: Tensor | None, batch: Tensor, num_graphs: int, pos: Tensor) -> Tensor | None:
         """The external field g (B, 3) of each node's graph, (N, 3) in pos's dtype; None for a model without one.
