@@ -225,6 +225,7 @@ class StudyRoot:
     results_dir: str = "docs/results"
     progress: bool = True
     train: bool = True          # false: only tabulate the runs already finished (skip the others)
+    jobs: int = 1               # runs trained at once; each gets cores // jobs threads unless its overrides say
 
 
 # ------------------------------------------------------------ launch/scaling.py (dist_egnn.measure.scaling_study)

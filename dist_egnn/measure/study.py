@@ -6,6 +6,9 @@ overrides, trained once per seed on one dataset under one named budget. Every ru
 trains exactly what a user would. Runs go seed by seed (every label's first seed, then the second...), and
 finished runs are kept and skipped when the study is started again; an unfinished one resumes from its
 newest checkpoint (``resume=auto``). ``wall_time_s`` is the time of the launch that finished a run.
+``jobs=J`` trains J runs at once (in the same order), each on ``cores // J`` threads unless its overrides set
+``trainer.num_threads``: on a machine with more cores than one run uses, a study finishes J times sooner.
+The records, and so the results files, keep the seed-major order whatever order the runs finish in.
 
 Writes, after every finished run:
     docs/results/<study>[-<budget>].json   one record per run: study, dataset, model, seed, test_mse, ...
@@ -16,10 +19,12 @@ Writes, after every finished run:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +41,10 @@ from dist_egnn.training.checkpoint import write_text_atomic
 ROOT = Path(__file__).resolve().parents[2]         # the repository: launch/train.py is run from there
 
 
-def train_command(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str) -> list[str]:
-    """The exact command line of one run."""
+def train_command(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str,
+                  threads: int | None = None) -> list[str]:
+    """The exact command line of one run (``threads``: the cores it may use, shared by its ranks, unless the
+    study's overrides set trainer.num_threads)."""
     if spec.budget not in spec.budgets:
         raise ConfigError(f"study.budget={spec.budget!r} is not defined in study {spec.name!r}: "
                          f"choose one of {sorted(spec.budgets)}")
@@ -47,8 +54,11 @@ def train_command(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, d
         launcher = [deepspeed, "--num_gpus", str(run.ranks), script]
     else:
         launcher = [sys.executable, script]
-    return [*launcher, f"dataset={spec.dataset}", f"paths.data={data_dir}", *spec.common,
-            *spec.budgets[spec.budget], *run.overrides, f"trainer.seed={seed}", f"hydra.run.dir={run_dir}",
+    overrides = [*spec.common, *spec.budgets[spec.budget], *run.overrides]
+    if threads is not None and not any(o.startswith("trainer.num_threads=") for o in overrides):
+        overrides.insert(0, f"trainer.num_threads={max(1, threads // run.ranks)}")
+    return [*launcher, f"dataset={spec.dataset}", f"paths.data={data_dir}", *overrides,
+            f"trainer.seed={seed}", f"hydra.run.dir={run_dir}",
             "trainer.progress=false", "resume=auto"]
 
 
@@ -126,34 +136,63 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
     bar_plot(rows, results_dir / f"{stem}.png", title=title)
 
 
+def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str,
+              threads: int | None, bar: tqdm) -> None:
+    """Train one (run, seed) as its own process; a failure stops the study with the run's last output."""
+    # resume=auto: a run cut short continues from its newest checkpoint (a new one starts fresh).
+    cmd = train_command(spec, run, seed, run_dir, data_dir, threads)
+    bar.write(f"running {run.label} seed {seed}: {' '.join(cmd)}")
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or finished_record(run_dir) is None:
+        raise SystemExit(f"error: run {run.label} seed {seed} failed (exit {proc.returncode}); its output ends:\n"
+                         f"{(proc.stdout + proc.stderr)[-3000:]}")
+    (run_dir / "study_wall_time_s").write_text(f"{time.perf_counter() - started:.1f}\n")
+
+
+def tabulate(cfg: DictConfig, jobs: list[tuple[DictConfig, int]], base: Path) -> int:
+    """Write the results of every finished (run, seed), in seed-major order; returns how many there are."""
+    spec = cfg.study
+    records, trivial = [], None
+    for run, seed in jobs:
+        run_dir = base / run.label / f"seed{seed}"
+        if finished_record(run_dir) is not None:
+            records.append(make_record(spec, run, seed, run_dir))
+            trivial = trivial or trivial_reference(spec, run_dir, Path(cfg.results_dir))
+    if records:
+        write_results(spec, records, Path(cfg.results_dir), trivial)
+    return len(records)
+
+
 def run(cfg: DictConfig) -> None:
     """Train every missing (run, seed) of ``cfg.study`` and write its results (``launch/study.py``)."""
     spec = cfg.study
+    if cfg.jobs < 1:
+        raise ConfigError(f"jobs={cfg.jobs}: the number of runs trained at once must be at least 1")
     base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
     # Seed-major: every run's first seed before any second seed, so a study cut short already compares them all.
     jobs = [(run, seed) for seed in spec.seeds for run in spec.runs]
-    records = []
-    bar = tqdm(jobs, desc=f"study {spec.name}", unit="run", disable=not cfg.progress)
-    for run, seed in bar:
-        run_dir = base / run.label / f"seed{seed}"
-        finished = finished_record(run_dir) is not None
-        if not finished and not cfg.train:
+    missing = [(run, seed) for run, seed in jobs if finished_record(base / run.label / f"seed{seed}") is None]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(missing), desc=f"study {spec.name}", unit="run",
+               disable=not cfg.progress)
+    if not cfg.train:
+        for run, seed in missing:
             bar.write(f"skipping {run.label} seed {seed}: not finished (train=false)")
-            continue
-        if not finished:
-            # resume=auto: a run cut short continues from its newest checkpoint (a new one starts fresh).
-            cmd = train_command(spec, run, seed, run_dir, cfg.paths.data)
-            bar.write(f"running {run.label} seed {seed}: {' '.join(cmd)}")
-            started = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0 or finished_record(run_dir) is None:
-                sys.exit(f"error: run {run.label} seed {seed} failed (exit {proc.returncode}); its output ends:\n"
-                         f"{(proc.stdout + proc.stderr)[-3000:]}")
-            (run_dir / "study_wall_time_s").write_text(f"{time.perf_counter() - started:.1f}\n")
-        records.append(make_record(spec, run, seed, run_dir))
-        trivial = trivial_reference(spec, run_dir, Path(cfg.results_dir))
-        write_results(spec, records, Path(cfg.results_dir), trivial)
-    if records:
+        missing = []
+    threads = None if cfg.jobs == 1 else max(1, (os.cpu_count() or 1) // cfg.jobs)
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        pending = {pool.submit(train_run, spec, run, seed, base / run.label / f"seed{seed}", cfg.paths.data,
+                               threads, bar) for run, seed in missing}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            failed = [future for future in done if future.exception() is not None]
+            if failed:             # runs already going finish (and are kept); none starts after a failure
+                for future in pending:
+                    future.cancel()
+                raise failed[0].exception()
+            bar.update(len(done))
+            tabulate(cfg, jobs, base)
+    if tabulate(cfg, jobs, base):
         print(f"results: {Path(cfg.results_dir) / results_stem(spec)}.{{json,md,png}}")
     else:
         print("no finished runs yet: nothing written")

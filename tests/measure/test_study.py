@@ -93,3 +93,34 @@ def test_summary_statistics_and_relative_change():
     assert rows[1]["std"] == 0.0
     assert relative_change(1.4, 2.0) == pytest.approx(-0.3)
     assert "-30.0%" in markdown_table(rows, baseline="a")
+
+
+def test_jobs_train_runs_at_once_and_keep_the_seed_major_order(tmp_path):
+    proc = run_study(tmp_path, "jobs=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert [(r["label"], r["seed"]) for r in records] == [("egnn", 0), ("fastegnn", 0), ("egnn", 1), ("fastegnn", 1)]
+    # the tiny study's common overrides set trainer.num_threads=1 themselves: jobs does not add a second value
+    assert proc.stdout.count("trainer.num_threads=") == 4
+
+
+def test_jobs_below_one_is_refused(tmp_path):
+    proc = run_study(tmp_path, "jobs=0")
+    assert proc.returncode != 0 and "jobs=0" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_train_command_gives_each_job_its_share_of_the_cores():
+    from omegaconf import OmegaConf
+
+    from dist_egnn.measure.study import train_command
+    spec = OmegaConf.create({"name": "s", "dataset": "nbody", "common": [], "budget": "default",
+                             "budgets": {"default": ["trainer.max_epochs=1"]}})
+    one_rank = OmegaConf.create({"label": "a", "overrides": [], "ranks": 1})
+    two_ranks = OmegaConf.create({"label": "b", "overrides": [], "ranks": 2})
+    own = OmegaConf.create({"label": "c", "overrides": ["trainer.num_threads=3"], "ranks": 1})
+    assert "trainer.num_threads=4" in train_command(spec, one_rank, 0, Path("r"), "data", threads=4)
+    assert "trainer.num_threads=2" in train_command(spec, two_ranks, 0, Path("r"), "data", threads=4)
+    command = train_command(spec, own, 0, Path("r"), "data", threads=4)
+    assert [o for o in command if o.startswith("trainer.num_threads")] == ["trainer.num_threads=3"]
+    assert not any(o.startswith("trainer.num_threads") for o in train_command(spec, one_rank, 0, Path("r"), "data"))
