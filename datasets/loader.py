@@ -196,6 +196,11 @@ class TrajectoryDataset:
         self.node_recipe = list(node_features)
         self.edge_recipe = list(edge_features)
         self.radius = info.attrs.get("radius") if radius is None else radius
+        reach = (info.attrs.get("generator") or {}).get("wall_reach")
+        if reach is not None and (self.radius is None or self.radius > reach):
+            raise StoreError(f"{info.path}: its walls were kept only within dataset.sph.wall_reach={reach} m of the "
+                             f"fluid, so a graph of radius {self.radius} would miss wall edges; set dataset.radius "
+                             f"<= {reach}, or rebuild the store with dataset.sph.wall_reach >= the radius (or null)")
         self.max_neighbors = max_neighbors
         self.cutoff_rate = cutoff_rate
         group = zarr.open_group(str(info.path), mode="r")[split]

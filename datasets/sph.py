@@ -109,6 +109,8 @@ class SPHConfig:
     timeout_s: float | None = None     # wall-clock limit per scene attempt
     threads_per_scene: int | None = None  # OpenMP threads per scene; None: cores / parallel scenes
     wall_layers: int = 2               # wall particle layers outside each face (2: the kernel support); 0: none
+    wall_reach: float | None = None    # m; keep a scene's walls that some fluid particle comes this close to
+                                       # in some frame (>= the training radius); None: every wall particle
 
     @property
     def num_frames(self) -> int:
@@ -256,7 +258,7 @@ def _generator_record(cfg: SPHConfig) -> dict[str, Any]:
 
 
 # fields that do not change the simulated scenes: a resumed run may change them (walls are added on assembly)
-_RUN_OPTIONS = ("retries", "timeout_s", "threads_per_scene", "wall_layers")
+_RUN_OPTIONS = ("retries", "timeout_s", "threads_per_scene", "wall_layers", "wall_reach")
 
 
 def _data_keys(record: dict[str, Any]) -> dict[str, Any]:
@@ -390,6 +392,9 @@ def generate_sph(path: str | Path, cfg: SPHConfig, dataset: str = "fluid", overw
     path = Path(path).absolute()           # subprocesses run in the repository root
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; delete it or pass prepare.overwrite=true to replace it")
+    if cfg.wall_reach is not None and not cfg.wall_reach > 0:
+        raise ConfigError(f"dataset.sph.wall_reach={cfg.wall_reach}: must be > 0 (a distance in m, at least the "
+                         f"training radius), or null to keep every wall particle")
     if cluster is None:                    # on a cluster the workers' environment is what counts
         ok, reason = simulator_available()
         if not ok:
@@ -441,27 +446,49 @@ def _assemble(path: Path, work: Path, cfg: SPHConfig, dataset: str, radius: floa
     from tqdm.auto import tqdm
 
     total = sum(cfg.scenes(s) for s in SPLITS)
-    walls = box_walls(cfg.box, cfg.particle_radius, cfg.wall_layers)
+    lattice = box_walls(cfg.box, cfg.particle_radius, cfg.wall_layers)
     bar = tqdm(total=total, desc=f"writing {path.name}", unit="scene", disable=not progress)
     with atomic_store(path, overwrite=overwrite) as root:
         write_root_attrs(root, dataset=dataset, source="sph", dt=1.0 / cfg.fps,
                          units={"length": "m", "time": "s", "velocity": "m/s"}, radius=radius,
                          node_scalars=NODE_SCALARS,
-                         generator=dict(_generator_record(cfg), wall_particles=len(walls),
+                         generator=dict(_generator_record(cfg), wall_particles=len(lattice),
                                         wall_spacing=2.0 * cfg.particle_radius))
         for split in SPLITS:
             folders = [work / _scene_name(split, s) for s in range(cfg.scenes(split))]
             metas = [json.loads((f / "scene.json").read_text()) for f in folders]
-            group = create_split(root, split, [m["num_particles"] + len(walls) for m in metas], cfg.num_frames,
-                                 num_scalars=len(NODE_SCALARS))
+            walls = [walls_within_reach(lattice, f, cfg.wall_reach) for f in folders]
+            group = create_split(root, split, [m["num_particles"] + len(w) for m, w in zip(metas, walls)],
+                                 cfg.num_frames, num_scalars=len(NODE_SCALARS))
             group.attrs["recipes"] = [dict(m["recipe"], steps=m["steps"], threads=m["threads"],
                                            simulation_s=round(float(m["simulation_s"]), 3),
-                                           seconds_per_frame=m.get("seconds_per_frame"), num_walls=len(walls))
-                                      for m in metas]
+                                           seconds_per_frame=m.get("seconds_per_frame"), num_walls=len(w))
+                                      for m, w in zip(metas, walls)]
             for s, folder in enumerate(folders):
-                _copy_scene(group, s, folder, walls)
+                _copy_scene(group, s, folder, walls[s])
                 bar.update(1)
     bar.close()
+
+
+def walls_within_reach(lattice: np.ndarray, folder: Path, reach: float | None) -> np.ndarray:
+    """The wall particles of one scene: every lattice point (``reach`` None), or those that some fluid particle of
+    the scene comes within ``reach`` of in some frame, in lattice order. No edge joins two walls
+    (``datasets/graphs.py``), so a wall farther than the radius from every fluid particle in every frame sends
+    and receives no message at any radius <= ``reach``; leaving it out changes only the means over all nodes
+    (the centroid is over moving nodes; the virtual-node terms (5) and (7) count walls, docs/maths.md §8)."""
+    from scipy.spatial import cKDTree
+
+    if reach is None or len(lattice) == 0:
+        return lattice
+    fluid = np.load(folder / "pos.npy", mmap_mode="r")              # (frames, particles, 3)
+    frames, particles = fluid.shape[:2]
+    block = max(1, 2_000_000 // max(particles, 1))                 # one tree over ~2M points at a time
+    near = np.zeros(len(lattice), bool)
+    for first in range(0, frames, block):
+        points = np.asarray(fluid[first:first + block], np.float64).reshape(-1, 3)
+        distance, _ = cKDTree(points).query(lattice[~near], k=1, distance_upper_bound=reach * (1 + 1e-6))
+        near[np.flatnonzero(~near)[np.isfinite(distance)]] = True
+    return lattice[near]
 
 
 def _copy_scene(group: zarr.Group, index: int, folder: Path, walls: np.ndarray, frames_per_write: int = 8) -> None:

@@ -72,3 +72,14 @@ def test_missing_chunk_is_found_by_the_validator(tmp_path):
     (path / "val" / "vel" / "c" / "2" / "0" / "0").unlink()
     with pytest.raises(StoreError, match=r"val/vel: 1 of 3 chunks are missing \(zarr would read them as zeros\)"):
         open_store(path)
+
+
+def test_a_radius_beyond_the_stores_wall_reach_is_refused(store):
+    """A store whose walls were kept only within dataset.sph.wall_reach of the fluid (datasets/sph.py) cannot
+    give the wall edges of a larger radius: refused with the key and both fixes, not trained on quietly."""
+    info = open_store(store)
+    info.attrs["generator"] = dict(info.attrs.get("generator") or {}, wall_reach=0.5)
+    args = dict(delta_t=2, node_features=["speed", "charge"], edge_features=["distance"])
+    TrajectoryDataset(info, "train", radius=0.5, **args)                    # at the reach: fine
+    with pytest.raises(StoreError, match=r"dataset.sph.wall_reach=0.5 m .* radius 0.75 .*dataset.radius <= 0.5"):
+        TrajectoryDataset(info, "train", radius=0.75, **args)

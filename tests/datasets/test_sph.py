@@ -76,6 +76,24 @@ def test_walls_are_a_lattice_shell_around_the_box():
         box_walls(box, r, -1)
 
 
+def test_wall_reach_keeps_the_walls_some_fluid_particle_comes_near(tmp_path):
+    """dataset.sph.wall_reach: a scene keeps the lattice points within the reach of some fluid particle in some
+    frame (brute force agrees), in lattice order; None keeps the whole lattice."""
+    lattice = box_walls(TINY["box"], 0.025, 2)
+    rng = np.random.default_rng(0)
+    frames = np.stack([rng.uniform([-0.4, 0.0, -0.4], [0.4, 0.3, 0.4], size=(40, 3)) for _ in range(5)])
+    frames[4, 0] = [0.39, 1.5, 0.0]                         # one particle near a side wall and the top, once
+    np.save(tmp_path / "pos.npy", frames.astype(np.float32))
+    kept = sph.walls_within_reach(lattice, tmp_path, 0.075)
+    gap = np.linalg.norm(lattice[:, None, :] - frames.reshape(-1, 3)[None].astype(np.float32), axis=-1).min(axis=1)
+    np.testing.assert_array_equal(kept, lattice[gap <= 0.075])
+    assert 0 < len(kept) < len(lattice) // 4 and (kept[:, 1] > 1.4).any()  # the floor, and the visit near the top
+    assert sph.walls_within_reach(lattice, tmp_path, None) is lattice
+    with pytest.raises(sph.ConfigError, match=r"dataset.sph.wall_reach=0.0: must be > 0"):
+        generate_sph(tmp_path / "w.zarr", SPHConfig(**TINY, wall_reach=0.0), progress=False)
+    assert not (tmp_path / "w.zarr").exists() and not work_folder(tmp_path / "w.zarr").exists()
+
+
 # --------------------------------------------------------------------------------------- with simulator
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
@@ -184,3 +202,24 @@ def test_walls_are_static_particles_of_type_one(tiny_store):
     assert np.all(vel[:, fluid:] == 0) and np.all(vel[:, :fluid] != 0)
     inside = np.abs(pos[:, :fluid, [0, 2]]).max() <= 0.4 and pos[:, :fluid, 1].min() >= 0.0
     assert inside
+
+
+def test_a_store_with_wall_reach_holds_the_walls_its_fluid_comes_near(tmp_path):
+    """The store of a simulated scene with wall_reach: per scene the fluid rows, then exactly the lattice points
+    some fluid particle of that scene came within the reach of (recomputed from the stored fluid), recorded as
+    the recipe's num_walls; the whole lattice's size stays in the generator record."""
+    require_simulator()
+    path = generate_sph(tmp_path / "near.zarr", SPHConfig(**TINY, wall_reach=0.075), dataset="tiny",
+                        progress=False, workers=2)
+    info = open_store(path, check_values=True)
+    lattice = box_walls(TINY["box"], 0.025, 2)
+    assert info.attrs["generator"]["wall_reach"] == 0.075 and info.attrs["generator"]["wall_particles"] == TINY_WALLS
+    for split in ("train", "val", "test"):
+        group = zarr.open_group(str(path))[split]
+        fluid = scene_recipe(SPHConfig(**TINY), split, 0)["num_particles"]
+        pos = group["pos"][:]
+        gap = np.linalg.norm(lattice[:, None] - pos[:, :fluid].reshape(-1, 3)[None], axis=-1).min(axis=1)
+        np.testing.assert_array_equal(pos[0, fluid:], lattice[gap <= 0.075])
+        walls = pos.shape[1] - fluid
+        assert group.attrs["recipes"][0]["num_walls"] == walls < TINY_WALLS
+        np.testing.assert_array_equal(group["node_scalars"][:, 0], np.r_[np.zeros(fluid), np.ones(walls)])
