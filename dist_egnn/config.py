@@ -216,6 +216,8 @@ class StudySpec:
     budget: str = "default"
     baseline: Optional[str] = None                  # label every other run is compared with
     runs: list[StudyRun] = field(default_factory=list)
+    rollout_steps: Optional[int] = None             # K: every run is also rolled out K task steps on the test
+                                                    # split (launch/predict.py), per-step MSE tabulated
 
 
 @dataclass

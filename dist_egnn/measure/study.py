@@ -15,6 +15,12 @@ Writes, after every finished run:
     docs/results/<study>[-<budget>].md     mean ± std over seeds per run label, change vs the baseline
     docs/results/<study>[-<budget>].png    the same as a bar chart
     docs/results/<study>[-<budget>]-trivial.json   test MSE of zero motion and constant velocity (for scale)
+
+A study with ``rollout_steps: K`` also rolls every finished run out K task steps on the test split
+(``python launch/predict.py run=RUN_DIR steps=K``, as a user would; its own P parts and halo mode, the graph
+and partition rebuilt every step) and adds the per-step MSE with constant velocity beside to the md, the
+records and ``<study>[-<budget>]-rollout.png``. A run whose rollout is missing or of another K is rolled out
+again when the study is started again.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -72,9 +79,31 @@ def finished_record(run_dir: Path) -> dict[str, Any] | None:
     return last if "test_mse" in last else None
 
 
+def rollout_record(spec: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``predict/rollout.json`` when the study asks for rollouts and it has the study's K; else None."""
+    path = run_dir / "predict" / "rollout.json"
+    if not spec.get("rollout_steps") or not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("requested_steps") == spec.rollout_steps else None
+
+
+def run_finished(spec: DictConfig, run_dir: Path) -> bool:
+    """Trained (a test line in metrics.jsonl) and, when the study asks for it, rolled out."""
+    return finished_record(run_dir) is not None and (not spec.get("rollout_steps")
+                                                      or rollout_record(spec, run_dir) is not None)
+
+
+def predict_command(spec: DictConfig, run_dir: Path, threads: int | None = None) -> list[str]:
+    """The rollout of one finished run: ``launch/predict.py`` with the study's K on the run's test split."""
+    return [sys.executable, str(ROOT / "launch" / "predict.py"), f"run={run_dir}", f"steps={spec.rollout_steps}",
+            *([f"num_threads={threads}"] if threads else []), "progress=false"]
+
+
 def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> dict:
     """One JSON record: what distinguishes the run, and its results."""
     final = finished_record(run_dir)
+    rollout = rollout_record(spec, run_dir)
     wall_file = run_dir / "study_wall_time_s"
     wall_time_s = float(wall_file.read_text()) if wall_file.exists() else None
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -85,7 +114,10 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> 
                 virtual_channels=config["model"].get("virtual_channels"), parts=distributed.get("parts", 1),
                 halo=distributed.get("halo", "none"), partition=distributed.get("partition"),
                 ranks=run.ranks, dropped_edge_fraction=final.get("dropped_edge_fraction"),
-                edges_per_rank=final.get("edges_per_rank"), wall_time_s=wall_time_s, run_dir=str(run_dir))
+                edges_per_rank=final.get("edges_per_rank"), wall_time_s=wall_time_s, run_dir=str(run_dir),
+                **({} if rollout is None else dict(rollout_mse=rollout["mse"],
+                                                   rollout_baseline_mse=rollout["baseline_mse"],
+                                                   rollout_start_frame=rollout["start_frame"])))
 
 
 def dropped_edges(records: list[dict], label: str) -> str:
@@ -131,9 +163,73 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
            f"\nPredictors that learn nothing, on the same {trivial['test_samples']} test samples: zero motion "
            f"(x(t + Δt) = x(t)) {trivial['zero_motion_mse']:.4g}; constant velocity (x(t) + αv(t), α = "
            f"{trivial['constant_velocity_alpha']:.4g} fitted on training samples) "
-           f"{trivial['constant_velocity_mse']:.4g} (`{stem}-trivial.json`).\n"),
-        results_dir / f"{stem}.md")
+           f"{trivial['constant_velocity_mse']:.4g} (`{stem}-trivial.json`).\n")
+        + rollout_table(records, spec.rollout_steps), results_dir / f"{stem}.md")
     bar_plot(rows, results_dir / f"{stem}.png", title=title)
+    if any("rollout_mse" in r for r in records):
+        rollout_plot(records, results_dir / f"{stem}-rollout.png", title=f"{title}: rollouts")
+
+
+def rollout_means(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Per label: per-step rollout MSE and constant velocity's, each the mean over the label's seeds (steps a
+    rollout did not reach are left out of that step's mean), and how many seeds there are."""
+    means = {}
+    for label in dict.fromkeys(r["label"] for r in records if "rollout_mse" in r):
+        runs = [r for r in records if r["label"] == label and "rollout_mse" in r]
+        steps = max(len(r["rollout_mse"]) for r in runs)
+        mse, base = ([r[key] + [np.nan] * (steps - len(r[key])) for r in runs]
+                     for key in ("rollout_mse", "rollout_baseline_mse"))
+        means[label] = (np.nanmean(np.array(mse, float), axis=0), np.nanmean(np.array(base, float), axis=0),
+                        len(runs))
+    return means
+
+
+def _cells(values: np.ndarray, width: int) -> str:
+    return " | ".join(f"{v:.4g}" for v in values) + " | " * (width - len(values))
+
+
+def rollout_table(records: list[dict], steps: int | None) -> str:
+    """A markdown table: per label the rollout MSE of every step (mean over seeds) and, below each label,
+    constant velocity on the same samples; the last column counts the steps below constant velocity."""
+    means = rollout_means(records)
+    if not means:
+        return ""
+    width = max(len(m) for m, _, _ in means.values())
+    lines = [f"\nRollouts: {steps} task steps on the test split from its first input frame, predictions fed back "
+             f"(`python launch/predict.py run=RUN_DIR steps={steps}`), MSE per step over moving nodes, mean over "
+             f"seeds; `const. vel.` is constant velocity on the same samples.\n",
+             "| run | seeds | " + " | ".join(f"step {k}" for k in range(1, width + 1)) + " | steps below const. vel. |",
+             "|---|---|" + "---|" * width + "---|"]
+    for label, (mse, base, seeds) in means.items():
+        lines.append(f"| {label} | {seeds} | {_cells(mse, width)} | {int(np.sum(mse < base))} of {len(mse)} |")
+        lines.append(f"| {label}: const. vel. | {seeds} | {_cells(base, width)} | |")
+    return "\n".join(lines) + "\n"
+
+
+def rollout_plot(records: list[dict], path: Path, title: str) -> Path:
+    """Rollout MSE per step for every label (mean over seeds), constant velocity dashed (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    means = rollout_means(records)
+    for label, (mse, _, _) in means.items():
+        ax.plot(np.arange(1, len(mse) + 1), mse, "o-", ms=3, label=label)
+    base = max((b for _, b, _ in means.values()), key=len)
+    ax.plot(np.arange(1, len(base) + 1), base, "k--", label="constant velocity")
+    ax.set_xlabel("rollout step (task steps)")
+    ax.set_ylabel("MSE (mean over seeds)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str,
@@ -141,13 +237,21 @@ def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_
     """Train one (run, seed) as its own process; a failure stops the study with the run's last output."""
     # resume=auto: a run cut short continues from its newest checkpoint (a new one starts fresh).
     cmd = train_command(spec, run, seed, run_dir, data_dir, threads)
-    bar.write(f"running {run.label} seed {seed}: {' '.join(cmd)}")
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or finished_record(run_dir) is None:
-        raise SystemExit(f"error: run {run.label} seed {seed} failed (exit {proc.returncode}); its output ends:\n"
-                         f"{(proc.stdout + proc.stderr)[-3000:]}")
-    (run_dir / "study_wall_time_s").write_text(f"{time.perf_counter() - started:.1f}\n")
+    if finished_record(run_dir) is None:
+        bar.write(f"running {run.label} seed {seed}: {' '.join(cmd)}")
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or finished_record(run_dir) is None:
+            raise SystemExit(f"error: run {run.label} seed {seed} failed (exit {proc.returncode}); its output ends:\n"
+                             f"{(proc.stdout + proc.stderr)[-3000:]}")
+        (run_dir / "study_wall_time_s").write_text(f"{time.perf_counter() - started:.1f}\n")
+    if spec.get("rollout_steps") and rollout_record(spec, run_dir) is None:
+        cmd = predict_command(spec, run_dir, threads)
+        bar.write(f"rolling out {run.label} seed {seed}: {' '.join(cmd)}")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or rollout_record(spec, run_dir) is None:
+            raise SystemExit(f"error: the rollout of run {run.label} seed {seed} failed (exit {proc.returncode}); "
+                             f"its output ends:\n{(proc.stdout + proc.stderr)[-3000:]}")
 
 
 def tabulate(cfg: DictConfig, jobs: list[tuple[DictConfig, int]], base: Path) -> int:
@@ -169,10 +273,13 @@ def run(cfg: DictConfig) -> None:
     spec = cfg.study
     if cfg.jobs < 1:
         raise ConfigError(f"jobs={cfg.jobs}: the number of runs trained at once must be at least 1")
+    if spec.get("rollout_steps") is not None and spec.rollout_steps < 1:
+        raise ConfigError(f"study.rollout_steps={spec.rollout_steps}: the task steps of each rollout must be at "
+                          f"least 1 (or null: no rollouts)")
     base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
     # Seed-major: every run's first seed before any second seed, so a study cut short already compares them all.
     jobs = [(run, seed) for seed in spec.seeds for run in spec.runs]
-    missing = [(run, seed) for run, seed in jobs if finished_record(base / run.label / f"seed{seed}") is None]
+    missing = [(run, seed) for run, seed in jobs if not run_finished(spec, base / run.label / f"seed{seed}")]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(missing), desc=f"study {spec.name}", unit="run",
                disable=not cfg.progress)
     if not cfg.train:

@@ -75,6 +75,20 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     again_records = json.loads((tmp_path / "results" / "tiny.json").read_text())
     assert again_records[-1]["test_mse"] == records[-1]["test_mse"]
 
+    # study.rollout_steps: finished runs are not retrained, only rolled out (launch/predict.py), once.
+    rolled = run_study(tmp_path, "study.rollout_steps=2", "jobs=2")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    out = rolled.stdout + rolled.stderr
+    assert "running " not in out and out.count("rolling out ") == 4 and "launch/predict.py" in out
+    records = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    for r in records:
+        assert 1 <= len(r["rollout_mse"]) == len(r["rollout_baseline_mse"]) <= 2
+        assert json.loads((Path(r["run_dir"]) / "predict" / "rollout.json").read_text())["mse"] == r["rollout_mse"]
+    table = (tmp_path / "results" / "tiny.md").read_text()
+    assert "Rollouts: 2 task steps" in table and "| egnn: const. vel. | 2 |" in table and " of " in table
+    assert (tmp_path / "results" / "tiny-rollout.png").stat().st_size > 1000
+    assert "rolling out" not in run_study(tmp_path, "study.rollout_steps=2").stdout    # done: not again
+
 
 def test_train_false_tabulates_finished_runs_only(tmp_path):
     proc = run_study(tmp_path, "train=false")
@@ -97,10 +111,11 @@ def test_summary_statistics_and_relative_change():
     assert "-30.0%" in markdown_table(rows, baseline="a")
 
 
-def test_jobs_below_one_is_refused(tmp_path):
-    proc = run_study(tmp_path, "jobs=0")
-    assert proc.returncode != 0 and "jobs=0" in proc.stdout + proc.stderr
-    assert not (tmp_path / "results").exists()
+@pytest.mark.parametrize("bad", ["jobs=0", "study.rollout_steps=0"])
+def test_jobs_or_rollout_steps_below_one_are_refused(tmp_path, bad):
+    proc = run_study(tmp_path, bad)
+    assert proc.returncode != 0 and bad in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
 
 
 def test_train_command_gives_each_job_its_share_of_the_cores():
