@@ -158,3 +158,28 @@ def test_rollout_stops_where_the_trajectory_ends_and_says_so(stores):
         rollout(ConstantVelocity(1.0), run_config(), stores["plain"], "val", 1, start=7)
     with pytest.raises(RolloutError, match="steps=0"):
         rollout(ConstantVelocity(1.0), run_config(), stores["plain"], "val", 0)
+
+
+class Collapse(torch.nn.Module):
+    """Moves every particle half way to its graph's centroid each step: the graphs densify until the rollout
+    stops them."""
+
+    def forward(self, node_features, pos, vel, edge_index, edge_attr=None, batch=None, num_graphs=None, **_):
+        return Prediction(pos - 0.5 * (pos - pos.mean(dim=0)), None)
+
+
+def test_a_rollout_whose_particles_pile_together_stops_before_memory_runs_out(stores, tmp_path):
+    """guards the 13 GB rollout of an under-trained fluid model: a scene's graph past EDGE_GROWTH_LIMIT times
+    its first step's edges stops the rollout, saying why; the steps before are kept and scored."""
+    import dist_egnn.inference.rollout as ro
+
+    info = toy_store(tmp_path / "dense.zarr", scenes=1, n=200, frames=21, radius=0.2)
+    result = rollout(Collapse(), run_config(), info, "test", 10)
+    assert 1 <= result.steps < 10 and len(result.mse) == result.steps == len(result.baseline_mse)
+    assert f"stopped after {result.steps} of 10 steps" in result.stopped and "piled together" in result.stopped
+    first = build_graph(result.pred[0], np.zeros((200, 3)), np.zeros((200, 1), np.float32),
+                        GraphRecipe.of(run_config(), info)).edge_index.shape[1]
+    last = build_graph(result.pred[-1], np.zeros((200, 3)), np.zeros((200, 1), np.float32),
+                       GraphRecipe.of(run_config(), info)).edge_index.shape[1]
+    assert last > ro.EDGE_GROWTH_LIMIT * first                     # the graph the rollout refused to run
+
