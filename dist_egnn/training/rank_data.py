@@ -270,7 +270,7 @@ class RankData:
                            moving=cat([d.moving_of(a.scalars) for a in arrays]) if walls else None,
                            gravity=per_graph_field(d.gravity, len(arrays)))
         plan = None
-        if self.halo:
+        if self.halo and not self.sequential:          # one process holding every part has no halo to exchange
             plan = stacked.halo_plan()
         graph_nodes = np.array([self.graph_sizes[d.locate(i)[0]] for i in sample_ids], dtype=np.int64)
         keys = np.concatenate([mmd_keys(seed, epoch, i, n)[p.owned] for i, n, p in zip(sample_ids, graph_nodes, nodes)])

@@ -85,6 +85,17 @@ def test_torchrun_ddp_exact_halo_equals_one_process(data_dir, overlap):
     assert {"step_time_s", "peak_mem_mb"} <= set(last)
 
 
+def test_exact_mode_in_one_process_running_the_parts_equals_one_device(data_dir):
+    """Guards `python launch/train.py distributed.parts=2 distributed.halo=exact` (the fluid study's exact runs):
+    one process holding every part has no halo to exchange; it once failed at its first step (a halo plan handed
+    to the one-process communicator)."""
+    proc = launch([], data_dir, "exact-sequential", "trainer.dtype=float64", "distributed.parts=2",
+                  "distributed.halo=exact")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_metrics(data_dir / "exact-sequential", data_dir / "single-float64", 1e-9)
+    assert records(data_dir / "exact-sequential")[0]["parts"] == 2
+
+
 def test_drop_mode_equals_one_process_running_the_parts(data_dir):
     """Guards drop mode through the real data path (cut edges and per-part edge dropping): P ranks equal
     one process that runs the P parts (`python launch/train.py distributed.parts=2`)."""
