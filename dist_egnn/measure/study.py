@@ -117,7 +117,8 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> 
                 edges_per_rank=final.get("edges_per_rank"), wall_time_s=wall_time_s, run_dir=str(run_dir),
                 **({} if rollout is None else dict(rollout_mse=rollout["mse"],
                                                    rollout_baseline_mse=rollout["baseline_mse"],
-                                                   rollout_start_frame=rollout["start_frame"])))
+                                                   rollout_start_frame=rollout["start_frame"],
+                                                   rollout_stopped=rollout["stopped_early"])))
 
 
 def dropped_edges(records: list[dict], label: str) -> str:
@@ -203,6 +204,9 @@ def rollout_table(records: list[dict], steps: int | None) -> str:
     for label, (mse, base, seeds) in means.items():
         lines.append(f"| {label} | {seeds} | {_cells(mse, width)} | {int(np.sum(mse < base))} of {len(mse)} |")
         lines.append(f"| {label}: const. vel. | {seeds} | {_cells(base, width)} | |")
+    stopped = [f"- {r['label']} seed {r['seed']}: {r['rollout_stopped']}" for r in records if r.get("rollout_stopped")]
+    if stopped:
+        lines += ["", "Rollouts that stopped before the last step (`predict/rollout.json`, `stopped_early`):", *stopped]
     return "\n".join(lines) + "\n"
 
 

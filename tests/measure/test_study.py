@@ -132,3 +132,15 @@ def test_train_command_gives_each_job_its_share_of_the_cores():
     command = train_command(spec, own, 0, Path("r"), "data", threads=4)
     assert [o for o in command if o.startswith("trainer.num_threads")] == ["trainer.num_threads=3"]
     assert not any(o.startswith("trainer.num_threads") for o in train_command(spec, one_rank, 0, Path("r"), "data"))
+
+
+def test_rollout_table_means_over_seeds_counts_steps_below_and_names_stopped_rollouts():
+    from dist_egnn.measure.study import rollout_table
+    records = [dict(label="a", seed=0, rollout_mse=[1.0, 4.0], rollout_baseline_mse=[2.0, 3.0]),
+               dict(label="a", seed=1, rollout_mse=[2.0], rollout_baseline_mse=[2.0],
+                    rollout_stopped="stopped after 1"),
+               dict(label="b", seed=0, test_mse=1.0)]                     # trained, not rolled out: no row
+    table = rollout_table(records, 2)       # step 2 is the mean of the one seed that reached it
+    assert "| a | 2 | 1.5 | 4 | 1 of 2 |" in table and "| a: const. vel. | 2 | 2 | 3 | |" in table
+    assert "| b |" not in table and "- a seed 1: stopped after 1" in table
+    assert rollout_table([records[2]], 2) == ""
