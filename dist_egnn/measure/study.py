@@ -224,6 +224,7 @@ def rollout_plot(records: list[dict], path: Path, title: str) -> Path:
     base = max((b for _, b, _ in means.values()), key=len)
     ax.plot(np.arange(1, len(base) + 1), base, "k--", label="constant velocity")
     ax.set_xlabel("rollout step (task steps)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("MSE (mean over seeds)")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
