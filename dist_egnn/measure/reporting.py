@@ -95,6 +95,15 @@ def bar_plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str
     if log_scale:
         ax.set_yscale("log")
     ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as a PNG (120 dpi) through a temporary sibling (never half-written); close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120)

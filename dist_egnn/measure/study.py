@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from dist_egnn.config import StudyRoot, StudyRun, StudySpec  # noqa: F401  (the schema; registered by register())
 from dist_egnn.errors import ConfigError
 from dist_egnn.measure.baselines import trivial_baselines
-from dist_egnn.measure.reporting import bar_plot, markdown_table, summarise, write_json
+from dist_egnn.measure.reporting import bar_plot, markdown_table, save_figure, summarise, write_json
 from dist_egnn.training.checkpoint import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[2]         # the repository: launch/train.py is run from there
@@ -229,12 +229,7 @@ def rollout_plot(records: list[dict], path: Path, title: str) -> Path:
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str,
