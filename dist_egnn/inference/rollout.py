@@ -57,8 +57,8 @@ from dist_egnn.partitioners.strategies import partition
 from dist_egnn.partitioners.subgraphs import split_graph
 
 WALL_SCALAR = "type"          # node scalar marking particle kinds; WALL_TYPE never moves (issue 17)
-EDGE_GROWTH_LIMIT = 10        # a scene's graph beyond this many times its first step's edges: the rollout stops
 WALL_TYPE = 1
+EDGE_GROWTH_LIMIT = 10        # a scene's graph beyond this many times its first step's edges: the rollout stops
 HALO_MODES = ("exact", "none")
 PARTITION_METHODS = ("metis", "spatial", "random")
 
