@@ -8,6 +8,14 @@ model's update of a wall is discarded, so a wall -> wall message can only change
 prediction that is scored, yet in the SPH boxes such edges were 91 % of the graph (docs/maths.md §8). Edges
 between a wall and a moving node are kept in both directions. Every graph that is trained on, partitioned
 or rolled out is built by :func:`graph_edges`, so partitions and halos see the same edge set as the model.
+
+Nearest walls (``dataset.wall_neighbors`` = k > 0): every moving node also receives from its k nearest walls
+however far they are (one direction, wall -> moving). Over a task step a particle can travel many radii (20
+SPH frames: ~1 m against a 0.075 m radius), so the radius graph alone cannot show it the floor it is about to
+hit. The choice depends on distances only and the message carries x_i - x_w: invariant and equivariant like
+every other edge. A partition built on this graph puts those walls in the halo, so exact mode still equals one
+device; in drop mode every part is a graph of its own (:func:`part_graphs`): a node's nearest walls are the
+nearest in its part, which is what a rank holding only that part computes.
 """
 from __future__ import annotations
 
@@ -27,15 +35,47 @@ def complete_graph(num_nodes: int) -> np.ndarray:
 
 
 def graph_edges(pos: np.ndarray, radius: float | None, max_neighbors: int | None = None,
-                walls: np.ndarray | None = None) -> np.ndarray:
+                walls: np.ndarray | None = None, wall_neighbors: int = 0) -> np.ndarray:
     """The graph every consumer builds: the radius graph (:func:`radius_graph`), or the complete graph when
-    ``radius`` is None, without wall -> wall edges: (2, E) int64."""
+    ``radius`` is None, without wall -> wall edges, plus, with ``wall_neighbors`` = k > 0, the edges from
+    every moving node's k nearest walls that it lacks (:func:`nearest_wall_edges`): (2, E) int64."""
     if radius is not None:
-        return radius_graph(pos, radius, max_neighbors, walls)
-    edge_index = complete_graph(len(pos))
-    if walls is not None:
-        edge_index = edge_index[:, ~(walls[edge_index[0]] & walls[edge_index[1]])]
+        edge_index = radius_graph(pos, radius, max_neighbors, walls)
+    else:
+        edge_index = complete_graph(len(pos))
+        if walls is not None:
+            edge_index = edge_index[:, ~(walls[edge_index[0]] & walls[edge_index[1]])]
+    if wall_neighbors > 0 and walls is not None:
+        extra = nearest_wall_edges(pos, walls, wall_neighbors)
+        n = len(pos)
+        have = np.isin(extra[0] * n + extra[1], edge_index[0] * n + edge_index[1])
+        edge_index = np.concatenate([edge_index, extra[:, ~have]], axis=1)
     return edge_index
+
+
+def nearest_wall_edges(pos: np.ndarray, walls: np.ndarray, k: int) -> np.ndarray:
+    """(2, M·k) edges moving node <- each of its k nearest walls (fewer walls than k: all of them), every
+    receiver's in order of distance; none without walls or moving nodes."""
+    walls = np.asarray(walls, dtype=bool)
+    moving, wall = np.flatnonzero(~walls), np.flatnonzero(walls)
+    k = min(int(k), len(wall))
+    if k == 0 or not len(moving):
+        return np.zeros((2, 0), np.int64)
+    _, nearest = cKDTree(pos[wall]).query(pos[moving], k=k)
+    nearest = np.asarray(nearest).reshape(len(moving), k)
+    return np.stack([np.repeat(moving, k), wall[nearest.reshape(-1)]]).astype(np.int64)
+
+
+def part_graphs(pos: np.ndarray, assignment: np.ndarray, num_parts: int, radius: float | None,
+                max_neighbors: int | None = None, walls: np.ndarray | None = None,
+                wall_neighbors: int = 0) -> list[np.ndarray]:
+    """Drop mode's graphs: each part's own :func:`graph_edges`, in global ids, one (2, E_p) array per part."""
+    graphs = []
+    for p in range(num_parts):
+        ids = np.flatnonzero(assignment == p)
+        local = graph_edges(pos[ids], radius, max_neighbors, None if walls is None else walls[ids], wall_neighbors)
+        graphs.append(ids[local])
+    return graphs
 
 
 def radius_graph(pos: np.ndarray, radius: float, max_neighbors: int | None = None,

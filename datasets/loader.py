@@ -170,6 +170,8 @@ class TrajectoryDataset:
         node_features, edge_features: feature recipes (``datasets.graphs``).
         radius: radius-graph cutoff; None uses the store's ``radius`` attribute (None there: complete graph).
         max_neighbors: optional cap of senders per receiver. cutoff_rate: edge dropping (docs/maths.md §2).
+        wall_neighbors: k > 0: every moving node also receives from its k nearest walls (``datasets.graphs``);
+            a StoreError for a store without walls.
         velocity_scale: factor applied to the stored velocities as they are read (inputs and the speed
             feature alike); see ``velocity_scale``.
         gravity: the external field of every graph, (3,) in the task's units (:func:`task_gravity`); None: none.
@@ -178,7 +180,8 @@ class TrajectoryDataset:
     def __init__(self, info: StoreInfo, split: str, *, delta_t: int, frame_start: int = 0,
                  frame_stop: int | None = None, frame_stride: int = 1, node_features: list[str],
                  edge_features: list[str], radius: float | None = None, max_neighbors: int | None = None,
-                 cutoff_rate: float = 0.0, velocity_scale: float = 1.0, gravity: np.ndarray | None = None):
+                 cutoff_rate: float = 0.0, velocity_scale: float = 1.0, gravity: np.ndarray | None = None,
+                 wall_neighbors: int = 0):
         self.info = info
         self.gravity = None if gravity is None else np.asarray(gravity, dtype=np.float32).reshape(3)
         self.split = split
@@ -202,7 +205,9 @@ class TrajectoryDataset:
                              f"fluid, so a graph of radius {self.radius} would miss wall edges; set dataset.radius "
                              f"<= {reach}, or rebuild the store with dataset.sph.wall_reach >= the radius (or null)")
         self.max_neighbors = max_neighbors
+        self.wall_neighbors = int(wall_neighbors)
         self.cutoff_rate = cutoff_rate
+        self.velocity_scale = float(velocity_scale)
         group = zarr.open_group(str(info.path), mode="r")[split]
         self._pos = da.from_zarr(group["pos"])
         self._vel = da.from_zarr(group["vel"])
@@ -210,6 +215,10 @@ class TrajectoryDataset:
             self._vel = (self._vel * np.float32(velocity_scale)).astype(np.float32)
         self._scalars = da.from_zarr(group["node_scalars"])
         self.type_column = info.node_scalars.index("type") if "type" in info.node_scalars else None
+        if self.wall_neighbors and self.type_column is None:
+            raise StoreError(f"{info.path}: dataset.wall_neighbors={self.wall_neighbors} asks for edges from walls, "
+                             f"but the store has no node scalar `type` (its scalars: {info.node_scalars}); set "
+                             f"dataset.wall_neighbors=0")
         trivial = trivial_target(info.attrs, delta_t)
         if trivial:
             warnings.warn(trivial, stacklevel=2)
@@ -318,7 +327,7 @@ class TrajectoryDataset:
             if not np.all(np.isfinite(values)):
                 raise StoreError(f"{self.info.path}/{self.split}: {name} of scene {scene} at frame "
                                  f"{frame if name != 'target pos' else frame + self.delta_t} holds NaN or Inf")
-        edge_index = graph_edges(pos, self.radius, self.max_neighbors, self.walls_of(scalars))
+        edge_index = graph_edges(pos, self.radius, self.max_neighbors, self.walls_of(scalars), self.wall_neighbors)
         edge_index = drop_longest_edges(edge_index, pos, self.cutoff_rate)
         names = self.info.node_scalars
         return GraphSample(pos=pos, vel=vel, target=target,

@@ -59,6 +59,9 @@ class DatasetConfig:
     edge_features: list[str] = field(default_factory=lambda: ["distance", "distance"])
     radius: Optional[float] = None            # None: the store's own radius (None there: complete graph)
     max_neighbors: Optional[int] = None
+    # Every moving node also receives from its k nearest walls however far (datasets/graphs.py: over a task step a
+    # particle may cross many radii toward a wall the radius graph does not show it); 0: radius graph only.
+    wall_neighbors: int = 0
     mmd_sigma: float = 1.5
     mmd_weight: float = 0.03
     mmd_samples: Optional[int] = None         # real nodes per graph per virtual node for MMD; None: all
@@ -135,6 +138,10 @@ class TrainerConfig:
     # none | rms: the model works in units where the training split's displacement has RMS 1 (inputs scaled by the
     # store's statistics, datasets/statistics.py; docs/maths.md §1). Reported MSEs stay in the store's units.
     normalization: str = "none"
+    # σ of GNS-style training noise, in the store's length unit (0: none): each training input's moving positions
+    # get N(0, σ²), their velocities the matching finite-difference error, the target stays true, so the model
+    # learns to correct what a rollout feeds back (dist_egnn/training/rank_data.py). Must stay under radius / 4.
+    input_noise: float = 0.0
 
 
 @dataclass
@@ -318,6 +325,7 @@ RANGES = {
     "model.node_attrs": (0, True),
     "dataset.delta_t": (1, True), "dataset.frame_start": (0, True), "dataset.frame_stop": (1, True),
     "dataset.frame_stride": (1, True), "dataset.radius": (0, False), "dataset.max_neighbors": (1, True),
+    "dataset.wall_neighbors": (0, True),
     "dataset.prefetch": (0, True),
     "dataset.mmd_weight": (0, True), "dataset.mmd_sigma": (0, False), "dataset.mmd_samples": (1, True),
     "loss.mmd_weight": (0, True), "loss.mmd_sigma": (0, False), "loss.mmd_samples": (1, True),
@@ -327,7 +335,7 @@ RANGES = {
     "trainer.steps_per_epoch": (1, True), "trainer.checkpoint_every_steps": (0, True), "trainer.keep_last": (1, True),
     "trainer.warmup_steps": (0, True), "trainer.min_lr": (0, True), "trainer.gamma": (0, False),
     "trainer.plateau_patience": (0, True), "trainer.plateau_factor": (0, False), "trainer.ema_decay": (0, True),
-    "trainer.accumulate": (1, True),
+    "trainer.accumulate": (1, True), "trainer.input_noise": (0, True),
     "distributed.parts": (1, True), "distributed.seed": (0, True), "distributed.timeout_s": (0, False),
     "distributed.prepare_timeout_s": (0, False), "distributed.inject_latency_ms": (0, True),
     "distributed.inject_slowdown": (1, True), "distributed.inject_delay_ms": (0, True),

@@ -32,15 +32,18 @@ artifact. With both, a rank finds its owned nodes, its halo and what it sends to
 
 Graph and seed per sample: the radius graph of the positions at t with the dataset's radius and
 max_neighbors (complete when the radius is None), before any edge dropping (``model.cutoff_rate``), and
-without wall -> wall edges (walls: node scalar ``type`` 1; ``datasets.graphs.graph_edges``), the graph
-the model trains on, so that no such edge makes a halo row; the
+without wall -> wall edges (walls: node scalar ``type`` 1; ``datasets.graphs.graph_edges``) and with the
+nearest-wall edges of ``dataset.wall_neighbors``, the graph the model trains on, so that no such edge makes
+a halo row and every nearest wall is in one; with walls the parts balance work, not nodes
+(``partitioners.strategies.work_weights``); the
 strategy's seed is derived from (seed, split, scene, frame), so samples are independent draws and a
 sample's parts do not depend on which worker computed it.
 
 Reuse: ``inputs`` records what determines the assignments: the partitioner version, method, P, seed,
 the part weights when they are not uniform (``distributed.part_weights``; they also name the artifact, so
 partitions for other rank speeds sit beside the uniform one), radius, max_neighbors, ``graph`` (stores with
-walls: "no wall-wall edges"; their artifacts built before that rule are stale), the frames of every
+walls: "no wall-wall edges"; their artifacts built before that rule are stale), ``balance`` (stores with
+walls: "work"), ``wall_neighbors`` (when > 0), the frames of every
 split, and the dataset store's identity (a SHA-256 of its root attributes, which hold the generator and its
 seed, less the normalisation statistics added to the same data later; and per split of its shape, scene_ptr
 and the positions at the first and last frame used). When the stored ``inputs_hash`` matches, the artifact
@@ -96,6 +99,7 @@ SCHEDULERS = ("auto", "processes", "threads", "sync")
 SPLIT_KEYS = ("train", "val", "test")
 WALL_SCALAR = "type"             # the node scalar marking walls (datasets.store)
 WALL_GRAPH = "no wall-wall edges"  # inputs["graph"] of stores with walls (datasets.graphs.graph_edges)
+WALL_BALANCE = "work"              # inputs["balance"] of stores with walls (partitioners.strategies.work_weights)
 PER_SAMPLE = ("cut_fraction", "boundary_fraction", "imbalance", "num_edges", "part_size", "halo_size")
 SPLIT_ARRAYS = ("assignment", "halo_mask", "scene_ptr", *PER_SAMPLE)
 
@@ -203,7 +207,8 @@ def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed
     return dict(partitioner_version=PARTITIONER_VERSION, method=method, num_parts=int(num_parts), seed=int(seed),
                 **({} if shares is None else {"weights": shares}),
                 radius=None if radius is None else float(radius), max_neighbors=first.max_neighbors,
-                **({"graph": WALL_GRAPH} if _has_walls(splits) else {}),
+                **({"graph": WALL_GRAPH, "balance": WALL_BALANCE} if _has_walls(splits) else {}),
+                **({"wall_neighbors": first.wall_neighbors} if getattr(first, "wall_neighbors", 0) else {}),
                 frames={name: [int(f) for f in data.frames] for name, data in splits.items()},
                 store_attrs=_sha(_identity_attrs(first.info.attrs))[:16], store_splits=store_splits)
 
@@ -366,6 +371,7 @@ def _build(path: Path, splits: Mapping[str, Any], inputs: dict[str, Any], digest
                    unit="sample", disable=not progress)
         options = {key: inputs[key] for key in ("method", "num_parts", "seed", "radius", "max_neighbors")}
         options["weights"] = inputs.get("weights")
+        options["wall_neighbors"] = inputs.get("wall_neighbors", 0)
         scalars = first.info.node_scalars
         options["wall_column"] = scalars.index(WALL_SCALAR) if inputs.get("graph") == WALL_GRAPH else None
         pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
@@ -455,7 +461,8 @@ def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[st
         try:
             part = partition(pos[lo:hi], options["num_parts"], options["method"], radius=options["radius"],
                              seed=seed, max_neighbors=options["max_neighbors"], weights=options.get("weights"),
-                             walls=None if walls is None else walls[lo:hi])
+                             walls=None if walls is None else walls[lo:hi],
+                             wall_neighbors=options.get("wall_neighbors", 0))
         except ValueError as err:
             raise BadInput(f"{store}/{task.split}: scene {scene} at frame {task.frame}: {err}") from err
         assignment[lo:hi] = part.assignment

@@ -28,6 +28,14 @@ about w_p·N nodes. METIS through its target part weights (``tpwgts``), the bala
 parts' shares; random cuts the permutation at the cumulative shares. Spatial and random parts are within a few
 nodes of w_p·N. ``weights=None`` or equal shares take the unweighted path: the same assignments as before.
 
+Graphs with walls (``walls`` given and some True): parts balance work, not nodes. Every node costs its node
+MLPs and every edge it receives an edge MLP, so node i weighs 1 + (edges it receives) (:func:`work_weights`).
+In the SPH boxes walls are ~85 % of the nodes but most of them receive no edge in a given frame: balanced by
+count, METIS put the whole fluid and every edge on one part and the idle walls on the others (0.0005 % cut at
+P = 2), so one rank did nearly all the work. METIS gets the weights as vertex weights (the balance bound and
+the rebalancing step then count weight), spatial bisection cuts at weighted quantiles, random cuts its
+permutation at cumulative weight. Graphs without walls keep the node balance (and their stored assignments).
+
 Graph: a given ``edge_index`` is used as is (so callers that built the radius graph do not build it twice);
 otherwise it is built with ``datasets.graphs.graph_edges(pos, radius, max_neighbors, walls)``: the radius
 graph, or the complete graph when ``radius`` is None (N-body), without wall -> wall edges, the graph the
@@ -95,7 +103,8 @@ class Partition:
 
 def partition(pos: np.ndarray, num_parts: int, method: str = "metis", *, radius: float | None = None,
               seed: int = 0, edge_index: np.ndarray | None = None, max_neighbors: int | None = None,
-              allow_duplicates: bool = False, weights=None, walls: np.ndarray | None = None) -> Partition:
+              allow_duplicates: bool = False, weights=None, walls: np.ndarray | None = None,
+              wall_neighbors: int = 0) -> Partition:
     """Split the N nodes at ``pos`` (N, 3) into ``num_parts`` non-empty parts; see the module docstring.
 
     Args:
@@ -109,26 +118,36 @@ def partition(pos: np.ndarray, num_parts: int, method: str = "metis", *, radius:
         allow_duplicates: accept several nodes at one position.
         weights: P positive shares of the nodes summing to 1 (:func:`check_weights`); None: equal parts.
         walls: (N,) bool, the walls (node scalar ``type`` 1) when building the graph: no edge joins two.
+        wall_neighbors: k > 0: the graph also holds every moving node's k nearest walls as senders
+            (``datasets.graphs.graph_edges``), so halos include them.
+
+    With walls, parts balance work instead of nodes (module docstring; ``walls`` also with ``edge_index``).
     """
     pos = _check_positions(pos, allow_duplicates)
     n = len(pos)
     _check_request(n, num_parts, method, seed, radius)
     weights = check_weights(weights, num_parts)
     if edge_index is None:
-        edge_index = _build_graph(pos, radius, max_neighbors, walls)
+        edge_index = _build_graph(pos, radius, max_neighbors, walls, wall_neighbors)
     else:
         edge_index = _check_edge_index(edge_index, n)
+    work = work_weights(edge_index, n) if walls is not None and np.any(walls) else None
     if method == "metis":
-        assignment = metis_assignment(edge_index, n, num_parts, seed, weights)
+        assignment = metis_assignment(edge_index, n, num_parts, seed, weights, work)
     elif method == "spatial":
-        assignment = spatial_assignment(pos, num_parts, weights)
+        assignment = spatial_assignment(pos, num_parts, weights, work)
     else:
-        assignment = random_assignment(n, num_parts, seed, weights)
+        assignment = random_assignment(n, num_parts, seed, weights, work)
     return Partition(assignment=assignment, num_parts=num_parts, method=method, seed=seed,
                      metrics=partition_metrics(edge_index, assignment, num_parts), edge_index=edge_index)
 
 
 # ------------------------------------------------------------------------------------------ strategies
+def work_weights(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
+    """(N,) int64 cost of every node: 1 for its node MLPs plus one per edge it receives."""
+    return 1 + np.bincount(np.asarray(edge_index[0], dtype=np.int64), minlength=num_nodes)
+
+
 def check_weights(weights, num_parts: int) -> np.ndarray | None:
     """``weights`` as a float64 (P,) array of positive shares summing to 1, or None for equal parts (also when
     every share is equal: the unweighted path, whose assignments stored partitions already hold).
@@ -150,9 +169,10 @@ def check_weights(weights, num_parts: int) -> np.ndarray | None:
 
 
 def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, seed: int,
-                     weights: np.ndarray | None = None) -> np.ndarray:
+                     weights: np.ndarray | None = None, work: np.ndarray | None = None) -> np.ndarray:
     """METIS on the graph made undirected, then the balance bound enforced (see the module docstring).
-    ``weights``: target shares of the parts (METIS's ``tpwgts``); None: equal.
+    ``weights``: target shares of the parts (METIS's ``tpwgts``); None: equal. ``work``: (N,) node weights
+    (:func:`work_weights`) balanced instead of node counts; None: every node 1.
 
     Raises ValueError if the graph has no edges or METIS leaves a part empty.
     """
@@ -163,7 +183,7 @@ def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, see
                          f"method='spatial'")
     targets = None if weights is None else [float(w) for w in weights]
     result = pymetis.part_graph(num_parts, adjacency=pymetis.CSRAdjacency(adjacency.indptr, adjacency.indices),
-                                tpwgts=targets,
+                                tpwgts=targets, vweights=None if work is None else work.tolist(),
                                 options=pymetis.Options(seed=int(seed) % (2**31 - 1) + 1))  # METIS seeds 0 and 1 agree
     assignment = np.asarray(result.vertex_part, dtype=np.int64)
     counts = np.bincount(assignment, minlength=num_parts)
@@ -172,6 +192,10 @@ def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, see
         raise BadInput(f"METIS returned {int(np.sum(counts == 0))} empty parts of {num_parts} for a graph of "
                          f"{num_nodes} nodes in {components} connected pieces (part sizes {counts.tolist()}); "
                          f"use fewer parts or method='spatial' or 'random', which never leave a part empty")
+    if work is not None:
+        shares = np.full(num_parts, 1.0 / num_parts) if weights is None else weights
+        caps = np.ceil((1 + BALANCE_TOLERANCE) * shares * work.sum()).astype(np.int64)
+        return rebalance_work(adjacency, assignment, num_parts, caps, work)
     if weights is None:
         return rebalance(adjacency, assignment, num_parts, max_part_size(num_nodes, num_parts))
     caps = np.ceil((1 + BALANCE_TOLERANCE) * weights * num_nodes).astype(np.int64)
@@ -205,6 +229,32 @@ def rebalance(adjacency: sp.csr_matrix, assignment: np.ndarray, num_parts: int, 
     return assignment
 
 
+def rebalance_work(adjacency: sp.csr_matrix, assignment: np.ndarray, num_parts: int, caps: np.ndarray,
+                   work: np.ndarray) -> np.ndarray:
+    """:func:`rebalance` counting ``work`` (N,) instead of nodes: each step moves, most neighbours in the
+    target part first, the nodes of the heaviest part over its cap that fit in the lightest part's room,
+    until the excess is gone (a node heavier than every room moves alone, so the loop always ends)."""
+    loads = np.bincount(assignment, weights=work, minlength=num_parts).astype(np.int64)
+    for _ in range(len(assignment)):
+        if not np.any(loads > caps):
+            break
+        big, small = int(np.argmax(loads - caps)), int(np.argmax(caps - loads))
+        members = np.flatnonzero(assignment == big)
+        if len(members) == 1:
+            break
+        rows = adjacency[members]
+        gain = rows @ (assignment == small).astype(np.int64) - rows @ (assignment == big).astype(np.int64)
+        order = members[np.argsort(-gain, kind="stable")]
+        moved = np.cumsum(work[order])
+        count = int(np.searchsorted(moved, min(loads[big] - caps[big], caps[small] - loads[small]), side="left")) + 1
+        count = min(max(count, 1), len(members) - 1)
+        chosen = order[:count]
+        assignment[chosen] = small
+        loads[big] -= int(work[chosen].sum())
+        loads[small] += int(work[chosen].sum())
+    return assignment
+
+
 def undirected_adjacency(edge_index: np.ndarray, num_nodes: int) -> sp.csr_matrix:
     """The graph as METIS needs it: CSR with both directions of every edge, no self-loops, no repeats."""
     recv, send = edge_index
@@ -217,8 +267,10 @@ def undirected_adjacency(edge_index: np.ndarray, num_nodes: int) -> sp.csr_matri
     return adjacency
 
 
-def spatial_assignment(pos: np.ndarray, num_parts: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Recursive coordinate bisection: parts of ⌊N/P⌋ or ⌈N/P⌉ nodes (about w_p·N with ``weights``), compact boxes."""
+def spatial_assignment(pos: np.ndarray, num_parts: int, weights: np.ndarray | None = None,
+                       work: np.ndarray | None = None) -> np.ndarray:
+    """Recursive coordinate bisection: parts of ⌊N/P⌋ or ⌈N/P⌉ nodes (about w_p·N with ``weights``), compact boxes.
+    ``work`` (N,): each cut at the weighted quantile instead (parts of about equal work)."""
     assignment = np.empty(len(pos), dtype=np.int64)
     pending = [(np.arange(len(pos)), 0, num_parts)]          # (global ids, first part, parts to make)
     while pending:
@@ -230,7 +282,13 @@ def spatial_assignment(pos: np.ndarray, num_parts: int, weights: np.ndarray | No
         axis = int(np.argmax(coords.max(axis=0) - coords.min(axis=0)))
         order = nodes[np.lexsort((nodes, coords[:, axis]))]  # along the axis, ties by global id
         left = parts // 2
-        if weights is None:
+        if work is not None:                                  # the left parts' share of the box's work
+            share = left / parts if weights is None else (weights[first:first + left].sum()
+                                                          / weights[first:first + parts].sum())
+            load = np.cumsum(work[order])
+            cut = int(np.searchsorted(load, share * load[-1], side="left")) + 1
+            cut = min(max(cut, left), len(nodes) - (parts - left))
+        elif weights is None:
             cut = len(nodes) * left // parts                  # keeps every part within ⌊N/P⌋..⌈N/P⌉
         else:                                                 # the left parts' share, each side a node per part
             share = weights[first:first + left].sum() / weights[first:first + parts].sum()
@@ -239,10 +297,20 @@ def spatial_assignment(pos: np.ndarray, num_parts: int, weights: np.ndarray | No
     return assignment
 
 
-def random_assignment(num_nodes: int, num_parts: int, seed: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """A seeded permutation cut into num_parts near-equal parts (at the cumulative shares with ``weights``)."""
+def random_assignment(num_nodes: int, num_parts: int, seed: int, weights: np.ndarray | None = None,
+                      work: np.ndarray | None = None) -> np.ndarray:
+    """A seeded permutation cut into num_parts near-equal parts (at the cumulative shares with ``weights``;
+    with ``work`` (N,) at cumulative work instead of node counts)."""
     assignment = np.empty(num_nodes, dtype=np.int64)
     order = np.random.default_rng(seed).permutation(num_nodes)
+    if work is not None:
+        shares = np.full(num_parts, 1.0 / num_parts) if weights is None else weights
+        load = np.cumsum(work[order])
+        bounds = np.searchsorted(load, np.cumsum(shares)[:-1] * load[-1], side="left") + 1
+        bounds = np.maximum(bounds, np.arange(1, num_parts))                   # a node for every part
+        bounds = np.minimum(bounds, num_nodes - num_parts + np.arange(1, num_parts))
+        assignment[order] = np.searchsorted(bounds, np.arange(num_nodes), side="right")
+        return assignment
     if weights is None:
         assignment[order] = np.arange(num_nodes) * num_parts // num_nodes
         return assignment
@@ -291,13 +359,14 @@ def _check_request(n: int, num_parts: int, method: str, seed: int, radius: float
 
 
 def _build_graph(pos: np.ndarray, radius: float | None, max_neighbors: int | None,
-                 walls: np.ndarray | None) -> np.ndarray:
+                 walls: np.ndarray | None, wall_neighbors: int = 0) -> np.ndarray:
     if radius is None and len(pos) > MAX_COMPLETE_NODES:
         raise BadInput(f"radius=None asks for the complete graph, which on {len(pos)} nodes has "
                          f"{len(pos) * (len(pos) - 1):,} edges; give a radius (or an edge_index)")
     if walls is not None and np.shape(walls) != (len(pos),):
         raise BadInput(f"walls must be one bool per node ({len(pos)},), got shape {np.shape(walls)}")
-    return graph_edges(pos, radius, max_neighbors, None if walls is None else np.asarray(walls, dtype=bool))
+    return graph_edges(pos, radius, max_neighbors, None if walls is None else np.asarray(walls, dtype=bool),
+                       wall_neighbors)
 
 
 def _check_edge_index(edge_index, n: int) -> np.ndarray:

@@ -48,7 +48,7 @@ import zarr
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from dist_egnn.datasets.graphs import drop_longest_edges, edge_features, graph_edges, node_features
+from dist_egnn.datasets.graphs import drop_longest_edges, edge_features, graph_edges, node_features, part_graphs
 from dist_egnn.datasets.loader import GraphBatch, GraphSample, collate, task_gravity, velocity_scale
 from dist_egnn.datasets.store import StoreInfo
 from dist_egnn.errors import BadInput, ConfigError
@@ -75,6 +75,7 @@ class GraphRecipe:
     radius: float | None
     max_neighbors: int | None
     cutoff_rate: float
+    wall_neighbors: int
     node_features: tuple[str, ...]
     edge_features: tuple[str, ...]
     scalar_names: tuple[str, ...]
@@ -86,6 +87,7 @@ class GraphRecipe:
         radius = info.attrs.get("radius") if d.get("radius") is None else d.radius
         return cls(radius=radius, max_neighbors=d.get("max_neighbors"),
                    cutoff_rate=float(cfg.model.get("cutoff_rate", 0.0)),
+                   wall_neighbors=int(d.get("wall_neighbors", 0) or 0),
                    node_features=tuple(d.node_features), edge_features=tuple(d.edge_features),
                    scalar_names=tuple(info.node_scalars))
 
@@ -127,34 +129,41 @@ def build_graph(pos: np.ndarray, vel: np.ndarray, scalars: np.ndarray, recipe: G
     """
     names = list(recipe.scalar_names)
     walls = scalars[:, names.index(WALL_SCALAR)] == WALL_TYPE if WALL_SCALAR in names else None
-    whole = graph_edges(pos, recipe.radius, recipe.max_neighbors, walls)          # no wall -> wall edge
+    whole = graph_edges(pos, recipe.radius, recipe.max_neighbors, walls, recipe.wall_neighbors)  # no wall -> wall
     cut = None
     if parts.parts == 1:
         edges = drop_longest_edges(whole, pos, recipe.cutoff_rate)
     else:
-        edges, cut = partitioned_edges(pos, whole, recipe.cutoff_rate, parts)
+        edges, cut = partitioned_edges(pos, whole, recipe.cutoff_rate, parts, recipe, walls)
     return StepGraph(edge_index=edges,
                      edge_attr=edge_features(list(recipe.edge_features), edges, pos, scalars, names),
                      node_features=node_features(list(recipe.node_features), vel, scalars, names),
                      cut_fraction=cut)
 
 
-def partitioned_edges(pos: np.ndarray, whole: np.ndarray, cutoff_rate: float, parts: Parts) -> tuple[np.ndarray, float]:
+def partitioned_edges(pos: np.ndarray, whole: np.ndarray, cutoff_rate: float, parts: Parts,
+                      recipe: GraphRecipe | None = None, walls: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """The edges the P parts of this step's partition receive, in global ids, and the step's cut fraction.
 
     The partition is computed from ``pos`` (the current positions) on the whole graph ``whole``. Exact mode:
     every part keeps the edges its owned nodes receive (halo senders included), the union is the whole
     graph and edge dropping takes the global threshold. Drop mode: edges inside a part only, each part
-    dropping its own longest (``training.rank_data.RankData.sequential_edges``).
+    dropping its own longest (``training.rank_data.RankData.sequential_edges``); with ``recipe.wall_neighbors``
+    each part's own graph (``datasets.graphs.part_graphs``: its nodes' nearest walls in the part).
     """
     if parts.parts > len(pos):
         raise RolloutError(f"parts={parts.parts} is more than the {len(pos)} nodes of a scene: use at most "
                            f"{len(pos)} parts")
-    split = partition(pos, parts.parts, parts.method, seed=parts.seed, edge_index=whole, allow_duplicates=True)
+    split = partition(pos, parts.parts, parts.method, seed=parts.seed, edge_index=whole, allow_duplicates=True,
+                      walls=walls)                   # with walls: parts of equal work, as the stored ones
     pieces = split_graph(whole, split.assignment, parts.parts, halo=parts.halo == "exact")
     if parts.halo == "exact":
         ids = np.sort(np.concatenate([p.edge_ids for p in pieces]))
         edges = drop_longest_edges(whole[:, ids], pos, cutoff_rate)
+    elif recipe is not None and recipe.wall_neighbors:
+        graphs = part_graphs(pos, split.assignment, parts.parts, recipe.radius, recipe.max_neighbors, walls,
+                             recipe.wall_neighbors)
+        edges = np.concatenate([drop_longest_edges(g, pos, cutoff_rate) for g in graphs], axis=1)
     else:
         edges = np.concatenate([drop_longest_edges(whole[:, p.edge_ids], pos, cutoff_rate) for p in pieces], axis=1)
     return edges.astype(np.int64), float(split.metrics.cut_fraction)

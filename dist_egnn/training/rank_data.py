@@ -19,6 +19,13 @@ Batches: the sample order of an epoch comes from (seed, epoch) only, so every ra
 Graph group g of G takes batches g, g + G, g + 2G, ... (graph × data parallel); in training every group
 takes the same number of steps, so a remainder of fewer than G batches is left out of that epoch.
 
+Training noise (``trainer.input_noise`` = σ, the training split only, GNS-style): every moving node's input
+position gets N(0, σ²) per component and its velocity the error of a finite difference between two such noisy
+positions one task step apart, while the target stays the true next position, so the model learns to correct
+the errors a rollout feeds back. Drawn per (seed, epoch, sample, global node id), like the MMD keys: resume
+and P ranks see the same noise as one device. The edges stay those of the clean frame (σ is refused unless it
+is well under the radius), so the stored partitions and halos hold.
+
 Edge dropping (docs/maths.md §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
 by global ids so that the two directions of a pair are kept or dropped together. In exact mode with P > 1
 the length threshold is global: the ranks exchange their edge lengths (one all-gather per batch), so P ranks
@@ -28,7 +35,7 @@ drops its own longest edges, as each device of the paper's DistEGNN works on its
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -40,6 +47,7 @@ from dist_egnn.datasets.graphs import (
     edge_order,
     graph_edges,
     node_features,
+    part_graphs,
     whole_pairs,
 )
 from dist_egnn.datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
@@ -97,11 +105,13 @@ class RankData:
         sequential: this one process holds all P parts (``part`` is ignored); see the module docstring.
         report: warn about the split's graphs (:class:`GraphWarning`, once per split and kind): a graph
             without edges, or far denser than the dataset's documented density. Rank 0 only in a launch.
+        noise: σ of the training noise on the inputs (``trainer.input_noise``, the store's length unit; see the
+            module docstring); 0: none. Give it for the training split only.
     """
 
     def __init__(self, dataset: TrajectoryDataset, part: int = 0, parts: int = 1, halo: bool = False,
                  assignments=None, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None,
-                 sequential: bool = False, report: bool = True):
+                 sequential: bool = False, report: bool = True, noise: float = 0.0):
         if parts > 1 and assignments is None:
             raise ValueError("RankData: P > 1 needs the stored partition of the split (assignments)")
         if assignments is not None and assignments.num_parts != parts:
@@ -113,6 +123,7 @@ class RankData:
         self.graph_sizes = np.diff(dataset.meta.scene_ptr)
         self.report, self.warned = report, set()          # kinds of GraphWarning already given for this split
         self.reference: tuple[float, str] | None | bool = False    # reference_degree(); False: not measured yet
+        self.noise = float(noise)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -158,7 +169,24 @@ class RankData:
             if not whole:
                 full_edges = sum(self.assignments.num_edges_of(a.scene, a.frame) for a in arrays)
             local = self.drop_edges(local, arrays, nodes)
+        if self.noise > 0.0:                          # after the edges: they are the clean frame's
+            arrays = [self.with_noise(a, n, i, seed, epoch) for a, n, i in zip(arrays, nodes, sample_ids)]
         return self.assemble(sample_ids, nodes, arrays, local, full_edges, seed, epoch)
+
+    def with_noise(self, arrays: PartArrays, nodes: PartNodes, sample: int, seed: int, epoch: int) -> PartArrays:
+        """``arrays`` with the training noise on the moving nodes' positions (owned and halo rows alike) and
+        velocities; walls and targets untouched."""
+        d = self.dataset
+        errors = input_errors(seed, epoch, sample, int(self.graph_sizes[arrays.scene]), self.noise)
+        ids = nodes.local_to_global
+        owned, halo = ids[:len(arrays.pos)], ids[len(arrays.pos):]
+        still = lambda scalars: 1.0 if d.type_column is None else d.moving_of(scalars)[:, None]  # noqa: E731
+        # the velocity is a position difference over one task step, in the dataset's velocity unit
+        per_step = d.velocity_scale / (d.delta_t * float(d.info.attrs["dt"]))
+        velocity_error = (errors[0, owned] - errors[1, owned]) * np.float32(per_step)
+        return replace(arrays, pos=arrays.pos + errors[0, owned] * still(arrays.scalars),
+                       vel=arrays.vel + velocity_error * still(arrays.scalars),
+                       halo_pos=arrays.halo_pos + errors[0, halo] * still(arrays.halo_scalars))
 
     def check_graphs(self, sample_ids: list[int], arrays: list[PartArrays], edges: list[int], whole: bool) -> None:
         """Warn (once per split and kind) when a graph of this batch has no edges, or when the batch's mean
@@ -219,7 +247,7 @@ class RankData:
         as in the whole graph and the stored partition's halos (``datasets.graphs.graph_edges``)."""
         pos = np.concatenate([arrays.pos, arrays.halo_pos])
         walls = self.dataset.walls_of(np.concatenate([arrays.scalars, arrays.halo_scalars]))
-        edges = graph_edges(pos, self.dataset.radius, self.dataset.max_neighbors, walls)
+        edges = graph_edges(pos, self.dataset.radius, self.dataset.max_neighbors, walls, self.dataset.wall_neighbors)
         return edges[:, edges[0] < len(arrays.pos)]
 
     def drop_edges(self, local: list[np.ndarray], arrays: list[PartArrays], nodes: list[PartNodes]) -> list[np.ndarray]:
@@ -240,8 +268,14 @@ class RankData:
         if self.halo:
             return [drop_longest_edges(e, a.pos, rate) for e, a in zip(whole, arrays)]
         kept = []
+        d = self.dataset
         for e, a in zip(whole, arrays):
             part = self.assignments.of(a.scene, a.frame)
+            if d.wall_neighbors:                      # each part's own nearest walls, as its rank finds them
+                graphs = part_graphs(a.pos, part, self.parts, d.radius, d.max_neighbors, d.walls_of(a.scalars),
+                                     d.wall_neighbors)
+                kept.append(np.concatenate([drop_longest_edges(g, a.pos, rate) for g in graphs], axis=1))
+                continue
             inside = e[:, part[e[0]] == part[e[1]]]
             per_part = [drop_longest_edges(inside[:, part[inside[0]] == p], a.pos, rate) for p in range(self.parts)]
             kept.append(np.concatenate(per_part, axis=1))
@@ -289,6 +323,13 @@ def mmd_keys(seed: int, epoch: int, sample: int, num_nodes: int) -> np.ndarray:
     """(num_nodes,) uniform keys of one graph's nodes by global id: the MMD term samples the nodes whose key
     is below M / N, so P ranks pick the same nodes as one device (``dist_egnn.losses.sample_nodes``)."""
     return np.random.default_rng([seed, epoch, sample, 7]).random(num_nodes).astype(np.float32)
+
+
+def input_errors(seed: int, epoch: int, sample: int, num_nodes: int, sigma: float) -> np.ndarray:
+    """(2, num_nodes, 3) float32 N(0, σ²) position errors of one graph's nodes by global id, at the input frame
+    and one task step before it (the training noise, :class:`RankData`)."""
+    rng = np.random.default_rng([seed, epoch, sample, 11])
+    return (rng.standard_normal((2, num_nodes, 3), dtype=np.float32) * np.float32(sigma))
 
 
 def global_drop(edges: np.ndarray, pos: np.ndarray, node_ids: np.ndarray, rate: float,

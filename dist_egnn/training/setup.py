@@ -195,6 +195,7 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
                                        frame_stop=d.frame_stop, frame_stride=d.frame_stride,
                                        node_features=list(d.node_features), edge_features=list(d.edge_features),
                                        radius=d.radius, max_neighbors=d.max_neighbors,
+                                       wall_neighbors=d.get("wall_neighbors", 0),
                                        cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale, gravity=gravity)
               for split in SPLITS}
     degree = splits["train"].mean_degree()
@@ -260,8 +261,9 @@ def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo) -> Norm
 def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str, RankData]:
     """Each split as this rank sees it: its part of every graph (the stored partition when P > 1)."""
     d = cfg.distributed
+    noise = {name: training_noise(cfg, data) if name == "train" else 0.0 for name, data in splits.items()}
     if d.parts == 1:
-        return {name: RankData(data, report=rt.is_main) for name, data in splits.items()}
+        return {name: RankData(data, report=rt.is_main, noise=noise[name]) for name, data in splits.items()}
     sequential = not rt.env.distributed           # one process runs all P parts (drop-mode reference)
     weights = resolve_part_weights(cfg, rt)       # None: equal parts
     path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed, weights)
@@ -284,8 +286,24 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
     gather = (lambda values: runtime.all_gather_arrays(values, group, device)) if group is not None else None
     return {name: RankData(data, rt.groups.part, d.parts, d.halo == "exact",
                            load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential,
-                           report=rt.is_main)
+                           report=rt.is_main, noise=noise[name])
             for name, data in splits.items()}
+
+
+NOISE_RADIUS_SHARE = 0.25     # trainer.input_noise must be under this share of the radius
+
+
+def training_noise(cfg: DictConfig, train) -> float:
+    """``trainer.input_noise``, refused unless well under the radius: the noisy inputs keep the clean frame's
+    edges (dist_egnn.training.rank_data), which only holds while the noise moves a node a small part of its
+    neighbourhood."""
+    sigma = float(cfg.trainer.get("input_noise", 0.0) or 0.0)
+    if sigma > 0.0 and train.radius is not None and sigma >= NOISE_RADIUS_SHARE * train.radius:
+        raise ConfigError(f"trainer.input_noise={sigma:g} is not under {NOISE_RADIUS_SHARE:g} x the radius "
+                          f"({train.radius:g}, {train.info.path}): noise that size moves particles across the "
+                          f"graph's neighbourhoods; use a few per cent of the radius (e.g. "
+                          f"{0.02 * train.radius:.2g}), or 0 for none")
+    return sigma
 
 
 def weights_override(weights: list[float] | None) -> str:

@@ -1,0 +1,85 @@
+"""Training noise (``trainer.input_noise`` = σ, GNS-style): the moving nodes' input positions and velocities get
+a keyed error, walls and targets none, the edges stay the clean frame's, and the draw depends on (seed, epoch,
+sample, global node id) only, so a resumed run and P ranks in exact halo mode see what one process sees.
+
+The store is test_walls.py's hand-made box of falling particles with wall rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from dist_egnn.errors import ConfigError
+from dist_egnn.partitioners.artifacts import load_assignments, prepare_partitions
+from dist_egnn.training.rank_data import RankData, input_errors
+from dist_egnn.training.setup import training_noise
+from tests.training.test_walls import SCENES, dataset, rank_ids, wall_store
+
+SIGMA = 0.01
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return wall_store(tmp_path_factory.mktemp("noise") / "data" / "walls.zarr")
+
+
+def test_noise_moves_the_fluid_inputs_only_by_the_keyed_errors(store):
+    data = dataset(store)
+    clean = RankData(data).build([0, 5], seed=3, epoch=2)
+    noisy = RankData(data, noise=SIGMA).build([0, 5], seed=3, epoch=2)
+    moving = clean.graph.moving.numpy()
+    shift = (noisy.graph.pos - clean.graph.pos).numpy()
+    assert not shift[~moving].any()                                   # walls stay where they are
+    assert np.array_equal(noisy.graph.target, clean.graph.target)     # the target stays the true next frame
+    assert np.array_equal(noisy.graph.edge_index, clean.graph.edge_index)   # the clean frame's graph
+    n = len(moving) // 2
+    per_step = data.velocity_scale / (data.delta_t * 0.05)
+    for b, sample in enumerate([0, 5]):
+        errors = input_errors(3, 2, sample, n, SIGMA)
+        rows = slice(b * n, (b + 1) * n)
+        fluid = moving[rows]
+        np.testing.assert_allclose(shift[rows][fluid], errors[0][fluid], atol=1e-6)
+        np.testing.assert_allclose((noisy.graph.vel - clean.graph.vel).numpy()[rows][fluid],
+                                   ((errors[0] - errors[1]) * per_step)[fluid], rtol=1e-4, atol=1e-5)
+    assert 0.5 * SIGMA < shift[moving].std() < 2 * SIGMA
+    # features built from the inputs follow them: the speed feature and the edge distances
+    assert not np.array_equal(noisy.graph.node_features[:, 0], clean.graph.node_features[:, 0])
+    assert not np.array_equal(noisy.graph.edge_attr, clean.graph.edge_attr)
+
+
+def test_noise_is_a_function_of_seed_epoch_and_sample():
+    a = input_errors(0, 1, 4, 50, SIGMA)
+    assert np.array_equal(a, input_errors(0, 1, 4, 50, SIGMA))        # a resumed epoch draws the same noise
+    for other in (input_errors(1, 1, 4, 50, SIGMA), input_errors(0, 2, 4, 50, SIGMA), input_errors(0, 1, 5, 50, SIGMA)):
+        assert not np.array_equal(a, other)
+
+
+def test_two_ranks_in_exact_mode_see_one_process_noise(store):
+    """Each rank's owned and halo rows carry the noise of their global ids: the same inputs as one process."""
+    data = dataset(store)
+    splits = {split: dataset(store, split) for split in SCENES}
+    stored = load_assignments(prepare_partitions(splits, "metis", 2, progress=False, scheduler="threads"), "train")
+    whole = RankData(data, noise=SIGMA).build([3], seed=1, epoch=0)
+    scene, frame = data.locate(3)
+    for part in range(2):
+        rank = RankData(data, part, 2, halo=True, assignments=stored, noise=SIGMA).build([3], seed=1, epoch=0)
+        ids = rank_ids(stored, part, scene, frame)
+        owned = len(rank.graph.pos)
+        np.testing.assert_array_equal(rank.graph.pos, whole.graph.pos[ids[:owned]])
+        np.testing.assert_array_equal(rank.graph.vel, whole.graph.vel[ids[:owned]])
+        np.testing.assert_array_equal(rank.graph.node_features, whole.graph.node_features[ids[:owned]])
+        got = {(ids[r], ids[q]): a
+               for (r, q), a in zip(rank.graph.edge_index.T.tolist(), rank.graph.edge_attr.tolist())}
+        want = {(r, q): a for (r, q), a in zip(whole.graph.edge_index.T.tolist(), whole.graph.edge_attr.tolist())
+                if r in set(ids[:owned].tolist())}
+        assert got == want                                           # halo rows carry the same noisy positions
+
+
+def test_noise_near_the_radius_is_refused(store):
+    data = dataset(store)
+    cfg = OmegaConf.create({"trainer": {"input_noise": 0.3 * data.radius}})
+    with pytest.raises(ConfigError, match="trainer.input_noise=.*radius"):
+        training_noise(cfg, data)
+    assert training_noise(OmegaConf.create({"trainer": {"input_noise": 0.01}}), data) == 0.01
+    assert training_noise(OmegaConf.create({"trainer": {}}), data) == 0.0
