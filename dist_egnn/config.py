@@ -178,7 +178,8 @@ class EngineConfig:
 
     name: str = "auto"                        # auto | plain | ddp | fsdp | deepspeed
     zero_stage: int = 0                       # DeepSpeed ZeRO stage (0 keeps checkpoints resumable at any P)
-    gradient_clipping: float = 0.0            # DeepSpeed gradient clipping; 0: off
+    gradient_clipping: float = 0.0            # clip the global gradient norm to this before every optimizer step,
+                                              # under every engine (DeepSpeed: its own option); 0: off
 
 
 @dataclass

@@ -28,7 +28,14 @@ def resolve_engine(name: str, world_size: int, environ=os.environ, argv=sys.argv
 
 
 def build_engine(name: str, model, make_optimizer, cfg, groups) -> Engine:
-    """Wrap ``model`` in the engine ``name`` (already resolved), with ``make_optimizer(parameters)``."""
+    """Wrap ``model`` in the engine ``name`` (already resolved), with ``make_optimizer(parameters)``; every
+    engine clips gradients at ``engine.gradient_clipping`` (DeepSpeed through its own configuration)."""
+    engine = _build(name, model, make_optimizer, cfg, groups)
+    engine.clip = float(cfg.engine.get("gradient_clipping", 0.0) or 0.0)
+    return engine
+
+
+def _build(name: str, model, make_optimizer, cfg, groups) -> Engine:
     if name == "plain":
         from dist_egnn.engines.plain import PlainEngine
         return PlainEngine(model, make_optimizer(model.parameters()), groups)

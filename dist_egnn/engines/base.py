@@ -7,6 +7,10 @@ only between steps), so the engines differ in how gradients are combined and che
   loss share by P (``Engine.loss_scale``), so the average over W = P × G ranks is the mean over the G graph
   groups of each group's summed loss, the gradient of one device. Example: P = 2, G = 1, rank shares
   0.55 and 0.55 (one device's loss 1.1): scaled 1.1 and 1.1, averaged over 2 ranks: 1.1.
+* clipping (``engine.gradient_clipping`` = c > 0): the combined gradient's global L2 norm is clipped to c before
+  every optimizer step (``torch.nn.utils.clip_grad_norm_``; DTensor shards under FSDP; DeepSpeed through
+  its own ``gradient_clipping``), so one value means the same under every engine. Every rank holds the same
+  combined gradient, so every rank clips alike.
 * checkpoints: plain, DDP and FSDP write one portable file ``<dir>/<tag>.pt`` (full model and optimizer
   state, client state), so a run can resume under another engine or another P; DeepSpeed writes its own
   directory format through ``save_checkpoint``/``load_checkpoint``. Either way the trainer completes a
@@ -28,6 +32,7 @@ class Engine:
     """Wraps a model and its optimizer; ``model`` is what the trainer calls for the forward pass."""
 
     name = "base"
+    clip = 0.0                          # engine.gradient_clipping (build_engine sets it); 0: off
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, groups):
         self.module = module            # the bare model
@@ -62,6 +67,8 @@ class Engine:
         (loss if window == 1 else loss / window).backward()
 
     def step(self) -> None:
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
         self.optimizer.step()
 
     def parameters_with_grad(self):
