@@ -109,6 +109,7 @@ def collate(samples: list[GraphSample]) -> GraphBatch:
 
 
 VELOCITY_UNITS = ("store", "horizon")
+INPUT_VELOCITIES = ("stored", "displacement")
 
 
 def velocity_scale(unit: str, delta_t: int, frame_dt: float) -> float:
@@ -172,6 +173,10 @@ class TrajectoryDataset:
         max_neighbors: optional cap of senders per receiver. cutoff_rate: edge dropping (docs/maths.md §2).
         wall_neighbors: k > 0: every moving node also receives from its k nearest walls (``datasets.graphs``);
             a StoreError for a store without walls.
+        input_velocity: ``stored``: the store's velocity at the input frame. ``displacement``: the
+            displacement over the task step before it, (x(t) − x(t − Δt)) / (Δt·dt), in the same unit: what
+            a rollout can feed back, which for a falling body lags the instantaneous velocity by g·Δt·dt/2
+            (docs/maths.md §8). Input frames before ``delta_t`` have no such step and are left out.
         velocity_scale: factor applied to the stored velocities as they are read (inputs and the speed
             feature alike); see ``velocity_scale``.
         gravity: the external field of every graph, (3,) in the task's units (:func:`task_gravity`); None: none.
@@ -181,7 +186,7 @@ class TrajectoryDataset:
                  frame_stop: int | None = None, frame_stride: int = 1, node_features: list[str],
                  edge_features: list[str], radius: float | None = None, max_neighbors: int | None = None,
                  cutoff_rate: float = 0.0, velocity_scale: float = 1.0, gravity: np.ndarray | None = None,
-                 wall_neighbors: int = 0):
+                 wall_neighbors: int = 0, input_velocity: str = "stored"):
         self.info = info
         self.gravity = None if gravity is None else np.asarray(gravity, dtype=np.float32).reshape(3)
         self.split = split
@@ -195,6 +200,15 @@ class TrajectoryDataset:
                              f"({self.meta.num_frames} frames); lower dataset.frame_start or dataset.delta_t")
         stop = last_input + 1 if frame_stop is None else min(frame_stop, last_input + 1)
         self.frames = np.arange(frame_start, stop, frame_stride)
+        if input_velocity not in INPUT_VELOCITIES:
+            raise ConfigError(f"dataset.input_velocity={input_velocity!r}: choose one of {INPUT_VELOCITIES}")
+        self.input_velocity = input_velocity
+        if input_velocity == "displacement":              # a displacement needs the frame delta_t before
+            self.frames = self.frames[self.frames >= delta_t]
+            if not len(self.frames):
+                raise StoreError(f"{where}: dataset.input_velocity=displacement needs input frames >= delta_t "
+                                 f"({delta_t}) and frames {frame_start}..{stop - 1} hold none; raise "
+                                 f"dataset.frame_stop, lower dataset.delta_t, or use input_velocity=stored")
         self.delta_t = delta_t
         self.node_recipe = list(node_features)
         self.edge_recipe = list(edge_features)
@@ -208,6 +222,8 @@ class TrajectoryDataset:
         self.wall_neighbors = int(wall_neighbors)
         self.cutoff_rate = cutoff_rate
         self.velocity_scale = float(velocity_scale)
+        # a displacement over one task step, in the velocity unit the stored velocities are scaled to
+        self.per_displacement = self.velocity_scale / (float(delta_t) * float(info.attrs["dt"]))
         group = zarr.open_group(str(info.path), mode="r")[split]
         self._pos = da.from_zarr(group["pos"])
         self._vel = da.from_zarr(group["vel"])
@@ -273,7 +289,7 @@ class TrajectoryDataset:
         lazy = []
         for scene, frame in located:
             nodes = self.meta.scene_nodes(scene)
-            lazy += [self._pos[frame, nodes], self._vel[frame, nodes], self._pos[frame + self.delta_t, nodes],
+            lazy += [self._pos[frame, nodes], self.velocity(frame, nodes), self._pos[frame + self.delta_t, nodes],
                      self._scalars[nodes]]
         arrays = self._compute(lazy, located)
         return [self.make_sample(scene, frame, *arrays[4 * k: 4 * k + 4]) for k, (scene, frame) in enumerate(located)]
@@ -292,7 +308,7 @@ class TrajectoryDataset:
             nodes = self.meta.scene_nodes(scene)
             rows = nodes if own is None else nodes.start + np.asarray(own, dtype=np.int64)
             other = nodes.start + np.asarray(other, dtype=np.int64)
-            lazy += [self._pos[frame, rows], self._vel[frame, rows], self._pos[frame + self.delta_t, rows],
+            lazy += [self._pos[frame, rows], self.velocity(frame, rows), self._pos[frame + self.delta_t, rows],
                      self._scalars[rows], self._pos[frame, other], self._scalars[other]]
         arrays = self._compute(lazy, located)
         parts = []
@@ -301,6 +317,13 @@ class TrajectoryDataset:
             self.check_finite(scene, frame, pos=pos, vel=vel, target=target, halo_pos=halo_pos)
             parts.append(PartArrays(pos, vel, target, scalars, halo_pos, halo_scalars, scene, frame))
         return parts
+
+    def velocity(self, frame: int, rows):
+        """The input velocity of ``rows`` at ``frame`` (lazy), as ``input_velocity`` says."""
+        if self.input_velocity == "stored":
+            return self._vel[frame, rows]
+        moved = self._pos[frame, rows] - self._pos[frame - self.delta_t, rows]
+        return (moved * np.float32(self.per_displacement)).astype(np.float32)
 
     def _compute(self, lazy: list, located: list[tuple[int, int]]) -> tuple:
         """Read lazy slices in one dask computation; a damaged chunk becomes a StoreError naming the store."""

@@ -48,6 +48,9 @@ class DatasetConfig:
     frame_start: int = 0
     frame_stop: Optional[int] = None          # None: every frame with a target
     frame_stride: int = 1
+    # stored: the store's velocity at the input frame | displacement: (x(t) - x(t - delta_t)) / (delta_t · dt), what a
+    # rollout feeds back (input frames before delta_t left out; datasets/loader.py)
+    input_velocity: str = "stored"
     velocity_unit: str = "store"              # store: as stored | horizon: v · delta_t · dt
                                               # (displacement per task step)
     # External field of every graph (docs/maths.md §8): [gx, gy, gz] in the store's length / time² (the SPH fluids:
@@ -348,7 +351,7 @@ CHOICES = {
     "trainer.dtype": ("float32", "float64"), "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"), "trainer.nonfinite": ("stop", "skip"),
     "trainer.scheduler": ("none", "cosine", "exponential", "plateau"),
-    "trainer.normalization": ("none", "rms"),
+    "trainer.normalization": ("none", "rms"), "dataset.input_velocity": ("stored", "displacement"),
     "distributed.halo": HALO_MODES, "distributed.partition": PARTITION_METHODS,
     "distributed.backend": ("auto", "gloo", "nccl"), "engine.name": ENGINE_NAMES,
 }

@@ -38,6 +38,7 @@ from dist_egnn.inference.rollout import (
     Parts,
     RolloutError,
     check_start,
+    first_input_frame,
     rollout,
 )
 from dist_egnn.keys import SPLITS
@@ -126,7 +127,7 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     store = Path(cfg.data) if cfg.get("data") else Path(run_cfg.dataset.store)
     info = open_store(store)
     check_data(run_cfg, info, model, run_dir)
-    start = run_cfg.dataset.get("frame_start", 0) if cfg.get("start") is None else cfg.start
+    start = first_input_frame(run_cfg) if cfg.get("start") is None else cfg.start
     check_start(info, cfg.split, start, int(run_cfg.dataset.delta_t))
     dist = run_cfg.get("distributed") or {}
     parts = Parts(parts=cfg.parts if cfg.get("parts") is not None else dist.get("parts", 1),

@@ -295,7 +295,7 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
         model: called as in training, ``model(**graph.model_inputs())`` -> an object with ``.pos`` (N, 3).
         cfg: the run's configuration (``dataset`` recipe and ``model.cutoff_rate``), e.g. ``model.config``.
         info: the opened store (``datasets.store.open_store``).
-        steps: K >= 1. start: input frame t0 (None: ``dataset.frame_start``). scenes: the first this many
+        steps: K >= 1. start: input frame t0 (None: :func:`first_input_frame`). scenes: the first this many
             scenes of the split (None: all). batch_size: scenes per forward (None: ``trainer.eval_batch_size``).
         parts: P parts per step (see :class:`Parts`). dtype: the model's dtype (the state is kept in it).
     """
@@ -333,6 +333,14 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
     return result
 
 
+def first_input_frame(cfg: DictConfig) -> int:
+    """The first input frame training used: ``dataset.frame_start``, and not before ``delta_t`` with
+    ``dataset.input_velocity=displacement`` (whose velocity needs the frame a task step earlier)."""
+    d = cfg.dataset
+    start = int(d.get("frame_start", 0))
+    return max(start, int(d.delta_t)) if d.get("input_velocity", "stored") == "displacement" else start
+
+
 def plan_rollout(cfg: DictConfig, info: StoreInfo, split: str, steps: int, start: int | None, scenes: int | None,
                  batch_size: int | None, parts: Parts) -> RolloutPlan:
     """Check the request and resolve its defaults from the run's configuration (see :func:`rollout`)."""
@@ -341,8 +349,12 @@ def plan_rollout(cfg: DictConfig, info: StoreInfo, split: str, steps: int, start
     parts.check()
     d = cfg.dataset
     delta_t = int(d.delta_t)
-    start = int(d.get("frame_start", 0) if start is None else start)
+    start = first_input_frame(cfg) if start is None else int(start)
     check_start(info, split, start, delta_t)
+    if d.get("input_velocity", "stored") == "displacement" and start < delta_t:
+        raise RolloutError(f"start={start}: the run was trained with dataset.input_velocity=displacement, whose input "
+                           f"velocity at frame t is the displacement since frame t - {delta_t}; start at frame "
+                           f"{delta_t} or later")
     meta = info.splits[split]
     chosen = list(range(meta.num_scenes))[:scenes]
     if not chosen:
@@ -383,7 +395,10 @@ def initial_state(cfg: DictConfig, info: StoreInfo, plan: RolloutPlan, np_dtype)
     unit = d.get("velocity_unit", "store")
     scale, per_displacement = displacement_factor(cfg, info)
     stored_vel = read("vel", plan.start)
-    if scale != 1.0:                                   # exactly as the loader scales (float32)
+    if d.get("input_velocity", "stored") == "displacement":      # as the loader computes it (float32)
+        moved = read("pos", plan.start) - read("pos", plan.start - plan.delta_t)
+        stored_vel = (moved * np.float32(scale / (plan.delta_t * float(info.attrs["dt"])))).astype(np.float32)
+    elif scale != 1.0:                                 # exactly as the loader scales (float32)
         stored_vel = (stored_vel * np.float32(scale)).astype(np.float32)
     pos = read("pos", plan.start).astype(np_dtype)
     vel = stored_vel.astype(np_dtype)                  # step 1 sees what the loader feeds (walls included)

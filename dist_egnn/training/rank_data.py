@@ -182,8 +182,7 @@ class RankData:
         owned, halo = ids[:len(arrays.pos)], ids[len(arrays.pos):]
         still = lambda scalars: 1.0 if d.type_column is None else d.moving_of(scalars)[:, None]  # noqa: E731
         # the velocity is a position difference over one task step, in the dataset's velocity unit
-        per_step = d.velocity_scale / (d.delta_t * float(d.info.attrs["dt"]))
-        velocity_error = (errors[0, owned] - errors[1, owned]) * np.float32(per_step)
+        velocity_error = (errors[0, owned] - errors[1, owned]) * np.float32(d.per_displacement)
         return replace(arrays, pos=arrays.pos + errors[0, owned] * still(arrays.scalars),
                        vel=arrays.vel + velocity_error * still(arrays.scalars),
                        halo_pos=arrays.halo_pos + errors[0, halo] * still(arrays.halo_scalars))
