@@ -39,17 +39,33 @@ def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: str 
 
 def summarise(records: Iterable[dict[str, Any]], metric: str = "test_mse",
               group_by: str = "label") -> list[dict[str, Any]]:
-    """Per group (in first-seen order): n, mean, std (ddof=1; 0 for one seed), min and max of ``metric``."""
+    """Per group (in first-seen order): n, mean, std (ddof=1; 0 for one seed), min and max of ``metric``, and
+    ``by_seed`` (seed -> value) for records that carry a ``seed``."""
     groups: dict[str, list[float]] = {}
+    seeds: dict[str, dict[Any, float]] = {}
     for record in records:
         if record.get(metric) is not None:
             groups.setdefault(record[group_by], []).append(float(record[metric]))
+            if record.get("seed") is not None:
+                seeds.setdefault(record[group_by], {})[record["seed"]] = float(record[metric])
     rows = []
     for name, values in groups.items():
         v = np.asarray(values)
         rows.append(dict(group=name, n=len(v), mean=float(v.mean()),
-                         std=float(v.std(ddof=1)) if len(v) > 1 else 0.0, min=float(v.min()), max=float(v.max())))
+                         std=float(v.std(ddof=1)) if len(v) > 1 else 0.0, min=float(v.min()), max=float(v.max()),
+                         by_seed=seeds.get(name, {})))
     return rows
+
+
+def change_vs(row: dict[str, Any], base: dict[str, Any]) -> float:
+    """Relative change of ``row``'s mean vs ``base``'s over the seeds both have (both means over those seeds),
+    so that a run trained on fewer seeds is not compared with a mean over others; all seeds when either lacks
+    per-seed values."""
+    shared = sorted(set(row.get("by_seed", {})) & set(base.get("by_seed", {})))
+    if not shared:
+        return relative_change(row["mean"], base["mean"])
+    return relative_change(float(np.mean([row["by_seed"][s] for s in shared])),
+                           float(np.mean([base["by_seed"][s] for s in shared])))
 
 
 def relative_change(value: float, baseline: float) -> float:
@@ -60,11 +76,11 @@ def relative_change(value: float, baseline: float) -> float:
 def markdown_table(rows: Sequence[dict[str, Any]], metric: str = "test_mse", baseline: str | None = None,
                    extra_columns: dict[str, dict[str, Any]] | None = None) -> str:
     """A Markdown table of :func:`summarise` rows; ``extra_columns`` maps group -> {column: value}."""
-    base = next((r["mean"] for r in rows if r["group"] == baseline), None)
+    base = next((r for r in rows if r["group"] == baseline), None)
     extra_names = sorted({k for cols in (extra_columns or {}).values() for k in cols})
     header = ["run", *extra_names, f"{metric} mean ± std", "seeds", "min", "max"]
     if base is not None:
-        header.append(f"vs {baseline}")
+        header.append(f"vs {baseline} (same seeds)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cols = (extra_columns or {}).get(r["group"], {})
@@ -72,7 +88,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], metric: str = "test_mse", bas
                  f"{r['mean']:.4g} ± {r['std']:.2g}" if r["n"] > 1 else f"{r['mean']:.4g} (one seed)",
                  str(r["n"]), f"{r['min']:.4g}", f"{r['max']:.4g}"]
         if base is not None:
-            cells.append(f"{100 * relative_change(r['mean'], base):+.1f}%")
+            cells.append(f"{100 * change_vs(r, base):+.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

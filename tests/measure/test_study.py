@@ -105,10 +105,19 @@ def test_unknown_budget_is_a_clear_error(tmp_path):
 def test_summary_statistics_and_relative_change():
     records = [dict(label="a", test_mse=1.0), dict(label="a", test_mse=3.0), dict(label="b", test_mse=1.4)]
     rows = summarise(records)
-    assert rows[0] == dict(group="a", n=2, mean=2.0, std=pytest.approx(2 ** 0.5), min=1.0, max=3.0)
+    assert rows[0] == dict(group="a", n=2, mean=2.0, std=pytest.approx(2 ** 0.5), min=1.0, max=3.0, by_seed={})
     assert rows[1]["std"] == 0.0
     assert relative_change(1.4, 2.0) == pytest.approx(-0.3)
     assert "-30.0%" in markdown_table(rows, baseline="a")
+
+
+def test_a_run_with_fewer_seeds_is_compared_on_its_own_seeds():
+    """Baseline seeds 0 and 1 (mean 2.0), the run seed 0 only: compared with the baseline's seed 0 (1.0), not
+    with its two-seed mean, which made an equal result read +7 % in docs/results/fluid.md."""
+    records = [dict(label="a", seed=0, test_mse=1.0), dict(label="a", seed=1, test_mse=3.0),
+               dict(label="b", seed=0, test_mse=1.0)]
+    table = markdown_table(summarise(records), baseline="a")
+    assert "vs a (same seeds)" in table and "| +0.0% |" in table.splitlines()[-1]
 
 
 @pytest.mark.parametrize("bad", ["jobs=0", "study.rollout_steps=0"])
