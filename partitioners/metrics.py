@@ -11,6 +11,9 @@ Definitions (E directed edges of ``edge_index``, N nodes, P parts, n_p nodes in 
   ``split_graph(..., halo=True)`` appends after p's owned nodes. Halo fraction: halo size / n_p.
 * imbalance: max_p n_p / (N / P); 1.0 is a perfect split. The slowest rank sets the pace, so this is the
   factor by which the biggest part's node work exceeds the ideal.
+* work imbalance: the same with each node weighing 1 + the edges it receives (its node and edge MLPs), what
+  graphs with walls are balanced by (``partitioners.strategies.work_weights``): there most walls receive no
+  edge, so a 1.8 node imbalance can be a 1.00 work imbalance, and the reverse.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class PartitionMetrics:
     boundary_nodes: int
     part_sizes: np.ndarray          # (P,) nodes owned by each part
     halo_sizes: np.ndarray          # (P,) halo nodes of each part (exact mode)
+    part_work: np.ndarray           # (P,) sum over each part's nodes of 1 + edges received
 
     @property
     def num_parts(self) -> int:
@@ -48,6 +52,10 @@ class PartitionMetrics:
         return float(self.part_sizes.max() * self.num_parts / self.num_nodes)
 
     @property
+    def work_imbalance(self) -> float:
+        return float(self.part_work.max() * self.num_parts / max(self.part_work.sum(), 1))
+
+    @property
     def halo_fractions(self) -> np.ndarray:
         """(P,) halo size of each part relative to the nodes it owns."""
         return self.halo_sizes / np.maximum(self.part_sizes, 1)
@@ -60,7 +68,8 @@ class PartitionMetrics:
         """Plain numbers for printing and for JSON metadata."""
         return dict(num_nodes=self.num_nodes, num_edges=self.num_edges, num_parts=self.num_parts,
                     cut_fraction=self.cut_fraction, boundary_fraction=self.boundary_fraction,
-                    imbalance=self.imbalance, max_halo_fraction=self.max_halo_fraction,
+                    imbalance=self.imbalance, work_imbalance=self.work_imbalance,
+                    max_halo_fraction=self.max_halo_fraction,
                     max_halo=int(self.halo_sizes.max()))
 
 
@@ -86,4 +95,6 @@ def partition_metrics(edge_index: np.ndarray, assignment: np.ndarray, num_parts:
     return PartitionMetrics(num_nodes=n, num_edges=int(edge_index.shape[1]), cut_edges=int(cut.sum()),
                             boundary_nodes=int(boundary.sum()),
                             part_sizes=np.bincount(assignment, minlength=num_parts),
-                            halo_sizes=np.diff(pairs.indptr))
+                            halo_sizes=np.diff(pairs.indptr),
+                            part_work=np.bincount(assignment, minlength=num_parts)
+                            + np.bincount(assignment[recv], minlength=num_parts))

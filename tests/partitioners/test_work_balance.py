@@ -50,6 +50,8 @@ def test_node_balance_alone_leaves_the_work_on_one_part():
     by_work = partition(pos, 2, "metis", edge_index=edges, seed=1, walls=walls).assignment
     imbalance = lambda a: np.bincount(a, weights=work).max() / (work.sum() / 2)  # noqa: E731
     assert imbalance(by_count) > 1.5 and imbalance(by_work) <= 1 + BALANCE_TOLERANCE + 1e-9
+    metrics = partition(pos, 2, "metis", edge_index=edges, seed=1, walls=walls).metrics
+    assert metrics.work_imbalance == pytest.approx(imbalance(by_work)) and metrics.imbalance > 1.2
 
 
 def test_graphs_without_walls_keep_the_node_balance():
