@@ -148,6 +148,11 @@ def work_weights(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
     return 1 + np.bincount(np.asarray(edge_index[0], dtype=np.int64), minlength=num_nodes)
 
 
+def part_shares(weights: np.ndarray | None, num_parts: int) -> np.ndarray:
+    """The parts' target shares: ``weights`` (checked, :func:`check_weights`), or 1/P each for None."""
+    return np.full(num_parts, 1.0 / num_parts) if weights is None else weights
+
+
 def check_weights(weights, num_parts: int) -> np.ndarray | None:
     """``weights`` as a float64 (P,) array of positive shares summing to 1, or None for equal parts (also when
     every share is equal: the unweighted path, whose assignments stored partitions already hold).
@@ -193,8 +198,7 @@ def metis_assignment(edge_index: np.ndarray, num_nodes: int, num_parts: int, see
                          f"{num_nodes} nodes in {components} connected pieces (part sizes {counts.tolist()}); "
                          f"use fewer parts or method='spatial' or 'random', which never leave a part empty")
     if work is not None:
-        shares = np.full(num_parts, 1.0 / num_parts) if weights is None else weights
-        caps = np.ceil((1 + BALANCE_TOLERANCE) * shares * work.sum()).astype(np.int64)
+        caps = np.ceil((1 + BALANCE_TOLERANCE) * part_shares(weights, num_parts) * work.sum()).astype(np.int64)
         return rebalance_work(adjacency, assignment, num_parts, caps, work)
     if weights is None:
         return rebalance(adjacency, assignment, num_parts, max_part_size(num_nodes, num_parts))
@@ -247,7 +251,7 @@ def rebalance_work(adjacency: sp.csr_matrix, assignment: np.ndarray, num_parts: 
         order = members[np.argsort(-gain, kind="stable")]
         moved = np.cumsum(work[order])
         count = int(np.searchsorted(moved, min(loads[big] - caps[big], caps[small] - loads[small]), side="left")) + 1
-        count = min(max(count, 1), len(members) - 1)
+        count = min(count, len(members) - 1)
         chosen = order[:count]
         assignment[chosen] = small
         loads[big] -= int(work[chosen].sum())
@@ -282,17 +286,17 @@ def spatial_assignment(pos: np.ndarray, num_parts: int, weights: np.ndarray | No
         axis = int(np.argmax(coords.max(axis=0) - coords.min(axis=0)))
         order = nodes[np.lexsort((nodes, coords[:, axis]))]  # along the axis, ties by global id
         left = parts // 2
-        if work is not None:                                  # the left parts' share of the box's work
-            share = left / parts if weights is None else (weights[first:first + left].sum()
-                                                          / weights[first:first + parts].sum())
-            load = np.cumsum(work[order])
-            cut = int(np.searchsorted(load, share * load[-1], side="left")) + 1
-            cut = min(max(cut, left), len(nodes) - (parts - left))
-        elif weights is None:
+        if weights is None and work is None:
             cut = len(nodes) * left // parts                  # keeps every part within ⌊N/P⌋..⌈N/P⌉
         else:                                                 # the left parts' share, each side a node per part
-            share = weights[first:first + left].sum() / weights[first:first + parts].sum()
-            cut = min(max(int(round(len(nodes) * share)), left), len(nodes) - (parts - left))
+            share = left / parts if weights is None else (weights[first:first + left].sum()
+                                                          / weights[first:first + parts].sum())
+            if work is None:                                  # of the box's nodes
+                cut = int(round(len(nodes) * share))
+            else:                                             # of the box's work
+                load = np.cumsum(work[order])
+                cut = int(np.searchsorted(load, share * load[-1], side="left")) + 1
+            cut = min(max(cut, left), len(nodes) - (parts - left))
         pending += [(order[:cut], first, left), (order[cut:], first + left, parts - left)]
     return assignment
 
@@ -303,18 +307,14 @@ def random_assignment(num_nodes: int, num_parts: int, seed: int, weights: np.nda
     with ``work`` (N,) at cumulative work instead of node counts)."""
     assignment = np.empty(num_nodes, dtype=np.int64)
     order = np.random.default_rng(seed).permutation(num_nodes)
-    if work is not None:
-        shares = np.full(num_parts, 1.0 / num_parts) if weights is None else weights
-        load = np.cumsum(work[order])
-        bounds = np.searchsorted(load, np.cumsum(shares)[:-1] * load[-1], side="left") + 1
-        bounds = np.maximum(bounds, np.arange(1, num_parts))                   # a node for every part
-        bounds = np.minimum(bounds, num_nodes - num_parts + np.arange(1, num_parts))
-        assignment[order] = np.searchsorted(bounds, np.arange(num_nodes), side="right")
-        return assignment
-    if weights is None:
+    if weights is None and work is None:
         assignment[order] = np.arange(num_nodes) * num_parts // num_nodes
         return assignment
-    bounds = np.round(np.cumsum(weights)[:-1] * num_nodes).astype(np.int64)
+    if work is None:                                                           # at cumulative node shares
+        bounds = np.round(np.cumsum(weights)[:-1] * num_nodes).astype(np.int64)
+    else:                                                                      # at cumulative work shares
+        load = np.cumsum(work[order])
+        bounds = np.searchsorted(load, np.cumsum(part_shares(weights, num_parts))[:-1] * load[-1], side="left") + 1
     bounds = np.maximum(bounds, np.arange(1, num_parts))                       # a node for every part
     bounds = np.minimum(bounds, num_nodes - num_parts + np.arange(1, num_parts))
     assignment[order] = np.searchsorted(bounds, np.arange(num_nodes), side="right")
