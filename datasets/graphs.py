@@ -86,18 +86,19 @@ def radius_graph(pos: np.ndarray, radius: float, max_neighbors: int | None = Non
     one tree over the moving nodes finds the moving-moving pairs and, against a tree over the walls, the
     moving-wall pairs (in the SPH boxes the walls are up to 25x the fluid). ``max_neighbors`` keeps, for
     every receiver, only its nearest ``max_neighbors`` senders among the edges left (the graph may then hold
-    one direction of a pair but not the other).
+    one direction of a pair but not the other; at a tie at the cap's distance either sender may be kept).
+    With the cap, every receiver asks the trees for its nearest senders only (:func:`_capped_radius_graph`),
+    so memory stays O(n · max_neighbors) however tightly the nodes pile together (a diverging rollout).
     """
     if not np.all(np.isfinite(pos)):
         raise BadInput("radius_graph: positions contain NaN or Inf")
+    if max_neighbors is not None:
+        return _capped_radius_graph(pos, radius, int(max_neighbors), walls)
     if walls is None or not np.any(walls):
         pairs = cKDTree(pos).query_pairs(radius, output_type="ndarray")
     else:
         pairs = _pairs_without_walls(pos, radius, np.asarray(walls, dtype=bool))
-    edge_index = np.concatenate([pairs.T, pairs.T[::-1]], axis=1).astype(np.int64)
-    if max_neighbors is not None and edge_index.shape[1]:
-        edge_index = _cap_neighbors(pos, edge_index, max_neighbors)
-    return edge_index
+    return np.concatenate([pairs.T, pairs.T[::-1]], axis=1).astype(np.int64)
 
 
 def _pairs_without_walls(pos: np.ndarray, radius: float, walls: np.ndarray) -> np.ndarray:
@@ -111,14 +112,36 @@ def _pairs_without_walls(pos: np.ndarray, radius: float, walls: np.ndarray) -> n
     return np.concatenate([inner, np.stack([moving[near["i"]], wall[near["j"]]], axis=1)])
 
 
-def _cap_neighbors(pos: np.ndarray, edge_index: np.ndarray, max_neighbors: int) -> np.ndarray:
-    recv, send = edge_index
-    length = np.linalg.norm(pos[recv] - pos[send], axis=1)
-    order = np.lexsort((length, recv))                 # by receiver, then nearest first
-    recv_sorted = recv[order]
-    first = np.searchsorted(recv_sorted, recv_sorted, side="left")
-    rank = np.arange(len(order)) - first
-    return edge_index[:, np.sort(order[rank < max_neighbors])]
+def _capped_radius_graph(pos: np.ndarray, radius: float, k: int, walls: np.ndarray | None) -> np.ndarray:
+    """The radius graph with at most ``k`` senders per receiver, its nearest: (2, E) int64, by receiver and
+    then distance. Each receiver asks the tree over the moving nodes for its k (+ itself) nearest, a moving
+    receiver also the tree over the walls for its k nearest; of those within ``radius`` the nearest k stay."""
+    n = len(pos)
+    walls = np.zeros(n, bool) if walls is None else np.asarray(walls, dtype=bool)
+    moving, wall = np.flatnonzero(~walls), np.flatnonzero(walls)
+    if not len(moving) or k < 1:
+        return np.zeros((2, 0), np.int64)
+    bound = np.nextafter(radius, np.inf)             # query keeps distances < bound; query_pairs keeps <= radius
+    candidates = [_nearest(cKDTree(pos[moving]), moving, pos, np.arange(n), k + 1, bound)]
+    if len(wall):
+        candidates.append(_nearest(cKDTree(pos[wall]), wall, pos, moving, k, bound))
+    recv, send, length = (np.concatenate(c) for c in zip(*candidates))
+    keep = (send != recv) & (length <= radius)
+    recv, send, length = recv[keep], send[keep], length[keep]
+    order = np.lexsort((send, length, recv))          # by receiver, nearest first (ties: smaller sender id)
+    recv, send = recv[order], send[order]
+    rank = np.arange(len(recv)) - np.searchsorted(recv, recv, side="left")
+    return np.stack([recv[rank < k], send[rank < k]]).astype(np.int64)
+
+
+def _nearest(tree: cKDTree, tree_ids: np.ndarray, pos: np.ndarray, receivers: np.ndarray, k: int,
+             bound: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(receiver, sender, distance) of every receiver's k nearest tree nodes closer than ``bound``."""
+    k = min(k, len(tree_ids))
+    length, index = tree.query(pos[receivers], k=k, distance_upper_bound=bound)
+    length, index = length.reshape(len(receivers), k), index.reshape(len(receivers), k)
+    found = index < len(tree_ids)                     # missing neighbours come back as index len(tree)
+    return np.repeat(receivers, k).reshape(-1, k)[found], tree_ids[index[found]], length[found]
 
 
 def drop_longest_edges(edge_index: np.ndarray, pos: np.ndarray, cutoff_rate: float,

@@ -28,10 +28,13 @@ A rollout starts from the stored state of every chosen scene at input frame t0 (
   messages but are never moved: every step puts them back at their stored input positions (so their
   velocity input is zero from step 2 on), as the trainer does, and they are left out of every MSE.
 * **Ground truth** of step k is the stored frame t0 + k·Δt. The rollout stops early, and says so, when a
-  trajectory ends before K steps (``Rollout.stopped``), or when predictions become NaN/Inf, or when a scene's
-  graph grows past :data:`EDGE_GROWTH_LIMIT` times the edges of its first step: a model that piles the particles
-  together (seen on an under-trained fluid model: 0.13M edges at step 1, 57M at step 6, 13 GB) would otherwise
-  exhaust memory on graphs that mean nothing. The steps before are kept and scored.
+  trajectory ends before K steps (``Rollout.stopped``), or when predictions become NaN/Inf, or, for a radius
+  graph without ``dataset.max_neighbors``, when a scene's graph grows past :data:`EDGE_GROWTH_LIMIT` times the
+  edges of its first step: a model that piles the particles together (seen on an under-trained fluid model:
+  0.13M edges at step 1, 57M at step 6, 13 GB) would otherwise exhaust memory on graphs that mean nothing.
+  With the cap the graph is bounded (n · (max_neighbors + wall_neighbors) edges) and the rollout goes on;
+  ``edges_per_node`` (edges the moving nodes receive, per moving node, of every step's graph) shows any
+  piling up. The steps before a stop are kept and scored.
 * **Constant velocity**, the reference beside every step's MSE, on the same nodes: x_{k+1} = x_k + v_0,
   with v_0 the initial velocity as displacement per task step (v · Δt · dt from the store's unit).
 
@@ -177,7 +180,7 @@ class Rollout:
     Arrays hold the chosen scenes' nodes concatenated (``scene_ptr``): ``pred``/``truth``/``baseline``
     (steps + 1, N, 3) positions; ``vel`` (steps + 1, N, 3) predicted velocities in the store's unit
     (frame 0: stored), what a dataset store holds; ``scalars`` (N, K) node scalars; ``moving`` (N,) False for
-    walls. ``mse``/``baseline_mse``/``cut_fraction``: one entry per step.
+    walls. ``mse``/``baseline_mse``/``edges_per_node``/``cut_fraction``: one entry per step.
     """
 
     split: str
@@ -194,6 +197,7 @@ class Rollout:
     moving: np.ndarray
     mse: list[float] = field(default_factory=list)
     baseline_mse: list[float] = field(default_factory=list)
+    edges_per_node: list[float] = field(default_factory=list)
     cut_fraction: list[float] | None = None
     stopped: str | None = None
 
@@ -313,7 +317,7 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
     _, per_displacement = displacement_factor(cfg, info)
     for k in range(1, plan.todo + 1):
         try:
-            new_pos, cuts = predict_step(model, cfg, state, plan, recipe, parts, k, device, dtype, bar)
+            new_pos, cuts, received = predict_step(model, cfg, state, plan, recipe, parts, k, device, dtype, bar)
         except ParticlesCollapsed as collapse:
             result.stopped = f"stopped after {k - 1} of {steps} steps: {collapse}"
             break
@@ -325,7 +329,7 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
             break
         truth = state.read("pos", plan.start + k * plan.delta_t).astype(np.float64)
         advance(state, new_pos, truth, per_displacement, store_step_time(info, plan))
-        record_errors(result, state, truth, cuts)
+        record_errors(result, state, truth, cuts, received)
         bar.set_postfix(step=k, mse=f"{result.mse[-1]:.4g}", const_vel=f"{result.baseline_mse[-1]:.4g}")
     bar.close()
     result.pred, result.truth, result.baseline = np.stack(state.pred), np.stack(state.truth), np.stack(state.base)
@@ -410,18 +414,22 @@ def initial_state(cfg: DictConfig, info: StoreInfo, plan: RolloutPlan, np_dtype)
 
 
 def predict_step(model: Callable[..., Any], cfg: DictConfig, state: RolloutState, plan: RolloutPlan,
-                 recipe: GraphRecipe, parts: Parts, k: int, device, dtype: torch.dtype, bar) -> tuple[np.ndarray, list]:
+                 recipe: GraphRecipe, parts: Parts, k: int, device, dtype: torch.dtype,
+                 bar) -> tuple[np.ndarray, list, int]:
     """Step k: every batch of scenes' graph built at the current state and the model's positions (N, 3) (walls
-    as the model returned them), with the cut fraction of every scene's partition (P > 1; else empty)."""
+    as the model returned them), with the cut fraction of every scene's partition (P > 1; else empty) and the
+    edges the moving nodes received."""
     new_pos = np.empty_like(state.pos)
-    cuts = []
+    cuts, received = [], 0
     ptr = state.ptr
     for members in plan.batches:
         samples = []
         for b in members:
             sl = slice(ptr[b], ptr[b + 1])
             g = build_graph(state.pos[sl], state.vel[sl], state.scalars[sl], recipe, parts)
-            check_growth(state.first_edges, b, g.edge_index.shape[1], plan.scenes[b], k)
+            if recipe.max_neighbors is None:          # with a cap the graph cannot outgrow memory
+                check_growth(state.first_edges, b, g.edge_index.shape[1], plan.scenes[b], k)
+            received += int(state.moving[sl][g.edge_index[0]].sum())
             if g.cut_fraction is not None:
                 cuts.append(g.cut_fraction)
             samples.append(GraphSample(pos=state.pos[sl], vel=state.vel[sl], target=state.pos[sl],
@@ -434,7 +442,7 @@ def predict_step(model: Callable[..., Any], cfg: DictConfig, state: RolloutState
         rows = slice(ptr[members[0]], ptr[members[-1] + 1])
         new_pos[rows] = out.pos.detach().to("cpu", dtype).numpy()
         bar.update(1)
-    return new_pos, cuts
+    return new_pos, cuts, received
 
 
 class ParticlesCollapsed(Exception):
@@ -473,10 +481,13 @@ def advance(state: RolloutState, new_pos: np.ndarray, truth: np.ndarray, per_dis
     state.out_vel.append((displacement * store_per_displacement).astype(np.float32))
 
 
-def record_errors(result: Rollout, state: RolloutState, truth: np.ndarray, cuts: list[float]) -> None:
+def record_errors(result: Rollout, state: RolloutState, truth: np.ndarray, cuts: list[float],
+                  received: int = 0) -> None:
     """The step just advanced: the MSE over the moving nodes of the prediction and of constant velocity against
-    ``truth`` (N, 3) float64, and the mean cut fraction of its partitions (P > 1)."""
+    ``truth`` (N, 3) float64, the edges its graph gave each moving node (``received`` in all), and the mean
+    cut fraction of its partitions (P > 1)."""
     moving = state.moving
+    result.edges_per_node.append(received / max(int(moving.sum()), 1))
     result.mse.append(float(np.mean(np.square(state.pos[moving].astype(np.float64) - truth[moving]))))
     result.baseline_mse.append(float(np.mean(np.square(state.base[-1][moving].astype(np.float64) - truth[moving]))))
     if result.cut_fraction is not None:

@@ -33,6 +33,21 @@ def test_neighbor_cap_keeps_the_nearest_senders():
         assert set(capped[1, capped[0] == i]) == set(nearest)
 
 
+
+def test_capped_graph_of_piled_nodes_stays_bounded_and_equals_the_cap_of_the_full_graph():
+    """A diverging rollout piles thousands of nodes inside one radius: the capped graph asks for the nearest
+    only (n · cap edges, never the n² pairs), and on a spread cloud with walls equals capping the full graph."""
+    piled = np.random.default_rng(3).normal(scale=1e-4, size=(6000, 3))
+    assert radius_graph(piled, 0.075, max_neighbors=24).shape == (2, 6000 * 24)
+    rng = np.random.default_rng(4)
+    pos, walls = rng.uniform(size=(400, 3)), rng.uniform(size=400) < 0.4
+    full = radius_graph(pos, 0.2, walls=walls)
+    capped = radius_graph(pos, 0.2, max_neighbors=7, walls=walls)
+    for i in range(400):
+        senders = full[1, full[0] == i]
+        nearest = senders[np.argsort(np.linalg.norm(pos[senders] - pos[i], axis=1))[:7]]
+        assert set(capped[1, capped[0] == i]) == set(nearest)
+
 def test_no_edge_joins_two_walls_and_every_other_pair_stays():
     """Walls (a dense lattice shell) and a cloud inside: the graph is the plain one minus wall -> wall edges,
     both directions of every wall-fluid pair kept; the cap then picks among the edges left."""

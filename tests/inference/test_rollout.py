@@ -183,3 +183,30 @@ def test_a_rollout_whose_particles_pile_together_stops_before_memory_runs_out(st
                        GraphRecipe.of(run_config(), info)).edge_index.shape[1]
     assert last > ro.EDGE_GROWTH_LIMIT * first                     # the graph the rollout refused to run
 
+
+
+def test_a_capped_graph_lets_a_piling_rollout_run_on_and_shows_the_piling(stores, tmp_path):
+    """With dataset.max_neighbors the graph cannot outgrow n · cap edges, so the same collapsing model runs all
+    its steps; edges_per_node climbs to the cap and says what happened."""
+    info = toy_store(tmp_path / "dense.zarr", scenes=1, n=200, frames=21, radius=0.2)
+    config = run_config()
+    config.dataset.max_neighbors = 12
+    result = rollout(Collapse(), config, info, "test", 10)
+    assert result.steps == 10 and result.stopped is None
+    assert len(result.edges_per_node) == 10 and max(result.edges_per_node) <= 12
+    assert result.edges_per_node[-1] == 12 > result.edges_per_node[0]   # piled: every node at the cap
+
+
+def test_edges_per_node_counts_what_the_moving_nodes_receive(stores):
+    info = stores["walls"]
+    result = rollout(ConstantVelocity(1.0), run_config(radius=0.6), info, "test", 2)
+    recipe = GraphRecipe.of(run_config(radius=0.6), info)
+    group, moving = open_zarr(info)["test"], result.moving
+    ptr = result.scene_ptr
+    received = 0
+    for b in range(len(result.scenes)):
+        sl = slice(ptr[b], ptr[b + 1])
+        g = build_graph(result.pred[0][sl], np.zeros_like(result.pred[0][sl]), np.asarray(group["node_scalars"][sl]),
+                        recipe)
+        received += int(moving[sl][g.edge_index[0]].sum())
+    assert result.edges_per_node[0] == pytest.approx(received / moving.sum())
