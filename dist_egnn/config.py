@@ -287,6 +287,8 @@ class PredictConfig:
     halo: Optional[str] = None                # exact | none; None: the run's distributed.halo
     partition: Optional[str] = None           # metis | spatial | random; None: the run's distributed.partition
     seed: Optional[int] = None                # partitioner seed; None: the run's distributed.seed
+    max_neighbors: Optional[int] = None       # cap of senders per receiver in the rollout's radius graphs (bounds
+                                              # memory when predictions pile up); None: the run's dataset.max_neighbors
     device: str = "auto"                      # auto | cpu | cuda
     dtype: Optional[str] = None               # float32 | float64; None: the run's trainer.dtype
     num_threads: Optional[int] = None         # CPU threads; None: torch's default

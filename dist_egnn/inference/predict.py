@@ -18,6 +18,7 @@ stops with a ``BadInput`` naming the key or file and the fix, and nothing is wri
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dist_egnn.datasets.store import StoreInfo, open_store
 from dist_egnn.errors import BadInput, ConfigError
@@ -65,7 +66,8 @@ def check_options(cfg: DictConfig) -> None:
         problems.append(f"halo={cfg.halo!r}: choose one of {HALO_MODES}")
     if cfg.get("partition") is not None and cfg.partition not in PARTITION_METHODS:
         problems.append(f"partition={cfg.partition!r}: choose one of {PARTITION_METHODS}")
-    for key, low in (("start", 0), ("scenes", 1), ("batch_size", 1), ("num_threads", 1), ("seed", 0)):
+    for key, low in (("start", 0), ("scenes", 1), ("batch_size", 1), ("num_threads", 1), ("seed", 0),
+                     ("max_neighbors", 1)):
         if cfg.get(key) is not None and cfg[key] < low:
             problems.append(f"{key}={cfg[key]}: must be >= {low}")
     if cfg.device not in DEVICES:
@@ -109,6 +111,18 @@ def check_data(run_cfg: DictConfig, info: StoreInfo, model: torch.nn.Module, run
                            f"data; restore the config.yaml written with checkpoints/best.pt")
 
 
+def with_neighbor_cap(run_cfg: DictConfig, cap: int | None) -> DictConfig:
+    """The run's configuration, its ``dataset.max_neighbors`` replaced by ``cap`` when given. A cap at or above
+    the largest in-degree of the training graphs leaves every graph the model saw unchanged (water3d_like:
+    18 on the stored frames) and only bounds the graphs of predictions that pile up."""
+    if cap is None:
+        return run_cfg
+    capped = copy.deepcopy(run_cfg)
+    with open_dict(capped):
+        capped.dataset.max_neighbors = int(cap)
+    return capped
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,7 +138,7 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.run)
     model = load_model(run_dir, device=device, dtype=cfg.get("dtype"))
-    run_cfg = model.config
+    run_cfg = with_neighbor_cap(model.config, cfg.get("max_neighbors"))
     store = Path(cfg.data) if cfg.get("data") else Path(run_cfg.dataset.store)
     info = open_store(store)
     check_data(run_cfg, info, model, run_dir)

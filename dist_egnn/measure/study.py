@@ -118,6 +118,7 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> 
                 **({} if rollout is None else dict(rollout_mse=rollout["mse"],
                                                    rollout_baseline_mse=rollout["baseline_mse"],
                                                    rollout_start_frame=rollout["start_frame"],
+                                                   rollout_edges_per_node=rollout.get("edges_per_node"),
                                                    rollout_stopped=rollout["stopped_early"])))
 
 
@@ -177,12 +178,17 @@ def rollout_means(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray
     means = {}
     for label in dict.fromkeys(r["label"] for r in records if "rollout_mse" in r):
         runs = [r for r in records if r["label"] == label and "rollout_mse" in r]
-        steps = max(len(r["rollout_mse"]) for r in runs)
-        mse, base = ([r[key] + [np.nan] * (steps - len(r[key])) for r in runs]
-                     for key in ("rollout_mse", "rollout_baseline_mse"))
-        means[label] = (np.nanmean(np.array(mse, float), axis=0), np.nanmean(np.array(base, float), axis=0),
-                        len(runs))
+        mse, base = (per_step_mean(runs, key) for key in ("rollout_mse", "rollout_baseline_mse"))
+        means[label] = (mse, base, len(runs))
     return means
+
+
+def per_step_mean(runs: list[dict], key: str) -> np.ndarray:
+    """The per-step list ``key`` averaged over runs, steps a run did not reach left out (NaN where none did)."""
+    steps = max(len(r.get(key) or []) for r in runs)
+    rows = [list(r.get(key) or []) + [np.nan] * (steps - len(r.get(key) or [])) for r in runs]
+    with np.errstate(all="ignore"):
+        return np.nanmean(np.array(rows, float), axis=0) if steps else np.zeros(0)
 
 
 def _cells(values: np.ndarray, width: int) -> str:
@@ -204,6 +210,10 @@ def rollout_table(records: list[dict], steps: int | None) -> str:
     for label, (mse, base, seeds) in means.items():
         lines.append(f"| {label} | {seeds} | {_cells(mse, width)} | {int(np.sum(mse < base))} of {len(mse)} |")
         lines.append(f"| {label}: const. vel. | {seeds} | {_cells(base, width)} | |")
+        edges = per_step_mean([r for r in records if r["label"] == label and "rollout_mse" in r],
+                              "rollout_edges_per_node")
+        if len(edges):      # the density of the predicted fluid: it climbs when the particles pile up
+            lines.append(f"| {label}: edges per moving node | {seeds} | {_cells(edges, width)} | |")
     stopped = [f"- {r['label']} seed {r['seed']}: {r['rollout_stopped']}" for r in records if r.get("rollout_stopped")]
     if stopped:
         lines += ["", "Rollouts that stopped before the last step (`predict/rollout.json`, `stopped_early`):", *stopped]

@@ -161,6 +161,7 @@ BAD = {   # case: (damage, overrides, error, fragments the message names)
     "no best.pt": (remove("checkpoints/best.pt"), (), RunError, ("best.pt", "resume=auto")),
     "K = 0": (None, ("steps=0",), BadInput, ("steps=0", ">= 1")),
     "K < 0": (None, ("steps=-2",), BadInput, ("steps=-2",)),
+    "cap below one": (None, ("max_neighbors=0",), BadInput, ("max_neighbors=0", ">= 1")),
     "unknown split": (None, ("split=holdout",), BadInput, ("split='holdout'", "test")),
     "start past the end": (None, ("start=9",), BadInput, ("start=9", "0..7")),
     "widths differ": (edit_config, (), RunError, ("best.pt", "model.hidden=32", "config.yaml")),
@@ -188,3 +189,12 @@ def test_bad_input_names_the_key_or_file_and_writes_nothing(trained, tmp_path, c
         assert fragment in str(caught.value), (fragment, str(caught.value))
     assert digest(tmp_path) == before and not (run / "predict").exists()
     assert not list(tmp_path.rglob(".predict*"))
+
+
+def test_max_neighbors_caps_the_rollout_graph_and_leaves_the_run_alone(trained):
+    """predict's max_neighbors replaces the run's dataset.max_neighbors in the rollout only."""
+    from dist_egnn.inference.predict import with_neighbor_cap
+    run_cfg = dist_egnn.load_model(trained / "run").config
+    capped = with_neighbor_cap(run_cfg, 3)
+    assert capped.dataset.max_neighbors == 3 and run_cfg.dataset.get("max_neighbors") is None
+    assert with_neighbor_cap(run_cfg, None) is run_cfg

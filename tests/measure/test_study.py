@@ -153,3 +153,6 @@ def test_rollout_table_means_over_seeds_counts_steps_below_and_names_stopped_rol
     assert "| a | 2 | 1.5 | 4 | 1 of 2 |" in table and "| a: const. vel. | 2 | 2 | 3 | |" in table
     assert "| b |" not in table and "- a seed 1: stopped after 1" in table
     assert rollout_table([records[2]], 2) == ""
+    assert "edges per moving node" not in table                          # records from before the key
+    records[0]["rollout_edges_per_node"], records[1]["rollout_edges_per_node"] = [10.0, 24.0], [12.0]
+    assert "| a: edges per moving node | 2 | 11 | 24 | |" in rollout_table(records, 2)
