@@ -35,6 +35,11 @@ A rollout starts from the stored state of every chosen scene at input frame t0 (
   With the cap the graph is bounded (n · (max_neighbors + wall_neighbors) edges) and the rollout goes on;
   ``edges_per_node`` (edges the moving nodes receive, per moving node, of every step's graph) shows any
   piling up. The steps before a stop are kept and scored.
+* **Spread**: ``spread_ratio`` of a step is the RMS distance of a scene's predicted moving nodes from their
+  centroid over the same of the truth, mean over scenes: 1 keeps the fluid's extent, below 1 the prediction
+  contracts. A model trained on one-step MSE over a long task step learns the mean of what may happen and
+  contracts; fed back, the contraction compounds and a rollout can stay below constant velocity while the
+  fluid has collapsed into a ball (measured on water3d_like, docs/results/README.md).
 * **Constant velocity**, the reference beside every step's MSE, on the same nodes: x_{k+1} = x_k + v_0,
   with v_0 the initial velocity as displacement per task step (v · Δt · dt from the store's unit).
 
@@ -180,7 +185,7 @@ class Rollout:
     Arrays hold the chosen scenes' nodes concatenated (``scene_ptr``): ``pred``/``truth``/``baseline``
     (steps + 1, N, 3) positions; ``vel`` (steps + 1, N, 3) predicted velocities in the store's unit
     (frame 0: stored), what a dataset store holds; ``scalars`` (N, K) node scalars; ``moving`` (N,) False for
-    walls. ``mse``/``baseline_mse``/``edges_per_node``/``cut_fraction``: one entry per step.
+    walls. ``mse``/``baseline_mse``/``edges_per_node``/``spread_ratio``/``cut_fraction``: one entry per step.
     """
 
     split: str
@@ -198,6 +203,7 @@ class Rollout:
     mse: list[float] = field(default_factory=list)
     baseline_mse: list[float] = field(default_factory=list)
     edges_per_node: list[float] = field(default_factory=list)
+    spread_ratio: list[float] = field(default_factory=list)
     cut_fraction: list[float] | None = None
     stopped: str | None = None
 
@@ -488,7 +494,21 @@ def record_errors(result: Rollout, state: RolloutState, truth: np.ndarray, cuts:
     cut fraction of its partitions (P > 1)."""
     moving = state.moving
     result.edges_per_node.append(received / max(int(moving.sum()), 1))
+    result.spread_ratio.append(spread_ratio(state.pos, truth, moving, state.ptr))
     result.mse.append(float(np.mean(np.square(state.pos[moving].astype(np.float64) - truth[moving]))))
     result.baseline_mse.append(float(np.mean(np.square(state.base[-1][moving].astype(np.float64) - truth[moving]))))
     if result.cut_fraction is not None:
         result.cut_fraction.append(float(np.mean(cuts)))
+
+
+def spread_ratio(pred: np.ndarray, truth: np.ndarray, moving: np.ndarray, ptr: np.ndarray) -> float:
+    """Mean over scenes (``ptr``) of the RMS distance of the predicted moving nodes from their centroid over the
+    same of ``truth``: below 1 the prediction contracts (NaN when no scene has a spread truth)."""
+    ratios = []
+    for a, b in zip(ptr[:-1], ptr[1:]):
+        m = moving[a:b]
+        p, t = pred[a:b][m].astype(np.float64), truth[a:b][m].astype(np.float64)
+        true_spread = np.sqrt(np.mean(np.sum(np.square(t - t.mean(axis=0)), axis=1))) if len(t) else 0.0
+        if true_spread > 0:
+            ratios.append(np.sqrt(np.mean(np.sum(np.square(p - p.mean(axis=0)), axis=1))) / true_spread)
+    return float(np.mean(ratios)) if ratios else float("nan")

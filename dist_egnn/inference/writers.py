@@ -35,7 +35,7 @@ def write_json(result: Rollout, path: Path, extra: dict[str, Any]) -> dict[str, 
     record = dict(steps=result.steps, requested_steps=result.requested, samples=len(result.scenes),
                   mse=result.mse, baseline_mse=result.baseline_mse,
                   mse_over_baseline=[m / b if b > 0 else None for m, b in zip(result.mse, result.baseline_mse)],
-                  edges_per_node=result.edges_per_node,
+                  edges_per_node=result.edges_per_node, spread_ratio=result.spread_ratio,
                   frames=result.frames[1:], start_frame=result.start, delta_t=result.delta_t, split=result.split,
                   scenes=result.scenes, nodes=int(len(result.moving)), walls=int((~result.moving).sum()),
                   stopped_early=result.stopped)

@@ -119,6 +119,7 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> 
                                                    rollout_baseline_mse=rollout["baseline_mse"],
                                                    rollout_start_frame=rollout["start_frame"],
                                                    rollout_edges_per_node=rollout.get("edges_per_node"),
+                                                   rollout_spread_ratio=rollout.get("spread_ratio"),
                                                    rollout_stopped=rollout["stopped_early"])))
 
 
@@ -210,10 +211,12 @@ def rollout_table(records: list[dict], steps: int | None) -> str:
     for label, (mse, base, seeds) in means.items():
         lines.append(f"| {label} | {seeds} | {_cells(mse, width)} | {int(np.sum(mse < base))} of {len(mse)} |")
         lines.append(f"| {label}: const. vel. | {seeds} | {_cells(base, width)} | |")
-        edges = per_step_mean([r for r in records if r["label"] == label and "rollout_mse" in r],
-                              "rollout_edges_per_node")
-        if len(edges):      # the density of the predicted fluid: it climbs when the particles pile up
-            lines.append(f"| {label}: edges per moving node | {seeds} | {_cells(edges, width)} | |")
+        rolled = [r for r in records if r["label"] == label and "rollout_mse" in r]
+        for key, name in (("rollout_edges_per_node", "edges per moving node"),     # climbs when particles pile up
+                          ("rollout_spread_ratio", "spread pred / true")):        # below 1: the fluid contracts
+            values = per_step_mean(rolled, key)
+            if len(values):
+                lines.append(f"| {label}: {name} | {seeds} | {_cells(values, width)} | |")
     stopped = [f"- {r['label']} seed {r['seed']}: {r['rollout_stopped']}" for r in records if r.get("rollout_stopped")]
     if stopped:
         lines += ["", "Rollouts that stopped before the last step (`predict/rollout.json`, `stopped_early`):", *stopped]

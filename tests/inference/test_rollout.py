@@ -210,3 +210,17 @@ def test_edges_per_node_counts_what_the_moving_nodes_receive(stores):
                         recipe)
         received += int(moving[sl][g.edge_index[0]].sum())
     assert result.edges_per_node[0] == pytest.approx(received / moving.sum())
+
+
+def test_spread_ratio_is_one_for_the_exact_model_and_falls_as_predictions_contract(stores, tmp_path):
+    """The toy stores move in exact constant velocity, so the constant-velocity model is exact (ratio 1); the
+    collapsing model halves every node's distance from the centroid each step (ratio 1/2, 1/4, ...)."""
+    exact = rollout(ConstantVelocity(1.0), run_config(), stores["plain"], "test", 3)
+    np.testing.assert_allclose(exact.spread_ratio, 1.0, rtol=1e-6)
+    info = toy_store(tmp_path / "still.zarr", scenes=2, n=50, frames=9, radius=0.2)
+    group = zarr.open_group(str(info.path), mode="r+")["test"]
+    group["pos"][:] = np.broadcast_to(group["pos"][0], group["pos"].shape)        # truth stands still
+    config = run_config()
+    config.dataset.max_neighbors = 12
+    collapsing = rollout(Collapse(), config, info, "test", 3)
+    np.testing.assert_allclose(collapsing.spread_ratio, [0.5, 0.25, 0.125], rtol=1e-5)

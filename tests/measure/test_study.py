@@ -155,4 +155,7 @@ def test_rollout_table_means_over_seeds_counts_steps_below_and_names_stopped_rol
     assert rollout_table([records[2]], 2) == ""
     assert "edges per moving node" not in table                          # records from before the key
     records[0]["rollout_edges_per_node"], records[1]["rollout_edges_per_node"] = [10.0, 24.0], [12.0]
-    assert "| a: edges per moving node | 2 | 11 | 24 | |" in rollout_table(records, 2)
+    records[0]["rollout_spread_ratio"] = [0.9, 0.2]
+    table = rollout_table(records, 2)
+    assert "| a: edges per moving node | 2 | 11 | 24 | |" in table
+    assert "| a: spread pred / true | 2 | 0.9 | 0.2 | |" in table
