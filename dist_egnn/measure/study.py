@@ -120,6 +120,7 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> 
                                                    rollout_start_frame=rollout["start_frame"],
                                                    rollout_edges_per_node=rollout.get("edges_per_node"),
                                                    rollout_spread_ratio=rollout.get("spread_ratio"),
+                                                   rollout_command=rollout.get("command"),
                                                    rollout_stopped=rollout["stopped_early"])))
 
 
@@ -217,10 +218,25 @@ def rollout_table(records: list[dict], steps: int | None) -> str:
             values = per_step_mean(rolled, key)
             if len(values):
                 lines.append(f"| {label}: {name} | {seeds} | {_cells(values, width)} | |")
+    switches = {}                        # rollouts run by hand with options beyond the study's own command
+    for r in records:
+        extra = rollout_switches(r.get("rollout_command"))
+        if extra:
+            switches.setdefault(extra, []).append(f"{r['label']} seed {r['seed']}")
+    if switches:
+        lines += ["", "Rollouts run with further options (their `rollout.json` `command`):",
+                  *(f"- `{extra}`: {', '.join(runs)}" for extra, runs in switches.items())]
     stopped = [f"- {r['label']} seed {r['seed']}: {r['rollout_stopped']}" for r in records if r.get("rollout_stopped")]
     if stopped:
         lines += ["", "Rollouts that stopped before the last step (`predict/rollout.json`, `stopped_early`):", *stopped]
     return "\n".join(lines) + "\n"
+
+
+def rollout_switches(command: str | None) -> str:
+    """The options of a predict command beyond what the study passes (run, steps, threads, progress)."""
+    own = ("run=", "steps=", "num_threads=", "progress=")
+    words = (command or "").split()[2:]                  # past `python launch/predict.py`
+    return " ".join(w for w in words if not w.startswith(own))
 
 
 def rollout_plot(records: list[dict], path: Path, title: str) -> Path:

@@ -159,3 +159,6 @@ def test_rollout_table_means_over_seeds_counts_steps_below_and_names_stopped_rol
     table = rollout_table(records, 2)
     assert "| a: edges per moving node | 2 | 11 | 24 | |" in table
     assert "| a: spread pred / true | 2 | 0.9 | 0.2 | |" in table
+    assert "further options" not in table
+    records[1]["rollout_command"] = "python launch/predict.py run=R steps=2 max_neighbors=24 num_threads=1"
+    assert "- `max_neighbors=24`: a seed 1" in rollout_table(records, 2)
