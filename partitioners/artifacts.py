@@ -20,6 +20,7 @@ Layout of one artifact (a zarr v3 group)::
         cut_fraction      (F, S) float32       per sample (row k, scene s); see partitioners.metrics
         boundary_fraction (F, S) float32
         imbalance         (F, S) float32
+        work_imbalance    (F, S) float32       the same with each node weighing 1 + the edges it receives
         num_edges         (F, S) int64
         part_size         (F, S, P) int32
         halo_size         (F, S, P) int32
@@ -92,7 +93,8 @@ from dist_egnn.partitioners.strategies import METHODS, check_weights, partition
 from dist_egnn.partitioners.subgraphs import halo_mask, mask_dtype
 
 SCHEMA_VERSION = 2
-PARTITIONER_VERSION = 2          # bump when a strategy's output changes: stored artifacts become stale
+PARTITIONER_VERSION = 3          # bump when a strategy's output or the arrays change: stored artifacts become stale
+                                 # (3: work_imbalance per sample)
 TASK_NODES = 250_000             # nodes partitioned by one dask task
 PROCESSES_MIN_NODES = 2_000_000  # "auto" starts worker processes only for jobs at least this big
 SCHEDULERS = ("auto", "processes", "threads", "sync")
@@ -100,7 +102,8 @@ SPLIT_KEYS = ("train", "val", "test")
 WALL_SCALAR = "type"             # the node scalar marking walls (datasets.store)
 WALL_GRAPH = "no wall-wall edges"  # inputs["graph"] of stores with walls (datasets.graphs.graph_edges)
 WALL_BALANCE = "work"              # inputs["balance"] of stores with walls (partitioners.strategies.work_weights)
-PER_SAMPLE = ("cut_fraction", "boundary_fraction", "imbalance", "num_edges", "part_size", "halo_size")
+PER_SAMPLE = ("cut_fraction", "boundary_fraction", "imbalance", "work_imbalance", "num_edges", "part_size",
+              "halo_size")
 SPLIT_ARRAYS = ("assignment", "halo_mask", "scene_ptr", *PER_SAMPLE)
 
 
@@ -438,6 +441,7 @@ def _create_split(root: zarr.Group, name: str, data: Any, num_parts: int) -> dic
     arrays = dict(cut_fraction=np.zeros((frames, scenes), np.float32),
                   boundary_fraction=np.zeros((frames, scenes), np.float32),
                   imbalance=np.zeros((frames, scenes), np.float32),
+                  work_imbalance=np.zeros((frames, scenes), np.float32),
                   num_edges=np.zeros((frames, scenes), np.int64),
                   part_size=np.zeros((frames, scenes, num_parts), np.int32),
                   halo_size=np.zeros((frames, scenes, num_parts), np.int32))
@@ -472,6 +476,7 @@ def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[st
                 cut_fraction=np.array([m.cut_fraction for m in metrics]),
                 boundary_fraction=np.array([m.boundary_fraction for m in metrics]),
                 imbalance=np.array([m.imbalance for m in metrics]),
+                work_imbalance=np.array([m.work_imbalance for m in metrics]),
                 num_edges=np.array([m.num_edges for m in metrics]),
                 part_size=np.stack([m.part_sizes for m in metrics]),
                 halo_size=np.stack([m.halo_sizes for m in metrics]))
@@ -499,6 +504,7 @@ def _summarize(arrays: dict[str, np.ndarray]) -> dict[str, float]:
                 cut_fraction_max=float(arrays["cut_fraction"].max()),
                 boundary_fraction_mean=float(arrays["boundary_fraction"].mean()),
                 imbalance_max=float(arrays["imbalance"].max()),
+                work_imbalance_max=float(arrays["work_imbalance"].max()),
                 max_halo_fraction_max=float(halo_fraction.max()))
 
 

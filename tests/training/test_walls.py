@@ -118,6 +118,10 @@ def test_no_edge_joins_two_walls_in_any_graph_a_rank_builds(store):
             want = {(r, q) for r, q in trained.T.tolist() if parts[r] == part}
             assert got == want                                    # exactly the whole graph's edges at its receivers
     assert wall_halo                                              # the cut runs through the walls: rows saved
+    work = stored.metrics()["work_imbalance"]                     # per sample, beside the node imbalance
+    assert work.shape == stored.metrics()["imbalance"].shape and np.all(work >= 1.0) and np.all(work < 1.5)
+    summary = zarr.open_group(str(path), mode="r").attrs["metrics"]["train"]
+    assert summary["work_imbalance_max"] == pytest.approx(float(work.max()))
 
 
 def rank_ids(stored, part: int, scene: int, frame: int) -> np.ndarray:
