@@ -14,7 +14,7 @@
   ``to_true`` (true − predicted: *Warp By Vector* with scale 1 moves the points onto the truth), ``error``
   (|true − predicted|), ``velocity`` and the node scalars (``type``: walls are 1).
 * :func:`write_png`: true vs predicted particles of the first scene at a few steps (a 2D projection on the two
-  axes of widest spread) above the per-step MSE of the model and of constant velocity.
+  axes of widest spread) above the per-step MSE of the model and of constant velocity, and the spread ratio.
 """
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ def write_vtk(result: Rollout, folder: Path, info: StoreInfo) -> list[Path]:
 
 
 def write_png(result: Rollout, path: Path, title: str) -> None:
-    """True vs predicted particles of the first scene at up to three steps, and the per-step MSE."""
+    """True vs predicted particles of the first scene at up to three steps, and the per-step MSE (with the
+    spread ratio on a second axis)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -136,7 +137,15 @@ def write_png(result: Rollout, path: Path, title: str) -> None:
         ax.set_yscale("log")
     ax.set_xticks(steps)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    handles, names = ax.get_legend_handles_labels()
+    if len(result.spread_ratio) == result.steps:      # the extent beside the error: a collapse shows at once
+        extent = ax.twinx()
+        extent.plot(steps, result.spread_ratio, "^:", c="tab:green", label="spread pred / true (right)")
+        extent.set_ylim(0.0, max(1.1, np.nanmax(result.spread_ratio) * 1.05))
+        extent.set_ylabel("spread pred / true")
+        more, more_names = extent.get_legend_handles_labels()
+        handles, names = handles + more, names + more_names
+    ax.legend(handles, names)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
