@@ -115,7 +115,7 @@ def check_data(run_cfg: DictConfig, info: StoreInfo, model: torch.nn.Module, run
 def with_neighbor_cap(run_cfg: DictConfig, cap: int | None) -> DictConfig:
     """The run's configuration, its ``dataset.max_neighbors`` replaced by ``cap`` when given. A cap at or above
     the largest in-degree of the training graphs leaves every graph the model saw unchanged (water3d_like:
-    18 on the stored frames) and only bounds the graphs of predictions that pile up."""
+    19 on the stored frames) and only bounds the graphs of predictions that pile up."""
     if cap is None:
         return run_cfg
     capped = copy.deepcopy(run_cfg)
