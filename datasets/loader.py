@@ -286,13 +286,19 @@ class TrajectoryDataset:
     def read(self, indices: list[int] | np.ndarray) -> list[GraphSample]:
         """Read the samples ``indices`` in one dask computation and build their graphs."""
         located = [self.locate(i) for i in indices]
+        return [self.make_sample(scene, frame, *arrays) for (scene, frame), arrays in zip(located,
+                                                                                          self.read_states(located))]
+
+    def read_states(self, located: list[tuple[int, int]]) -> list[tuple[np.ndarray, ...]]:
+        """(pos, vel, target, scalars) of every whole scene at every (scene, input frame) of ``located``, in one
+        dask computation: the input state as the loader feeds it, the target ``delta_t`` frames later."""
         lazy = []
         for scene, frame in located:
             nodes = self.meta.scene_nodes(scene)
             lazy += [self._pos[frame, nodes], self.velocity(frame, nodes), self._pos[frame + self.delta_t, nodes],
                      self._scalars[nodes]]
         arrays = self._compute(lazy, located)
-        return [self.make_sample(scene, frame, *arrays[4 * k: 4 * k + 4]) for k, (scene, frame) in enumerate(located)]
+        return [tuple(arrays[4 * k: 4 * k + 4]) for k in range(len(located))]
 
     def read_parts(self, indices: list[int] | np.ndarray, owned: list[np.ndarray | None],
                    halo: list[np.ndarray]) -> list[PartArrays]:

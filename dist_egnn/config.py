@@ -145,6 +145,12 @@ class TrainerConfig:
     # get N(0, σ²), their velocities the matching finite-difference error, the target stays true, so the model
     # learns to correct what a rollout feeds back (dist_egnn/training/rank_data.py). Must stay under radius / 4.
     input_noise: float = 0.0
+    # Pushforward (dist_egnn/training/pushforward.py): from epoch pushforward_start_epoch on, a training batch is,
+    # with probability pushforward_prob, started 1..pushforward_unrolls task steps earlier and rolled forward
+    # by the model itself (no gradient), so the loss sees the inputs a rollout feeds back. 0 unrolls: off.
+    pushforward_unrolls: int = 0
+    pushforward_prob: float = 0.5
+    pushforward_start_epoch: int = 1
 
 
 @dataclass
@@ -342,6 +348,8 @@ RANGES = {
     "trainer.warmup_steps": (0, True), "trainer.min_lr": (0, True), "trainer.gamma": (0, False),
     "trainer.plateau_patience": (0, True), "trainer.plateau_factor": (0, False), "trainer.ema_decay": (0, True),
     "trainer.accumulate": (1, True), "trainer.input_noise": (0, True),
+    "trainer.pushforward_unrolls": (0, True), "trainer.pushforward_prob": (0, True),
+    "trainer.pushforward_start_epoch": (1, True),
     "distributed.parts": (1, True), "distributed.seed": (0, True), "distributed.timeout_s": (0, False),
     "distributed.prepare_timeout_s": (0, False), "distributed.inject_latency_ms": (0, True),
     "distributed.inject_slowdown": (1, True), "distributed.inject_delay_ms": (0, True),
@@ -401,6 +409,14 @@ def check(cfg: DictConfig | Config) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (
                 value >= 1.0 if key != "gamma" else value > 1.0):
             problems.append(f"trainer.{key}={value}: must be in {bound}")
+    if cfg.trainer.get("pushforward_prob", 0.0) > 1.0:
+        problems.append(f"trainer.pushforward_prob={cfg.trainer.pushforward_prob}: a probability, must be in [0, 1]")
+    if cfg.trainer.get("pushforward_unrolls", 0) and cfg.distributed.parts > 1:
+        problems.append(f"trainer.pushforward_unrolls={cfg.trainer.pushforward_unrolls} with distributed.parts="
+                        f"{cfg.distributed.parts}: pushforward builds each graph from the model's own predictions, "
+                        f"which the stored partitions and halos (made from the stored frames) do not cover; train "
+                        f"it on whole graphs (distributed.parts=1, data parallel over ranks is fine), or set "
+                        f"trainer.pushforward_unrolls=0")
     if cfg.trainer.get("scheduler", "none") != "none" and cfg.trainer.get("min_lr", 0.0) > cfg.trainer.lr:
         problems.append(f"trainer.min_lr={cfg.trainer.min_lr} is above trainer.lr={cfg.trainer.lr}: the schedule "
                         f"decays from trainer.lr down to trainer.min_lr; lower trainer.min_lr")

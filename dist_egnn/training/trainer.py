@@ -71,6 +71,7 @@ from dist_egnn.training.curves import Curves
 from dist_egnn.training.device import autocast, memory_mb, synchronize
 from dist_egnn.training.ema import EMA
 from dist_egnn.training.normalization import NONE, Normalization
+from dist_egnn.training.pushforward import Pushforward
 from dist_egnn.training.rank_data import RankBatch
 from dist_egnn.training.resume import Checkpoints, MetricsLog
 from dist_egnn.training.schedule import Schedule
@@ -152,6 +153,7 @@ class Trainer:
         self.schedule = Schedule.from_config(t, self.engine.optimizer, self.optimizer_steps())
         self.ema = EMA(self.engine.module, t.ema_decay) if t.get("ema_decay") else None
         self.curves = Curves(self.run_dir, self.is_main, t.get("tensorboard", True))
+        self.pushforward = Pushforward.from_config(self.cfg, self.data["train"].dataset)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = None,
@@ -310,7 +312,10 @@ class Trainer:
                 manifest = self.save_checkpoint(checkpoint.step_tag(epoch, self.state.step))
                 if stop:
                     raise self.stopped(manifest)
-        return self.epoch_record(self.totals, len(batch_ids))
+        record = self.epoch_record(self.totals, len(batch_ids))
+        if self.pushforward is not None:
+            record["pushforward_share"] = self.pushforward.planned_share(batch_ids, epoch)
+        return record
 
     def step(self, batch: RankBatch, epoch: int, window: int = 1, first: bool = True, boundary: bool = True):
         """Forward, loss share, backward, the agreed non-finite/stop verdict, and the optimizer step of this
@@ -318,6 +323,8 @@ class Trainer:
         ``first`` (gradients zeroed) and/or last (``boundary``: gradients combined across ranks, optimizer step).
         Returns (loss terms, whether the batch was skipped, whether to stop)."""
         number = self.state.global_step + 1
+        if self.pushforward is not None:                # inputs from the model's own rollout (drawn batches)
+            batch = self.pushforward.apply(batch, epoch, self.state.step, self.predict)
         with self.engine.accumulating(boundary):
             terms = forward_loss(self.engine, self.comm, batch, self.cfg, self.device, self.dtype, self.groups.parts,
                                  self.normalization)
@@ -394,16 +401,23 @@ class Trainer:
                                    group=g.data_index, groups=g.data_parallel)
         for batch in prefetch(data.batches(batch_ids), self.cfg.dataset.prefetch):
             graph = batch.graph.to(self.device, self.dtype)
-            self.comm.set_halo_plan(None if batch.plan is None else batch.plan.to(self.device))
-            with autocast(self.device, self.cfg.trainer.get("precision", "fp32")):
-                pred = self.normalization.call(self.engine.model, graph.model_inputs())
-            error = hold_walls(pred, graph).pos - graph.target
+            error = self.predict(graph, batch.plan) - graph.target
             if graph.moving is not None:
                 error = error[graph.moving]
             squared += error.double().square().sum().item()
             count += error.numel()
         squared, count = runtime.all_reduce_numbers([squared, count], "sum", device=self.collective_device)
         return squared / count
+
+    @torch.no_grad()
+    def predict(self, graph, plan=None) -> torch.Tensor:
+        """The model's positions (N, 3) for one batch's graph (this rank's share, halo ``plan``), walls held, in
+        ``trainer.precision``, without gradient: what evaluations score and pushforward feeds back."""
+        graph = graph.to(self.device, self.dtype)
+        self.comm.set_halo_plan(None if plan is None else plan.to(self.device))
+        with autocast(self.device, self.cfg.trainer.get("precision", "fp32")):
+            pred = self.normalization.call(self.engine.model, graph.model_inputs())
+        return hold_walls(pred, graph).pos
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_best(self, epoch: int, val_mse: float) -> None:
