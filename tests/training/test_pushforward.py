@@ -3,7 +3,7 @@ earlier, the model rolls it forward without gradient exactly as a rollout feeds 
 goes from that predicted state to the true target. The draw depends on (seed, epoch, batch) only, so a resumed
 run equals one that never stopped; whole graphs only.
 
-The store of the first tests is test_walls.py's box of falling particles with wall rows (with Δt = 1 frame: inputs 0..4);
+The store of the first tests is test_walls.py's box of falling particles with wall rows (Δt = 1 frame: inputs 0..4);
 the runs use tests/runs.py's tiny N-body set with two input frames (0 and 10, Δt = 10).
 """
 from __future__ import annotations
@@ -15,14 +15,15 @@ from omegaconf import OmegaConf
 
 import dist_egnn
 from dist_egnn.config import check
+from dist_egnn.datasets.loader import TrajectoryDataset
+from dist_egnn.datasets.store import open_store
 from dist_egnn.errors import ConfigError
 from dist_egnn.training import guard
 from dist_egnn.training.pushforward import Pushforward
 from dist_egnn.training.rank_data import RankData
-from runs import engine_checkpoint, fit, max_difference, records, results
-from dist_egnn.datasets.loader import TrajectoryDataset
-from dist_egnn.datasets.store import open_store
 from tests.training.test_walls import wall_store
+
+from runs import engine_checkpoint, fit, max_difference, records, results
 
 SHIFT = np.array([0.01, -0.02, 0.005], dtype=np.float32)
 
