@@ -245,6 +245,7 @@ class StudyRoot:
     progress: bool = True
     train: bool = True          # false: only tabulate the runs already finished (skip the others)
     jobs: int = 1               # runs trained at once; each gets cores // jobs threads unless its overrides say
+    keep_going: bool = False    # true: a failed run is listed in the results and the others go on (false: stop)
 
 
 # ------------------------------------------------------------ launch/scaling.py (dist_egnn.measure.scaling_study)

@@ -1,4 +1,5 @@
-"""Accuracy studies: ``python launch/study.py study=NAME [study.budget=paper] [study.seeds=[0,1,2]] [train=false]``.
+"""Accuracy studies: ``python launch/study.py study=NAME [study.budget=paper] [study.seeds=[0,1,2]] [train=false]
+[jobs=J] [keep_going=true]``.
 
 Trains every run of a study (``launch/conf/study/NAME.yaml``) once per seed, each as its own
 ``launch/train.py`` process, and writes ``docs/results/<study>[-<budget>].{json,md,png}``; see

@@ -9,6 +9,9 @@ newest checkpoint (``resume=auto``). ``wall_time_s`` is the time of the launch t
 ``jobs=J`` trains J runs at once (in the same order), each on ``cores // J`` threads unless its overrides set
 ``trainer.num_threads``: on a machine with more cores than one run uses, a study finishes J times sooner.
 The records, and so the results files, keep the seed-major order whatever order the runs finish in.
+A run that fails stops the study (runs already going finish); with ``keep_going=true`` the others go on, the
+failure is kept in the run's ``study_failed.txt`` and listed under the results table (a diverged run is a
+result too), the study exits 1 at the end, and started again it retries the failed runs.
 
 Writes, after every finished run:
     docs/results/<study>[-<budget>].json   one record per run: study, dataset, model, seed, test_mse, ...
@@ -151,7 +154,7 @@ def trivial_reference(spec: DictConfig, run_dir: Path, results_dir: Path) -> dic
 
 
 def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
-                  trivial: dict[str, Any] | None = None) -> None:
+                  trivial: dict[str, Any] | None = None, failed: list[str] = ()) -> None:
     stem = results_stem(spec)
     write_json(records, results_dir / f"{stem}.json")
     rows = summarise(records)
@@ -168,10 +171,18 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
            f"(x(t + Δt) = x(t)) {trivial['zero_motion_mse']:.4g}; constant velocity (x(t) + αv(t), α = "
            f"{trivial['constant_velocity_alpha']:.4g} fitted on training samples) "
            f"{trivial['constant_velocity_mse']:.4g} (`{stem}-trivial.json`).\n")
-        + rollout_table(records, spec.rollout_steps), results_dir / f"{stem}.md")
+        + failed_list(failed) + rollout_table(records, spec.rollout_steps), results_dir / f"{stem}.md")
     bar_plot(rows, results_dir / f"{stem}.png", title=title)
     if any("rollout_mse" in r for r in records):
         rollout_plot(records, results_dir / f"{stem}-rollout.png", title=f"{title}: rollouts")
+
+
+def failed_list(failed: list[str]) -> str:
+    """Markdown lines naming the runs that failed (``keep_going``) and each one's error."""
+    if not failed:
+        return ""
+    return ("\nRuns that failed (not in the table; the error is the run's own, its output in `study_failed.txt` of "
+            "its run folder):\n" + "".join(f"- {line}\n" for line in failed))
 
 
 def rollout_means(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
@@ -261,9 +272,35 @@ def rollout_plot(records: list[dict], path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
+FAILED_FILE = "study_failed.txt"     # in a run's folder: the last output of its failed launch (keep_going)
+
+
+class RunFailed(SystemExit):
+    """A run's training or rollout process failed; the message ends with its last output."""
+
+
+def fail_run(run_dir: Path, message: str) -> RunFailed:
+    """Keep the failure in the run's folder (listed in the results with keep_going) and return the error."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED_FILE).write_text(message + "\n")
+    return RunFailed(message)
+
+
+def failure_line(run_dir: Path) -> str | None:
+    """The failed run's own error (from its last line starting with "error" to the end, on one line, at most
+    600 characters), or None when it has not failed."""
+    path = run_dir / FAILED_FILE
+    if not path.exists():
+        return None
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if i > 0 and line.startswith("error")]
+    text = " ".join(lines[starts[-1]:] if starts else lines[-1:]) or "failed"
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str,
               threads: int | None, bar: tqdm) -> None:
-    """Train one (run, seed) as its own process; a failure stops the study with the run's last output."""
+    """Train one (run, seed) as its own process; a failure raises :class:`RunFailed` with the run's last output."""
     # resume=auto: a run cut short continues from its newest checkpoint (a new one starts fresh).
     cmd = train_command(spec, run, seed, run_dir, data_dir, threads)
     if finished_record(run_dir) is None:
@@ -271,29 +308,32 @@ def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or finished_record(run_dir) is None:
-            raise SystemExit(f"error: run {run.label} seed {seed} failed (exit {proc.returncode}); its output ends:\n"
-                             f"{(proc.stdout + proc.stderr)[-3000:]}")
+            raise fail_run(run_dir, f"error: run {run.label} seed {seed} failed (exit {proc.returncode}); its output "
+                                    f"ends:\n{(proc.stdout + proc.stderr)[-3000:]}")
         (run_dir / "study_wall_time_s").write_text(f"{time.perf_counter() - started:.1f}\n")
     if spec.get("rollout_steps") and rollout_record(spec, run_dir) is None:
         cmd = predict_command(spec, run_dir, threads)
         bar.write(f"rolling out {run.label} seed {seed}: {' '.join(cmd)}")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or rollout_record(spec, run_dir) is None:
-            raise SystemExit(f"error: the rollout of run {run.label} seed {seed} failed (exit {proc.returncode}); "
-                             f"its output ends:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            raise fail_run(run_dir, f"error: the rollout of run {run.label} seed {seed} failed (exit "
+                                    f"{proc.returncode}); its output ends:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)          # a run retried after a failure that now finished
 
 
 def tabulate(cfg: DictConfig, jobs: list[tuple[DictConfig, int]], base: Path) -> int:
     """Write the results of every finished (run, seed), in seed-major order; returns how many there are."""
     spec = cfg.study
-    records, trivial = [], None
+    records, trivial, failed = [], None, []
     for run, seed in jobs:
         run_dir = base / run.label / f"seed{seed}"
         if finished_record(run_dir) is not None:
             records.append(make_record(spec, run, seed, run_dir))
             trivial = trivial or trivial_reference(spec, run_dir, Path(cfg.results_dir))
+        elif failure_line(run_dir) is not None:
+            failed.append(f"{run.label} seed {seed}: {failure_line(run_dir)}")
     if records:
-        write_results(spec, records, Path(cfg.results_dir), trivial)
+        write_results(spec, records, Path(cfg.results_dir), trivial, failed)
     return len(records)
 
 
@@ -316,19 +356,26 @@ def run(cfg: DictConfig) -> None:
             bar.write(f"skipping {run.label} seed {seed}: not finished (train=false)")
         missing = []
     threads = None if cfg.jobs == 1 else max(1, (os.cpu_count() or 1) // cfg.jobs)
+    failures = 0
     with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
         pending = {pool.submit(train_run, spec, run, seed, base / run.label / f"seed{seed}", cfg.paths.data,
                                threads, bar) for run, seed in missing}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            failed = [future for future in done if future.exception() is not None]
-            if failed:             # runs already going finish (and are kept); none starts after a failure
+            failed = [future.exception() for future in done if future.exception() is not None]
+            if failed and not cfg.keep_going:  # runs already going finish (and are kept); none starts after it
                 for future in pending:
                     future.cancel()
-                raise failed[0].exception()
+                raise failed[0]
+            for error in failed:
+                bar.write(f"{error}\n(keep_going=true: the other runs go on)")
+            failures += len(failed)
             bar.update(len(done))
             tabulate(cfg, jobs, base)
     if tabulate(cfg, jobs, base):
         print(f"results: {Path(cfg.results_dir) / results_stem(spec)}.{{json,md,png}}")
     else:
         print("no finished runs yet: nothing written")
+    if failures:
+        raise SystemExit(f"error: {failures} run(s) failed (listed in the results; started again, the study "
+                         f"retries them)")

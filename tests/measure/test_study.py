@@ -29,10 +29,7 @@ def run_study(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     conf = tmp_path / "conf" / "study"
     conf.mkdir(parents=True, exist_ok=True)
     (conf / "tiny.yaml").write_text(TINY_STUDY)
-    cmd = [sys.executable, str(ROOT / "launch" / "study.py"), "--config-dir", str(tmp_path / "conf"), "study=tiny",
-           f"paths.data={tmp_path / 'data'}", f"paths.runs={tmp_path / 'runs'}",
-           f"results_dir={tmp_path / 'results'}", "progress=false", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    return run_study_file(tmp_path, *extra)
 
 
 def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
@@ -95,6 +92,40 @@ def test_train_false_tabulates_finished_runs_only(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipping egnn seed 0" in proc.stdout + proc.stderr and "nothing written" in proc.stdout
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_failed_run_stops_the_study_or_with_keep_going_is_listed_and_retried(tmp_path):
+    conf = tmp_path / "conf" / "study"
+    conf.mkdir(parents=True)
+    # a run whose launch fails (a refused learning rate: exit 2) beside one that trains
+    (conf / "tiny.yaml").write_text(TINY_STUDY + "  - {label: broken, overrides: [trainer.lr=-1.0]}\n")
+    one_seed = "study.seeds=[0]"
+    stopped = run_study_file(tmp_path, one_seed)
+    assert stopped.returncode != 0 and "run broken seed 0 failed" in stopped.stdout + stopped.stderr
+    failed_file = tmp_path / "runs" / "studies" / "tiny-default" / "broken" / "seed0" / "study_failed.txt"
+    assert "trainer.lr" in failed_file.read_text()
+
+    going = run_study_file(tmp_path, one_seed, "keep_going=true", "jobs=2")
+    out = going.stdout + going.stderr
+    assert going.returncode == 1 and "1 run(s) failed" in out and "the other runs go on" in out
+    records = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert [r["label"] for r in records] == ["egnn", "fastegnn"]
+    table = (tmp_path / "results" / "tiny.md").read_text()
+    assert "Runs that failed" in table and "- broken seed 0: error" in table and "trainer.lr" in table
+
+    # fixed (here: the label trains now), the study retries it and the failure leaves the table
+    (conf / "tiny.yaml").write_text(TINY_STUDY + "  - {label: broken, overrides: [trainer.lr=1.0e-3]}\n")
+    fixed = run_study_file(tmp_path, one_seed, "keep_going=true")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert not failed_file.exists() and "Runs that failed" not in (tmp_path / "results" / "tiny.md").read_text()
+
+
+def run_study_file(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """As run_study, with the study file already written in tmp_path/conf/study/tiny.yaml."""
+    cmd = [sys.executable, str(ROOT / "launch" / "study.py"), "--config-dir", str(tmp_path / "conf"), "study=tiny",
+           f"paths.data={tmp_path / 'data'}", f"paths.runs={tmp_path / 'runs'}",
+           f"results_dir={tmp_path / 'results'}", "progress=false", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
 
 def test_unknown_budget_is_a_clear_error(tmp_path):
