@@ -15,6 +15,14 @@ fluid a little per step and the contraction compounds (docs/results/README.md). 
   t + Δt, with the gradient through the last step only (the "pushforward" of the error distribution; no
   back-propagation through the unroll, which keeps a step's memory that of one step).
 
+A rolled-forward state that makes no sense is refused and the batch trains on its stored inputs instead (a line
+on stderr says so; ``Pushforward.refused`` counts them): NaN/Inf, or a particle moved in one step farther than
+``DISPLACEMENT_LIMIT`` (3) times the largest displacement per task step the stored data shows for this batch (its
+start state's velocity, its average step from the start to frame t, its true step t -> t + Δt). Measured on the SPH
+fluid (docs/results/README.md): a model in its fourth epoch, given a splash where stored particles move 17 m per
+task step (p99: 5 m), moved one particle 1,288 m; fed back as its velocity, that input made the loss non-finite
+and stopped three of four pushforward runs. Training on such an input teaches nothing a rollout needs.
+
 u is lowered, for the whole batch, to what its samples allow: a start frame before the split's first input
 frame is never used (a batch of first frames trains as usual). The draw is a function of (seed, epoch, batch
 index) only, so a resumed run unrolls the same batches as one that never stopped. Unrolled batches take no
@@ -26,6 +34,7 @@ the combination).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Callable
 
@@ -37,6 +46,7 @@ from dist_egnn.datasets.loader import GraphBatch, TrajectoryDataset, collate
 from dist_egnn.training.rank_data import RankBatch
 
 DRAW_STREAM = 0x5F  # keeps the unroll draws apart from every other (seed, epoch, ...) stream
+DISPLACEMENT_LIMIT = 3.0  # a predicted step beyond this many times the stored data's largest is refused
 
 
 class Pushforward:
@@ -54,6 +64,7 @@ class Pushforward:
         self.dataset, self.unrolls, self.probability = dataset, int(unrolls), float(probability)
         self.start_epoch, self.seed = int(start_epoch), int(seed)
         self.first_frame = int(dataset.frames.min())
+        self.refused = 0  # unrolled states refused since this object was made (this process)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, dataset: TrajectoryDataset) -> "Pushforward | None":
@@ -87,8 +98,9 @@ class Pushforward:
               predict: Callable[[GraphBatch], torch.Tensor]) -> RankBatch:
         """``batch`` (whole graphs), or when it is drawn for unrolling the same batch with its inputs the model's
         own u-step prediction and its target kept. ``predict(graph)`` returns the model's positions (N, 3),
-        walls held, without gradient. A prediction with NaN/Inf gives back ``batch`` unchanged: the trainer's
-        non-finite guard then judges the model on the stored inputs."""
+        walls held, without gradient. A rolled-forward state that makes no sense (NaN/Inf, or a step beyond
+        ``DISPLACEMENT_LIMIT`` times the stored data's largest: see the module docstring) gives back ``batch``
+        unchanged, with a line on stderr."""
         steps = self.unrolls_for(batch.sample_ids, epoch, index)
         if steps == 0:
             return batch
@@ -99,13 +111,15 @@ class Pushforward:
         vel = [s[1] for s in states]
         scalars = [s[3] for s in states]
         sizes = np.cumsum([0] + [len(p) for p in pos])
+        limit = DISPLACEMENT_LIMIT * self.largest_stored_step(batch, np.concatenate(pos), np.concatenate(vel), steps)
         for k in range(steps, 0, -1):                       # input frames t − k·Δt, k = steps .. 1
             graph = collate([d.make_sample(scene, frame - k * d.delta_t, p, v, p, sc)
                              for (scene, frame), p, v, sc in zip(located, pos, vel, scalars)])
             with torch.no_grad():
                 predicted = predict(graph).detach().to("cpu", torch.float32).numpy()
-            if not np.all(np.isfinite(predicted)):
-                return batch
+            step = np.linalg.norm(predicted - np.concatenate(pos), axis=1).max(initial=0.0)
+            if not np.isfinite(step) or step > limit:
+                return self.refuse(batch, epoch, index, steps - k + 1, step, limit)
             new = [predicted[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
             vel = [((n - p) * np.float32(d.per_displacement)).astype(np.float32) for n, p in zip(new, pos)]
             pos = new
@@ -113,3 +127,26 @@ class Pushforward:
         final = collate([d.make_sample(scene, frame, p, v, target[a:b], sc)
                          for (scene, frame), p, v, sc, a, b in zip(located, pos, vel, scalars, sizes[:-1], sizes[1:])])
         return replace(batch, graph=final)
+
+    def largest_stored_step(self, batch: RankBatch, start_pos: np.ndarray, start_vel: np.ndarray,
+                            steps: int) -> float:
+        """The largest displacement per task step (store units) the stored data shows for a batch unrolled
+        ``steps`` steps: the start state's velocity, the average step from the start to the input frame t, and
+        the true step from t to the target (moving nodes; walls are at rest)."""
+        g = batch.graph
+        pos, target = g.pos.numpy(), g.target.numpy()
+        moving = np.ones(len(pos), bool) if g.moving is None else g.moving.numpy()
+        candidates = [np.linalg.norm(start_vel[moving], axis=1) / self.dataset.per_displacement,
+                      np.linalg.norm(pos[moving] - start_pos[moving], axis=1) / steps,
+                      np.linalg.norm(target[moving] - pos[moving], axis=1)]
+        return float(max(c.max(initial=0.0) for c in candidates))
+
+    def refuse(self, batch: RankBatch, epoch: int, index: int, step: int, moved: float, limit: float) -> RankBatch:
+        """``batch`` as stored, counted and said on stderr: its unroll made no sense at unroll step ``step``."""
+        self.refused += 1
+        what = "a non-finite position" if not np.isfinite(moved) else (
+            f"a particle moved {moved:.4g} in one step, more than {DISPLACEMENT_LIMIT:g} x the stored data's "
+            f"largest step ({limit / DISPLACEMENT_LIMIT:.4g})")
+        print(f"pushforward: epoch {epoch} batch {index} (samples {list(batch.sample_ids)}) unrolled to {what} at "
+              f"unroll step {step}; trained on its stored inputs instead", file=sys.stderr, flush=True)
+        return batch

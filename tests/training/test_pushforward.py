@@ -105,6 +105,31 @@ def test_a_prediction_with_nan_leaves_the_batch_as_stored(store):
     assert got is batch
 
 
+def test_an_unroll_that_flings_a_particle_is_refused_and_said(store, capsys):
+    """A rolled-forward state with one particle moved far beyond what the stored data ever moves in a step (the
+    SPH fluid's 1,288 m splash) trains on the stored inputs instead, counted and said on stderr; a step within
+    the limit is kept."""
+    data = dataset(store)
+    batch = RankData(data).build([next(i for i in range(len(data)) if data.locate(i)[1] == 2)])
+    push = always(data, 1)
+    largest = push.largest_stored_step(batch, *data.read_states([data.locate(batch.sample_ids[0])])[0][:2], 1)
+    assert largest > 0
+
+    def flinging(distance):
+        def predict(graph):
+            pos = graph.pos.clone()
+            pos[int(torch.nonzero(graph.moving)[0])] += torch.tensor([distance, 0.0, 0.0])
+            return pos
+        return predict
+
+    kept = push.apply(batch, 1, 0, predict=flinging(0.5 * largest))
+    assert kept is not batch and push.refused == 0
+    assert push.apply(batch, 1, 0, predict=flinging(1000.0 * largest)) is batch
+    assert push.refused == 1
+    said = capsys.readouterr().err
+    assert "pushforward: epoch 1 batch 0" in said and "trained on its stored inputs instead" in said
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.pushforward_unrolls=2", "distributed.parts=2"], "pushforward_unrolls=2 with distributed.parts=2"),
     (["trainer.pushforward_unrolls=1", "trainer.pushforward_prob=1.5"], "pushforward_prob=1.5: a probability"),
