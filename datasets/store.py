@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,13 +90,21 @@ def atomic_store(path: str | os.PathLike, overwrite: bool = False, validate: boo
         except StoreError as err:
             raise StoreError(f"the new store for {path} failed validation, so it was not put in place (nothing "
                              f"is left behind): {str(err).replace(str(tmp), str(path))}") from None
-        if path.exists():
+        if path.exists() and overwrite:
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)           # refuses (ENOTEMPTY) a store that appeared meanwhile
+            except OSError:
+                if not path.exists():
+                    raise
+                # Another process made the same store meanwhile (two runs of a study that both found none):
+                # keep the one in place; the caller's checks of the store against its settings still apply.
+                print(f"{path} was put in place by another process while this one was writing it: using that "
+                      f"one (this copy is discarded)", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -171,3 +171,15 @@ def test_a_garbled_array_metadata_file_is_named(store):
     (store / "train" / "vel" / "zarr.json").write_text('{"zarr_format": 3, "sha')
     with pytest.raises(StoreError, match=r"train/vel/zarr.json: cannot be read as JSON"):
         open_store(store)
+
+
+def test_a_store_another_process_put_in_place_meanwhile_is_kept(tmp_path, capsys):
+    # two runs of a study (jobs=2) that both found no store and both made it: the second rename must not fail
+    path = tmp_path / "nb.zarr"
+    with atomic_store(path, validate=False) as root:
+        root.attrs["mine"] = True
+        generate_nbody(path, NBodyConfig(num_particles=6, train=3, val=2, test=2, steps=300), progress=False)
+    assert "another process" in capsys.readouterr().err
+    assert "mine" not in zarr.open_group(str(path)).attrs                   # the first one in place is kept
+    open_store(path, check_values=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # this copy is gone
