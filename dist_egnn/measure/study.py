@@ -298,6 +298,27 @@ def failure_line(run_dir: Path) -> str | None:
     return text if len(text) <= 600 else text[:597] + "..."
 
 
+OUTPUT_FILE = "study_output.log"     # in a run's folder: everything its training and rollout processes printed
+
+
+def run_logged(cmd: list[str], run_dir: Path) -> tuple[int, str]:
+    """Run ``cmd``, appending its stdout and stderr to the run's :data:`OUTPUT_FILE` (a resumed or retried run
+    adds to what is there), and return its exit code and the last 3,000 characters it printed.
+
+    Kept because a run's own ``train.log`` holds only what went through ``logging``: lines a run prints to
+    stderr (a pushforward unroll refused, a warning) would otherwise be lost with the study's pipe."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / OUTPUT_FILE
+    with path.open("a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        start = log.tell()
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    with path.open("rb") as log:
+        log.seek(max(start, path.stat().st_size - 3000))
+        return code, log.read().decode(errors="replace")
+
+
 def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str,
               threads: int | None, bar: tqdm) -> None:
     """Train one (run, seed) as its own process; a failure raises :class:`RunFailed` with the run's last output."""
@@ -306,18 +327,18 @@ def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_
     if finished_record(run_dir) is None:
         bar.write(f"running {run.label} seed {seed}: {' '.join(cmd)}")
         started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or finished_record(run_dir) is None:
-            raise fail_run(run_dir, f"error: run {run.label} seed {seed} failed (exit {proc.returncode}); its output "
-                                    f"ends:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        code, tail = run_logged(cmd, run_dir)
+        if code != 0 or finished_record(run_dir) is None:
+            raise fail_run(run_dir, f"error: run {run.label} seed {seed} failed (exit {code}); its output "
+                                    f"ends:\n{tail}")
         (run_dir / "study_wall_time_s").write_text(f"{time.perf_counter() - started:.1f}\n")
     if spec.get("rollout_steps") and rollout_record(spec, run_dir) is None:
         cmd = predict_command(spec, run_dir, threads)
         bar.write(f"rolling out {run.label} seed {seed}: {' '.join(cmd)}")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or rollout_record(spec, run_dir) is None:
+        code, tail = run_logged(cmd, run_dir)
+        if code != 0 or rollout_record(spec, run_dir) is None:
             raise fail_run(run_dir, f"error: the rollout of run {run.label} seed {seed} failed (exit "
-                                    f"{proc.returncode}); its output ends:\n{(proc.stdout + proc.stderr)[-3000:]}")
+                                    f"{code}); its output ends:\n{tail}")
     (run_dir / FAILED_FILE).unlink(missing_ok=True)          # a run retried after a failure that now finished
 
 

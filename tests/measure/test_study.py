@@ -71,6 +71,9 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     assert "resume=auto" in resumed.stdout + resumed.stderr and resumed.stdout.count("running ") == 1
     again_records = json.loads((tmp_path / "results" / "tiny.json").read_text())
     assert again_records[-1]["test_mse"] == records[-1]["test_mse"]
+    # everything each run's processes printed is kept in its folder; a resumed run adds to it
+    output = (Path(records[-1]["run_dir"]) / "study_output.log").read_text()
+    assert output.count("$ ") == 2 and output.count("launch/train.py") == 2 and "resume=auto" in output
 
     # study.rollout_steps: finished runs are not retrained, only rolled out (launch/predict.py), once.
     rolled = run_study(tmp_path, "study.rollout_steps=2", "jobs=2")
@@ -104,6 +107,7 @@ def test_a_failed_run_stops_the_study_or_with_keep_going_is_listed_and_retried(t
     assert stopped.returncode != 0 and "run broken seed 0 failed" in stopped.stdout + stopped.stderr
     failed_file = tmp_path / "runs" / "studies" / "tiny-default" / "broken" / "seed0" / "study_failed.txt"
     assert "trainer.lr" in failed_file.read_text()
+    assert "trainer.lr" in (failed_file.parent / "study_output.log").read_text()     # its error, also kept
 
     going = run_study_file(tmp_path, one_seed, "keep_going=true", "jobs=2")
     out = going.stdout + going.stderr
