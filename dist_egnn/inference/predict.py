@@ -10,7 +10,8 @@ stops with a ``BadInput`` naming the key or file and the fix, and nothing is wri
     rollout.json    per-step lists of length ``steps``: ``mse``, ``baseline_mse`` (constant velocity on the
                     same nodes), ``mse_over_baseline``, ``edges_per_node`` (edges each moving node received:
                     rises when predictions pile up), ``spread_ratio`` (the predicted fluid's extent over the
-                    truth's: below 1 it contracts), ``frames``, ``cut_fraction`` (P > 1); ``steps``,
+                    truth's: below 1 it contracts), ``outside_share`` (of the predicted fluid, outside the box
+                    of the walls), ``frames``, ``cut_fraction`` (P > 1); ``steps``,
                     ``requested_steps``, ``stopped_early``, ``samples`` (scenes), ``command``, ``config``
                     (these options), the run, the store, the outputs
     rollout.zarr    the predicted trajectories in the dataset layout (``writers.write_store``)

@@ -40,6 +40,11 @@ A rollout starts from the stored state of every chosen scene at input frame t0 (
   contracts. A model trained on one-step MSE over a long task step learns the mean of what may happen and
   contracts; fed back, the contraction compounds and a rollout can stay below constant velocity while the
   fluid has collapsed into a ball (measured on water3d_like, docs/results/README.md).
+* **Outside the walls**: ``outside_share`` of a step is the share of a scene's predicted moving nodes outside
+  the axis-aligned box of its wall particles, mean over the scenes that have walls (NaN without any). The
+  spread alone misses a fluid that falls through the floor as one block (its extent stays near the truth's;
+  seen on a water3d_like model with a 0.2 s task step). The box is that of the stored walls: with
+  ``wall_reach`` only those the fluid ever came near are stored, so its top is the fluid's highest reach.
 * **Constant velocity**, the reference beside every step's MSE, on the same nodes: x_{k+1} = x_k + v_0,
   with v_0 the initial velocity as displacement per task step (v · Δt · dt from the store's unit).
 
@@ -185,7 +190,8 @@ class Rollout:
     Arrays hold the chosen scenes' nodes concatenated (``scene_ptr``): ``pred``/``truth``/``baseline``
     (steps + 1, N, 3) positions; ``vel`` (steps + 1, N, 3) predicted velocities in the store's unit
     (frame 0: stored), what a dataset store holds; ``scalars`` (N, K) node scalars; ``moving`` (N,) False for
-    walls. ``mse``/``baseline_mse``/``edges_per_node``/``spread_ratio``/``cut_fraction``: one entry per step.
+    walls. ``mse``/``baseline_mse``/``edges_per_node``/``spread_ratio``/``outside_share``/``cut_fraction``: one
+    entry per step.
     """
 
     split: str
@@ -204,6 +210,7 @@ class Rollout:
     baseline_mse: list[float] = field(default_factory=list)
     edges_per_node: list[float] = field(default_factory=list)
     spread_ratio: list[float] = field(default_factory=list)
+    outside_share: list[float] = field(default_factory=list)
     cut_fraction: list[float] | None = None
     stopped: str | None = None
 
@@ -495,6 +502,7 @@ def record_errors(result: Rollout, state: RolloutState, truth: np.ndarray, cuts:
     moving = state.moving
     result.edges_per_node.append(received / max(int(moving.sum()), 1))
     result.spread_ratio.append(spread_ratio(state.pos, truth, moving, state.ptr))
+    result.outside_share.append(outside_share(state.pos, moving, state.ptr))
     result.mse.append(float(np.mean(np.square(state.pos[moving].astype(np.float64) - truth[moving]))))
     result.baseline_mse.append(float(np.mean(np.square(state.base[-1][moving].astype(np.float64) - truth[moving]))))
     if result.cut_fraction is not None:
@@ -512,3 +520,17 @@ def spread_ratio(pred: np.ndarray, truth: np.ndarray, moving: np.ndarray, ptr: n
         if true_spread > 0:
             ratios.append(np.sqrt(np.mean(np.sum(np.square(p - p.mean(axis=0)), axis=1))) / true_spread)
     return float(np.mean(ratios)) if ratios else float("nan")
+
+
+def outside_share(pred: np.ndarray, moving: np.ndarray, ptr: np.ndarray) -> float:
+    """Mean over the scenes (``ptr``) that have walls of the share of their predicted moving nodes outside the
+    axis-aligned box of their wall particles (walls never move, so ``pred`` holds them as stored); NaN when no
+    scene has walls or moving nodes."""
+    shares = []
+    for a, b in zip(ptr[:-1], ptr[1:]):
+        m = moving[a:b]
+        walls, fluid = pred[a:b][~m], pred[a:b][m]
+        if len(walls) and len(fluid):
+            inside = np.all((fluid >= walls.min(axis=0)) & (fluid <= walls.max(axis=0)), axis=1)
+            shares.append(1.0 - float(inside.mean()))
+    return float(np.mean(shares)) if shares else float("nan")

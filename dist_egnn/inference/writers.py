@@ -36,6 +36,7 @@ def write_json(result: Rollout, path: Path, extra: dict[str, Any]) -> dict[str, 
                   mse=result.mse, baseline_mse=result.baseline_mse,
                   mse_over_baseline=[m / b if b > 0 else None for m, b in zip(result.mse, result.baseline_mse)],
                   edges_per_node=result.edges_per_node, spread_ratio=result.spread_ratio,
+                  outside_share=result.outside_share if np.isfinite(result.outside_share).any() else None,
                   frames=result.frames[1:], start_frame=result.start, delta_t=result.delta_t, split=result.split,
                   scenes=result.scenes, nodes=int(len(result.moving)), walls=int((~result.moving).sum()),
                   stopped_early=result.stopped)
@@ -101,7 +102,7 @@ def write_vtk(result: Rollout, folder: Path, info: StoreInfo) -> list[Path]:
 
 def write_png(result: Rollout, path: Path, title: str) -> None:
     """True vs predicted particles of the first scene at up to three steps, and the per-step MSE (with the
-    spread ratio on a second axis)."""
+    spread ratio and the share outside the walls on a second axis)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -141,8 +142,10 @@ def write_png(result: Rollout, path: Path, title: str) -> None:
     if len(result.spread_ratio) == result.steps:      # the extent beside the error: a collapse shows at once
         extent = ax.twinx()
         extent.plot(steps, result.spread_ratio, "^:", c="tab:green", label="spread pred / true (right)")
+        if len(result.outside_share) == result.steps and np.isfinite(result.outside_share).any():
+            extent.plot(steps, result.outside_share, "v-.", c="tab:purple", label="share outside the walls (right)")
         extent.set_ylim(0.0, max(1.1, np.nanmax(result.spread_ratio) * 1.05))
-        extent.set_ylabel("spread pred / true")
+        extent.set_ylabel("spread pred / true, share outside")
         more, more_names = extent.get_legend_handles_labels()
         handles, names = handles + more, names + more_names
     ax.legend(handles, names)

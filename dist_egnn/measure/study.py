@@ -123,6 +123,7 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> 
                                                    rollout_start_frame=rollout["start_frame"],
                                                    rollout_edges_per_node=rollout.get("edges_per_node"),
                                                    rollout_spread_ratio=rollout.get("spread_ratio"),
+                                                   rollout_outside_share=rollout.get("outside_share"),
                                                    rollout_command=rollout.get("command"),
                                                    rollout_stopped=rollout["stopped_early"])))
 
@@ -225,9 +226,10 @@ def rollout_table(records: list[dict], steps: int | None) -> str:
         lines.append(f"| {label}: const. vel. | {seeds} | {_cells(base, width)} | |")
         rolled = [r for r in records if r["label"] == label and "rollout_mse" in r]
         for key, name in (("rollout_edges_per_node", "edges per moving node"),     # climbs when particles pile up
-                          ("rollout_spread_ratio", "spread pred / true")):        # below 1: the fluid contracts
+                          ("rollout_spread_ratio", "spread pred / true"),         # below 1: the fluid contracts
+                          ("rollout_outside_share", "share outside the walls")):  # leaks through a wall
             values = per_step_mean(rolled, key)
-            if len(values):
+            if len(values) and not np.isnan(values).all():             # e.g. no walls: no share outside them
                 lines.append(f"| {label}: {name} | {seeds} | {_cells(values, width)} | |")
     switches = {}                        # rollouts run by hand with options beyond the study's own command
     for r in records:

@@ -100,6 +100,7 @@ def test_predict_command_writes_every_output(trained):
     for key in ("mse", "baseline_mse", "frames", "mse_over_baseline"):
         assert len(record[key]) == 3, key
     assert record["frames"] == [3, 6, 9]
+    assert record["outside_share"] is None                     # N-body: no walls to be outside of
     assert record["command"].startswith("python launch/predict.py run=") and record["config"]["steps"] == 3
     assert record["mse"][0] == pytest.approx(records(run)[-1]["test_mse"], rel=1e-6)
 

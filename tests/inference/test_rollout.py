@@ -15,7 +15,15 @@ from omegaconf import OmegaConf
 
 from dist_egnn.datasets.loader import TrajectoryDataset
 from dist_egnn.datasets.store import atomic_store, create_split, open_store, write_root_attrs, write_scenes
-from dist_egnn.inference.rollout import GraphRecipe, Parts, RolloutError, build_graph, partitioned_edges, rollout
+from dist_egnn.inference.rollout import (
+    GraphRecipe,
+    Parts,
+    RolloutError,
+    build_graph,
+    outside_share,
+    partitioned_edges,
+    rollout,
+)
 from dist_egnn.keys import SPLITS
 from dist_egnn.models import FastEGNN, Prediction
 from dist_egnn.partitioners.strategies import spatial_assignment
@@ -224,3 +232,15 @@ def test_spread_ratio_is_one_for_the_exact_model_and_falls_as_predictions_contra
     config.dataset.max_neighbors = 12
     collapsing = rollout(Collapse(), config, info, "test", 3)
     np.testing.assert_allclose(collapsing.spread_ratio, [0.5, 0.25, 0.125], rtol=1e-5)
+
+
+def test_outside_share_counts_the_fluid_beyond_the_box_of_the_walls():
+    """Scene 0: walls at the corners of the unit cube, one of four fluid nodes below its floor (1/4); scene 1 has
+    no walls and is left out of the mean; without walls anywhere the share is NaN."""
+    walls = np.array([[0, 0, 0], [1, 1, 1]], float)
+    fluid = np.array([[0.5, 0.5, 0.5], [0.1, 0.9, 0.2], [1.0, 1.0, 1.0], [0.5, -0.3, 0.5]])
+    pred = np.concatenate([walls, fluid, np.full((3, 3), 9.0)])
+    moving = np.array([False, False, True, True, True, True, True, True, True])
+    ptr = np.array([0, 6, 9])
+    assert outside_share(pred, moving, ptr) == pytest.approx(0.25)
+    assert np.isnan(outside_share(pred[6:], moving[6:], np.array([0, 3])))
