@@ -202,8 +202,13 @@ def replace_folder(new: Path, target: Path) -> None:
 
 
 def summary(record: dict[str, Any]) -> str:
-    """The per-step table printed at the end."""
-    lines = [f"{'step':>4} {'frame':>6} {'mse':>12} {'const. vel.':>12} {'ratio':>7}"]
-    for k, (frame, m, b) in enumerate(zip(record["frames"], record["mse"], record["baseline_mse"]), 1):
-        lines.append(f"{k:>4} {frame:>6} {m:>12.5g} {b:>12.5g} {m / b if b else float('nan'):>7.3f}")
+    """The per-step table printed at the end: the MSE beside constant velocity's, and whether the predicted
+    fluid keeps its extent (spread) and stays inside the walls (outside; stores with walls only)."""
+    outside = record.get("outside_share")
+    lines = [f"{'step':>4} {'frame':>6} {'mse':>12} {'const. vel.':>12} {'ratio':>7} {'spread':>7}"
+             + (f" {'outside':>7}" if outside else "")]
+    for k, (frame, m, b, spread) in enumerate(zip(record["frames"], record["mse"], record["baseline_mse"],
+                                                   record["spread_ratio"]), 1):
+        lines.append(f"{k:>4} {frame:>6} {m:>12.5g} {b:>12.5g} {m / b if b else float('nan'):>7.3f} {spread:>7.3f}"
+                     + (f" {outside[k - 1]:>7.1%}" if outside else ""))
     return "\n".join(lines)
