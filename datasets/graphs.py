@@ -25,7 +25,7 @@ from scipy.spatial import cKDTree
 from dist_egnn.errors import BadInput, ConfigError
 
 NODE_FEATURE_RECIPES = ("speed",)        # plus any name in the store's node_scalars
-EDGE_FEATURE_RECIPES = ("distance", "distance_sq")  # plus "<scalar>_product" for a node scalar
+EDGE_FEATURE_RECIPES = ("distance", "distance_sq", "radial_velocity")  # plus "<scalar>_product" for a node scalar
 
 
 def complete_graph(num_nodes: int) -> np.ndarray:
@@ -210,11 +210,16 @@ def node_features(recipe: list[str], vel: np.ndarray, scalars: np.ndarray, scala
 
 
 def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, scalars: np.ndarray,
-                  scalar_names: list[str]) -> np.ndarray:
+                  scalar_names: list[str], vel: np.ndarray | None = None) -> np.ndarray:
     """Invariant edge attributes e_ij at the input frame: (E, len(recipe)) float32.
 
     ``distance`` |x_i − x_j|, ``distance_sq`` its square, ``<scalar>_product`` the product of a node scalar
-    at both ends (e.g. ``charge_product`` = q_i q_j).
+    at both ends (e.g. ``charge_product`` = q_i q_j), ``radial_velocity`` the speed at which the pair separates,
+    (v_i − v_j) · (x_i − x_j) / |x_i − x_j| (negative: closing; 0 for coincident ends), from ``vel`` (the input
+    velocities, training units). A wall does not move, so on a wall -> particle edge it is the particle's speed
+    away from that wall: what an EGNN message otherwise cannot see in its first layer, whose inputs hold |v_i|
+    and distances but no direction of motion. Rotating or reflecting x and v together, or translating x, leaves
+    it unchanged. Example: x_i = (0, 1, 0), v_i = (0, -2, 0) above a wall at the origin: -2 (closing at 2).
     """
     recv, send = edge_index
     columns = []
@@ -222,6 +227,13 @@ def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, sc
         if name in ("distance", "distance_sq"):
             d2 = np.square(pos[recv] - pos[send]).sum(axis=1)
             columns.append(np.sqrt(d2) if name == "distance" else d2)
+        elif name == "radial_velocity":
+            if vel is None:
+                raise ValueError("edge feature 'radial_velocity' needs the input velocities (vel=)")
+            apart = pos[recv] - pos[send]
+            length = np.sqrt(np.square(apart).sum(axis=1))
+            closing = np.einsum("ij,ij->i", vel[recv] - vel[send], apart)
+            columns.append(np.divide(closing, length, out=np.zeros_like(closing), where=length > 0))
         elif name.endswith("_product") and name[: -len("_product")] in scalar_names:
             col = scalars[:, scalar_names.index(name[: -len("_product")])]
             columns.append(col[recv] * col[send])

@@ -56,6 +56,7 @@ class PartArrays:
     halo_scalars: np.ndarray
     scene: int
     frame: int
+    halo_vel: np.ndarray | None = None  # read only when an edge feature needs velocities (radial_velocity)
 
 
 @dataclass
@@ -306,9 +307,12 @@ class TrajectoryDataset:
 
         For sample ``indices[k]``: everything a training step needs of the nodes ``owned[k]`` (ids within
         the scene; None: every node of the scene, read as one slice) and the input positions and scalars of
-        the nodes ``halo[k]``, which only feed edges. Only the chunks holding those nodes are read.
+        the nodes ``halo[k]``, which only feed edges (and their input velocities when an edge feature needs
+        them). Only the chunks holding those nodes are read.
         """
         located = [self.locate(i) for i in indices]
+        halo_vel = self.edge_features_need_velocity
+        per = 7 if halo_vel else 6
         lazy = []
         for (scene, frame), own, other in zip(located, owned, halo):
             nodes = self.meta.scene_nodes(scene)
@@ -316,13 +320,21 @@ class TrajectoryDataset:
             other = nodes.start + np.asarray(other, dtype=np.int64)
             lazy += [self._pos[frame, rows], self.velocity(frame, rows), self._pos[frame + self.delta_t, rows],
                      self._scalars[rows], self._pos[frame, other], self._scalars[other]]
+            if halo_vel:
+                lazy.append(self.velocity(frame, other))
         arrays = self._compute(lazy, located)
         parts = []
         for k, (scene, frame) in enumerate(located):
-            pos, vel, target, scalars, halo_pos, halo_scalars = arrays[6 * k: 6 * k + 6]
+            pos, vel, target, scalars, halo_pos, halo_scalars = arrays[per * k: per * k + 6]
             self.check_finite(scene, frame, pos=pos, vel=vel, target=target, halo_pos=halo_pos)
-            parts.append(PartArrays(pos, vel, target, scalars, halo_pos, halo_scalars, scene, frame))
+            parts.append(PartArrays(pos, vel, target, scalars, halo_pos, halo_scalars, scene, frame,
+                                    halo_vel=arrays[per * k + 6] if halo_vel else None))
         return parts
+
+    @property
+    def edge_features_need_velocity(self) -> bool:
+        """Whether an edge feature of the recipe reads the input velocities (a halo must then carry them)."""
+        return "radial_velocity" in self.edge_recipe
 
     def velocity(self, frame: int, rows):
         """The input velocity of ``rows`` at ``frame`` (lazy), as ``input_velocity`` says."""
@@ -362,7 +374,7 @@ class TrajectoryDataset:
         return GraphSample(pos=pos, vel=vel, target=target,
                            node_features=node_features(self.node_recipe, vel, scalars, names),
                            edge_index=edge_index,
-                           edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names),
+                           edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names, vel),
                            scene=scene, frame=frame, moving=self.moving_of(scalars), gravity=self.gravity)
 
     def batches(self, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> Iterator[GraphBatch]:

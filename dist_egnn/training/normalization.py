@@ -6,7 +6,7 @@
 displacement RMS and s_v the input-velocity RMS (``datasets/statistics.py``; s_v in training units, after
 ``dataset.velocity_unit``), the model is called on
 
-    x / s_x,   v / s_v,   speed / s_v,   distance / s_x,   distance_sq / s_x²,   gravity / s_x
+    x / s_x,   v / s_v,   speed / s_v,   distance / s_x,   distance_sq / s_x²,   radial_velocity / s_v,   gravity / s_x
 
 (the other features are dimensionless or not lengths: unchanged; ``gravity``, the per-graph field of
 ``dataset.gravity`` in the task's units, enters the displacement through φ_g, so it is scaled as one), and its
@@ -81,7 +81,8 @@ class Normalization:
             scaled["gravity"] = kwargs["gravity"] / self.length
         if kwargs.get("edge_attr") is not None:
             scaled["edge_attr"] = self.columns(kwargs["edge_attr"], self.edge_features,
-                                               {"distance": 1.0 / self.length, "distance_sq": self.length ** -2})
+                                               {"distance": 1.0 / self.length, "distance_sq": self.length ** -2,
+                                                "radial_velocity": 1.0 / self.velocity})
         return scaled
 
     @staticmethod

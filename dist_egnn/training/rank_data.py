@@ -182,10 +182,12 @@ class RankData:
         owned, halo = ids[:len(arrays.pos)], ids[len(arrays.pos):]
         still = lambda scalars: 1.0 if d.type_column is None else d.moving_of(scalars)[:, None]  # noqa: E731
         # the velocity is a position difference over one task step, in the dataset's velocity unit
-        velocity_error = (errors[0, owned] - errors[1, owned]) * np.float32(d.per_displacement)
+        velocity_error = lambda rows: (errors[0, rows] - errors[1, rows]) * np.float32(d.per_displacement)  # noqa: E731
+        halo_vel = None if arrays.halo_vel is None else \
+            arrays.halo_vel + velocity_error(halo) * still(arrays.halo_scalars)
         return replace(arrays, pos=arrays.pos + errors[0, owned] * still(arrays.scalars),
-                       vel=arrays.vel + velocity_error * still(arrays.scalars),
-                       halo_pos=arrays.halo_pos + errors[0, halo] * still(arrays.halo_scalars))
+                       vel=arrays.vel + velocity_error(owned) * still(arrays.scalars),
+                       halo_pos=arrays.halo_pos + errors[0, halo] * still(arrays.halo_scalars), halo_vel=halo_vel)
 
     def check_graphs(self, sample_ids: list[int], arrays: list[PartArrays], edges: list[int], whole: bool) -> None:
         """Warn (once per split and kind) when a graph of this batch has no edges, or when the batch's mean
@@ -289,7 +291,8 @@ class RankData:
             features.append(node_features(d.node_recipe, a.vel, a.scalars, names))
             pos = np.concatenate([a.pos, a.halo_pos])
             scalars = np.concatenate([a.scalars, a.halo_scalars])
-            attrs.append(edge_features(d.edge_recipe, e, pos, scalars, names))
+            vel = None if a.halo_vel is None else np.concatenate([a.vel, a.halo_vel])
+            attrs.append(edge_features(d.edge_recipe, e, pos, scalars, names, vel))
             edges.append(stacked.batch_rows(b, e.reshape(-1)).reshape(2, -1))
         cat = lambda xs: torch.from_numpy(np.concatenate(xs))  # noqa: E731
         sizes = np.array([len(a.pos) for a in arrays])

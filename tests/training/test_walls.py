@@ -71,9 +71,9 @@ def store(tmp_path_factory) -> Path:
     return wall_store(tmp_path_factory.mktemp("walls") / "data" / "walls.zarr")
 
 
-def dataset(store: Path, split: str = "train", **kw) -> TrajectoryDataset:
+def dataset(store: Path, split: str = "train", edge_features=("distance",), **kw) -> TrajectoryDataset:
     return TrajectoryDataset(open_store(store), split, delta_t=2, node_features=["speed", "type"],
-                             edge_features=["distance"], **kw)
+                             edge_features=list(edge_features), **kw)
 
 
 def test_loader_marks_the_walls_and_counts_the_moving_nodes(store):

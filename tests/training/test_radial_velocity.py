@@ -1,0 +1,85 @@
+"""The ``radial_velocity`` edge feature: (v_i − v_j) · (x_i − x_j) / |x_i − x_j|, the speed at which an edge's
+ends separate. Its worked value, its invariance when positions and velocities move together, and that every
+graph builder computes it alike: the loader, a rollout step, and P ranks in exact halo mode (halo rows carry their
+velocities, with the training noise), so exact mode still equals one process.
+
+The store is test_walls.py's hand-made box of falling particles with wall rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from dist_egnn.datasets.graphs import edge_features, graph_edges
+from dist_egnn.inference.rollout import GraphRecipe, build_graph
+from dist_egnn.partitioners.artifacts import load_assignments, prepare_partitions
+from dist_egnn.training.normalization import Normalization
+from dist_egnn.training.rank_data import RankData
+from tests.training.test_walls import RADIUS, SCENES, dataset, rank_ids, wall_store
+
+RECIPE = ["distance", "radial_velocity"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return wall_store(tmp_path_factory.mktemp("radial") / "data" / "walls.zarr")
+
+
+def test_radial_velocity_is_the_speed_at_which_the_ends_separate():
+    pos = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])    # a particle above a wall; a copy of it
+    vel = np.array([[0.0, -2.0, 0.0], [0.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
+    edges = np.array([[0, 1, 1], [1, 0, 2]])                             # wall -> particle, back, coincident pair
+    got = edge_features(["radial_velocity"], edges, pos, np.zeros((3, 0)), [], vel)[:, 0]
+    np.testing.assert_array_equal(got, [-2.0, -2.0, 0.0])               # closing at 2 m/step; both directions alike
+    with pytest.raises(ValueError, match="radial_velocity.*velocities"):
+        edge_features(["radial_velocity"], edges, pos, np.zeros((3, 0)), [])
+
+
+def test_radial_velocity_does_not_depend_on_the_frame_of_reference():
+    rng = np.random.default_rng(0)
+    pos, vel = rng.normal(size=(30, 3)), rng.normal(size=(30, 3))
+    edges = graph_edges(pos, 1.2)
+    turn = Rotation.from_euler("xyz", [0.4, -1.3, 2.2]).as_matrix() @ np.diag([1.0, 1.0, -1.0])  # with a reflection
+    a = edge_features(RECIPE, edges, pos, np.zeros((30, 0)), [], vel)
+    b = edge_features(RECIPE, edges, pos @ turn.T + [3.0, -1.0, 0.5], np.zeros((30, 0)), [], vel @ turn.T)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loader_and_rollout_step_compute_the_same_features(store):
+    data = dataset(store, edge_features=RECIPE, wall_neighbors=2)
+    sample = data.read([3])[0]
+    assert (sample.edge_attr[:, 1] < 0).any() and (sample.edge_attr[:, 1] > 0).any()
+    recipe = GraphRecipe(radius=RADIUS, max_neighbors=None, cutoff_rate=0.0, wall_neighbors=2,
+                         node_features=("speed", "type"), edge_features=tuple(RECIPE),
+                         scalar_names=tuple(data.info.node_scalars))
+    scalars = data.read_states([data.locate(3)])[0][3]
+    step = build_graph(sample.pos, sample.vel, scalars, recipe)
+    np.testing.assert_array_equal(step.edge_index, sample.edge_index)
+    np.testing.assert_array_equal(step.edge_attr, sample.edge_attr)
+
+
+def test_two_ranks_in_exact_mode_see_one_process_radial_velocities(store):
+    """Halo rows carry their (noisy) input velocities: every rank's edge features are one process's."""
+    splits = {split: dataset(store, split, edge_features=RECIPE) for split in SCENES}
+    data = splits["train"]
+    stored = load_assignments(prepare_partitions(splits, "metis", 2, progress=False, scheduler="threads"), "train")
+    noise = RADIUS / 10
+    whole = RankData(data, noise=noise).build([3], seed=1, epoch=0)
+    scene, frame = data.locate(3)
+    for part in range(2):
+        rank = RankData(data, part, 2, halo=True, assignments=stored, noise=noise).build([3], seed=1, epoch=0)
+        ids = rank_ids(stored, part, scene, frame)
+        owned = set(ids[:len(rank.graph.pos)].tolist())
+        got = {(ids[r], ids[q]): a
+               for (r, q), a in zip(rank.graph.edge_index.T.tolist(), rank.graph.edge_attr.tolist())}
+        want = {(r, q): a for (r, q), a in zip(whole.graph.edge_index.T.tolist(), whole.graph.edge_attr.tolist())
+                if r in owned}
+        assert got == want and any(ids[q] not in owned for _, q in rank.graph.edge_index.T.tolist())
+
+
+def test_rms_normalization_scales_radial_velocity_as_a_velocity():
+    norm = Normalization.rms({"displacement_rms": 2.0, "velocity_rms": 4.0}, 1.0, ["speed"], RECIPE)
+    attrs = norm.inputs({"pos": torch.zeros(1, 3), "vel": torch.zeros(1, 3), "edge_attr": torch.tensor([[2.0, 8.0]])})
+    assert attrs["edge_attr"].tolist() == [[1.0, 2.0]]
