@@ -25,7 +25,8 @@ from scipy.spatial import cKDTree
 from dist_egnn.errors import BadInput, ConfigError
 
 NODE_FEATURE_RECIPES = ("speed",)        # plus any name in the store's node_scalars
-EDGE_FEATURE_RECIPES = ("distance", "distance_sq", "radial_velocity")  # plus "<scalar>_product" for a node scalar
+# plus "<scalar>_product" for a node scalar
+EDGE_FEATURE_RECIPES = ("distance", "distance_sq", "distance_per_radius", "radial_velocity")
 
 
 def complete_graph(num_nodes: int) -> np.ndarray:
@@ -210,11 +211,14 @@ def node_features(recipe: list[str], vel: np.ndarray, scalars: np.ndarray, scala
 
 
 def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, scalars: np.ndarray,
-                  scalar_names: list[str], vel: np.ndarray | None = None) -> np.ndarray:
+                  scalar_names: list[str], vel: np.ndarray | None = None,
+                  radius: float | None = None) -> np.ndarray:
     """Invariant edge attributes e_ij at the input frame: (E, len(recipe)) float32.
 
     ``distance`` |x_i − x_j|, ``distance_sq`` its square, ``<scalar>_product`` the product of a node scalar
-    at both ends (e.g. ``charge_product`` = q_i q_j), ``radial_velocity`` the speed at which the pair separates,
+    at both ends (e.g. ``charge_product`` = q_i q_j), ``distance_per_radius`` |x_i − x_j| / ``radius`` (a radius
+    graph's neighbours at 0..1 whatever the length unit: on the SPH fluid |x_i − x_j| is ~0.05 m, beside velocities
+    of ~1 m per task step, an input an MLP barely sees), ``radial_velocity`` the speed at which the pair separates,
     (v_i − v_j) · (x_i − x_j) / |x_i − x_j| (negative: closing; 0 for coincident ends), from ``vel`` (the input
     velocities, training units). A wall does not move, so on a wall -> particle edge it is the particle's speed
     away from that wall: what an EGNN message otherwise cannot see in its first layer, whose inputs hold |v_i|
@@ -227,6 +231,10 @@ def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, sc
         if name in ("distance", "distance_sq"):
             d2 = np.square(pos[recv] - pos[send]).sum(axis=1)
             columns.append(np.sqrt(d2) if name == "distance" else d2)
+        elif name == "distance_per_radius":
+            if radius is None:
+                raise ValueError("edge feature 'distance_per_radius' needs the graph's radius (radius=)")
+            columns.append(np.sqrt(np.square(pos[recv] - pos[send]).sum(axis=1)) / radius)
         elif name == "radial_velocity":
             if vel is None:
                 raise ValueError("edge feature 'radial_velocity' needs the input velocities (vel=)")

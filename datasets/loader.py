@@ -214,6 +214,10 @@ class TrajectoryDataset:
         self.node_recipe = list(node_features)
         self.edge_recipe = list(edge_features)
         self.radius = info.attrs.get("radius") if radius is None else radius
+        if "distance_per_radius" in self.edge_recipe and self.radius is None:
+            raise ConfigError(f"{info.path}: dataset.edge_features holds distance_per_radius, but the graph is "
+                              f"complete (dataset.radius and the store's radius are null): set dataset.radius, or "
+                              f"use distance")
         reach = (info.attrs.get("generator") or {}).get("wall_reach")
         if reach is not None and (self.radius is None or self.radius > reach):
             raise StoreError(f"{info.path}: its walls were kept only within dataset.sph.wall_reach={reach} m of the "
@@ -374,7 +378,8 @@ class TrajectoryDataset:
         return GraphSample(pos=pos, vel=vel, target=target,
                            node_features=node_features(self.node_recipe, vel, scalars, names),
                            edge_index=edge_index,
-                           edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names, vel),
+                           edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names, vel,
+                                                           self.radius),
                            scene=scene, frame=frame, moving=self.moving_of(scalars), gravity=self.gravity)
 
     def batches(self, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> Iterator[GraphBatch]:

@@ -149,7 +149,8 @@ def build_graph(pos: np.ndarray, vel: np.ndarray, scalars: np.ndarray, recipe: G
     else:
         edges, cut = partitioned_edges(pos, whole, recipe.cutoff_rate, parts, recipe, walls)
     return StepGraph(edge_index=edges,
-                     edge_attr=edge_features(list(recipe.edge_features), edges, pos, scalars, names, vel),
+                     edge_attr=edge_features(list(recipe.edge_features), edges, pos, scalars, names, vel,
+                                             recipe.radius),
                      node_features=node_features(list(recipe.node_features), vel, scalars, names),
                      cut_fraction=cut)
 

@@ -1,7 +1,8 @@
-"""The ``radial_velocity`` edge feature: (v_i − v_j) · (x_i − x_j) / |x_i − x_j|, the speed at which an edge's
-ends separate. Its worked value, its invariance when positions and velocities move together, and that every
-graph builder computes it alike: the loader, a rollout step, and P ranks in exact halo mode (halo rows carry their
-velocities, with the training noise), so exact mode still equals one process.
+"""The edge features for particle fluids: ``radial_velocity`` (v_i − v_j) · (x_i − x_j) / |x_i − x_j|, the speed
+at which an edge's ends separate, and ``distance_per_radius`` |x_i − x_j| / radius. Their worked values, their
+invariance when positions and velocities move together, and that every graph builder computes them alike: the
+loader, a rollout step, and P ranks in exact halo mode (halo rows carry their velocities, with the training
+noise), so exact mode still equals one process. A complete graph refuses ``distance_per_radius``.
 
 The store is test_walls.py's hand-made box of falling particles with wall rows.
 """
@@ -13,13 +14,17 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from dist_egnn.datasets.graphs import edge_features, graph_edges
+from dist_egnn.datasets.loader import TrajectoryDataset
+from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
+from dist_egnn.datasets.store import open_store
+from dist_egnn.errors import ConfigError
 from dist_egnn.inference.rollout import GraphRecipe, build_graph
 from dist_egnn.partitioners.artifacts import load_assignments, prepare_partitions
 from dist_egnn.training.normalization import Normalization
 from dist_egnn.training.rank_data import RankData
 from tests.training.test_walls import RADIUS, SCENES, dataset, rank_ids, wall_store
 
-RECIPE = ["distance", "radial_velocity"]
+RECIPE = ["distance", "radial_velocity", "distance_per_radius"]
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +42,27 @@ def test_radial_velocity_is_the_speed_at_which_the_ends_separate():
         edge_features(["radial_velocity"], edges, pos, np.zeros((3, 0)), [])
 
 
+def test_distance_per_radius_puts_a_radius_graphs_neighbours_at_0_to_1(store, tmp_path):
+    pos = np.array([[0.0, 0.0, 0.0], [0.03, 0.04, 0.0]])
+    edges = np.array([[0, 1], [1, 0]])
+    got = edge_features(["distance_per_radius", "distance"], edges, pos, np.zeros((2, 0)), [], radius=0.1)
+    np.testing.assert_allclose(got, [[0.5, 0.05], [0.5, 0.05]], rtol=1e-6)
+    sample = dataset(store, edge_features=["distance_per_radius"]).read([0])[0]
+    assert 0 < sample.edge_attr.min() and sample.edge_attr.max() <= 1.0
+    complete = generate_nbody(tmp_path / "nb.zarr", NBodyConfig(num_particles=5, train=1, val=1, test=1, steps=300),
+                              progress=False)                   # N-body: no radius, the complete graph
+    with pytest.raises(ConfigError, match="distance_per_radius.*complete.*dataset.radius"):
+        TrajectoryDataset(open_store(complete), "train", delta_t=1, node_features=["speed"],
+                          edge_features=["distance_per_radius"])
+
+
 def test_radial_velocity_does_not_depend_on_the_frame_of_reference():
     rng = np.random.default_rng(0)
     pos, vel = rng.normal(size=(30, 3)), rng.normal(size=(30, 3))
     edges = graph_edges(pos, 1.2)
     turn = Rotation.from_euler("xyz", [0.4, -1.3, 2.2]).as_matrix() @ np.diag([1.0, 1.0, -1.0])  # with a reflection
-    a = edge_features(RECIPE, edges, pos, np.zeros((30, 0)), [], vel)
-    b = edge_features(RECIPE, edges, pos @ turn.T + [3.0, -1.0, 0.5], np.zeros((30, 0)), [], vel @ turn.T)
+    a = edge_features(RECIPE, edges, pos, np.zeros((30, 0)), [], vel, 1.2)
+    b = edge_features(RECIPE, edges, pos @ turn.T + [3.0, -1.0, 0.5], np.zeros((30, 0)), [], vel @ turn.T, 1.2)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -79,7 +98,8 @@ def test_two_ranks_in_exact_mode_see_one_process_radial_velocities(store):
         assert got == want and any(ids[q] not in owned for _, q in rank.graph.edge_index.T.tolist())
 
 
-def test_rms_normalization_scales_radial_velocity_as_a_velocity():
+def test_rms_normalization_scales_radial_velocity_as_a_velocity_and_leaves_distance_per_radius():
     norm = Normalization.rms({"displacement_rms": 2.0, "velocity_rms": 4.0}, 1.0, ["speed"], RECIPE)
-    attrs = norm.inputs({"pos": torch.zeros(1, 3), "vel": torch.zeros(1, 3), "edge_attr": torch.tensor([[2.0, 8.0]])})
-    assert attrs["edge_attr"].tolist() == [[1.0, 2.0]]
+    attrs = norm.inputs({"pos": torch.zeros(1, 3), "vel": torch.zeros(1, 3),
+                         "edge_attr": torch.tensor([[2.0, 8.0, 0.5]])})
+    assert attrs["edge_attr"].tolist() == [[1.0, 2.0, 0.5]]
