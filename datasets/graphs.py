@@ -27,6 +27,7 @@ from dist_egnn.errors import BadInput, ConfigError
 NODE_FEATURE_RECIPES = ("speed",)        # plus any name in the store's node_scalars
 # plus "<scalar>_product" for a node scalar
 EDGE_FEATURE_RECIPES = ("distance", "distance_sq", "distance_per_radius", "radial_velocity")
+VELOCITY_EDGE_FEATURES = ("radial_velocity",)   # read the input velocities: a rank's halo must carry them
 
 
 def complete_graph(num_nodes: int) -> np.ndarray:

@@ -21,7 +21,13 @@ import torch
 import zarr
 from scipy.spatial import cKDTree
 
-from dist_egnn.datasets.graphs import drop_longest_edges, edge_features, graph_edges, node_features
+from dist_egnn.datasets.graphs import (
+    VELOCITY_EDGE_FEATURES,
+    drop_longest_edges,
+    edge_features,
+    graph_edges,
+    node_features,
+)
 from dist_egnn.datasets.md import trivial_target
 from dist_egnn.datasets.store import WALL, StoreError, StoreInfo
 from dist_egnn.errors import ConfigError
@@ -330,15 +336,15 @@ class TrajectoryDataset:
         parts = []
         for k, (scene, frame) in enumerate(located):
             pos, vel, target, scalars, halo_pos, halo_scalars = arrays[per * k: per * k + 6]
-            self.check_finite(scene, frame, pos=pos, vel=vel, target=target, halo_pos=halo_pos)
-            parts.append(PartArrays(pos, vel, target, scalars, halo_pos, halo_scalars, scene, frame,
-                                    halo_vel=arrays[per * k + 6] if halo_vel else None))
+            extra = {"halo_vel": arrays[per * k + 6]} if halo_vel else {}
+            self.check_finite(scene, frame, pos=pos, vel=vel, target=target, halo_pos=halo_pos, **extra)
+            parts.append(PartArrays(pos, vel, target, scalars, halo_pos, halo_scalars, scene, frame, **extra))
         return parts
 
     @property
     def edge_features_need_velocity(self) -> bool:
         """Whether an edge feature of the recipe reads the input velocities (a halo must then carry them)."""
-        return "radial_velocity" in self.edge_recipe
+        return any(name in VELOCITY_EDGE_FEATURES for name in self.edge_recipe)
 
     def velocity(self, frame: int, rows):
         """The input velocity of ``rows`` at ``frame`` (lazy), as ``input_velocity`` says."""
@@ -379,7 +385,7 @@ class TrajectoryDataset:
                            node_features=node_features(self.node_recipe, vel, scalars, names),
                            edge_index=edge_index,
                            edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names, vel,
-                                                           self.radius),
+                                                   self.radius),
                            scene=scene, frame=frame, moving=self.moving_of(scalars), gravity=self.gravity)
 
     def batches(self, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> Iterator[GraphBatch]:
