@@ -227,20 +227,22 @@ def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, sc
     it unchanged. Example: x_i = (0, 1, 0), v_i = (0, -2, 0) above a wall at the origin: -2 (closing at 2).
     """
     recv, send = edge_index
+    apart = pos[recv] - pos[send]                 # x_i - x_j, shared by the geometric recipes
+    length_sq = np.square(apart).sum(axis=1)
     columns = []
     for name in recipe:
-        if name in ("distance", "distance_sq"):
-            d2 = np.square(pos[recv] - pos[send]).sum(axis=1)
-            columns.append(np.sqrt(d2) if name == "distance" else d2)
+        if name == "distance":
+            columns.append(np.sqrt(length_sq))
+        elif name == "distance_sq":
+            columns.append(length_sq)
         elif name == "distance_per_radius":
             if radius is None:
                 raise ValueError("edge feature 'distance_per_radius' needs the graph's radius (radius=)")
-            columns.append(np.sqrt(np.square(pos[recv] - pos[send]).sum(axis=1)) / radius)
+            columns.append(np.sqrt(length_sq) / radius)
         elif name == "radial_velocity":
             if vel is None:
                 raise ValueError("edge feature 'radial_velocity' needs the input velocities (vel=)")
-            apart = pos[recv] - pos[send]
-            length = np.sqrt(np.square(apart).sum(axis=1))
+            length = np.sqrt(length_sq)
             closing = np.einsum("ij,ij->i", vel[recv] - vel[send], apart)
             columns.append(np.divide(closing, length, out=np.zeros_like(closing), where=length > 0))
         elif name.endswith("_product") and name[: -len("_product")] in scalar_names:
