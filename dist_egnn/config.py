@@ -84,6 +84,8 @@ class ModelConfig:
     hidden: int = 64
     layers: int = 4
     virtual_channels: int = 3                 # C (FastEGNN only)
+    virtual_walls: bool = True                # FastEGNN: walls (node scalar type 1) exchange messages with the
+                                              # virtual nodes; false: only the moving nodes do (fastegnn.py, walls)
     node_features: int = II("len:${dataset.node_features}")
     edge_features: int = II("len:${dataset.edge_features}")
     node_attrs: int = 0

@@ -124,15 +124,19 @@ class GraphContext:
         """:meth:`graph_means` as a handle (see :meth:`start_means`)."""
         return self.start_means(*(scatter_sum(v, self.batch, self.num_graphs) for v in per_node))
 
-    def start_means(self, *local_sums: Tensor) -> Deferred | Ready:
+    def start_means(self, *local_sums: Tensor, count: Tensor | None = None) -> Deferred | Ready:
         """:meth:`means_of_sums` as a handle: with overlap the all-reduce is issued now and ``wait()`` completes it
-        (work in between hides its latency); without, the means are computed now (the blocking all-reduce)."""
+        (work in between hides its latency); without, the means are computed now (the blocking all-reduce).
+        ``count`` (B, 1) divides instead of the real-node count (e.g. ``moving_count`` for sums over the moving
+        nodes; a graph whose count is 0 has zero sums and gets zero means)."""
+        divide = lambda sums: self.divide_by_count(sums, count)  # noqa: E731
         if self.split is None:
-            return Ready(self.means_of_sums(*local_sums))
-        return Deferred(self.comm.start_sum(*local_sums), self.divide_by_count)
+            return Ready(divide(self.comm.sum_over_parts(*local_sums)))
+        return Deferred(self.comm.start_sum(*local_sums), divide)
 
-    def divide_by_count(self, sums: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return tuple(s / self.node_count.view(-1, *([1] * (s.dim() - 1))) for s in sums)
+    def divide_by_count(self, sums: tuple[Tensor, ...], count: Tensor | None = None) -> tuple[Tensor, ...]:
+        count = self.node_count if count is None else count.clamp(min=1)
+        return tuple(s / count.view(-1, *([1] * (s.dim() - 1))) for s in sums)
 
     def centroid(self, pos: Tensor) -> Tensor:
         """x̄ (docs/maths.md §2 term 2, §8 walls): per-graph mean position of the moving nodes of all processes,

@@ -340,7 +340,8 @@ def build_model(model_cfg: DictConfig | Any, device: torch.device | str = "cpu",
     if model_cfg.name == "egnn":
         model = EGNN(**common)
     elif model_cfg.name == "fastegnn":
-        model = FastEGNN(virtual_channels=model_cfg.virtual_channels, **common)
+        model = FastEGNN(virtual_channels=model_cfg.virtual_channels,
+                         virtual_walls=bool(model_cfg.get("virtual_walls", True)), **common)
     else:
         raise ConfigError(f"model.name={model_cfg.name!r}: choose egnn or fastegnn")
     if model_cfg.get("compile", False):

@@ -1,6 +1,7 @@
 """FastEGNN's per-graph means with walls (docs/maths.md §8): the centroid x̄ of term 2, where the virtual nodes
 start, is the moving nodes' mean; walls stay senders of m_ic, counted (with all real nodes) in the means of
-terms 5 and 7; the model stays E(3)-equivariant with the walls moved along; without walls it is unchanged."""
+terms 5 and 7, unless ``virtual_walls=False``, where the virtual nodes talk to the moving nodes alone; the model
+stays E(3)-equivariant with the walls moved along; without walls it is unchanged."""
 from dataclasses import replace
 
 import pytest
@@ -30,11 +31,11 @@ def moving_of(graph: Graph) -> torch.Tensor:
     return graph.node_features[:, 1] == 0
 
 
-def fastegnn(layers: int = 2, heads: float = 1.0) -> FastEGNN:
+def fastegnn(layers: int = 2, heads: float = 1.0, virtual_walls: bool = True) -> FastEGNN:
     """A small float64 FastEGNN; ``heads`` scales the coordinate heads' last layers (near zero at init) so that
     coordinates really move."""
     torch.manual_seed(0)
-    model = FastEGNN(hidden=8, layers=layers, virtual_channels=3).double()
+    model = FastEGNN(hidden=8, layers=layers, virtual_channels=3, virtual_walls=virtual_walls).double()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("2.weight") and param.shape[0] == 1:
@@ -77,10 +78,11 @@ def test_virtual_nodes_start_at_the_fluid_centroid():
     assert torch.allclose(seen["virtual_pos"], start, rtol=0, atol=1e-12)
 
 
-def test_walls_are_counted_in_the_virtual_coordinate_update():
+@pytest.mark.parametrize("virtual_walls", [True, False])
+def test_walls_are_counted_in_the_virtual_coordinate_update_unless_left_out(virtual_walls):
     """Term 5 with phi_X = 1: z' = z + mean_i (z - x_i) over every real node = 2 x̄_fluid - x̄_all (z starts at
-    the fluid's centroid). A rule that left walls out would give z' = x̄_fluid."""
-    model, g = fastegnn(layers=1), walled_graph()
+    the fluid's centroid). With ``virtual_walls=False`` the mean is over the fluid: z' = x̄_fluid."""
+    model, g = fastegnn(layers=1, virtual_walls=virtual_walls), walled_graph()
     head = model.layers[0].virtual_pos_mlp                                            # phi_X: exactly 1
     with torch.no_grad():
         head[0].weight.zero_()
@@ -89,7 +91,8 @@ def test_walls_are_counted_in_the_virtual_coordinate_update():
     moving = moving_of(g)
     virtual = model(**g.kwargs(), moving=moving).virtual_pos
     every = torch.stack([g.pos[g.batch == b].mean(0) for b in range(g.num_graphs)])
-    want = (2 * fluid_means(g, moving) - every).unsqueeze(-1).expand(-1, -1, 3)
+    counted = every if virtual_walls else fluid_means(g, moving)
+    want = (2 * fluid_means(g, moving) - counted).unsqueeze(-1).expand(-1, -1, 3)
     assert torch.allclose(virtual, want, rtol=0, atol=1e-10)
 
 
@@ -111,10 +114,28 @@ def test_walls_send_to_the_virtual_nodes():
     assert torch.equal(ctx.centroid(g.pos), ctx.centroid(moved))
 
 
-@pytest.mark.parametrize("reflect_trials", [2])
-def test_fastegnn_with_walls_is_e3_equivariant(reflect_trials):
+def test_without_virtual_walls_a_wall_without_edges_is_not_there():
+    """``virtual_walls=False``: the virtual nodes hear the fluid alone, so walls that no edge touches change
+    nothing: the fluid's prediction and the virtual nodes equal those of the graph without the walls."""
+    model, g = fastegnn(heads=20.0, virtual_walls=False), walled_graph()
+    moving = moving_of(g)
+    recv, send = g.edge_index
+    fluid_edges = moving[recv] & moving[send]
+    g = replace(g, edge_index=g.edge_index[:, fluid_edges], edge_attr=g.edge_attr[fluid_edges])
+    with_walls = model(**g.kwargs(), moving=moving)
+    renumber = torch.cumsum(moving.long(), 0) - 1
+    fluid = replace(g, node_features=g.node_features[moving], pos=g.pos[moving], vel=g.vel[moving],
+                    batch=g.batch[moving], edge_index=renumber[g.edge_index])
+    alone = model(**fluid.kwargs())
+    assert torch.allclose(with_walls.pos[moving], alone.pos, rtol=0, atol=1e-12)
+    assert torch.allclose(with_walls.virtual_pos, alone.virtual_pos, rtol=0, atol=1e-12)
+    assert (with_walls.pos[moving] - g.pos[moving]).abs().max() > 1e-3                    # it did move them
+
+
+@pytest.mark.parametrize("virtual_walls", [True, False])
+def test_fastegnn_with_walls_is_e3_equivariant(virtual_walls, reflect_trials=2):
     """Walls rotate, reflect, translate and permute with the fluid (their mask is the permuted type column)."""
-    model = fastegnn(layers=3, heads=20.0)
+    model = fastegnn(layers=3, heads=20.0, virtual_walls=virtual_walls)
 
     def fn(graph: Graph) -> torch.Tensor:
         return model(**graph.kwargs(), moving=moving_of(graph)).pos

@@ -1,5 +1,6 @@
-"""The external field (gravity) and model.normalize split over P = 2 gloo ranks in exact halo mode: outputs,
-loss and gradients equal one process holding the whole graphs (docs/maths.md §5, §8).
+"""The external field (gravity), model.normalize and FastEGNN without wall-virtual messages (model.virtual_walls
+false: the means of terms 5 and 7 over the moving nodes of all ranks) split over P = 2 gloo ranks in exact halo
+mode: outputs, loss and gradients equal one process holding the whole graphs (docs/maths.md §5, §8).
 
 g is per graph and the same on every rank holding part of a graph (no collective): each rank passes the (B, 3)
 rows of its batch. Guards: a field indexed by the wrong rows on a rank (its local batch vector), a normalised
@@ -21,8 +22,14 @@ from dist_egnn.parallel.collectives import GraphParallel
 
 from ranks import run_ranks
 
-CASES = [("fastegnn", torch.float64, False, True), ("fastegnn", torch.float32, True, True),
-         ("egnn", torch.float64, True, False)]          # (kind, dtype, normalize, fused)
+CASES = [("fastegnn", torch.float64, False, True, False), ("fastegnn", torch.float32, True, True, False),
+         ("egnn", torch.float64, True, False, False), ("fastegnn", torch.float64, False, True, True),
+         ("fastegnn", torch.float64, False, False, True)]   # (kind, dtype, normalize, fused, walls)
+
+
+def moving_of(node_ids: np.ndarray, walls: bool) -> torch.Tensor | None:
+    """Every fourth node (by its index in the whole problem) a wall, with ``walls``; None (no mask) without."""
+    return torch.as_tensor(np.asarray(node_ids) % 4 != 0) if walls else None
 
 
 def gravity_of(problem) -> np.ndarray:
@@ -30,10 +37,10 @@ def gravity_of(problem) -> np.ndarray:
     return np.random.default_rng(5).normal(size=(len(SIZES), 3)) * np.array([[1.0], [3.0]])
 
 
-def build_model(kind: str, dtype, normalize: bool, fused: bool):
+def build_model(kind: str, dtype, normalize: bool, fused: bool, walls: bool):
     torch.manual_seed(3)
     cls = FastEGNN if kind == "fastegnn" else EGNN
-    extra = dict(virtual_channels=3) if kind == "fastegnn" else {}
+    extra = dict(virtual_channels=3, virtual_walls=not walls) if kind == "fastegnn" else {}
     model = cls(hidden=16, layers=3, external_field=True, normalize=normalize, **extra).to(dtype)
     with torch.no_grad():                     # larger coordinate and field heads so every summand of (4) matters
         for name, param in model.named_parameters():
@@ -53,25 +60,27 @@ def loss_and_gradients(model, inputs, target, batch, comm=None, total_nodes=None
     return pred.pos.detach(), terms.total.detach(), grads
 
 
-def one_device(problem, kind, dtype, normalize, fused):
+def one_device(problem, kind, dtype, normalize, fused, walls):
     t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
     edges = problem["edge_index"]
     inputs = dict(node_features=t(problem["features"]), pos=t(problem["pos"]), vel=t(problem["vel"]),
                   edge_index=torch.as_tensor(edges), edge_attr=t(edge_attr(problem["pos"], edges)),
-                  batch=torch.as_tensor(problem["batch"]), num_graphs=len(SIZES), gravity=t(gravity_of(problem)))
-    return loss_and_gradients(build_model(kind, dtype, normalize, fused), inputs, t(problem["target"]),
+                  batch=torch.as_tensor(problem["batch"]), num_graphs=len(SIZES), gravity=t(gravity_of(problem)),
+                  moving=moving_of(np.arange(len(problem["pos"])), walls))
+    return loss_and_gradients(build_model(kind, dtype, normalize, fused, walls), inputs, t(problem["target"]),
                               inputs["batch"])
 
 
-def _rank_worker(rank, world_size, problem, parts, kind, dtype, normalize, fused):
+def _rank_worker(rank, world_size, problem, parts, kind, dtype, normalize, fused, walls):
     local = rank_batch(problem, [graph_parts[rank] for graph_parts in parts], dtype, halo=True)
     comm = GraphParallel(dist.group.WORLD, world_size)
     comm.set_halo_plan(local["plan"])
-    model = build_model(kind, dtype, normalize, fused)
+    model = build_model(kind, dtype, normalize, fused, walls)
     model.set_comm(comm)
     inputs = dict(node_features=local["features"], pos=local["pos"], vel=local["vel"], edge_index=local["edge_index"],
                   edge_attr=local["attr"], batch=local["batch"], num_graphs=len(SIZES),
-                  gravity=torch.as_tensor(gravity_of(problem), dtype=dtype))      # the same (B, 3) on every rank
+                  gravity=torch.as_tensor(gravity_of(problem), dtype=dtype),      # the same (B, 3) on every rank
+                  moving=moving_of(local["owned"], walls))
     pos, total, grads = loss_and_gradients(model, inputs, local["target"], local["batch"], comm=comm,
                                            total_nodes=float(sum(SIZES)), parts=world_size)
     for g in grads.values():
@@ -99,12 +108,12 @@ def rank_results() -> list:
     return [[results[k] for results in per_rank] for k in range(len(CASES))]
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{k}-{str(d)[6:]}-normalize{n}-fused{f}"
-                                                          for k, d, n, f in CASES])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{k}-{str(d)[6:]}-normalize{n}-fused{f}-walls{w}"
+                                                          for k, d, n, f, w in CASES])
 def test_gravity_in_exact_mode_equals_one_device(index):
-    kind, dtype, normalize, fused = CASES[index]
+    kind, dtype, normalize, fused, walls = CASES[index]
     problem, _ = case_problem()
-    ref_pos, ref_loss, ref_grads = one_device(problem, kind, dtype, normalize, fused)
+    ref_pos, ref_loss, ref_grads = one_device(problem, kind, dtype, normalize, fused, walls)
     tol = TOLERANCE[dtype]
     assert any(g.abs().sum() > 0 for name, g in ref_grads.items() if "field_mlp" in name)
     for owned, pos, total, grads in rank_results()[index]:
