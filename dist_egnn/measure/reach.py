@@ -1,0 +1,87 @@
+"""How far particles move in one task step against how far a model sees: ``python -m dist_egnn.measure.reach``.
+
+A message-passing model with L layers on a radius-r graph reads nothing beyond L·r of a node (its receptive
+field; FastEGNN's virtual nodes add a coarse, graph-wide summary on top). Where a particle travels further than
+that in one task step, what stops it (a wall, the fluid it runs into) is out of sight when the step begins, and
+a model trained on MSE can only predict the mean of what may happen there. This module measures, per task step Δt
+(in stored frames), the distribution of the moving particles' displacement |x(t + Δt) − x(t)| over the input
+frames t = 0, s, 2s, ... (s = ``--stride``) of every scene of one split, and the shares beyond r and beyond L·r.
+
+    python -m dist_egnn.measure.reach data/water3d_like.zarr --split train --layers 4 --delta-t 1 2 5 10 20
+
+The radius is the store's own (``radius`` attribute) unless ``--radius`` is given. Walls (node scalar ``type``
+1) are left out. Prints one markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from dist_egnn.datasets.store import WALL, StoreError, open_store
+
+
+def displacements(store: str | Path, split: str, delta_t: int, stride: int) -> np.ndarray:
+    """|x(t + Δt) − x(t)| of every moving node for t = 0, stride, ... with t + Δt stored: (samples × nodes,)."""
+    info = open_store(store)
+    if split not in info.splits:
+        raise StoreError(f"{store}: no split {split!r}; it has {sorted(info.splits)}")
+    meta = info.splits[split]
+    if delta_t < 1 or delta_t >= meta.num_frames:
+        raise StoreError(f"{store}/{split}: delta_t={delta_t} must be in 1..{meta.num_frames - 1} (frames stored)")
+    group = zarr.open_group(str(store), mode="r")[split]
+    moving = slice(None)
+    if "type" in info.node_scalars:
+        moving = np.asarray(group["node_scalars"][:, info.node_scalars.index("type")]) != WALL
+    out = []
+    for t in range(0, meta.num_frames - delta_t, stride):
+        step = np.asarray(group["pos"][t + delta_t], np.float64) - np.asarray(group["pos"][t], np.float64)
+        out.append(np.linalg.norm(step[moving], axis=1))
+    return np.concatenate(out)
+
+
+def measure(store: str | Path, split: str, deltas: list[int], stride: int, radius: float | None,
+            layers: int) -> tuple[list[dict], float, float]:
+    """One row per Δt: median, p90, p99 of the displacement and the shares beyond r and L·r; also r and dt."""
+    info = open_store(store)
+    radius = float(radius if radius is not None else info.attrs.get("radius", float("nan")))
+    if not radius > 0:
+        raise StoreError(f"{store}: radius {radius!r} must be positive: pass --radius")
+    rows = []
+    for delta_t in deltas:
+        d = displacements(store, split, delta_t, stride)
+        rows.append(dict(delta_t=delta_t, median=float(np.median(d)), p90=float(np.quantile(d, 0.9)),
+                         p99=float(np.quantile(d, 0.99)), beyond_radius=float(np.mean(d > radius)),
+                         beyond_field=float(np.mean(d > layers * radius)), count=int(d.size)))
+    return rows, radius, float(info.attrs.get("dt", float("nan")))
+
+
+def table(rows: list[dict], radius: float, dt: float, layers: int) -> str:
+    head = (f"| Δt (frames) | Δt (time) | median | p90 | p99 | beyond r = {radius:g} | beyond {layers}·r = "
+            f"{layers * radius:g} | samples × nodes |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['delta_t']} | {r['delta_t'] * dt:g} | {r['median']:.3f} | {r['p90']:.3f} | "
+                     f"{r['p99']:.3f} | {r['beyond_radius']:.1%} | {r['beyond_field']:.1%} | {r['count']:,} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("store", help="a dataset store (zarr), e.g. data/water3d_like.zarr")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--delta-t", type=int, nargs="+", default=[1, 2, 5, 10, 20], dest="deltas")
+    parser.add_argument("--stride", type=int, default=20, help="input frames t = 0, stride, 2·stride, ...")
+    parser.add_argument("--radius", type=float, help="default: the store's radius attribute")
+    parser.add_argument("--layers", type=int, default=4, help="message-passing layers L (model.layers)")
+    args = parser.parse_args()
+    if args.stride < 1 or args.layers < 1:
+        parser.error("--stride and --layers must be >= 1")
+    rows, radius, dt = measure(args.store, args.split, args.deltas, args.stride, args.radius, args.layers)
+    print(table(rows, radius, dt, args.layers))
+
+
+if __name__ == "__main__":
+    main()
