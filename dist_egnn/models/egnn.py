@@ -28,6 +28,7 @@ gradients of h add up in bf16 before autograd casts them back). The fused blocks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -111,6 +112,12 @@ class GraphContext:
     field: Tensor | None = None      # (N, 3): the external field g of each node's graph; None: no field
     moving: Tensor | None = None     # (N,) bool: the nodes the centroid averages (not walls); None: every node
     moving_count: Tensor | None = None   # (B, 1): moving nodes per graph over ALL processes (with ``moving``)
+
+    @cached_property
+    def moving_index(self) -> Tensor | None:
+        """(M,) indices of the moving nodes (None without ``moving``): found once per forward, when first asked
+        for (a nonzero waits for the device)."""
+        return None if self.moving is None else self.moving.nonzero().squeeze(1)
 
     def graph_means(self, *per_node: Tensor) -> tuple[Tensor, ...]:
         """Exact per-graph means over all real nodes of all processes: (N, *S) -> (B, *S) for each input."""

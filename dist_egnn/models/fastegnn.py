@@ -107,9 +107,7 @@ class FastEGNNLayer(EGNNLayer):
     def virtual_senders(self, ctx: GraphContext) -> Tensor | None:
         """Indices of the real nodes that exchange messages with the virtual nodes: the moving ones when
         ``virtual_walls`` is False and the graph has walls; None (every node) otherwise."""
-        if self.virtual_walls or ctx.moving is None:
-            return None
-        return ctx.moving.nonzero().squeeze(1)
+        return None if self.virtual_walls else ctx.moving_index
 
     @staticmethod
     def rows(senders: Tensor | None, *per_node: Tensor) -> tuple[Tensor, ...]:
