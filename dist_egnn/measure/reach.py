@@ -20,23 +20,25 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from dist_egnn.datasets.store import WALL, StoreError, open_store
+from dist_egnn.datasets.statistics import input_frames
+from dist_egnn.datasets.store import WALL, StoreError, StoreInfo, open_store
 
 
-def displacements(store: str | Path, split: str, delta_t: int, stride: int) -> np.ndarray:
-    """|x(t + Δt) − x(t)| of every moving node for t = 0, stride, ... with t + Δt stored: (samples × nodes,)."""
-    info = open_store(store)
+def displacements(info: StoreInfo, split: str, delta_t: int, stride: int) -> np.ndarray:
+    """|x(t + Δt) − x(t)| of every moving node over the input frames ``TrajectoryDataset`` would take with
+    ``frame_stride=stride``: (samples × nodes,)."""
     if split not in info.splits:
-        raise StoreError(f"{store}: no split {split!r}; it has {sorted(info.splits)}")
+        raise StoreError(f"{info.path}: no split {split!r}; it has {sorted(info.splits)}")
     meta = info.splits[split]
     if delta_t < 1 or delta_t >= meta.num_frames:
-        raise StoreError(f"{store}/{split}: delta_t={delta_t} must be in 1..{meta.num_frames - 1} (frames stored)")
-    group = zarr.open_group(str(store), mode="r")[split]
+        raise StoreError(f"{info.path}/{split}: delta_t={delta_t} must be in 1..{meta.num_frames - 1} (frames "
+                         f"stored)")
+    group = zarr.open_group(str(info.path), mode="r")[split]
     moving = slice(None)
     if "type" in info.node_scalars:
         moving = np.asarray(group["node_scalars"][:, info.node_scalars.index("type")]) != WALL
     out = []
-    for t in range(0, meta.num_frames - delta_t, stride):
+    for t in input_frames(meta.num_frames, delta_t, frame_stride=stride):
         step = np.asarray(group["pos"][t + delta_t], np.float64) - np.asarray(group["pos"][t], np.float64)
         out.append(np.linalg.norm(step[moving], axis=1))
     return np.concatenate(out)
@@ -51,7 +53,7 @@ def measure(store: str | Path, split: str, deltas: list[int], stride: int, radiu
         raise StoreError(f"{store}: radius {radius!r} must be positive: pass --radius")
     rows = []
     for delta_t in deltas:
-        d = displacements(store, split, delta_t, stride)
+        d = displacements(info, split, delta_t, stride)
         rows.append(dict(delta_t=delta_t, median=float(np.median(d)), p90=float(np.quantile(d, 0.9)),
                          p99=float(np.quantile(d, 0.99)), beyond_radius=float(np.mean(d > radius)),
                          beyond_field=float(np.mean(d > layers * radius)), count=int(d.size)))

@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_egnn.datasets.store import WALL, StoreError, atomic_store, create_split, write_root_attrs, write_scenes
+from dist_egnn.datasets.store import (
+    WALL,
+    StoreError,
+    atomic_store,
+    create_split,
+    open_store,
+    write_root_attrs,
+    write_scenes,
+)
 from dist_egnn.measure.reach import displacements, measure, table
 
 FLUID, WALLS, FRAMES, RADIUS = 10, 5, 9, 0.5
@@ -34,7 +42,7 @@ def uniform_motion_store(path: Path) -> Path:
 
 def test_displacements_shares_and_table(tmp_path):
     store = uniform_motion_store(tmp_path / "reach.zarr")
-    d = displacements(store, "train", delta_t=2, stride=3)                 # inputs t = 0, 3, 6 (t + 2 <= 8)
+    d = displacements(open_store(store), "train", delta_t=2, stride=3)                 # inputs t = 0, 3, 6 (t + 2 <= 8)
     np.testing.assert_allclose(np.sort(d), np.sort(np.tile(0.2 * np.arange(1, FLUID + 1), 3)), rtol=1e-5)
     rows, radius, dt = measure(store, "train", [1, 4], stride=1, radius=None, layers=2)
     assert radius == RADIUS and dt == 0.01
@@ -50,9 +58,9 @@ def test_displacements_shares_and_table(tmp_path):
 def test_bad_input_names_the_split_and_the_range(tmp_path):
     store = uniform_motion_store(tmp_path / "reach.zarr")
     with pytest.raises(StoreError, match="no split 'tst'"):
-        displacements(store, "tst", 1, 1)
+        displacements(open_store(store), "tst", 1, 1)
     with pytest.raises(StoreError, match="delta_t=9 must be in 1..8"):
-        displacements(store, "train", 9, 1)
+        displacements(open_store(store), "train", 9, 1)
 
 
 def test_command_line(tmp_path):
