@@ -92,6 +92,8 @@ class ModelConfig:
     cutoff_rate: float = 0.0                  # edge dropping r (docs/maths.md §2), applied when graphs are built
     normalize: bool = False                   # term (4)'s real-real sum reads (x_i - x_j) / (|x_i - x_j| + 1e-8),
                                               # the norm detached: the authors' N-body choice (docs/maths.md §8)
+    constant_velocity_start: bool = False     # start as x + αv (α fitted on training samples): phi_v's last
+                                              # layer weight 0, bias α/L (EquivariantModel.start_at_constant_velocity)
     edge_chunk_size: Any = "auto"             # edges per recomputed chunk: auto (CPU 16384, CUDA from free memory) | N
     compile: bool = False                     # torch.compile the model's dense per-node work (see README: measured)
 

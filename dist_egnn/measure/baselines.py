@@ -50,9 +50,15 @@ def trivial_baselines(cfg: DictConfig) -> dict[str, Any]:
 def score(train, test) -> dict[str, Any]:
     """Fit α on (up to FIT_SAMPLES of) ``train`` and score both predictors on all of ``test``; the splits
     are anything with ``len`` and ``read(indices) -> samples with pos, vel, target``."""
-    fit_ids = np.unique(np.linspace(0, len(train) - 1, min(FIT_SAMPLES, len(train))).astype(int))
-    _, dv, vv, _, _ = _sums(train, fit_ids)
-    alpha = dv / vv if vv > 0 else 0.0
+    alpha, fitted = fit_alpha(train)
     dd, _, _, err, count = _sums(test, np.arange(len(test)), alpha)
     return dict(test_samples=len(test), zero_motion_mse=dd / count, constant_velocity_mse=err / count,
-                constant_velocity_alpha=alpha, fit_samples=len(fit_ids))
+                constant_velocity_alpha=alpha, fit_samples=fitted)
+
+
+def fit_alpha(train, samples: int = FIT_SAMPLES) -> tuple[float, int]:
+    """(α, samples used): the least-squares α of d ≈ α v over up to ``samples`` training samples spread evenly
+    over the split (moving nodes only); 0 when no velocity is nonzero."""
+    fit_ids = np.unique(np.linspace(0, len(train) - 1, min(samples, len(train))).astype(int))
+    _, dv, vv, _, _ = _sums(train, fit_ids)
+    return (dv / vv if vv > 0 else 0.0), len(fit_ids)

@@ -27,6 +27,7 @@ gradients of h add up in bf16 before autograd casts them back). The fused blocks
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -389,6 +390,22 @@ class EquivariantModel(nn.Module):
     def set_comm(self, comm) -> None:
         """Use another communicator (e.g. a distributed one) from the next forward on."""
         self.comm = comm
+
+    @torch.no_grad()
+    def start_at_constant_velocity(self, alpha: float) -> None:
+        """Start as the constant-velocity predictor x + α v (``model.constant_velocity_start``, docs/maths.md §8).
+
+        Every layer's phi_v ends in Linear(H, 1); with weight 0 and bias α / L its summand of (4) is α v / L
+        whatever h is, so the L layers add α v. The other summands of (4) start near zero (their last layers'
+        gain is 1e-3), so the untrained model is within ~1e-3 of the baseline and training learns only the
+        correction to it (as GNS learns accelerations). α is in the model's units (displacement per unit of
+        the input v); the weight 0 is no dead end: its gradient is dL/dphi_v · SiLU(hidden), not zero."""
+        if not math.isfinite(alpha):
+            raise ValueError(f"{type(self).__name__}.start_at_constant_velocity: alpha={alpha} is not finite")
+        for layer in self.layers:
+            last = layer.velocity_mlp[-1]
+            last.weight.zero_()
+            last.bias.fill_(float(alpha) / len(self.layers))
 
     def embed(self, node_features: Tensor, pos: Tensor) -> Tensor:
         """h = embedding(f): (N, H) in pos's dtype, also under autocast (a K = F product: nothing to gain)."""

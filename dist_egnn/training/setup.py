@@ -91,6 +91,8 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
         torch.manual_seed(cfg.trainer.seed)
         model = build_model(cfg.model, rt.device, external_field=has_external_field(cfg.dataset)).to(rt.device,
                                                                                                      rt.dtype)
+        if cfg.model.get("constant_velocity_start", False):
+            start_at_constant_velocity(model, splits["train"], normalization, rt.is_main)
         comm = rt.groups.communicator(injection(cfg, rt.env.rank), overlap=bool(cfg.distributed.get("overlap", False)))
         model.set_comm(comm)
         t = cfg.trainer
@@ -102,6 +104,25 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
         raise
     return Ready(cfg=cfg, run_dir=run_dir, runtime=rt, lock=lock, info=info, data=data, comm=comm, engine=engine,
                  normalization=normalization)
+
+
+START_FIT_SAMPLES = 50          # training samples α of model.constant_velocity_start is fitted on
+
+
+def start_at_constant_velocity(model: torch.nn.Module, train, normalization: Normalization, report: bool) -> float:
+    """``model.constant_velocity_start``: fit α of x(t + Δt) ≈ x(t) + α v(t) on up to START_FIT_SAMPLES training
+    samples (as the constant-velocity reference fits it, dist_egnn.measure.baselines) and start the model as that
+    predictor. Every rank reads the same samples, so every rank starts from the same weights without a collective.
+    α is converted to the model's units: v / s_v in, displacement × s_x out, so α · s_v / s_x under rms."""
+    from dist_egnn.measure.baselines import fit_alpha
+
+    alpha, fitted = fit_alpha(train, START_FIT_SAMPLES)
+    in_model_units = alpha * normalization.velocity / normalization.length if normalization.active else alpha
+    model.start_at_constant_velocity(in_model_units)
+    if report:
+        print(f"model.constant_velocity_start: alpha={alpha:.6g} fitted on {fitted} training samples "
+              f"({in_model_units:.6g} in the model's units); the untrained model predicts x + alpha v", flush=True)
+    return in_model_units
 
 
 # -- runtime --------------------------------------------------------------------------------------------
