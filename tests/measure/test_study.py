@@ -52,24 +52,24 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     assert trivial["dataset"] == "nbody_small" and trivial["constant_velocity_mse"] < trivial["zero_motion_mse"]
     assert "constant velocity" in table
 
-    again = run_study(tmp_path)                               # everything finished: nothing is retrained
-    assert again.returncode == 0 and "running" not in again.stdout + again.stderr
-    assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
-
     # The trivial references are kept with the dataset settings they were computed for; stale ones are redone.
     stale = dict(trivial, dataset_config=dict(trivial["dataset_config"], velocity_unit="horizon"),
                  constant_velocity_mse=-1.0)
     (tmp_path / "results" / "tiny-trivial.json").write_text(json.dumps(stale))
     assert run_study(tmp_path, "train=false").returncode == 0
     assert json.loads((tmp_path / "results" / "tiny-trivial.json").read_text()) == trivial
+    assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
 
-    # A run cut short after its last checkpoint (no test line yet) resumes instead of starting over.
+    # A run cut short after its last checkpoint (no test line yet) resumes instead of starting over; the finished
+    # runs are not retrained (started again, a study retrains nothing finished) and their records stay as they were.
     metrics = Path(records[-1]["run_dir"]) / "metrics.jsonl"
     metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
     resumed = run_study(tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resume=auto" in resumed.stdout + resumed.stderr and resumed.stdout.count("running ") == 1
+    assert f"running {records[-1]['label']} seed {records[-1]['seed']}:" in resumed.stdout
     again_records = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert again_records[:-1] == records[:-1]
     assert again_records[-1]["test_mse"] == records[-1]["test_mse"]
     # everything each run's processes printed is kept in its folder; a resumed run adds to it
     output = (Path(records[-1]["run_dir"]) / "study_output.log").read_text()
@@ -87,7 +87,9 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     table = (tmp_path / "results" / "tiny.md").read_text()
     assert "Rollouts: 2 task steps" in table and "| egnn: const. vel. | 2 |" in table and " of " in table
     assert (tmp_path / "results" / "tiny-rollout.png").stat().st_size > 1000
-    assert "rolling out" not in run_study(tmp_path, "study.rollout_steps=2").stdout    # done: not again
+    done = run_study(tmp_path, "study.rollout_steps=2")                  # everything done: nothing again
+    assert done.returncode == 0 and "running" not in done.stdout + done.stderr and "rolling out" not in done.stdout
+    assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
 
 
 def test_train_false_tabulates_finished_runs_only(tmp_path):
