@@ -117,7 +117,7 @@ def start_at_constant_velocity(model: torch.nn.Module, train, normalization: Nor
     from dist_egnn.measure.baselines import fit_alpha
 
     alpha, fitted = fit_alpha(train, START_FIT_SAMPLES)
-    in_model_units = alpha * normalization.velocity / normalization.length if normalization.active else alpha
+    in_model_units = alpha * normalization.velocity / normalization.length        # both 1 without normalisation
     model.start_at_constant_velocity(in_model_units)
     if report:
         print(f"model.constant_velocity_start: alpha={alpha:.6g} fitted on {fitted} training samples "
