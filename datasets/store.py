@@ -31,9 +31,11 @@ or interrupted write never leaves a half-written store under the final name.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import uuid
 from contextlib import contextmanager
@@ -107,6 +109,38 @@ def atomic_store(path: str | os.PathLike, overwrite: bool = False, validate: boo
                       f"one (this copy is discarded)", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def preparation_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Held while this process prepares the missing store ``path``: a second process that finds the same store
+    missing (two runs of a study started together, two trainings started by hand) waits here, told who holds it,
+    then finds the store in place instead of generating it again. :func:`atomic_store` alone keeps such a race
+    safe but not cheap: both processes would generate the whole dataset and one copy would be discarded.
+
+    ``fcntl.flock`` on the hidden sibling ``.NAME.prepare-lock``, which the kernel releases however the holder
+    exits (a crash leaves no stale lock). The holder removes the file before it lets go; a process that opened
+    it before the removal then holds a lock on a file no longer in place, as may one that opens a new file: at
+    worst, after a failed preparation, two processes both prepare, which :func:`atomic_store` keeps safe."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(f".{path.name}.prepare-lock")
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            print(f"{path}: {holder} is preparing it; waiting for it to finish", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
 
 
 def check_store_path(path: str | os.PathLike) -> None:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dist_egnn.config import check
 from dist_egnn.datasets.prepare import check_store_matches, prepare_dataset
-from dist_egnn.datasets.store import StoreError, StoreInfo, check_store_path, open_store
+from dist_egnn.datasets.store import StoreError, StoreInfo, check_store_path, open_store, preparation_lock
 from dist_egnn.engines import Engine, build_engine, resolve_engine
 from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.keys import SPLITS
@@ -183,8 +183,11 @@ def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreI
     dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
     check_store_path(path)                 # a dangling or looping link: refused before generating anything
     if not path.exists() and dataset_cfg.auto_prepare:
-        print(f"dataset store {path} not found: preparing it now (set dataset.auto_prepare=false to disable)")
-        prepare_dataset(dataset, path, progress=progress)
+        with preparation_lock(path):       # one preparer: another process that found it missing waits here
+            if not path.exists():          # ... and then finds it made
+                print(f"dataset store {path} not found: preparing it now (set dataset.auto_prepare=false to "
+                      f"disable)")
+                prepare_dataset(dataset, path, progress=progress)
     info = open_store(path)                # structure only: the comparison comes before the values' scan
     check_store_matches(dataset, info)
     return open_store(path, check_values=True) if dataset_cfg.check_values else info

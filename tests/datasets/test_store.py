@@ -1,13 +1,18 @@
 """The zarr layout: validation errors name the path and the fix; writes are atomic."""
 import json
+import os
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
 from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
-from dist_egnn.datasets.store import SCHEMA_VERSION, StoreError, atomic_store, open_store
+from dist_egnn.datasets.store import SCHEMA_VERSION, StoreError, atomic_store, open_store, preparation_lock
 
 
 @pytest.fixture()
@@ -183,3 +188,39 @@ def test_a_store_another_process_put_in_place_meanwhile_is_kept(tmp_path, capsys
     assert "mine" not in zarr.open_group(str(path)).attrs                   # the first one in place is kept
     open_store(path, check_values=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # this copy is gone
+
+
+AUTO_PREPARE = """import sys
+from runs import config
+from dist_egnn.training.setup import open_dataset_store
+open_dataset_store(config(sys.argv[1]).dataset, progress=False)
+"""
+
+
+def test_two_processes_that_find_the_store_missing_prepare_it_once(tmp_path):
+    # two runs of a study (jobs=2) started together: the second waits for the first's store instead of making
+    # another. The test holds the lock until both are waiting, so they surely overlap.
+    data = tmp_path / "data"
+    store = data / "nbody_small.zarr"
+    env_path = str(Path(__file__).resolve().parents[1])
+    waiting = "is preparing it; waiting for it to finish"
+    with preparation_lock(store):
+        procs, errs = [], []
+        for i in range(2):
+            errs.append(tmp_path / f"err{i}")
+            with errs[-1].open("w") as err:
+                procs.append(subprocess.Popen([sys.executable, "-c", AUTO_PREPARE, str(data)], cwd=env_path,
+                                              env={**os.environ, "PYTHONPATH": env_path, "OMP_NUM_THREADS": "1"},
+                                              stdout=subprocess.PIPE, stderr=err, text=True))
+        deadline = time.monotonic() + 120
+        while not all(waiting in e.read_text() for e in errs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [e.read_text()[-2000:] for e in errs]
+            time.sleep(0.2)
+        assert not store.exists()
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e.read_text()[-2000:] for e in errs]
+    assert sum("preparing it now" in out for out in outs) == 1, outs
+    assert not any("discarded" in e.read_text() for e in errs)          # no second copy was made
+    open_store(store, check_values=True)
+    assert not [p.name for p in data.iterdir() if p.name.startswith(".")]   # no lock file or partial copy left
