@@ -86,6 +86,7 @@ from dist_egnn.datasets.store import (
     WALL,
     atomic_store,
     missing_chunks,
+    preparation_lock,
     unreadable_metadata,
 )
 from dist_egnn.errors import BadInput, ConfigError
@@ -154,9 +155,7 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
     path = artifact_path(first.info.path, method, num_parts, seed, weights)
     inputs = describe_inputs(splits, method, num_parts, seed, weights)
     digest = inputs_hash(inputs)
-    stale = _why_stale(path, inputs, digest)
-    if stale is None:
-        stale = _why_damaged(path, splits) or _why_unreadable(path, splits)
+    stale = _why_stale_or_broken(path, splits, inputs, digest)
     if stale is None:
         print(f"{path}: up to date, reused")
         return path
@@ -164,9 +163,20 @@ def prepare_partitions(splits: Mapping[str, Any], method: str, num_parts: int, s
         raise StalePartitionError(f"{path}: {stale}; build it with `python launch/prepare.py "
                                   f"distributed.parts={num_parts} distributed.partition={method} "
                                   f"distributed.seed={seed}{_weights_override(inputs)}` (plus your dataset overrides)")
-    print(f"{path}: {stale}; building it")
-    _build(path, splits, inputs, digest, scheduler, workers, progress)
+    # One builder: a second run that found the same artifact stale (a study's jobs=2) waits, then reuses it.
+    with preparation_lock(path):
+        stale = _why_stale_or_broken(path, splits, inputs, digest)
+        if stale is None:
+            print(f"{path}: up to date, built by another process meanwhile; reused")
+            return path
+        print(f"{path}: {stale}; building it")
+        _build(path, splits, inputs, digest, scheduler, workers, progress)
     return path
+
+
+def _why_stale_or_broken(path: Path, splits: Mapping[str, Any], inputs: dict, digest: str) -> str | None:
+    """Why the artifact at ``path`` cannot be used as it is (stale, damaged, unreadable), or None."""
+    return _why_stale(path, inputs, digest) or _why_damaged(path, splits) or _why_unreadable(path, splits)
 
 
 def partition_status(splits: Mapping[str, Any], method: str, num_parts: int,

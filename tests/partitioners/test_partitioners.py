@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,14 @@ import zarr
 
 from dist_egnn.datasets.graphs import radius_graph
 from dist_egnn.datasets.loader import TrajectoryDataset
-from dist_egnn.datasets.store import atomic_store, create_split, open_store, write_root_attrs, write_scenes
+from dist_egnn.datasets.store import (
+    atomic_store,
+    create_split,
+    open_store,
+    preparation_lock,
+    write_root_attrs,
+    write_scenes,
+)
 from dist_egnn.partitioners import METHODS, partition, partition_metrics
 from dist_egnn.partitioners.artifacts import (
     StalePartitionError,
@@ -211,6 +220,28 @@ def test_artifact_is_reused_rebuilt_when_stale_or_refused(store, capsys):
     write_store(store, seed=1)                                          # same attributes, other data
     prepare_partitions(datasets_of(store, radius=0.3), "spatial", 2, progress=False)
     assert "store_splits.train" in capsys.readouterr().out
+
+
+def test_two_builders_of_one_stale_artifact_build_it_once(store, capsys):
+    # two runs of a study (jobs=2) with the same partitioning that both found it missing: the second waits for the
+    # first's build and reuses it. The test holds the lock until both wait, so they surely overlap.
+    path = artifact_path(store, "spatial", 2, 0)
+    seen = ""
+    with preparation_lock(path):
+        workers = [threading.Thread(target=prepare_partitions, args=(datasets_of(store), "spatial", 2),
+                                    kwargs=dict(progress=False, scheduler="sync")) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 60
+        while seen.count("is preparing it; waiting") < 2:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+            seen += capsys.readouterr().err
+    for worker in workers:
+        worker.join(timeout=60)
+    out = capsys.readouterr().out
+    assert out.count("building it") == 1 and out.count("built by another process meanwhile; reused") == 1, out
+    assert [p.name for p in path.parent.iterdir()] == [path.name]       # no lock file or temporary left
 
 
 def test_failed_build_keeps_the_previous_artifact(store):
