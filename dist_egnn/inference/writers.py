@@ -100,11 +100,21 @@ def write_vtk(result: Rollout, folder: Path, info: StoreInfo) -> list[Path]:
     return collections
 
 
+SPREAD_AXIS_TOP = 5.0       # the right axis ends here: a diverging step's spread (1e22 seen) must not flatten the rest
+LABELLED_STEPS = 20         # up to this many steps, every step gets its tick label; beyond, matplotlib picks
+
+
 def write_png(result: Rollout, path: Path, title: str) -> None:
+    """:func:`rollout_figure` saved as a PNG."""
+    rollout_figure(result, title).savefig(path, dpi=100)
+
+
+def rollout_figure(result: Rollout, title: str):
     """True vs predicted particles of the first scene at up to three steps, and the per-step MSE (with the
-    spread ratio and the share outside the walls on a second axis)."""
+    spread ratio and the share outside the walls on a second axis, which ends at :data:`SPREAD_AXIS_TOP`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows = slice(result.scene_ptr[0], result.scene_ptr[1])
     moving = result.moving[rows]
@@ -136,7 +146,10 @@ def write_png(result: Rollout, path: Path, title: str) -> None:
     ax.set_ylabel("MSE")
     if all(v > 0 for v in [*result.mse, *result.baseline_mse]):
         ax.set_yscale("log")
-    ax.set_xticks(steps)
+    if result.steps <= LABELLED_STEPS:
+        ax.set_xticks(steps)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
     if len(result.spread_ratio) == result.steps:      # the extent beside the error: a collapse shows at once
@@ -144,11 +157,11 @@ def write_png(result: Rollout, path: Path, title: str) -> None:
         extent.plot(steps, result.spread_ratio, "^:", c="tab:green", label="spread pred / true (right)")
         if len(result.outside_share) == result.steps and np.isfinite(result.outside_share).any():
             extent.plot(steps, result.outside_share, "v-.", c="tab:purple", label="share outside the walls (right)")
-        extent.set_ylim(0.0, max(1.1, np.nanmax(result.spread_ratio) * 1.05))
+        extent.set_ylim(0.0, min(max(1.1, np.nanmax(result.spread_ratio) * 1.05), SPREAD_AXIS_TOP))
         extent.set_ylabel("spread pred / true, share outside")
         more, more_names = extent.get_legend_handles_labels()
         handles, names = handles + more, names + more_names
     ax.legend(handles, names)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig

@@ -18,6 +18,7 @@ from dist_egnn.datasets.store import atomic_store, create_split, open_store, wri
 from dist_egnn.inference.rollout import (
     GraphRecipe,
     Parts,
+    Rollout,
     RolloutError,
     build_graph,
     outside_share,
@@ -244,3 +245,30 @@ def test_outside_share_counts_the_fluid_beyond_the_box_of_the_walls():
     ptr = np.array([0, 6, 9])
     assert outside_share(pred, moving, ptr) == pytest.approx(0.25)
     assert np.isnan(outside_share(pred[6:], moving[6:], np.array([0, 3])))
+
+
+def test_the_picture_of_a_long_rollout_that_diverged_stays_readable():
+    # 121 steps whose last one blew up (seen: MSE 1.6e45, spread 1.5e22 at Δt = 1): the right axis keeps the
+    # spread and outside share of the sane steps readable, and the step axis does not label all 121 steps.
+    from dist_egnn.inference.writers import LABELLED_STEPS, SPREAD_AXIS_TOP, rollout_figure
+
+    steps, nodes = 121, 10
+    pos = np.random.default_rng(0).uniform(size=(steps + 1, nodes, 3))
+    spread = np.linspace(1.0, 1.3, steps)
+    spread[-1] = 1.5e22
+    result = Rollout(split="test", start=0, delta_t=1, requested=200, scenes=[0], scene_ptr=np.array([0, nodes]),
+                     pred=pos, vel=np.zeros_like(pos), truth=pos, baseline=pos, scalars=np.zeros((nodes, 1)),
+                     moving=np.arange(nodes) < 8, mse=[*np.geomspace(1e-8, 16.0, steps - 1), 1.6e45],
+                     baseline_mse=list(np.geomspace(1e-6, 7.0, steps)), spread_ratio=list(spread),
+                     outside_share=list(np.linspace(0.0, 0.99, steps)), stopped="diverged")
+    fig = rollout_figure(result, "diverged")
+    mse_axis, extent = fig.axes[-2], fig.axes[-1]
+    assert extent.get_ylim() == (0.0, SPREAD_AXIS_TOP)
+    assert len(mse_axis.get_xticks()) <= LABELLED_STEPS
+    assert mse_axis.get_yscale() == "log"
+
+    short = Rollout(**{**result.__dict__, "mse": result.mse[:10], "baseline_mse": result.baseline_mse[:10],
+                       "spread_ratio": list(spread[:10]), "outside_share": result.outside_share[:10]})
+    short_axis, short_extent = rollout_figure(short, "ten steps").axes[-2:]
+    assert list(short_axis.get_xticks()) == list(range(1, 11))                 # every step labelled
+    assert short_extent.get_ylim() == (0.0, 1.1)                                # spread 1.00-1.02: at least 1.1
