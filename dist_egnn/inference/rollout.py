@@ -28,7 +28,10 @@ A rollout starts from the stored state of every chosen scene at input frame t0 (
   messages but are never moved: every step puts them back at their stored input positions (so their
   velocity input is zero from step 2 on), as the trainer does, and they are left out of every MSE.
 * **Ground truth** of step k is the stored frame t0 + k·Δt. The rollout stops early, and says so, when a
-  trajectory ends before K steps (``Rollout.stopped``), or when predictions become NaN/Inf, or, for a radius
+  trajectory ends before K steps (``Rollout.stopped``), or when predictions become NaN/Inf, or when a scene's
+  predicted moving nodes spread more than :data:`SPREAD_LIMIT` times as far from their centroid as the true
+  ones (a fluid thrown kilometres out of a 10 m box: seen one step before a non-finite step, at a spread of
+  1.5e22, which the last written frame then showed instead of the last meaningful one), or, for a radius
   graph without ``dataset.max_neighbors``, when a scene's graph grows past :data:`EDGE_GROWTH_LIMIT` times the
   edges of its first step: a model that piles the particles together (seen on an under-trained fluid model:
   0.13M edges at step 1, 57M at step 6, 13 GB) would otherwise exhaust memory on graphs that mean nothing.
@@ -72,6 +75,7 @@ from dist_egnn.partitioners.subgraphs import split_graph
 WALL_SCALAR = "type"          # node scalar marking particle kinds; WALL_TYPE never moves (issue 17)
 WALL_TYPE = 1
 EDGE_GROWTH_LIMIT = 10        # a scene's graph beyond this many times its first step's edges: the rollout stops
+SPREAD_LIMIT = 1e3            # a scene's predicted extent beyond this many times the true one: the rollout stops
 HALO_MODES = ("exact", "none")
 PARTITION_METHODS = ("metis", "spatial", "random")
 
@@ -332,8 +336,8 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
     for k in range(1, plan.todo + 1):
         try:
             new_pos, cuts, received = predict_step(model, cfg, state, plan, recipe, parts, k, device, dtype, bar)
-        except ParticlesCollapsed as collapse:
-            result.stopped = f"stopped after {k - 1} of {steps} steps: {collapse}"
+        except Diverged as diverged:
+            result.stopped = f"stopped after {k - 1} of {steps} steps: {diverged}"
             break
         new_pos[state.walls] = state.pos[state.walls]
         if not np.all(np.isfinite(new_pos)):
@@ -342,6 +346,11 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
                               f"at {bad} nodes (the model diverged)")
             break
         truth = state.read("pos", plan.start + k * plan.delta_t).astype(np.float64)
+        try:
+            check_spread(new_pos, truth, state.moving, state.ptr, plan.scenes, k)
+        except Diverged as diverged:
+            result.stopped = f"stopped after {k - 1} of {steps} steps: {diverged}"
+            break
         advance(state, new_pos, truth, per_displacement, store_step_time(info, plan))
         record_errors(result, state, truth, cuts, received)
         bar.set_postfix(step=k, mse=f"{result.mse[-1]:.4g}", const_vel=f"{result.baseline_mse[-1]:.4g}")
@@ -459,8 +468,10 @@ def predict_step(model: Callable[..., Any], cfg: DictConfig, state: RolloutState
     return new_pos, cuts, received
 
 
-class ParticlesCollapsed(Exception):
-    """A step's graph grew past EDGE_GROWTH_LIMIT times its first step's: the rollout stops (not an input error)."""
+class Diverged(Exception):
+    """A step's predictions mean nothing any more: its graph grew past EDGE_GROWTH_LIMIT times its first step's
+    (the particles piled together) or its extent past SPREAD_LIMIT times the truth's (they flew apart). The
+    rollout stops there and keeps the steps before (not an input error)."""
 
 
 def check_growth(first_edges: dict[int, int], b: int, edges: int, scene: int, k: int) -> None:
@@ -468,10 +479,22 @@ def check_growth(first_edges: dict[int, int], b: int, edges: int, scene: int, k:
     :data:`EDGE_GROWTH_LIMIT` times that."""
     first = first_edges.setdefault(b, edges)
     if edges > EDGE_GROWTH_LIMIT * max(first, 1):
-        raise ParticlesCollapsed(
+        raise Diverged(
             f"the graph of step {k} of scene {scene} has {edges:,} edges, {edges / max(first, 1):.0f}x its first "
             f"step's {first:,} (limit {EDGE_GROWTH_LIMIT}x): the predicted particles piled together (the model "
             f"diverged); denser graphs would only exhaust memory")
+
+
+def check_spread(pred: np.ndarray, truth: np.ndarray, moving: np.ndarray, ptr: np.ndarray, scenes: list[int],
+                 k: int) -> None:
+    """Stop the rollout at step ``k`` when a scene's predicted moving nodes spread more than
+    :data:`SPREAD_LIMIT` times as far as the true ones (:func:`spread_ratio` of that scene alone)."""
+    for b, (lo, hi) in enumerate(zip(ptr[:-1], ptr[1:])):
+        ratio = spread_ratio(pred[lo:hi], truth[lo:hi], moving[lo:hi], np.array([0, hi - lo]))
+        if ratio > SPREAD_LIMIT:
+            raise Diverged(f"the predictions of step {k} of scene {scenes[b]} spread {ratio:.3g} times as far as the "
+                           f"true particles (limit {SPREAD_LIMIT:g}x): the predicted particles flew apart (the "
+                           f"model diverged)")
 
 
 def store_step_time(info: StoreInfo, plan: RolloutPlan) -> float:

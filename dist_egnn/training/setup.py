@@ -171,8 +171,18 @@ def lock_run_dir(run_dir: Path, rt: Runtime) -> RunLock:
 
 
 def thread_share(env: runtime.DistEnv, requested: int | None) -> int:
-    """Threads of this rank: as asked, else the machine's cores divided among the ranks on this node."""
-    return requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    """Threads of this rank: ``trainer.num_threads`` when set, else ``OMP_NUM_THREADS`` (PyTorch's own knob,
+    which torchrun sets to 1 for several ranks and tells the user to tune), else the machine's cores divided
+    among the ranks on this node."""
+    if requested:
+        return requested
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        if not omp.isdigit() or int(omp) < 1:
+            raise ConfigError(f"OMP_NUM_THREADS={omp!r} in the environment: must be a whole number >= 1; unset it "
+                              f"(each rank then takes its share of the cores) or set trainer.num_threads=N")
+        return int(omp)
+    return max(1, (os.cpu_count() or 1) // env.local_world_size)
 
 
 # -- data -----------------------------------------------------------------------------------------------

@@ -194,6 +194,28 @@ def test_a_rollout_whose_particles_pile_together_stops_before_memory_runs_out(st
 
 
 
+class Scatter(torch.nn.Module):
+    """Throws every particle 20x as far from its graph's centroid each step: finite for a long while, soon
+    meaningless."""
+
+    def forward(self, node_features, pos, vel, edge_index, edge_attr=None, batch=None, num_graphs=None, **_):
+        return Prediction(pos + 19.0 * (pos - pos.mean(dim=0)), None)
+
+
+def test_a_rollout_whose_particles_fly_apart_stops_before_the_numbers_mean_nothing(tmp_path):
+    """guards a 200-step fluid rollout whose last written frame had a spread of 1.5e22 (predict stopped only at
+    NaN): a scene whose predicted extent passes SPREAD_LIMIT times the truth's stops the rollout, saying why;
+    the steps before are kept and scored, and none of them is past the limit."""
+    import dist_egnn.inference.rollout as ro
+
+    info = toy_store(tmp_path / "toy.zarr", scenes=2, n=40, frames=21)
+    result = rollout(Scatter(), run_config(), info, "test", 10)
+    assert result.steps == 2                         # spreads ~20x, ~400x, then ~8000x: the third step is refused
+    assert len(result.pred) == 3 and len(result.mse) == len(result.spread_ratio) == 2
+    assert max(result.spread_ratio) < ro.SPREAD_LIMIT
+    assert "stopped after 2 of 10 steps" in result.stopped and "flew apart" in result.stopped
+
+
 def test_a_capped_graph_lets_a_piling_rollout_run_on_and_shows_the_piling(stores, tmp_path):
     """With dataset.max_neighbors the graph cannot outgrow n · cap edges, so the same collapsing model runs all
     its steps; edges_per_node climbs to the cap and says what happened."""

@@ -105,3 +105,22 @@ def test_deterministic_runs_are_bitwise_equal_on_cpu(tmp_path):
     assert torch.are_deterministic_algorithms_enabled()                 # the process follows the config
     fit(tmp_path / "data", tmp_path / "c", "trainer.max_epochs=1")
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_threads_follow_the_setting_then_omp_num_threads_then_the_cores(monkeypatch):
+    """trainer.num_threads wins; else OMP_NUM_THREADS (torchrun sets it to 1 for several ranks); else each of the
+    node's ranks takes its share of the cores. A value that is not a whole number >= 1 is refused, naming it."""
+    from dist_egnn.parallel.runtime import DistEnv
+    from dist_egnn.training.setup import thread_share
+
+    two_ranks = DistEnv(world_size=2, local_world_size=2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert thread_share(two_ranks, None) == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert thread_share(two_ranks, None) == 3
+    assert thread_share(two_ranks, 5) == 5
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("OMP_NUM_THREADS", bad)
+        with pytest.raises(ConfigError, match=r"OMP_NUM_THREADS=.*trainer.num_threads=N"):
+            thread_share(two_ranks, None)
