@@ -239,6 +239,8 @@ class StudySpec:
     runs: list[StudyRun] = field(default_factory=list)
     rollout_steps: Optional[int] = None             # K: every run is also rolled out K task steps on the test
                                                     # split (launch/predict.py), per-step MSE tabulated
+    rollout_start: Optional[int] = None             # the rollouts' input frame (predict.py start=); None: each
+                                                    # run's first input frame (dataset.frame_start)
 
 
 @dataclass

@@ -22,8 +22,11 @@ Writes, after every finished run:
 A study with ``rollout_steps: K`` also rolls every finished run out K task steps on the test split
 (``python launch/predict.py run=RUN_DIR steps=K``, as a user would; its own P parts and halo mode, the graph
 and partition rebuilt every step) and adds the per-step MSE with constant velocity beside to the md, the
-records and ``<study>[-<budget>]-rollout.png``. A run whose rollout is missing or of another K is rolled out
-again when the study is started again.
+records and ``<study>[-<budget>]-rollout.png``; ``rollout_start: T`` starts every rollout at input frame T
+(``start=T``) instead of the run's first input frame, e.g. from before the events a run was trained on. A run
+whose rollout is missing, of another K or from another start frame is rolled out again when the study is
+started again. A table of more than :data:`TABLE_COLUMNS` steps shows every n-th step and the last (the
+records keep every step).
 """
 from __future__ import annotations
 
@@ -88,6 +91,9 @@ def rollout_record(spec: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if not spec.get("rollout_steps") or not path.exists():
         return None
     record = json.loads(path.read_text())
+    start = spec.get("rollout_start")
+    if start is not None and record.get("start_frame") != start:
+        return None
     return record if record.get("requested_steps") == spec.rollout_steps else None
 
 
@@ -99,7 +105,9 @@ def run_finished(spec: DictConfig, run_dir: Path) -> bool:
 
 def predict_command(spec: DictConfig, run_dir: Path, threads: int | None = None) -> list[str]:
     """The rollout of one finished run: ``launch/predict.py`` with the study's K on the run's test split."""
+    start = spec.get("rollout_start")
     return [sys.executable, str(ROOT / "launch" / "predict.py"), f"run={run_dir}", f"steps={spec.rollout_steps}",
+            *([f"start={start}"] if start is not None else []),
             *([f"num_threads={threads}"] if threads else []), "progress=false"]
 
 
@@ -172,7 +180,8 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
            f"(x(t + Δt) = x(t)) {trivial['zero_motion_mse']:.4g}; constant velocity (x(t) + αv(t), α = "
            f"{trivial['constant_velocity_alpha']:.4g} fitted on training samples) "
            f"{trivial['constant_velocity_mse']:.4g} (`{stem}-trivial.json`).\n")
-        + failed_list(failed) + rollout_table(records, spec.rollout_steps), results_dir / f"{stem}.md")
+        + failed_list(failed) + rollout_table(records, spec.rollout_steps, spec.get("rollout_start")),
+        results_dir / f"{stem}.md")
     bar_plot(rows, results_dir / f"{stem}.png", title=title)
     if any("rollout_mse" in r for r in records):
         rollout_plot(records, results_dir / f"{stem}-rollout.png", title=f"{title}: rollouts")
@@ -205,35 +214,51 @@ def per_step_mean(runs: list[dict], key: str) -> np.ndarray:
         return np.nanmean(np.array(rows, float), axis=0) if steps else np.zeros(0)
 
 
-def _cells(values: np.ndarray, width: int) -> str:
-    return " | ".join(f"{v:.4g}" for v in values) + " | " * (width - len(values))
+TABLE_COLUMNS = 20        # a rollout table wider than this shows every n-th step and the last
 
 
-def rollout_table(records: list[dict], steps: int | None) -> str:
-    """A markdown table: per label the rollout MSE of every step (mean over seeds) and, below each label,
-    constant velocity on the same samples; the last column counts the steps below constant velocity."""
+def table_steps(width: int) -> list[int]:
+    """The steps (1-based) a rollout table of ``width`` steps shows: all up to :data:`TABLE_COLUMNS`, else every
+    n-th (n = ceil(width / TABLE_COLUMNS)) and the last."""
+    every = -(-width // TABLE_COLUMNS)
+    return sorted(set(range(every, width + 1, every)) | {width})
+
+
+def _cells(values: np.ndarray, shown: list[int]) -> str:
+    return " | ".join(f"{values[k - 1]:.4g}" if k <= len(values) else "" for k in shown)
+
+
+def rollout_table(records: list[dict], steps: int | None, start: int | None = None) -> str:
+    """A markdown table: per label the rollout MSE of every step (mean over seeds; of every n-th step beyond
+    :data:`TABLE_COLUMNS`) and, below each label, constant velocity on the same samples; the last column counts
+    the steps below constant velocity, over every step."""
     means = rollout_means(records)
     if not means:
         return ""
     width = max(len(m) for m, _, _ in means.values())
-    lines = [f"\nRollouts: {steps} task steps on the test split from its first input frame, predictions fed back "
-             f"(`python launch/predict.py run=RUN_DIR steps={steps}`), MSE per step over moving nodes, mean over "
-             f"seeds; `const. vel.` is constant velocity on the same samples.\n",
-             "| run | seeds | " + " | ".join(f"step {k}" for k in range(1, width + 1)) + " | steps below const. vel. |",
-             "|---|---|" + "---|" * width + "---|"]
+    shown = table_steps(width)
+    origin = "its first input frame" if start is None else f"input frame {start}"
+    command = f"steps={steps}" + ("" if start is None else f" start={start}")
+    lines = [f"\nRollouts: {steps} task steps on the test split from {origin}, predictions fed back "
+             f"(`python launch/predict.py run=RUN_DIR {command}`), MSE per step over moving nodes, mean over "
+             f"seeds; `const. vel.` is constant velocity on the same samples"
+             + ("" if len(shown) == width else f"; one step in {shown[0]} shown and the last, the records hold "
+                                                f"every step") + ".\n",
+             "| run | seeds | " + " | ".join(f"step {k}" for k in shown) + " | steps below const. vel. |",
+             "|---|---|" + "---|" * len(shown) + "---|"]
     for label, (mse, base, seeds) in means.items():
-        lines.append(f"| {label} | {seeds} | {_cells(mse, width)} | {int(np.sum(mse < base))} of {len(mse)} |")
-        lines.append(f"| {label}: const. vel. | {seeds} | {_cells(base, width)} | |")
+        lines.append(f"| {label} | {seeds} | {_cells(mse, shown)} | {int(np.sum(mse < base))} of {len(mse)} |")
+        lines.append(f"| {label}: const. vel. | {seeds} | {_cells(base, shown)} | |")
         rolled = [r for r in records if r["label"] == label and "rollout_mse" in r]
         for key, name in (("rollout_edges_per_node", "edges per moving node"),     # climbs when particles pile up
                           ("rollout_spread_ratio", "spread pred / true"),         # below 1: the fluid contracts
                           ("rollout_outside_share", "share outside the walls")):  # leaks through a wall
             values = per_step_mean(rolled, key)
             if len(values) and not np.isnan(values).all():             # e.g. no walls: no share outside them
-                lines.append(f"| {label}: {name} | {seeds} | {_cells(values, width)} | |")
+                lines.append(f"| {label}: {name} | {seeds} | {_cells(values, shown)} | |")
     switches = {}                        # rollouts run by hand with options beyond the study's own command
     for r in records:
-        extra = rollout_switches(r.get("rollout_command"))
+        extra = rollout_switches(r.get("rollout_command"), start)
         if extra:
             switches.setdefault(extra, []).append(f"{r['label']} seed {r['seed']}")
     if switches:
@@ -245,11 +270,12 @@ def rollout_table(records: list[dict], steps: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rollout_switches(command: str | None) -> str:
-    """The options of a predict command beyond what the study passes (run, steps, threads, progress)."""
+def rollout_switches(command: str | None, start: int | None = None) -> str:
+    """The options of a predict command beyond what the study passes (run, steps, its ``start``, threads,
+    progress)."""
     own = ("run=", "steps=", "num_threads=", "progress=")
     words = (command or "").split()[2:]                  # past `python launch/predict.py`
-    return " ".join(w for w in words if not w.startswith(own))
+    return " ".join(w for w in words if not w.startswith(own) and w != f"start={start}")
 
 
 def rollout_plot(records: list[dict], path: Path, title: str) -> Path:
@@ -368,6 +394,9 @@ def run(cfg: DictConfig) -> None:
     if spec.get("rollout_steps") is not None and spec.rollout_steps < 1:
         raise ConfigError(f"study.rollout_steps={spec.rollout_steps}: the task steps of each rollout must be at "
                           f"least 1 (or null: no rollouts)")
+    if spec.get("rollout_start") is not None and spec.rollout_start < 0:
+        raise ConfigError(f"study.rollout_start={spec.rollout_start}: an input frame is >= 0 (or null: each run's "
+                          f"first input frame)")
     base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
     # Seed-major: every run's first seed before any second seed, so a study cut short already compares them all.
     jobs = [(run, seed) for seed in spec.seeds for run in spec.runs]

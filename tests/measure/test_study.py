@@ -157,7 +157,7 @@ def test_a_run_with_fewer_seeds_is_compared_on_its_own_seeds():
     assert "vs a (same seeds)" in table and "| +0.0% |" in table.splitlines()[-1]
 
 
-@pytest.mark.parametrize("bad", ["jobs=0", "study.rollout_steps=0"])
+@pytest.mark.parametrize("bad", ["jobs=0", "study.rollout_steps=0", "study.rollout_start=-1"])
 def test_jobs_or_rollout_steps_below_one_are_refused(tmp_path, bad):
     proc = run_study(tmp_path, bad)
     assert proc.returncode != 0 and bad in proc.stdout + proc.stderr
@@ -199,3 +199,39 @@ def test_rollout_table_means_over_seeds_counts_steps_below_and_names_stopped_rol
     assert "further options" not in table
     records[1]["rollout_command"] = "python launch/predict.py run=R steps=2 max_neighbors=24 num_threads=1"
     assert "- `max_neighbors=24`: a seed 1" in rollout_table(records, 2)
+
+
+def test_a_long_rollout_table_shows_every_nth_step_and_the_last_and_names_its_start_frame():
+    """A Δt = 1 rollout of 100 steps would be a 100-column table: one step in 5 is shown, and the last; the count
+    of steps below constant velocity still covers every step. rollout_start is named in the header and is not
+    listed as a further option."""
+    from dist_egnn.measure.study import TABLE_COLUMNS, rollout_table, table_steps
+    assert table_steps(10) == list(range(1, 11)) and table_steps(TABLE_COLUMNS) == list(range(1, TABLE_COLUMNS + 1))
+    assert table_steps(100) == list(range(5, 101, 5)) and table_steps(101) == [*range(6, 101, 6), 101]
+    mse = [0.5] * 99 + [3.0]
+    records = [dict(label="a", seed=0, rollout_mse=mse, rollout_baseline_mse=[1.0] * 100,
+                    rollout_command="python launch/predict.py run=R steps=100 start=0 num_threads=1")]
+    table = rollout_table(records, 100, start=0)
+    assert "from input frame 0" in table and "steps=100 start=0`" in table and "one step in 5 shown" in table
+    header = next(line for line in table.splitlines() if line.startswith("| run |"))
+    assert header.count("step ") == 20 and "| step 5 | step 10 |" in header and "| step 100 |" in header
+    assert "| a | 1 | " + " | ".join(["0.5"] * 19 + ["3"]) + " | 99 of 100 |" in table
+    assert "further options" not in table
+    assert "- `start=0`: a seed 0" in rollout_table(records, 100)          # a hand rollout from another frame
+
+
+def test_rollout_start_reaches_predict_and_a_rollout_from_another_frame_is_redone(tmp_path):
+    import json as _json
+
+    from omegaconf import OmegaConf
+
+    from dist_egnn.measure.study import predict_command, rollout_record
+    spec = OmegaConf.create({"rollout_steps": 3, "rollout_start": 0})
+    assert "start=0" in predict_command(spec, tmp_path, threads=1)
+    assert not any(w.startswith("start=") for w in predict_command(OmegaConf.create({"rollout_steps": 3}), tmp_path))
+    (tmp_path / "predict").mkdir()
+    (tmp_path / "predict" / "rollout.json").write_text(_json.dumps({"requested_steps": 3, "start_frame": 10}))
+    assert rollout_record(spec, tmp_path) is None                                  # from frame 10: roll out again
+    assert rollout_record(OmegaConf.create({"rollout_steps": 3}), tmp_path) is not None
+    (tmp_path / "predict" / "rollout.json").write_text(_json.dumps({"requested_steps": 3, "start_frame": 0}))
+    assert rollout_record(spec, tmp_path) is not None
