@@ -19,6 +19,7 @@ Results travel back to the caller (and locally are all held until the end), so t
 from __future__ import annotations
 
 import os
+from itertools import islice
 from typing import Any, Callable, Iterator, Sequence
 
 import dask
@@ -87,7 +88,9 @@ def _distributed(fn, items, cluster, workers, bar, weights) -> Iterator[tuple[in
             index_of[future.key] = i
             return future
 
-        running = as_completed([submit(i) for i, _ in zip(pending, range(limit))])
+        # islice, not zip(pending, range(limit)): zip draws item `limit` from `pending` before it sees the range
+        # end and drops it (a water3d_like preparation lost scene train-00005 that way and failed at writing)
+        running = as_completed([submit(i) for i in islice(pending, limit)])
         for future in running:
             i = index_of.pop(future.key)
             result = future.result()          # re-raises the task's exception here

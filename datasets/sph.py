@@ -435,6 +435,11 @@ def generate_sph(path: str | Path, cfg: SPHConfig, dataset: str = "fluid", overw
         done = sum(Path(t["out"]).exists() for t in tasks)
         raise StoreError(f"{len(failed)} of {len(tasks)} scenes failed; {done} completed scenes are kept in {work} "
                          f"and the same command resumes with the rest:\n{lines}")
+    missing = [t["name"] for t in tasks if not Path(t["out"]).exists()]
+    if missing:                          # a scheduler that lost a task must not leave a store without it
+        raise StoreError(f"{len(missing)} of {len(tasks)} scenes were never simulated ({', '.join(missing)}); the "
+                         f"{len(tasks) - len(missing)} others are kept in {work} and the same command resumes with "
+                         f"the rest")
     _assemble(path, work, cfg, dataset, radius, overwrite, progress)
     shutil.rmtree(work, ignore_errors=True)
     return path

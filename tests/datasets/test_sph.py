@@ -223,3 +223,14 @@ def test_a_store_with_wall_reach_holds_the_walls_its_fluid_comes_near(tmp_path):
         walls = pos.shape[1] - fluid
         assert group.attrs["recipes"][0]["num_walls"] == walls < TINY_WALLS
         np.testing.assert_array_equal(group["node_scalars"][:, 0], np.r_[np.zeros(fluid), np.ones(walls)])
+
+
+def test_a_scene_the_scheduler_never_ran_stops_before_the_store_is_written(tmp_path, monkeypatch):
+    """guards the same lost scene from the other side: whatever the scheduler does, a store is only assembled
+    from every scene; the error names the missing ones and says the same command resumes."""
+    monkeypatch.setattr(sph, "simulator_available", lambda: (True, ""))
+    monkeypatch.setattr(sph, "map_tasks", lambda fn, tasks, **kw: iter(()))      # runs nothing, reports nothing
+    with pytest.raises(StoreError, match=r"3 of 3 scenes were never simulated \(train-00000, val-00000, test-00000\)"
+                                         r".*same command resumes"):
+        generate_sph(tmp_path / "lost.zarr", SPHConfig(**TINY), progress=False)
+    assert not (tmp_path / "lost.zarr").exists()
