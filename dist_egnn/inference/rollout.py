@@ -336,17 +336,9 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
     for k in range(1, plan.todo + 1):
         try:
             new_pos, cuts, received = predict_step(model, cfg, state, plan, recipe, parts, k, device, dtype, bar)
-        except Diverged as diverged:
-            result.stopped = f"stopped after {k - 1} of {steps} steps: {diverged}"
-            break
-        new_pos[state.walls] = state.pos[state.walls]
-        if not np.all(np.isfinite(new_pos)):
-            bad = int((~np.isfinite(new_pos).all(axis=1)).sum())
-            result.stopped = (f"stopped after {k - 1} of {steps} steps: the predictions of step {k} hold NaN or Inf "
-                              f"at {bad} nodes (the model diverged)")
-            break
-        truth = state.read("pos", plan.start + k * plan.delta_t).astype(np.float64)
-        try:
+            new_pos[state.walls] = state.pos[state.walls]
+            check_finite(new_pos, k)
+            truth = state.read("pos", plan.start + k * plan.delta_t).astype(np.float64)
             check_spread(new_pos, truth, state.moving, state.ptr, plan.scenes, k)
         except Diverged as diverged:
             result.stopped = f"stopped after {k - 1} of {steps} steps: {diverged}"
@@ -469,8 +461,8 @@ def predict_step(model: Callable[..., Any], cfg: DictConfig, state: RolloutState
 
 
 class Diverged(Exception):
-    """A step's predictions mean nothing any more: its graph grew past EDGE_GROWTH_LIMIT times its first step's
-    (the particles piled together) or its extent past SPREAD_LIMIT times the truth's (they flew apart). The
+    """A step's predictions mean nothing any more: NaN/Inf, its graph grew past EDGE_GROWTH_LIMIT times its first
+    step's (the particles piled together) or its extent past SPREAD_LIMIT times the truth's (they flew apart). The
     rollout stops there and keeps the steps before (not an input error)."""
 
 
@@ -483,6 +475,13 @@ def check_growth(first_edges: dict[int, int], b: int, edges: int, scene: int, k:
             f"the graph of step {k} of scene {scene} has {edges:,} edges, {edges / max(first, 1):.0f}x its first "
             f"step's {first:,} (limit {EDGE_GROWTH_LIMIT}x): the predicted particles piled together (the model "
             f"diverged); denser graphs would only exhaust memory")
+
+
+def check_finite(pred: np.ndarray, k: int) -> None:
+    """Stop the rollout at step ``k`` when its predictions hold NaN or Inf."""
+    if not np.all(np.isfinite(pred)):
+        bad = int((~np.isfinite(pred).all(axis=1)).sum())
+        raise Diverged(f"the predictions of step {k} hold NaN or Inf at {bad} nodes (the model diverged)")
 
 
 def check_spread(pred: np.ndarray, truth: np.ndarray, moving: np.ndarray, ptr: np.ndarray, scenes: list[int],

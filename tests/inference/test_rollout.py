@@ -216,6 +216,26 @@ def test_a_rollout_whose_particles_fly_apart_stops_before_the_numbers_mean_nothi
     assert "stopped after 2 of 10 steps" in result.stopped and "flew apart" in result.stopped
 
 
+class NaNAtStepTwo(torch.nn.Module):
+    """Constant velocity at step 1, NaN everywhere from step 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, node_features, pos, vel, edge_index, edge_attr=None, batch=None, num_graphs=None, **_):
+        self.calls += 1
+        return Prediction(pos + vel if self.calls == 1 else torch.full_like(pos, float("nan")), None)
+
+
+def test_a_rollout_that_turns_nan_stops_and_keeps_the_steps_before(tmp_path):
+    info = toy_store(tmp_path / "toy.zarr", scenes=1, n=40, frames=21)
+    result = rollout(NaNAtStepTwo(), run_config(), info, "test", 5)
+    assert result.steps == 1 and len(result.pred) == 2 and np.isfinite(result.pred).all()
+    assert result.stopped == "stopped after 1 of 5 steps: the predictions of step 2 hold NaN or Inf at 40 nodes " \
+                             "(the model diverged)"
+
+
 def test_a_capped_graph_lets_a_piling_rollout_run_on_and_shows_the_piling(stores, tmp_path):
     """With dataset.max_neighbors the graph cannot outgrow n · cap edges, so the same collapsing model runs all
     its steps; edges_per_node climbs to the cap and says what happened."""
