@@ -146,9 +146,13 @@ class TrainerConfig:
     # store's statistics, datasets/statistics.py; docs/maths.md §1). Reported MSEs stay in the store's units.
     normalization: str = "none"
     # σ of GNS-style training noise, in the store's length unit (0: none): each training input's moving positions
-    # get N(0, σ²), their velocities the matching finite-difference error, the target stays true, so the model
-    # learns to correct what a rollout feeds back (dist_egnn/training/rank_data.py). Must stay under radius / 4.
+    # get N(0, σ²), their velocities the matching finite-difference error, so the model learns to correct what a
+    # rollout feeds back (dist_egnn/training/rank_data.py). Must stay under radius / 4.
     input_noise: float = 0.0
+    # What the noisy input is asked to predict. clean: the true next position, so the model also undoes the
+    # position error (it pushes a particle that noise put into a wall back out). shifted: the true next position
+    # plus the input's position error, as GNS and LagrangeBench do, so only the velocity error is corrected.
+    noise_target: str = "clean"
     # Pushforward (dist_egnn/training/pushforward.py): from epoch pushforward_start_epoch on, a training batch is,
     # with probability pushforward_prob, started 1..pushforward_unrolls task steps earlier and rolled forward
     # by the model itself (no gradient), so the loss sees the inputs a rollout feeds back. 0 unrolls: off.
@@ -368,7 +372,8 @@ CHOICES = {
     "trainer.dtype": ("float32", "float64"), "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"), "trainer.nonfinite": ("stop", "skip"),
     "trainer.scheduler": ("none", "cosine", "exponential", "plateau"),
-    "trainer.normalization": ("none", "rms"), "dataset.input_velocity": ("stored", "displacement"),
+    "trainer.normalization": ("none", "rms"), "trainer.noise_target": ("clean", "shifted"),
+    "dataset.input_velocity": ("stored", "displacement"),
     "distributed.halo": HALO_MODES, "distributed.partition": PARTITION_METHODS,
     "distributed.backend": ("auto", "gloo", "nccl"), "engine.name": ENGINE_NAMES,
 }

@@ -253,6 +253,16 @@ def test_normalization_is_checked_against_its_choices():
         schema.check(composed("config", "trainer.normalization=std"))
 
 
+def test_noise_target_is_checked_against_its_choices():
+    """trainer.noise_target: clean by default (the target stays the true next position), shifted (GNS) accepted."""
+    from dist_egnn.errors import ConfigError
+
+    assert composed("config").trainer.noise_target == "clean"
+    schema.check(composed("config", "trainer.noise_target=shifted"))
+    with pytest.raises(ConfigError, match=r"trainer\.noise_target='gns': choose one of \('clean', 'shifted'\)"):
+        schema.check(composed("config", "trainer.noise_target=gns"))
+
+
 # ------------------------------------------------------------------------------------ dataset.gravity, normalize
 def test_gravity_is_on_for_the_sph_fluids_and_off_elsewhere():
     """issue 17 item 2: the SPH fluids (and the GNS Water-3D converter) give every graph gravity as datasets/sph.py

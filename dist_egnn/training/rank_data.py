@@ -21,8 +21,10 @@ takes the same number of steps, so a remainder of fewer than G batches is left o
 
 Training noise (``trainer.input_noise`` = σ, the training split only, GNS-style): every moving node's input
 position gets N(0, σ²) per component and its velocity the error of a finite difference between two such noisy
-positions one task step apart, while the target stays the true next position, so the model learns to correct
-the errors a rollout feeds back. Drawn per (seed, epoch, sample, global node id), like the MMD keys: resume
+positions one task step apart, so the model learns to correct the errors a rollout feeds back. The target
+stays the true next position (``trainer.noise_target=clean``: the model undoes the position error too) or moves
+with the input's position error (``shifted``, GNS's and LagrangeBench's convention: only the velocity error is
+corrected). Drawn per (seed, epoch, sample, global node id), like the MMD keys: resume
 and P ranks see the same noise as one device. The edges stay those of the clean frame (σ is refused unless it
 is well under the radius), so the stored partitions and halos hold.
 
@@ -107,11 +109,13 @@ class RankData:
             without edges, or far denser than the dataset's documented density. Rank 0 only in a launch.
         noise: σ of the training noise on the inputs (``trainer.input_noise``, the store's length unit; see the
             module docstring); 0: none. Give it for the training split only.
+        noise_shifts_target: move the target with the input's position error (``trainer.noise_target=shifted``).
     """
 
     def __init__(self, dataset: TrajectoryDataset, part: int = 0, parts: int = 1, halo: bool = False,
                  assignments=None, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None,
-                 sequential: bool = False, report: bool = True, noise: float = 0.0):
+                 sequential: bool = False, report: bool = True, noise: float = 0.0,
+                 noise_shifts_target: bool = False):
         if parts > 1 and assignments is None:
             raise ValueError("RankData: P > 1 needs the stored partition of the split (assignments)")
         if assignments is not None and assignments.num_parts != parts:
@@ -123,7 +127,7 @@ class RankData:
         self.graph_sizes = np.diff(dataset.meta.scene_ptr)
         self.report, self.warned = report, set()          # kinds of GraphWarning already given for this split
         self.reference: tuple[float, str] | None | bool = False    # reference_degree(); False: not measured yet
-        self.noise = float(noise)
+        self.noise, self.noise_shifts_target = float(noise), noise_shifts_target
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -175,7 +179,7 @@ class RankData:
 
     def with_noise(self, arrays: PartArrays, nodes: PartNodes, sample: int, seed: int, epoch: int) -> PartArrays:
         """``arrays`` with the training noise on the moving nodes' positions (owned and halo rows alike) and
-        velocities; walls and targets untouched."""
+        velocities, and on their targets when ``noise_shifts_target``; walls untouched."""
         d = self.dataset
         errors = input_errors(seed, epoch, sample, int(self.graph_sizes[arrays.scene]), self.noise)
         ids = nodes.local_to_global
@@ -185,7 +189,9 @@ class RankData:
         velocity_error = lambda rows: (errors[0, rows] - errors[1, rows]) * np.float32(d.per_displacement)  # noqa: E731
         halo_vel = None if arrays.halo_vel is None else \
             arrays.halo_vel + velocity_error(halo) * still(arrays.halo_scalars)
-        return replace(arrays, pos=arrays.pos + errors[0, owned] * still(arrays.scalars),
+        position_error = errors[0, owned] * still(arrays.scalars)
+        target = arrays.target + position_error if self.noise_shifts_target else arrays.target
+        return replace(arrays, pos=arrays.pos + position_error, target=target,
                        vel=arrays.vel + velocity_error(owned) * still(arrays.scalars),
                        halo_pos=arrays.halo_pos + errors[0, halo] * still(arrays.halo_scalars), halo_vel=halo_vel)
 

@@ -297,8 +297,10 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
     """Each split as this rank sees it: its part of every graph (the stored partition when P > 1)."""
     d = cfg.distributed
     noise = {name: training_noise(cfg, data) if name == "train" else 0.0 for name, data in splits.items()}
+    shifted = cfg.trainer.get("noise_target", "clean") == "shifted"
     if d.parts == 1:
-        return {name: RankData(data, report=rt.is_main, noise=noise[name]) for name, data in splits.items()}
+        return {name: RankData(data, report=rt.is_main, noise=noise[name], noise_shifts_target=shifted)
+                for name, data in splits.items()}
     sequential = not rt.env.distributed           # one process runs all P parts (drop-mode reference)
     weights = resolve_part_weights(cfg, rt)       # None: equal parts
     path, digest, stale = partition_status(splits, d.partition, d.parts, d.seed, weights)
@@ -321,7 +323,7 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
     gather = (lambda values: runtime.all_gather_arrays(values, group, device)) if group is not None else None
     return {name: RankData(data, rt.groups.part, d.parts, d.halo == "exact",
                            load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential,
-                           report=rt.is_main, noise=noise[name])
+                           report=rt.is_main, noise=noise[name], noise_shifts_target=shifted)
             for name, data in splits.items()}
 
 

@@ -48,6 +48,21 @@ def test_noise_moves_the_fluid_inputs_only_by_the_keyed_errors(store):
     assert not np.array_equal(noisy.graph.edge_attr, clean.graph.edge_attr)
 
 
+def test_shifted_target_moves_with_the_input_error_of_the_fluid(store):
+    """trainer.noise_target=shifted (GNS): the target moves with the input position, so the displacement the model
+    is asked for stays the true one; inputs as with clean targets, walls untouched."""
+    data = dataset(store)
+    clean = RankData(data).build([0, 5], seed=3, epoch=2)
+    noisy = RankData(data, noise=SIGMA).build([0, 5], seed=3, epoch=2)
+    shifted = RankData(data, noise=SIGMA, noise_shifts_target=True).build([0, 5], seed=3, epoch=2)
+    moving = clean.graph.moving.numpy()
+    assert np.array_equal(shifted.graph.pos, noisy.graph.pos) and np.array_equal(shifted.graph.vel, noisy.graph.vel)
+    np.testing.assert_allclose((shifted.graph.target - shifted.graph.pos).numpy()[moving],
+                               (clean.graph.target - clean.graph.pos).numpy()[moving], atol=1e-6)
+    assert np.array_equal(shifted.graph.target[~moving], clean.graph.target[~moving])
+    assert not np.array_equal(shifted.graph.target, clean.graph.target)
+
+
 def test_noise_is_a_function_of_seed_epoch_and_sample():
     a = input_errors(0, 1, 4, 50, SIGMA)
     assert np.array_equal(a, input_errors(0, 1, 4, 50, SIGMA))        # a resumed epoch draws the same noise
