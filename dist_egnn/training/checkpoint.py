@@ -41,7 +41,9 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from dist_egnn.config import Config
 from dist_egnn.errors import BadInput
 
 SCHEMA_VERSION = 1           # of the manifest and of the trainer state inside checkpoints
@@ -151,16 +153,31 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config_changes(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two configurations."""
+ABSENT = "<absent>"
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any], prefix: str = "",
+                   defaults: dict[str, Any] | None = None) -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two configurations. With ``defaults`` (the
+    schema's, :func:`schema_defaults`), a key ``before`` lacks and ``after`` holds at its default is no change:
+    the version that wrote ``before`` did not have the key yet, and a new key's default is the behaviour from
+    before it existed (``trainer.noise_target=clean`` is the training noise of every earlier version)."""
     changes = []
     for key in sorted(set(before) | set(after), key=str):
-        a, b = before.get(key, "<absent>"), after.get(key, "<absent>")
+        a, b = before.get(key, ABSENT), after.get(key, ABSENT)
+        default = defaults.get(key, ABSENT) if isinstance(defaults, dict) else ABSENT
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.")
+            changes += config_changes(a, b, f"{prefix}{key}.", default if isinstance(default, dict) else None)
+        elif a is ABSENT and default is not ABSENT and b == default:
+            continue
         elif a != b:
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changes
+
+
+def schema_defaults() -> dict[str, Any]:
+    """The defaults of every key of the training configuration (``dist_egnn.config.Config``), as nested dicts."""
+    return OmegaConf.to_container(OmegaConf.structured(Config))
 
 
 # ------------------------------------------------------------------------------------------- RNG states
@@ -309,8 +326,9 @@ def verify(directory: str | os.PathLike, manifest: dict[str, Any], config: dict[
     directory = Path(directory)
     where = manifest_path(directory, check_tag(manifest["tag"], directory))
     check_paths(where, manifest)
-    if manifest["config_hash"] != config_hash(config):
-        changes = config_changes(manifest.get("config", {}), identity(config))
+    changes = [] if manifest["config_hash"] == config_hash(config) else \
+        config_changes(manifest.get("config", {}), identity(config), defaults=schema_defaults())
+    if changes or (manifest["config_hash"] != config_hash(config) and not manifest.get("config")):
         raise CheckpointError(f"{where} was written with another configuration "
                               f"({'; '.join(changes[:8]) or 'hash differs'}); "
                               f"resume with the run's own settings (see config.yaml of the run directory), or start "

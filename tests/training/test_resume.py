@@ -169,6 +169,27 @@ def test_incomplete_checkpoints_are_never_picked_and_pruning_keeps_best(tmp_path
          "epoch-00003.json", "latest"])
 
 
+def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default(tmp_path):
+    """A checkpoint written by a version without a key (here trainer.noise_target) resumes when the key holds its
+    default, the behaviour from before it existed; at another value, or with a changed key, it is refused."""
+    config = checkpoint.schema_defaults()
+    before = json.loads(json.dumps(config))
+    del before["trainer"]["noise_target"]
+    (tmp_path / "epoch-00001.pt").write_bytes(b"x")
+    path = checkpoint.write_manifest(tmp_path, "epoch-00001", position=[1, 0], config=checkpoint.identity(before),
+                                     config_hash=checkpoint.config_hash(before))
+    manifest = checkpoint.read_manifest(path)
+    checkpoint.verify(tmp_path, manifest, config)
+    shifted = json.loads(json.dumps(config))
+    shifted["trainer"]["noise_target"] = "shifted"
+    with pytest.raises(checkpoint.CheckpointError, match="trainer.noise_target: '<absent>' -> 'shifted'"):
+        checkpoint.verify(tmp_path, manifest, shifted)
+    changed = json.loads(json.dumps(config))
+    changed["trainer"]["lr"] = 0.5
+    with pytest.raises(checkpoint.CheckpointError, match=r"trainer.lr: 0.0005 -> 0.5"):
+        checkpoint.verify(tmp_path, manifest, changed)
+
+
 @pytest.mark.parametrize("fault, code, message", [
     ("sigint@2", guard.EXIT_STOPPED, "stopped by SIGINT in epoch 1 after step 2"),
     ("nan_loss@1", guard.EXIT_NONFINITE, "non-finite loss and gradients at epoch 1, step 1")])
