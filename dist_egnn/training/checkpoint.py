@@ -326,13 +326,14 @@ def verify(directory: str | os.PathLike, manifest: dict[str, Any], config: dict[
     directory = Path(directory)
     where = manifest_path(directory, check_tag(manifest["tag"], directory))
     check_paths(where, manifest)
-    changes = [] if manifest["config_hash"] == config_hash(config) else \
-        config_changes(manifest.get("config", {}), identity(config), defaults=schema_defaults())
-    if changes or (manifest["config_hash"] != config_hash(config) and not manifest.get("config")):
-        raise CheckpointError(f"{where} was written with another configuration "
-                              f"({'; '.join(changes[:8]) or 'hash differs'}); "
-                              f"resume with the run's own settings (see config.yaml of the run directory), or start "
-                              f"a new run directory (another hydra.run.dir) for the new ones")
+    if manifest["config_hash"] != config_hash(config):
+        # keys added since the checkpoint was written, at their defaults, are no change (config_changes)
+        changes = config_changes(manifest.get("config", {}), identity(config), defaults=schema_defaults())
+        if changes or not manifest.get("config"):
+            raise CheckpointError(f"{where} was written with another configuration "
+                                  f"({'; '.join(changes[:8]) or 'hash differs'}); "
+                                  f"resume with the run's own settings (see config.yaml of the run directory), or "
+                                  f"start a new run directory (another hydra.run.dir) for the new ones")
     for name, expected in manifest["files"].items():
         path = directory / name
         if not path.is_file():

@@ -24,8 +24,8 @@ position gets N(0, σ²) per component and its velocity the error of a finite di
 positions one task step apart, so the model learns to correct the errors a rollout feeds back. The target
 stays the true next position (``trainer.noise_target=clean``: the model undoes the position error too) or moves
 with the input's position error (``shifted``, GNS's and LagrangeBench's convention: only the velocity error is
-corrected). Drawn per (seed, epoch, sample, global node id), like the MMD keys: resume
-and P ranks see the same noise as one device. The edges stay those of the clean frame (σ is refused unless it
+corrected). Drawn per (seed, epoch, sample, global node id), like the MMD keys: resume and P ranks see the same
+noise as one device. The edges stay those of the clean frame (σ is refused unless it
 is well under the radius), so the stored partitions and halos hold.
 
 Edge dropping (docs/maths.md §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
