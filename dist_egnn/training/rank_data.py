@@ -25,8 +25,8 @@ positions one task step apart, so the model learns to correct the errors a rollo
 stays the true next position (``trainer.noise_target=clean``: the model undoes the position error too) or moves
 with the input's position error (``shifted``, GNS's and LagrangeBench's convention: only the velocity error is
 corrected). Drawn per (seed, epoch, sample, global node id), like the MMD keys: resume and P ranks see the same
-noise as one device. The edges stay those of the clean frame (σ is refused unless it
-is well under the radius), so the stored partitions and halos hold.
+noise as one device. The edges stay those of the clean frame (σ is refused unless it is well under the radius),
+so the stored partitions and halos hold.
 
 Edge dropping (docs/maths.md §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
 by global ids so that the two directions of a pair are kept or dropped together. In exact mode with P > 1
@@ -189,10 +189,11 @@ class RankData:
         velocity_error = lambda rows: (errors[0, rows] - errors[1, rows]) * np.float32(d.per_displacement)  # noqa: E731
         halo_vel = None if arrays.halo_vel is None else \
             arrays.halo_vel + velocity_error(halo) * still(arrays.halo_scalars)
-        position_error = errors[0, owned] * still(arrays.scalars)
+        moving = still(arrays.scalars)
+        position_error = errors[0, owned] * moving
         target = arrays.target + position_error if self.noise_shifts_target else arrays.target
         return replace(arrays, pos=arrays.pos + position_error, target=target,
-                       vel=arrays.vel + velocity_error(owned) * still(arrays.scalars),
+                       vel=arrays.vel + velocity_error(owned) * moving,
                        halo_pos=arrays.halo_pos + errors[0, halo] * still(arrays.halo_scalars), halo_vel=halo_vel)
 
     def check_graphs(self, sample_ids: list[int], arrays: list[PartArrays], edges: list[int], whole: bool) -> None:
