@@ -143,7 +143,8 @@ class TrainerConfig:
                                               # optimizer steps
     tensorboard: bool = True                  # TensorBoard event files in <run dir>/tensorboard (rank 0)
     # none | rms: the model works in units where the training split's displacement has RMS 1 (inputs scaled by the
-    # store's statistics, datasets/statistics.py; docs/maths.md §1). Reported MSEs stay in the store's units.
+    # store's statistics, datasets/statistics.py; docs/maths.md §1) | radius: lengths in units of dataset.radius,
+    # velocities over their RMS (the same neighbourhoods at any frame rate). Reported MSEs stay in the store's units.
     normalization: str = "none"
     # σ of GNS-style training noise, in the store's length unit (0: none): each training input's moving positions
     # get N(0, σ²), their velocities the matching finite-difference error, so the model learns to correct what a
@@ -372,7 +373,7 @@ CHOICES = {
     "trainer.dtype": ("float32", "float64"), "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"), "trainer.nonfinite": ("stop", "skip"),
     "trainer.scheduler": ("none", "cosine", "exponential", "plateau"),
-    "trainer.normalization": ("none", "rms"), "trainer.noise_target": ("clean", "shifted"),
+    "trainer.normalization": ("none", "rms", "radius"), "trainer.noise_target": ("clean", "shifted"),
     "dataset.input_velocity": ("stored", "displacement"),
     "distributed.halo": HALO_MODES, "distributed.partition": PARTITION_METHODS,
     "distributed.backend": ("auto", "gloo", "nccl"), "engine.name": ENGINE_NAMES,

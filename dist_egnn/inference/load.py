@@ -8,7 +8,7 @@ returns it in eval mode in the run's ``trainer.dtype``.
 
 The model it returns is the ``torch.nn.Module`` itself (``EGNN`` or ``FastEGNN``), called as in training,
 ``model(**batch.model_inputs())`` -> ``Prediction(pos, virtual_pos)`` (``dist_egnn.datasets.loader.GraphBatch``);
-for a run trained with ``trainer.normalization=rms`` it is wrapped in
+for a run trained with ``trainer.normalization`` rms or radius it is wrapped in
 ``dist_egnn.training.normalization.NormalizedModel``, which takes and returns the store's units with the
 statistics ``best.pt`` recorded (the trained module is its ``.model``). Three plain attributes are added:
 
@@ -106,8 +106,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
 
 
 def normalized(model: torch.nn.Module, saved: dict[str, Any], cfg: DictConfig, best: Path) -> torch.nn.Module:
-    """The model as the trainer called it: with ``trainer.normalization=rms`` wrapped in ``NormalizedModel`` with
-    the statistics ``best.pt`` recorded (inputs scaled, outputs in the store's units); else the model itself."""
+    """The model as the trainer called it: with ``trainer.normalization`` rms or radius wrapped in
+    ``NormalizedModel`` with the scales ``best.pt`` recorded (inputs scaled, outputs in the store's units); else
+    the model itself."""
     from dist_egnn.training.normalization import Normalization, NormalizedModel
 
     mode = cfg.trainer.get("normalization", "none")

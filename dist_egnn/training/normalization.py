@@ -18,6 +18,14 @@ weighs it against an MSE of order 1. What is reported, train_mse, val_mse, test_
 baselines, stays in the store's units. The statistics go into ``best.pt`` (``normalization``), and
 ``dist_egnn.load_model`` wraps a model trained so in :class:`NormalizedModel`, which takes and returns the
 store's units like the trainer's evaluation.
+
+``radius``: the same with the length unit L = ``dataset.radius`` instead of s_x (x / L, distance / L, ..., outputs
+× L; velocities still over s_v), so the target's RMS is s_x / L rather than 1. Under rms the geometry the model
+reads scales with 1 / s_x, so with the frame rate: the water3d_like fluid at 50 fps has s_x ≈ the radius, at 200 fps
+s_x is a quarter of it, every distance reads 4x larger (the walls up to ~500 units from the virtual nodes) and the
+untrained model starting as constant velocity was off by 2 s_x at its first step (the loss 4.3, not ~1e-3;
+docs/results/README.md, "The floor at 200 fps"). In units of the radius the model reads the same neighbourhoods at
+any Δt or frame rate, as GNS scales relative positions by its connectivity radius.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ from torch import Tensor, nn
 from dist_egnn.datasets.store import StoreError
 from dist_egnn.errors import ConfigError
 
-NORMALIZATIONS = ("none", "rms")
+NORMALIZATIONS = ("none", "rms", "radius")
 
 
 @dataclass(frozen=True)
@@ -56,15 +64,22 @@ class Normalization:
         """From a store's statistics record (``datasets.statistics``): s_x = displacement RMS, s_v = velocity
         RMS × the loader's velocity scale. A statistic that is zero, negative or not finite (a store in which
         nothing moves) is a StoreError naming ``where`` and the key."""
-        for key in ("displacement_rms", "velocity_rms"):
-            value = record.get(key)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise StoreError(
-                    f"{where}: statistics {key}={value!r} over the training split's moving nodes: "
-                    f"trainer.normalization=rms divides by it, so it must be a positive number (a store in which "
-                    f"nothing moves, or no velocities, cannot be normalised); use trainer.normalization=none")
+        check_statistics(record, ("displacement_rms", "velocity_rms"), "rms", where)
         return cls(mode="rms", length=float(record["displacement_rms"]),
                    velocity=float(record["velocity_rms"]) * float(velocity_scale),
+                   node_features=tuple(node_features), edge_features=tuple(edge_features), statistics=dict(record))
+
+    @classmethod
+    def radius(cls, record: dict[str, Any], velocity_scale: float, radius: float | None, node_features,
+               edge_features, where: str = "the store") -> "Normalization":
+        """As :meth:`rms`, with lengths in units of the graphs' connectivity radius (``dataset.radius``, else the
+        store's) instead of s_x. None or a non-positive radius (a complete graph) is a ConfigError naming the key."""
+        if radius is None or not math.isfinite(float(radius)) or float(radius) <= 0:
+            raise ConfigError(f"trainer.normalization=radius measures lengths in units of the graphs' radius, which is "
+                              f"{radius!r} here (dataset.radius, else the store's; a complete graph has none): set "
+                              f"dataset.radius to a positive length or use trainer.normalization=rms")
+        check_statistics(record, ("velocity_rms",), "radius", where)
+        return cls(mode="radius", length=float(radius), velocity=float(record["velocity_rms"]) * float(velocity_scale),
                    node_features=tuple(node_features), edge_features=tuple(edge_features), statistics=dict(record))
 
     # -- what the model sees --------------------------------------------------------------------------
@@ -122,9 +137,13 @@ class Normalization:
 
     def describe(self) -> str:
         s = self.statistics
+        velocity = f"velocity RMS s_v={self.velocity:.6g} over {s.get('samples')} training samples"
+        if self.mode == "radius":
+            rms = s.get("displacement_rms", float("nan"))
+            return (f"trainer.normalization=radius: lengths in units of dataset.radius={self.length:.6g} (the "
+                    f"displacement's RMS is {rms / self.length:.4g} of it), {velocity}")
         return (f"trainer.normalization=rms: displacement RMS s_x={self.length:.6g} (mean |displacement| "
-                f"{s.get('displacement_mean_norm', float('nan')):.6g}), velocity RMS s_v={self.velocity:.6g} over "
-                f"{s.get('samples')} training samples")
+                f"{s.get('displacement_mean_norm', float('nan')):.6g}), {velocity}")
 
     # -- saved with the model -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -144,6 +163,18 @@ class Normalization:
 
 
 NONE = Normalization()
+
+
+def check_statistics(record: dict[str, Any], keys: tuple[str, ...], mode: str, where: str) -> None:
+    """Each of ``keys`` in a store's statistics ``record`` must be a positive finite number (a StoreError naming
+    ``where`` and the key): the model's units divide by them."""
+    for key in keys:
+        value = record.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise StoreError(
+                f"{where}: statistics {key}={value!r} over the training split's moving nodes: "
+                f"trainer.normalization={mode} divides by it, so it must be a positive number (a store in which "
+                f"nothing moves, or no velocities, cannot be normalised); use trainer.normalization=none")
 
 
 class NormalizedModel(nn.Module):

@@ -258,7 +258,7 @@ def open_data(cfg: DictConfig, rt: Runtime, progress: bool):
 
 
 def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo) -> Normalization:
-    """``trainer.normalization``: none, or rms from the store's statistics of this run's frame selection
+    """``trainer.normalization``: none, or rms or radius from the store's statistics of this run's frame selection
     (``datasets/statistics.py``). A store without them (made before they existed, or another ``dataset.delta_t``
     or frame range) gets them now: rank 0 computes and records them in the store's attributes while the other
     ranks wait, then hands them to every rank (one line says so)."""
@@ -283,10 +283,14 @@ def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo) -> Norm
     if "error" in got:
         raise StoreError(got["error"])
     key = statistics_key(d.delta_t, d.frame_start, d.frame_stop, d.frame_stride)
-    normalization = Normalization.rms(got["record"], velocity_scale(d.get("velocity_unit", "store"), d.delta_t,
-                                                                    info.attrs["dt"]),
-                                      d.node_features, d.edge_features,
-                                      where=f"{info.path} (attribute statistics[{key!r}])")
+    scale = velocity_scale(d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
+    where = f"{info.path} (attribute statistics[{key!r}])"
+    if cfg.trainer.normalization == "radius":          # the radius the graphs are built with (datasets/loader.py)
+        radius = d.get("radius") if d.get("radius") is not None else info.attrs.get("radius")
+        normalization = Normalization.radius(got["record"], scale, radius, d.node_features, d.edge_features,
+                                             where=where)
+    else:
+        normalization = Normalization.rms(got["record"], scale, d.node_features, d.edge_features, where=where)
     if rt.is_main:
         print(normalization.describe(), flush=True)
     return normalization

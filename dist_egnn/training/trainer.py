@@ -19,7 +19,7 @@ The run directory receives (rank 0 writes):
                          and constant_velocity_mse (dist_egnn.measure.baselines)
     tensorboard/         TensorBoard event files: loss and lr per optimizer step, every evaluation's numbers
     curves.png           train loss, train and validation MSE per evaluation (dist_egnn.training.curves)
-                         (with trainer.normalization=rms, train_loss and mmd_share are the objective in the
+                         (with trainer.normalization rms or radius, train_loss and mmd_share are the objective in the
                          model's units, dist_egnn.training.normalization; every MSE stays in the store's units)
     checkpoints/best.pt  the model with the best validation MSE, portable (torch.load(weights_only=True)); with
                          trainer.ema_decay the averaged weights, which every evaluation uses too
@@ -94,7 +94,7 @@ def forward_loss(engine, communicator, batch: RankBatch, cfg, device: torch.devi
     ``parts`` is P of the graph group (1 for one process): the loss share's MMD part is divided by it and
     the engine's ``loss_scale`` undoes its gradient averaging (see dist_egnn.engines.base). Walls are held at
     their input positions (:func:`hold_walls`) and left out of the loss (``losses.objective``). With
-    ``trainer.normalization=rms`` the model works in scaled units and the loss is computed in them
+    ``trainer.normalization`` rms or radius the model works in scaled units and the loss is computed in them
     (dist_egnn.training.normalization). Returns the loss terms (this rank's shares).
     """
     loss_cfg = cfg.loss

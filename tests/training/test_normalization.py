@@ -17,6 +17,7 @@ import zarr
 import dist_egnn
 from dist_egnn.datasets.statistics import STATISTICS_ATTR
 from dist_egnn.datasets.store import open_store
+from dist_egnn.errors import ConfigError
 from dist_egnn.inference.load import RunError
 from dist_egnn.inference.rollout import rollout
 from dist_egnn.training.normalization import NormalizedModel
@@ -113,7 +114,11 @@ def test_loaded_model_and_rollout_predict_what_the_trainer_evaluated(root, tmp_p
 def test_a_model_trained_with_normalization_is_equivariant_end_to_end(root):
     """The loaded model, scaling included, on real test graphs: rotations, reflections, translations and
     permutations commute with it (only positive scalars multiply vectors)."""
-    model = dist_egnn.load_model(root / "rms", dtype="float64")
+    assert_loaded_model_equivariant(root / "rms")
+
+
+def assert_loaded_model_equivariant(run: Path) -> None:
+    model = dist_egnn.load_model(run, dtype="float64")
     cfg = model.config
     batch = next(load_splits(cfg, open_dataset_store(cfg.dataset, progress=False))["test"].batches(3, shuffle=False))
     graph = Graph(node_features=batch.node_features, pos=batch.pos, vel=batch.vel, edge_index=batch.edge_index,
@@ -154,3 +159,38 @@ def test_inputs_scale_vectors_and_length_features_by_positive_scalars_only():
     assert all(got[k] is inputs[k] for k in ("batch", "moving", "num_graphs"))
     assert NONE.inputs(inputs) is inputs and NONE.model_units(inputs["pos"]) is inputs["pos"]
     assert norm.mmd_sigma(1.5, "gaussian") == 3.0 and norm.mmd_sigma(1.5, "unsquared") == pytest.approx(1.5 * 2 ** 0.5)
+
+
+def test_radius_units_scale_lengths_by_the_radius_and_need_one():
+    """trainer.normalization=radius: lengths over the graphs' radius, velocities over s_v as under rms; saved and
+    restored as such; a complete graph (no radius) or a radius that is no positive length is refused by name."""
+    from dist_egnn.training.normalization import Normalization
+
+    record = dict(displacement_rms=0.5, velocity_rms=2.0)
+    norm = Normalization.radius(record, 4.0, 0.25, ["speed"], ["distance", "distance_sq"])
+    assert (norm.mode, norm.length, norm.velocity) == ("radius", 0.25, 8.0)
+    pos, edges = torch.randn(5, 3), torch.rand(7, 2)
+    got = norm.inputs(dict(pos=pos, vel=pos, edge_attr=edges))
+    torch.testing.assert_close(got["pos"], pos * 4.0)
+    torch.testing.assert_close(got["edge_attr"], edges * torch.tensor([4.0, 16.0]))
+    assert Normalization.from_state(norm.state_dict()) == norm
+    assert "dataset.radius=0.25 (the displacement's RMS is 2 of it)" in norm.describe()
+    for bad in (None, 0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"trainer\.normalization=radius .*set dataset\.radius"):
+            Normalization.radius(record, 4.0, bad, ["speed"], ["distance"])
+
+
+def test_a_run_in_radius_units_trains_saves_and_loads_them(root, tmp_path):
+    """End to end on the tiny N-body set with a radius graph: the objective is train_mse / r², best.pt and the
+    loaded model carry r as the length unit, and the loaded model is equivariant."""
+    run, radius = tmp_path / "radius", 4.0
+    fit(root / "data", run, "trainer.normalization=radius", f"dataset.radius={radius}",
+        "trainer.checkpoint_every_steps=0")
+    first = records(run)[0]
+    assert first["train_mse"] / radius ** 2 == pytest.approx(first["train_loss"] * (1 - first["mmd_share"]), rel=1e-4)
+    (record,) = zarr.open_group(str(root / "data" / STORE)).attrs[STATISTICS_ATTR].values()
+    saved = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["normalization"]
+    assert (saved["mode"], saved["length"], saved["velocity"]) == ("radius", radius, record["velocity_rms"])
+    model = dist_egnn.load_model(run)
+    assert isinstance(model, NormalizedModel) and model.normalization.length == radius
+    assert_loaded_model_equivariant(run)
