@@ -267,7 +267,7 @@ def test_noise_target_is_checked_against_its_choices():
 def test_gravity_is_on_for_the_sph_fluids_and_off_elsewhere():
     """issue 17 item 2: the SPH fluids (and the GNS Water-3D converter) give every graph gravity as datasets/sph.py
     simulates it; N-body, proteins and the synthetic sets have none."""
-    on = {"fluid_small", "fluid_small_walls", "water3d_like", "fluid113k", "water3d"}
+    on = {"fluid_small", "fluid_small_walls", "water3d_like", "water3d_like_200fps", "fluid113k", "water3d"}
     for path in DATASET_YAMLS:
         gravity = composed("config", f"dataset={path.stem}").dataset.gravity
         assert (list(gravity) == [0.0, -9.81, 0.0]) if path.stem in on else gravity is None, path.stem
