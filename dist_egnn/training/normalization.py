@@ -19,13 +19,13 @@ baselines, stays in the store's units. The statistics go into ``best.pt`` (``nor
 ``dist_egnn.load_model`` wraps a model trained so in :class:`NormalizedModel`, which takes and returns the
 store's units like the trainer's evaluation.
 
-``radius``: the same with the length unit L = ``dataset.radius`` instead of s_x (x / L, distance / L, ..., outputs
-× L; velocities still over s_v), so the target's RMS is s_x / L rather than 1. Under rms the geometry the model
-reads scales with 1 / s_x, so with the frame rate: the water3d_like fluid at 50 fps has s_x ≈ the radius, at 200 fps
-s_x is a quarter of it, every distance reads 4x larger (the walls up to ~500 units from the virtual nodes) and the
-untrained model starting as constant velocity was off by 2 s_x at its first step (the loss 4.3, not ~1e-3;
-docs/results/README.md, "The floor at 200 fps"). In units of the radius the model reads the same neighbourhoods at
-any Δt or frame rate, as GNS scales relative positions by its connectivity radius.
+``radius``: the same with the length unit L = the graphs' radius (``dataset.radius``, else the store's) instead of
+s_x (x / L, distance / L, ..., outputs × L; velocities still over s_v), so the target's RMS is s_x / L rather
+than 1. Under rms the geometry the model reads scales with 1 / s_x, so with the frame rate: the water3d_like fluid
+at 50 fps has s_x ≈ the radius, at 200 fps s_x is a quarter of it, every distance reads 4x larger (a wall 10 m
+away: 550 units) and the untrained model starting as constant velocity was off by 2 s_x at its first step (the
+loss 4.3, not ~1e-3; docs/results/README.md, "The floor at 200 fps"). In units of the radius the model reads the
+same neighbourhoods at any Δt or frame rate, as GNS scales relative positions by its connectivity radius.
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ class Normalization:
         velocity = f"velocity RMS s_v={self.velocity:.6g} over {s.get('samples')} training samples"
         if self.mode == "radius":
             rms = s.get("displacement_rms", float("nan"))
-            return (f"trainer.normalization=radius: lengths in units of dataset.radius={self.length:.6g} (the "
+            return (f"trainer.normalization=radius: lengths in units of the graphs' radius {self.length:.6g} (the "
                     f"displacement's RMS is {rms / self.length:.4g} of it), {velocity}")
         return (f"trainer.normalization=rms: displacement RMS s_x={self.length:.6g} (mean |displacement| "
                 f"{s.get('displacement_mean_norm', float('nan')):.6g}), {velocity}")
@@ -178,9 +178,9 @@ def check_statistics(record: dict[str, Any], keys: tuple[str, ...], mode: str, w
 
 
 class NormalizedModel(nn.Module):
-    """A model trained with ``trainer.normalization=rms``, called in the store's units: ``model(**inputs)`` scales
-    the inputs, runs the trained model and returns its ``Prediction`` in the store's units. The trained model
-    is ``.model``; its attributes (widths, ``set_comm``) read through."""
+    """A model trained with ``trainer.normalization`` rms or radius, called in the store's units:
+    ``model(**inputs)`` scales the inputs, runs the trained model and returns its ``Prediction`` in the store's
+    units. The trained model is ``.model``; its attributes (widths, ``set_comm``) read through."""
 
     def __init__(self, model: nn.Module, normalization: Normalization):
         super().__init__()

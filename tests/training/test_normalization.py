@@ -174,7 +174,7 @@ def test_radius_units_scale_lengths_by_the_radius_and_need_one():
     torch.testing.assert_close(got["pos"], pos * 4.0)
     torch.testing.assert_close(got["edge_attr"], edges * torch.tensor([4.0, 16.0]))
     assert Normalization.from_state(norm.state_dict()) == norm
-    assert "dataset.radius=0.25 (the displacement's RMS is 2 of it)" in norm.describe()
+    assert "the graphs' radius 0.25 (the displacement's RMS is 2 of it)" in norm.describe()
     for bad in (None, 0.0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match=r"trainer\.normalization=radius .*set dataset\.radius"):
             Normalization.radius(record, 4.0, bad, ["speed"], ["distance"])
