@@ -243,13 +243,14 @@ def test_predict_composes_against_the_predict_schema():
 
 # ------------------------------------------------------------------------------------------- trainer options
 def test_normalization_is_checked_against_its_choices():
-    """trainer.normalization (issue 19 item 5): none by default, rms accepted, anything else a ConfigError naming
-    the key and the choices."""
+    """trainer.normalization (issue 19 item 5): none by default, rms and radius accepted, anything else a
+    ConfigError naming the key and the choices."""
     from dist_egnn.errors import ConfigError
 
     assert composed("config").trainer.normalization == "none"
     schema.check(composed("config", "trainer.normalization=rms"))
-    with pytest.raises(ConfigError, match=r"trainer\.normalization='std': choose one of \('none', 'rms'\)"):
+    schema.check(composed("config", "trainer.normalization=radius"))
+    with pytest.raises(ConfigError, match=r"trainer\.normalization='std': choose one of \('none', 'rms', 'radius'\)"):
         schema.check(composed("config", "trainer.normalization=std"))
 
 
