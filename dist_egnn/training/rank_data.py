@@ -184,17 +184,17 @@ class RankData:
         errors = input_errors(seed, epoch, sample, int(self.graph_sizes[arrays.scene]), self.noise)
         ids = nodes.local_to_global
         owned, halo = ids[:len(arrays.pos)], ids[len(arrays.pos):]
-        still = lambda scalars: 1.0 if d.type_column is None else d.moving_of(scalars)[:, None]  # noqa: E731
+        moving_of = lambda scalars: 1.0 if d.type_column is None else d.moving_of(scalars)[:, None]  # noqa: E731
         # the velocity is a position difference over one task step, in the dataset's velocity unit
         velocity_error = lambda rows: (errors[0, rows] - errors[1, rows]) * np.float32(d.per_displacement)  # noqa: E731
         halo_vel = None if arrays.halo_vel is None else \
-            arrays.halo_vel + velocity_error(halo) * still(arrays.halo_scalars)
-        moving = still(arrays.scalars)
+            arrays.halo_vel + velocity_error(halo) * moving_of(arrays.halo_scalars)
+        moving = moving_of(arrays.scalars)
         position_error = errors[0, owned] * moving
         target = arrays.target + position_error if self.noise_shifts_target else arrays.target
         return replace(arrays, pos=arrays.pos + position_error, target=target,
                        vel=arrays.vel + velocity_error(owned) * moving,
-                       halo_pos=arrays.halo_pos + errors[0, halo] * still(arrays.halo_scalars), halo_vel=halo_vel)
+                       halo_pos=arrays.halo_pos + errors[0, halo] * moving_of(arrays.halo_scalars), halo_vel=halo_vel)
 
     def check_graphs(self, sample_ids: list[int], arrays: list[PartArrays], edges: list[int], whole: bool) -> None:
         """Warn (once per split and kind) when a graph of this batch has no edges, or when the batch's mean

@@ -86,7 +86,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = 
     try:                                   # a refused set-up leaves no lock file behind
         progress = cfg.trainer.progress and rt.is_main
         info, splits = open_data(cfg, rt, progress)
-        normalization = resolve_normalization(cfg, rt, info)
+        normalization = resolve_normalization(cfg, rt, info, splits["train"].radius)
         data = rank_data(cfg, rt, splits, progress)
         torch.manual_seed(cfg.trainer.seed)
         model = build_model(cfg.model, rt.device, external_field=has_external_field(cfg.dataset)).to(rt.device,
@@ -257,11 +257,12 @@ def open_data(cfg: DictConfig, rt: Runtime, progress: bool):
     return info, load_splits(cfg, info)
 
 
-def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo) -> Normalization:
-    """``trainer.normalization``: none, or rms or radius from the store's statistics of this run's frame selection
-    (``datasets/statistics.py``). A store without them (made before they existed, or another ``dataset.delta_t``
-    or frame range) gets them now: rank 0 computes and records them in the store's attributes while the other
-    ranks wait, then hands them to every rank (one line says so)."""
+def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo, radius: float | None) -> Normalization:
+    """``trainer.normalization``: none, or rms or radius (``radius``: the training graphs' radius, None for a
+    complete graph) from the store's statistics of this run's frame selection (``datasets/statistics.py``). A
+    store without them (made before they existed, or another ``dataset.delta_t`` or frame range) gets them now:
+    rank 0 computes and records them in the store's attributes while the other ranks wait, then hands them to
+    every rank (one line says so)."""
     from dist_egnn.datasets.loader import velocity_scale
     from dist_egnn.datasets.statistics import ensure_statistics, statistics_key
 
@@ -285,8 +286,7 @@ def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo) -> Norm
     key = statistics_key(d.delta_t, d.frame_start, d.frame_stop, d.frame_stride)
     scale = velocity_scale(d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
     where = f"{info.path} (attribute statistics[{key!r}])"
-    if cfg.trainer.normalization == "radius":          # the radius the graphs are built with (datasets/loader.py)
-        radius = d.get("radius") if d.get("radius") is not None else info.attrs.get("radius")
+    if cfg.trainer.normalization == "radius":
         normalization = Normalization.radius(got["record"], scale, radius, d.node_features, d.edge_features,
                                              where=where)
     else:
