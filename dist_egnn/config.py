@@ -160,6 +160,16 @@ class TrainerConfig:
     pushforward_unrolls: int = 0
     pushforward_prob: float = 0.5
     pushforward_start_epoch: int = 1
+    # Validation rollouts (dist_egnn/training/validation.py): every evaluation also rolls the model out this many
+    # task steps on the validation split (0: none) from input frame val_rollout_start (None: training's first) of
+    # its first val_rollout_scenes scenes (None: all), and records val_rollout_mse (mean of the per-step MSE; inf
+    # when it diverged), val_rollout_baseline_mse (constant velocity), val_rollout_steps, val_rollout_outside.
+    val_rollout_steps: int = 0
+    val_rollout_start: Optional[int] = None
+    val_rollout_scenes: Optional[int] = None
+    # The validation number that picks best.pt, counts early stopping's patience and drives the plateau schedule:
+    # val_mse (one step) | val_rollout_mse (needs trainer.val_rollout_steps >= 1).
+    select_on: str = "val_mse"
 
 
 @dataclass
@@ -361,7 +371,8 @@ RANGES = {
     "trainer.plateau_patience": (0, True), "trainer.plateau_factor": (0, False), "trainer.ema_decay": (0, True),
     "trainer.accumulate": (1, True), "trainer.input_noise": (0, True),
     "trainer.pushforward_unrolls": (0, True), "trainer.pushforward_prob": (0, True),
-    "trainer.pushforward_start_epoch": (1, True),
+    "trainer.pushforward_start_epoch": (1, True), "trainer.val_rollout_steps": (0, True),
+    "trainer.val_rollout_start": (0, True), "trainer.val_rollout_scenes": (1, True),
     "distributed.parts": (1, True), "distributed.seed": (0, True), "distributed.timeout_s": (0, False),
     "distributed.prepare_timeout_s": (0, False), "distributed.inject_latency_ms": (0, True),
     "distributed.inject_slowdown": (1, True), "distributed.inject_delay_ms": (0, True),
@@ -374,6 +385,7 @@ CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"), "trainer.nonfinite": ("stop", "skip"),
     "trainer.scheduler": ("none", "cosine", "exponential", "plateau"),
     "trainer.normalization": ("none", "rms", "radius"), "trainer.noise_target": ("clean", "shifted"),
+    "trainer.select_on": ("val_mse", "val_rollout_mse"),
     "dataset.input_velocity": ("stored", "displacement"),
     "distributed.halo": HALO_MODES, "distributed.partition": PARTITION_METHODS,
     "distributed.backend": ("auto", "gloo", "nccl"), "engine.name": ENGINE_NAMES,
@@ -430,6 +442,17 @@ def check(cfg: DictConfig | Config) -> None:
                         f"which the stored partitions and halos (made from the stored frames) do not cover; train "
                         f"it on whole graphs (distributed.parts=1, data parallel over ranks is fine), or set "
                         f"trainer.pushforward_unrolls=0")
+    rollout_steps = cfg.trainer.get("val_rollout_steps", 0) or 0
+    if cfg.trainer.get("select_on", "val_mse") == "val_rollout_mse" and rollout_steps < 1:
+        problems.append(f"trainer.select_on=val_rollout_mse with trainer.val_rollout_steps={rollout_steps}: selecting "
+                        f"on a validation rollout needs one; set trainer.val_rollout_steps=K (K >= 1 task steps), or "
+                        f"trainer.select_on=val_mse")
+    if rollout_steps and cfg.distributed.parts > 1:
+        problems.append(f"trainer.val_rollout_steps={rollout_steps} with distributed.parts={cfg.distributed.parts}: "
+                        f"a validation rollout builds whole graphs from the model's own predictions, which the "
+                        f"stored partitions do not cover; train on whole graphs (distributed.parts=1, data parallel "
+                        f"over ranks is fine), or set trainer.val_rollout_steps=0 and roll out afterwards with "
+                        f"launch/predict.py run=RUN split=val parts={cfg.distributed.parts}")
     if cfg.trainer.get("scheduler", "none") != "none" and cfg.trainer.get("min_lr", 0.0) > cfg.trainer.lr:
         problems.append(f"trainer.min_lr={cfg.trainer.min_lr} is above trainer.lr={cfg.trainer.lr}: the schedule "
                         f"decays from trainer.lr down to trainer.min_lr; lower trainer.min_lr")

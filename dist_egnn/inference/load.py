@@ -16,7 +16,8 @@ statistics ``best.pt`` recorded (the trained module is its ``.model``). Three pl
   the dataset recipe (``model.config.dataset``: ``delta_t``, ``velocity_unit``, features, radius), which a
   caller needs to build inputs the model was trained on;
 * ``model.run_dir``: the run directory (``pathlib.Path``);
-* ``model.checkpoint``: what ``best.pt`` says about itself (``epoch``, ``val_mse``, its path).
+* ``model.checkpoint``: what ``best.pt`` says about itself (``epoch``, ``val_mse``, ``val_rollout_mse`` (None
+  without a validation rollout), ``selected_on`` (``trainer.select_on``), its path).
 
 Every problem is a :class:`RunError` (a ``BadInput``: exit 2 from the launch scripts) naming the file and
 the fix: no ``config.yaml``, no or unreadable ``best.pt``, weights whose shapes or names do not match the
@@ -101,7 +102,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
     model.to(device=device, dtype=dtype).eval()
     model.config = cfg
     model.run_dir = run_dir
-    model.checkpoint = {"path": str(best), "epoch": saved.get("epoch"), "val_mse": saved.get("val_mse")}
+    model.checkpoint = {"path": str(best), "epoch": saved.get("epoch"), "val_mse": saved.get("val_mse"),
+                        "val_rollout_mse": saved.get("val_rollout_mse"),
+                        "selected_on": saved.get("selected_on", "val_mse")}
     return model
 
 

@@ -4,7 +4,8 @@
 
     step/loss, step/lr                    every optimizer step (the loss averaged over the step's micro-batches
                                           and every rank: the loss of one device)
-    eval/train_loss, eval/train_mse, eval/val_mse, eval/mmd_share, eval/lr, eval/step_time_s, eval/peak_mem_mb, ...
+    eval/train_loss, eval/train_mse, eval/val_mse, eval/mmd_share, eval/lr, eval/step_time_s, eval/peak_mem_mb,
+    eval/val_rollout_mse, ...
                                           every evaluation (the numbers of its metrics.jsonl line)
     test/test_mse, test/zero_motion_mse, test/constant_velocity_mse
                                           the best model's test evaluation
@@ -12,9 +13,10 @@
 Open them with ``tensorboard --logdir <run dir>`` (or ``--logdir runs/`` for every run). A resumed run opens
 a new event file and tells TensorBoard to drop what the old ones logged after the resume point.
 
-``<run dir>/curves.png``: train loss, train MSE and validation MSE per evaluation (read back from
-metrics.jsonl, so across resumes), with the test line's zero-motion and constant-velocity MSE drawn as
-references once the run has been tested; rewritten atomically (never torn) after every evaluation.
+``<run dir>/curves.png``: train loss, train MSE and validation MSE per evaluation (with trainer.val_rollout_steps
+also the validation rollout's mean MSE), read back from metrics.jsonl, so across resumes, with the test line's
+zero-motion and constant-velocity MSE drawn as references once the run has been tested; rewritten atomically
+(never torn) after every evaluation.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from typing import Any
 from dist_egnn.training import checkpoint
 
 EVALUATION_SCALARS = ("train_loss", "train_mse", "val_mse", "mmd_share", "lr", "step_time_s", "comm_time_s",
-                      "epoch_time_s")
+                      "epoch_time_s", "val_rollout_mse", "val_rollout_baseline_mse", "val_rollout_steps",
+                      "val_rollout_outside")
 TEST_SCALARS = ("test_mse", "zero_motion_mse", "constant_velocity_mse")
 
 
@@ -116,7 +119,8 @@ def render(evaluations: list[dict[str, Any]], references: dict[str, float], titl
     epochs = [r["epoch"] for r in evaluations]
     values = []
     for key, label, style in (("train_loss", "train loss", "-"), ("train_mse", "train MSE", "--"),
-                              ("val_mse", "validation MSE", "-")):
+                              ("val_mse", "validation MSE", "-"),
+                              ("val_rollout_mse", "validation rollout MSE (mean of its steps)", "-.")):
         ys = [r.get(key) for r in evaluations]
         if ys and all(isinstance(y, (int, float)) for y in ys):
             ax.plot(epochs, ys, style, marker="o", markersize=3, label=label)

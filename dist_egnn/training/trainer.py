@@ -1,5 +1,6 @@
 """Training on one process or many: Adam with an optional learning-rate schedule, weight averaging and gradient
-accumulation, early stopping on validation MSE, test with the best model.
+accumulation, early stopping on a validation number (``trainer.select_on``: one-step MSE, or a validation rollout's
+mean MSE, dist_egnn.training.validation), test with the best model.
 
 One code path for every launch: ``python launch/train.py`` is one rank holding whole graphs (P = 1);
 ``deepspeed --num_gpus P launch/train.py distributed.parts=P`` or ``torchrun --nproc-per-node P ...`` puts
@@ -14,15 +15,18 @@ The run directory receives (rank 0 writes):
     metrics.jsonl        one JSON object per evaluation: epoch, train_loss, train_mse, mmd_share (the MMD term's
                          part of train_loss), val_mse, lr, world_size, parts, step_time_s (per batch, mean after
                          the first, warm-up step), comm_time_s (in the model's collectives), edges_per_rank,
-                         dropped_edge_fraction, peak_mem_mb, ...; the last line is the test evaluation of the
-                         best model and also carries test_mse and, for the same test samples, zero_motion_mse
-                         and constant_velocity_mse (dist_egnn.measure.baselines)
+                         dropped_edge_fraction, peak_mem_mb, ... (with trainer.val_rollout_steps also
+                         val_rollout_mse, val_rollout_baseline_mse, val_rollout_steps and, with walls,
+                         val_rollout_outside: dist_egnn.training.validation); the last line is the test evaluation
+                         of the best model and also carries test_mse and, for the same test samples,
+                         zero_motion_mse and constant_velocity_mse (dist_egnn.measure.baselines)
     tensorboard/         TensorBoard event files: loss and lr per optimizer step, every evaluation's numbers
     curves.png           train loss, train and validation MSE per evaluation (dist_egnn.training.curves)
                          (with trainer.normalization rms or radius, train_loss and mmd_share are the objective in the
                          model's units, dist_egnn.training.normalization; every MSE stays in the store's units)
-    checkpoints/best.pt  the model with the best validation MSE, portable (torch.load(weights_only=True)); with
-                         trainer.ema_decay the averaged weights, which every evaluation uses too
+    checkpoints/best.pt  the model with the best trainer.select_on (val_mse by default), portable
+                         (torch.load(weights_only=True)); with trainer.ema_decay the averaged weights, which every
+                         evaluation uses too
     checkpoints/engine/  resume points: model, optimizer, trainer state (epoch, step in the epoch, early
                          stopping, the epoch's running sums, RNG states, the learning-rate schedule, the
                          weight average), each completed by a manifest
@@ -49,6 +53,7 @@ count optimizer steps, the position in the epoch (``step``, checkpoint tags) cou
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -76,6 +81,7 @@ from dist_egnn.training.rank_data import RankBatch
 from dist_egnn.training.resume import Checkpoints, MetricsLog
 from dist_egnn.training.schedule import Schedule
 from dist_egnn.training.state import EpochTotals, TrainerState, resumed_totals
+from dist_egnn.training.validation import ValidationRollout, better
 
 
 def hold_walls(pred, graph):
@@ -154,6 +160,8 @@ class Trainer:
         self.ema = EMA(self.engine.module, t.ema_decay) if t.get("ema_decay") else None
         self.curves = Curves(self.run_dir, self.is_main, t.get("tensorboard", True))
         self.pushforward = Pushforward.from_config(self.cfg, self.data["train"].dataset)
+        self.val_rollout = ValidationRollout.from_config(self.cfg, self.info)
+        self.select_on = t.get("select_on", "val_mse")
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path, env: runtime.DistEnv | None = None,
@@ -194,22 +202,23 @@ class Trainer:
             self.state.epoch, self.state.step = epoch, 0
             if not self.evaluates(epoch):
                 continue
-            record = dict(epoch=epoch, **record, val_mse=self.validate(), lr=self.schedule.lr(),
+            record = dict(epoch=epoch, **record, **self.validate(), lr=self.schedule.lr(),
                           epoch_time_s=time.perf_counter() - started)
             tag = checkpoint.evaluation_tag(epoch)
-            if record["val_mse"] < self.state.best["val_mse"]:
+            metric = self.select_on
+            if better(record, self.state.best, metric):
                 self.state.best, self.state.best_tag, self.state.stale = dict(record), tag, 0
-                self.save_best(epoch, record["val_mse"])
+                self.save_best(epoch, record)
             else:
                 self.state.stale += 1
             self.metrics.write(record)
-            self.schedule.after_evaluation(record["val_mse"])
+            self.schedule.after_evaluation(record[metric])
             self.curves.evaluation(self.state.global_step, record)
             manifest = self.save_checkpoint(tag)
-            bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_mse=f"{record['val_mse']:.4g}",
-                            best=f"{self.state.best['val_mse']:.4g}")
+            bar.set_postfix(loss=f"{record['train_loss']:.4g}", **{metric: f"{record[metric]:.4g}"},
+                            best=f"{self.state.best[metric]:.4g}")
             if self.state.stale >= t.patience:
-                bar.write(f"early stop at epoch {epoch}: val MSE has not improved for {self.state.stale} "
+                bar.write(f"early stop at epoch {epoch}: {metric} has not improved for {self.state.stale} "
                           f"evaluations (to continue, resume=auto with a larger trainer.patience)")
                 break
             if runtime.agree([self.signals.received], self.collective_device)[0]:
@@ -382,12 +391,21 @@ class Trainer:
                     skipped_steps=skipped, precision=self.cfg.trainer.get("precision", "fp32"),
                     device=self.device.type)
 
-    def validate(self) -> float:
-        """The validation MSE of the weights evaluations use: the average with trainer.ema_decay."""
-        if self.ema is None:
-            return self.evaluate("val")
-        with self.ema.applied():
-            return self.evaluate("val")
+    def validate(self) -> dict[str, float]:
+        """The validation numbers of the weights evaluations use (the average with trainer.ema_decay): val_mse and,
+        with trainer.val_rollout_steps, the validation rollout's (dist_egnn.training.validation)."""
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            numbers = dict(val_mse=self.evaluate("val"))
+            if self.val_rollout is not None:
+                numbers.update(self.val_rollout.score(self.rollout_model, self.cfg, self.info, self.device,
+                                                      self.dtype, self.collective_device))
+        return numbers
+
+    def rollout_model(self, **inputs):
+        """The model as a rollout calls it (``dist_egnn.inference.rollout``): inputs and prediction in the store's
+        units, in ``trainer.precision``; evaluation mode is set by :meth:`evaluate`, which runs first."""
+        with autocast(self.device, self.cfg.trainer.get("precision", "fp32")):
+            return self.normalization.call(self.engine.model, inputs)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> float:
@@ -420,15 +438,19 @@ class Trainer:
         return hold_walls(pred, graph).pos
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def save_best(self, epoch: int, val_mse: float) -> None:
+    def save_best(self, epoch: int, record: dict[str, Any]) -> None:
         """The portable best model (rank 0 writes; every rank takes part when the engine shards weights): the
-        weight average with trainer.ema_decay. With trainer.normalization the statistics it was trained with
-        (``normalization``), which ``dist_egnn.load_model`` applies."""
+        weight average with trainer.ema_decay, the evaluation's validation numbers (``val_mse``, and
+        ``val_rollout_mse`` with a validation rollout) and ``selected_on`` (trainer.select_on). With
+        trainer.normalization the statistics it was trained with (``normalization``), which
+        ``dist_egnn.load_model`` applies."""
         state = self.engine.export_state() if self.ema is None else self.ema.state_dict(self.engine)
         if self.is_main:
             extra = dict(normalization=self.normalization.state_dict()) if self.normalization.active else {}
-            checkpoint.save_atomic(dict(model=state, epoch=epoch, val_mse=val_mse, config=to_container(self.cfg),
-                                        schema_version=checkpoint.SCHEMA_VERSION, **extra), self.best_path)
+            numbers = {k: v for k, v in record.items() if k == "val_mse" or k.startswith("val_rollout_")}
+            checkpoint.save_atomic(dict(model=state, epoch=epoch, **numbers, selected_on=self.select_on,
+                                        config=to_container(self.cfg), schema_version=checkpoint.SCHEMA_VERSION,
+                                        **extra), self.best_path)
         runtime.barrier()
 
     def start(self) -> None:

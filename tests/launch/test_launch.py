@@ -179,6 +179,21 @@ def test_graph_and_data_parallel(data_dir):
     assert_same_metrics(data_dir / "gxd", data_dir / "single-b6", 1e-9)
 
 
+def test_validation_rollout_under_data_parallel_ranks(data_dir):
+    """Guards validation rollouts on 2 DDP ranks holding whole graphs (G = 2, P = 1): every rank rolls out the
+    same validation scenes through the DDP wrapper, rank 0's numbers decide, and they are one process's whose
+    batch holds both ranks' batches; best.pt is picked on them."""
+    rollout = ("trainer.dtype=float64", "dataset.delta_t=3", "trainer.val_rollout_steps=3",
+               "trainer.select_on=val_rollout_mse")
+    proc = launch(torchrun(2), data_dir, "dp-rollout", *rollout, "engine=ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = launch([], data_dir, "single-b6-rollout", *rollout, "trainer.batch_size=6")
+    assert single.returncode == 0, single.stderr
+    assert_same_metrics(data_dir / "dp-rollout", data_dir / "single-b6-rollout", 1e-9,
+                        (*COMPARED, "val_rollout_mse", "val_rollout_baseline_mse"))
+    assert all(r["val_rollout_steps"] == 3 for r in records(data_dir / "dp-rollout"))
+
+
 def test_fsdp_engine(data_dir):
     """Guards FSDP (fully_shard) under torchrun: sharded weights, gathered checkpoints, same numbers."""
     proc = launch(torchrun(2), data_dir, "fsdp", "trainer.dtype=float64", "distributed.parts=2",
