@@ -40,6 +40,10 @@ from dist_egnn.datasets.store import StoreError
 from dist_egnn.errors import ConfigError
 
 NORMALIZATIONS = ("none", "rms", "radius")
+# Under rms, a displacement RMS below this fraction of the graphs' radius gets a warning: water3d_like trained under
+# rms at s_x ≈ the radius (50 fps) and broke from its first steps at s_x = radius / 4 (200 fps); the threshold lies
+# between the two measured points, not at a measured edge.
+SMALL_DISPLACEMENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,17 @@ class Normalization:
         check_statistics(record, ("velocity_rms",), "radius", where)
         return cls(mode="radius", length=float(radius), velocity=float(record["velocity_rms"]) * float(velocity_scale),
                    node_features=tuple(node_features), edge_features=tuple(edge_features), statistics=dict(record))
+
+    def small_displacement(self, radius: float | None) -> str | None:
+        """Under rms with a radius graph, a warning when s_x is under :data:`SMALL_DISPLACEMENT` times the radius
+        (every distance then reads radius / s_x times larger than at s_x ≈ radius); None otherwise."""
+        if self.mode != "rms" or radius is None or not self.length < SMALL_DISPLACEMENT * float(radius):
+            return None
+        return (f"trainer.normalization=rms: the training displacement's RMS s_x = {self.length:.4g} is "
+                f"{float(radius) / self.length:.3g}x smaller than the graphs' radius {float(radius):.4g}, so the model "
+                f"reads every distance that many times larger than at s_x ≈ radius (on water3d_like at 200 fps, "
+                f"s_x = radius / 4, training broke from its first steps; docs/results/README.md, \"The floor at 200 "
+                f"fps\"); trainer.normalization=radius keeps lengths in units of the radius at any frame rate")
 
     # -- what the model sees --------------------------------------------------------------------------
     def inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -293,6 +293,9 @@ def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo, radius:
         normalization = Normalization.rms(got["record"], scale, d.node_features, d.edge_features, where=where)
     if rt.is_main:
         print(normalization.describe(), flush=True)
+        warning = normalization.small_displacement(radius)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
     return normalization
 
 

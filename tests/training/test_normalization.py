@@ -194,3 +194,23 @@ def test_a_run_in_radius_units_trains_saves_and_loads_them(root, tmp_path):
     model = dist_egnn.load_model(run)
     assert isinstance(model, NormalizedModel) and model.normalization.length == radius
     assert_loaded_model_equivariant(run)
+
+
+def test_rms_warns_when_the_displacement_is_far_below_the_radius(root, tmp_path):
+    """Under rms a displacement RMS far below the radius (a fine frame rate) inflates every distance the model
+    reads: set-up warns and names trainer.normalization=radius; radius units and complete graphs say nothing."""
+    from dist_egnn.training.normalization import SMALL_DISPLACEMENT, Normalization
+    from dist_egnn.training.trainer import Trainer
+
+    record = dict(displacement_rms=0.25, velocity_rms=1.0)
+    norm = Normalization.rms(record, 1.0, [], [])
+    assert norm.small_displacement(None) is None                                  # a complete graph
+    assert norm.small_displacement(0.25 / SMALL_DISPLACEMENT) is None             # at the threshold
+    assert "is 4x smaller than the graphs' radius 1" in norm.small_displacement(1.0)
+    assert Normalization.radius(record, 1.0, 1.0, [], []).small_displacement(1.0) is None
+    (stats,) = zarr.open_group(str(root / "data" / STORE)).attrs[STATISTICS_ATTR].values()
+    radius = 4 * stats["displacement_rms"]
+    with pytest.warns(UserWarning, match=r"4x smaller .*trainer\.normalization=radius keeps lengths"):
+        trainer = Trainer.from_config(config(root / "data", "trainer.normalization=rms", f"dataset.radius={radius}"),
+                                      tmp_path / "run")
+    trainer.lock.release()
