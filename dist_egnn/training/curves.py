@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from dist_egnn.training import checkpoint
 
 EVALUATION_SCALARS = ("train_loss", "train_mse", "val_mse", "mmd_share", "lr", "step_time_s", "comm_time_s",
                       "epoch_time_s", "val_rollout_mse", "val_rollout_baseline_mse", "val_rollout_steps",
-                      "val_rollout_outside")
+                      "val_rollout_outside", "val_rollout_time_s")
 TEST_SCALARS = ("test_mse", "zero_motion_mse", "constant_velocity_mse")
 
 
@@ -123,8 +124,9 @@ def render(evaluations: list[dict[str, Any]], references: dict[str, float], titl
                               ("val_rollout_mse", "validation rollout MSE (mean of its steps)", "-.")):
         ys = [r.get(key) for r in evaluations]
         if ys and all(isinstance(y, (int, float)) for y in ys):
+            ys = [y if math.isfinite(y) else math.nan for y in ys]      # a diverged rollout (inf): a gap
             ax.plot(epochs, ys, style, marker="o", markersize=3, label=label)
-            values += ys
+            values += [y for y in ys if not math.isnan(y)]
     for key, label, colour in (("zero_motion_mse", "zero motion (test)", "grey"),
                                ("constant_velocity_mse", "constant velocity (test)", "black")):
         if key in references:

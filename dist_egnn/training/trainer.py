@@ -16,9 +16,9 @@ The run directory receives (rank 0 writes):
                          part of train_loss), val_mse, lr, world_size, parts, step_time_s (per batch, mean after
                          the first, warm-up step), comm_time_s (in the model's collectives), edges_per_rank,
                          dropped_edge_fraction, peak_mem_mb, ... (with trainer.val_rollout_steps also
-                         val_rollout_mse, val_rollout_baseline_mse, val_rollout_steps and, with walls,
-                         val_rollout_outside: dist_egnn.training.validation); the last line is the test evaluation
-                         of the best model and also carries test_mse and, for the same test samples,
+                         val_rollout_mse, val_rollout_baseline_mse, val_rollout_steps, val_rollout_time_s and,
+                         with walls, val_rollout_outside: dist_egnn.training.validation); the last line is the test
+                         evaluation of the best model and also carries test_mse and, for the same test samples,
                          zero_motion_mse and constant_velocity_mse (dist_egnn.measure.baselines)
     tensorboard/         TensorBoard event files: loss and lr per optimizer step, every evaluation's numbers
     curves.png           train loss, train and validation MSE per evaluation (dist_egnn.training.curves)
@@ -397,8 +397,10 @@ class Trainer:
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             numbers = dict(val_mse=self.evaluate("val"))
             if self.val_rollout is not None:
+                started = time.perf_counter()
                 numbers.update(self.val_rollout.score(self.rollout_model, self.cfg, self.info, self.device,
                                                       self.dtype, self.collective_device))
+                numbers["val_rollout_time_s"] = time.perf_counter() - started
         return numbers
 
     def rollout_model(self, **inputs):

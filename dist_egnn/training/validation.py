@@ -15,6 +15,7 @@ evaluated out K task steps on the validation split (``dist_egnn.inference.rollou
     val_rollout_steps          the steps completed (K unless it diverged)
     val_rollout_outside        the share of the predicted moving nodes outside the walls' box at the last
                                completed step (stores with walls only)
+    val_rollout_time_s         the rollout's wall time (the trainer measures it)
 
 ``trainer.select_on`` names the number that picks ``best.pt``, counts early stopping's patience and drives the
 plateau schedule: ``val_mse`` (one step, the default) or ``val_rollout_mse``.

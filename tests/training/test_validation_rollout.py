@@ -140,3 +140,14 @@ def test_a_rollout_the_validation_split_cannot_hold_is_refused_before_training(r
         fit(root / "data", tmp_path / "run", *overrides)
     assert all(w in str(err.value) for w in words), str(err.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_curves_draw_a_diverged_rollout_as_a_gap(root):
+    """curves.png of the rollout-selected run holds the rollout's line, and an evaluation whose rollout diverged
+    (inf) leaves a gap instead of breaking the log scale."""
+    from dist_egnn.training.curves import render
+
+    assert (root / "rollout" / "curves.png").stat().st_size > 0
+    evals = [dict(epoch=1, train_loss=1.0, val_mse=0.5, val_rollout_mse=math.inf),
+             dict(epoch=2, train_loss=0.8, val_mse=0.4, val_rollout_mse=3.0)]
+    assert render(evals, {}).startswith(b"\x89PNG")
