@@ -38,7 +38,15 @@ from omegaconf import DictConfig
 
 from dist_egnn.datasets.store import StoreInfo
 from dist_egnn.errors import ConfigError
-from dist_egnn.inference.rollout import Rollout, available_steps, first_input_frame, rollout
+from dist_egnn.inference.rollout import (
+    Parts,
+    Rollout,
+    RolloutError,
+    available_steps,
+    first_input_frame,
+    plan_rollout,
+    rollout,
+)
 from dist_egnn.parallel import runtime
 
 SPLIT = "val"
@@ -74,7 +82,12 @@ class ValidationRollout:
         if scenes is not None and int(scenes) > meta.num_scenes:
             raise ConfigError(f"trainer.val_rollout_scenes={scenes}: {info.path}/{SPLIT} holds {meta.num_scenes} "
                               f"scenes; set it to at most {meta.num_scenes}, or null for all of them")
-        return cls(steps=steps, start=start, scenes=None if scenes is None else int(scenes))
+        scenes = None if scenes is None else int(scenes)
+        try:                                   # what else a rollout checks (an input velocity that needs the past)
+            plan_rollout(cfg, info, SPLIT, steps, start, scenes, None, Parts())
+        except RolloutError as err:
+            raise ConfigError(f"trainer.val_rollout_start={start}: {err}") from err
+        return cls(steps=steps, start=start, scenes=scenes)
 
     def score(self, model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, device: torch.device,
               dtype: torch.dtype, collective_device: torch.device | str = "cpu") -> dict[str, float]:
