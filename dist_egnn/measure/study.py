@@ -121,7 +121,8 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> 
     distributed = config.get("distributed", {})
     return dict(study=spec.name, budget=spec.budget, label=run.label, dataset=config["dataset"]["name"],
                 model=config["model"]["name"], seed=seed, test_mse=final["test_mse"], val_mse=final.get("val_mse"),
-                best_epoch=final.get("epoch"), cutoff_rate=config["model"].get("cutoff_rate", 0.0),
+                best_epoch=final.get("epoch"), val_rollout_mse=final.get("val_rollout_mse"),
+                cutoff_rate=config["model"].get("cutoff_rate", 0.0),
                 virtual_channels=config["model"].get("virtual_channels"), parts=distributed.get("parts", 1),
                 halo=distributed.get("halo", "none"), partition=distributed.get("partition"),
                 ranks=run.ranks, dropped_edge_fraction=final.get("dropped_edge_fraction"),
