@@ -135,7 +135,8 @@ def test_settings_that_make_no_sense_are_refused_by_name(tmp_path, overrides, wo
     (("dataset.delta_t=3", "trainer.val_rollout_steps=1", "trainer.val_rollout_scenes=4"),
      ("trainer.val_rollout_scenes=4", "at most 3")),
     (("dataset.delta_t=3", "dataset.input_velocity=displacement", "dataset.frame_start=3", "dataset.frame_stop=4",
-      "trainer.val_rollout_steps=1", "trainer.val_rollout_start=0"), ("trainer.val_rollout_start=0", "input_velocity=displacement", "frame 3")),
+      "trainer.val_rollout_steps=1", "trainer.val_rollout_start=0"),
+     ("trainer.val_rollout_start=0", "input_velocity=displacement", "frame 3")),
 ])
 def test_a_rollout_the_validation_split_cannot_hold_is_refused_before_training(root, tmp_path, overrides, words):
     with pytest.raises(ConfigError) as err:
