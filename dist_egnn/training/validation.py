@@ -18,7 +18,10 @@ evaluated out K task steps on the validation split (``dist_egnn.inference.rollou
     val_rollout_time_s         the rollout's wall time (the trainer measures it)
 
 ``trainer.select_on`` names the number that picks ``best.pt``, counts early stopping's patience and drives the
-plateau schedule: ``val_mse`` (one step, the default) or ``val_rollout_mse``.
+plateau schedule: ``val_mse`` (one step, the default) or ``val_rollout_mse``. Measured once, on the small fluid
+(docs/results/README.md, "Selecting on a validation rollout"): a 74-frame mean over its 2 validation scenes swung by
+up to 2.6x between evaluations and picked models whose test rollouts were worse than the last epoch's; whether a
+rollout judges better than one step depends on its horizon and scenes, so the default stays ``val_mse``.
 
 The rollout runs on every rank of a launch whose ranks hold whole graphs (``distributed.parts=1``; data parallel
 over ranks is fine): each rank rolls out the same scenes with the same weights, and rank 0's numbers are
