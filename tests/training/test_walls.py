@@ -250,3 +250,23 @@ def test_two_ranks_in_exact_halo_mode_equal_one_process_with_walls(store, overla
             if key in w:
                 assert abs(g[key] - w[key]) <= 1e-9 * abs(w[key]), f"{key}: {g[key]} != {w[key]}"
     assert got[0]["parts"] == 2 and np.isfinite(want[-1]["test_mse"])
+
+
+def test_validation_rollout_records_the_share_outside_the_walls(store, tmp_path):
+    """trainer.val_rollout_steps on a store with walls: every evaluation records the share of the fluid outside the
+    walls' box at the rollout's last step, and it is the share launch/predict.py's rollout of best.pt gives."""
+    import dist_egnn
+    from dist_egnn.inference.rollout import rollout
+
+    root = store.parent.parent
+    cfg = dist_egnn.compose_config(f"paths.data={root / 'data'}", *COMMON, "trainer.max_epochs=2",
+                                   "trainer.val_rollout_steps=2", "trainer.select_on=val_rollout_mse")
+    Trainer.from_config(cfg, tmp_path / "run").fit()
+    evaluations = records(tmp_path / "run")[:-1]
+    assert len(evaluations) == 2
+    assert all(r["val_rollout_steps"] == 2 and 0.0 <= r["val_rollout_outside"] <= 1.0 for r in evaluations)
+    model = dist_egnn.load_model(tmp_path / "run")
+    again = rollout(model, model.config, open_store(store), "val", 2, dtype=torch.float64)
+    best = next(r for r in evaluations if r["epoch"] == model.checkpoint["epoch"])
+    assert again.outside_share[-1] == pytest.approx(best["val_rollout_outside"], abs=1e-12)
+    assert float(np.mean(again.mse)) == pytest.approx(best["val_rollout_mse"], rel=1e-6)
