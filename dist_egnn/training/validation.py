@@ -74,7 +74,7 @@ class ValidationRollout:
         start = first_input_frame(cfg) if t.get("val_rollout_start") is None else int(t.val_rollout_start)
         meta = info.splits[SPLIT]
         delta_t = int(cfg.dataset.delta_t)
-        available = available_steps(info, SPLIT, start, delta_t) if start < meta.num_frames else 0
+        available = available_steps(info, SPLIT, start, delta_t)
         if available < steps:
             raise ConfigError(
                 f"trainer.val_rollout_steps={steps}: {info.path}/{SPLIT} holds frames 0..{meta.num_frames - 1}, so "
