@@ -26,8 +26,10 @@ from dist_egnn.errors import BadInput, ConfigError
 
 NODE_FEATURE_RECIPES = ("speed",)        # plus any name in the store's node_scalars
 # plus "<scalar>_product" for a node scalar
-EDGE_FEATURE_RECIPES = ("distance", "distance_sq", "distance_per_radius", "radial_velocity")
+EDGE_FEATURE_RECIPES = ("distance", "distance_sq", "distance_per_radius", "radial_velocity", "height_per_radius")
 VELOCITY_EDGE_FEATURES = ("radial_velocity",)   # read the input velocities: a rank's halo must carry them
+RADIUS_EDGE_FEATURES = ("distance_per_radius", "height_per_radius")   # need the graph's radius
+FIELD_EDGE_FEATURES = ("height_per_radius",)    # need the external field's direction (dataset.gravity)
 
 
 def complete_graph(num_nodes: int) -> np.ndarray:
@@ -211,9 +213,19 @@ def node_features(recipe: list[str], vel: np.ndarray, scalars: np.ndarray, scala
     return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(vel), 0), np.float32)
 
 
+def up_of(gravity) -> np.ndarray | None:
+    """The unit vector against the external field, -g / |g| (3,) float64: what ``height_per_radius`` measures
+    along. None without a field (None) or for a field of length 0, which has no direction."""
+    if gravity is None:
+        return None
+    g = np.asarray(gravity, dtype=np.float64).reshape(3)
+    length = np.linalg.norm(g)
+    return None if length == 0 else -g / length
+
+
 def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, scalars: np.ndarray,
                   scalar_names: list[str], vel: np.ndarray | None = None,
-                  radius: float | None = None) -> np.ndarray:
+                  radius: float | None = None, up: np.ndarray | None = None) -> np.ndarray:
     """Invariant edge attributes e_ij at the input frame: (E, len(recipe)) float32.
 
     ``distance`` |x_i − x_j|, ``distance_sq`` its square, ``<scalar>_product`` the product of a node scalar
@@ -225,6 +237,15 @@ def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, sc
     away from that wall: what an EGNN message otherwise cannot see in its first layer, whose inputs hold |v_i|
     and distances but no direction of motion. Rotating or reflecting x and v together, or translating x, leaves
     it unchanged. Example: x_i = (0, 1, 0), v_i = (0, -2, 0) above a wall at the origin: -2 (closing at 2).
+
+    ``height_per_radius`` (x_i − x_j) · u / ``radius``, u = −g / |g| the direction against the external field
+    (:func:`up_of` of ``dataset.gravity``): how far the receiver sits above the sender, in radii. Distances alone
+    leave a wall's two sides alike: a particle just below a floor of wall particles hears the same distances as
+    one just above it, and the message's push along x_i − x_j, which holds the particle above, sends the one
+    below further down. With this column a message knows which side it is on. Rotating or reflecting x and g
+    together, or translating x, leaves it unchanged (u · (x_i − x_j) is a dot product of two vectors that turn
+    together). Example: gravity (0, -9.81, 0), x_i = (0, 0.03, 0) above a wall at the origin, radius 0.075: 0.4;
+    the wall's edge from a particle at (0, -0.03, 0) below it: -0.4.
     """
     recv, send = edge_index
     apart = pos[recv] - pos[send]                 # x_i - x_j, shared by the geometric recipes
@@ -245,6 +266,11 @@ def edge_features(recipe: list[str], edge_index: np.ndarray, pos: np.ndarray, sc
             length = np.sqrt(length_sq)
             closing = np.einsum("ij,ij->i", vel[recv] - vel[send], apart)
             columns.append(np.divide(closing, length, out=np.zeros_like(closing), where=length > 0))
+        elif name == "height_per_radius":
+            if radius is None or up is None:
+                raise ValueError("edge feature 'height_per_radius' needs the graph's radius (radius=) and the "
+                                 "direction against the field (up=, datasets.graphs.up_of(gravity))")
+            columns.append(apart @ up / radius)
         elif name.endswith("_product") and name[: -len("_product")] in scalar_names:
             col = scalars[:, scalar_names.index(name[: -len("_product")])]
             columns.append(col[recv] * col[send])

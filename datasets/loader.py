@@ -22,11 +22,14 @@ import zarr
 from scipy.spatial import cKDTree
 
 from dist_egnn.datasets.graphs import (
+    FIELD_EDGE_FEATURES,
+    RADIUS_EDGE_FEATURES,
     VELOCITY_EDGE_FEATURES,
     drop_longest_edges,
     edge_features,
     graph_edges,
     node_features,
+    up_of,
 )
 from dist_egnn.datasets.md import trivial_target
 from dist_egnn.datasets.store import WALL, StoreError, StoreInfo
@@ -220,10 +223,17 @@ class TrajectoryDataset:
         self.node_recipe = list(node_features)
         self.edge_recipe = list(edge_features)
         self.radius = info.attrs.get("radius") if radius is None else radius
-        if "distance_per_radius" in self.edge_recipe and self.radius is None:
-            raise ConfigError(f"{info.path}: dataset.edge_features holds distance_per_radius, but the graph is "
-                              f"complete (dataset.radius and the store's radius are null): set dataset.radius, or "
-                              f"use distance")
+        for name in (n for n in self.edge_recipe if n in RADIUS_EDGE_FEATURES):
+            if self.radius is None:
+                raise ConfigError(f"{info.path}: dataset.edge_features holds {name}, but the graph is complete "
+                                  f"(dataset.radius and the store's radius are null): set dataset.radius, or "
+                                  f"use distance")
+        self.up = up_of(self.gravity)
+        for name in (n for n in self.edge_recipe if n in FIELD_EDGE_FEATURES):
+            if self.up is None:
+                raise ConfigError(f"{info.path}: dataset.edge_features holds {name}, which measures along the "
+                                  f"external field, but dataset.gravity is {'null' if gravity is None else 'zero'}"
+                                  f": set dataset.gravity (e.g. [0, -9.81, 0]), or drop {name}")
         reach = (info.attrs.get("generator") or {}).get("wall_reach")
         if reach is not None and (self.radius is None or self.radius > reach):
             raise StoreError(f"{info.path}: its walls were kept only within dataset.sph.wall_reach={reach} m of the "
@@ -385,7 +395,7 @@ class TrajectoryDataset:
                            node_features=node_features(self.node_recipe, vel, scalars, names),
                            edge_index=edge_index,
                            edge_attr=edge_features(self.edge_recipe, edge_index, pos, scalars, names, vel,
-                                                   self.radius),
+                                                   self.radius, self.up),
                            scene=scene, frame=frame, moving=self.moving_of(scalars), gravity=self.gravity)
 
     def batches(self, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> Iterator[GraphBatch]:

@@ -64,8 +64,15 @@ import zarr
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from dist_egnn.datasets.graphs import drop_longest_edges, edge_features, graph_edges, node_features, part_graphs
-from dist_egnn.datasets.loader import GraphBatch, GraphSample, collate, task_gravity, velocity_scale
+from dist_egnn.datasets.graphs import (
+    drop_longest_edges,
+    edge_features,
+    graph_edges,
+    node_features,
+    part_graphs,
+    up_of,
+)
+from dist_egnn.datasets.loader import GraphBatch, GraphSample, check_gravity, collate, task_gravity, velocity_scale
 from dist_egnn.datasets.store import StoreInfo
 from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.keys import SPLITS
@@ -96,17 +103,20 @@ class GraphRecipe:
     node_features: tuple[str, ...]
     edge_features: tuple[str, ...]
     scalar_names: tuple[str, ...]
+    up: tuple[float, float, float] | None = None   # against dataset.gravity (height_per_radius); None: no field
 
     @classmethod
     def of(cls, cfg: DictConfig, info: StoreInfo) -> "GraphRecipe":
         """The recipe of a run's configuration on a store (radius None: the store's own, as the loader does)."""
         d = cfg.dataset
         radius = info.attrs.get("radius") if d.get("radius") is None else d.radius
+        up = up_of(check_gravity(d.get("gravity")))
+        up = None if up is None else tuple(float(c) for c in up)
         return cls(radius=radius, max_neighbors=d.get("max_neighbors"),
                    cutoff_rate=float(cfg.model.get("cutoff_rate", 0.0)),
                    wall_neighbors=int(d.get("wall_neighbors", 0) or 0),
                    node_features=tuple(d.node_features), edge_features=tuple(d.edge_features),
-                   scalar_names=tuple(info.node_scalars))
+                   scalar_names=tuple(info.node_scalars), up=up)
 
 
 @dataclass(frozen=True)
@@ -154,7 +164,7 @@ def build_graph(pos: np.ndarray, vel: np.ndarray, scalars: np.ndarray, recipe: G
         edges, cut = partitioned_edges(pos, whole, recipe.cutoff_rate, parts, recipe, walls)
     return StepGraph(edge_index=edges,
                      edge_attr=edge_features(list(recipe.edge_features), edges, pos, scalars, names, vel,
-                                             recipe.radius),
+                                             recipe.radius, None if recipe.up is None else np.asarray(recipe.up)),
                      node_features=node_features(list(recipe.node_features), vel, scalars, names),
                      cut_fraction=cut)
 

@@ -299,7 +299,7 @@ class RankData:
             pos = np.concatenate([a.pos, a.halo_pos])
             scalars = np.concatenate([a.scalars, a.halo_scalars])
             vel = None if a.halo_vel is None else np.concatenate([a.vel, a.halo_vel])
-            attrs.append(edge_features(d.edge_recipe, e, pos, scalars, names, vel, d.radius))
+            attrs.append(edge_features(d.edge_recipe, e, pos, scalars, names, vel, d.radius, d.up))
             edges.append(stacked.batch_rows(b, e.reshape(-1)).reshape(2, -1))
         cat = lambda xs: torch.from_numpy(np.concatenate(xs))  # noqa: E731
         sizes = np.array([len(a.pos) for a in arrays])

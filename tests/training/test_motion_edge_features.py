@@ -1,8 +1,9 @@
 """The edge features for particle fluids: ``radial_velocity`` (v_i − v_j) · (x_i − x_j) / |x_i − x_j|, the speed
-at which an edge's ends separate, and ``distance_per_radius`` |x_i − x_j| / radius. Their worked values, their
-invariance when positions and velocities move together, and that every graph builder computes them alike: the
-loader, a rollout step, and P ranks in exact halo mode (halo rows carry their velocities, with the training
-noise), so exact mode still equals one process. A complete graph refuses ``distance_per_radius``.
+at which an edge's ends separate, ``distance_per_radius`` |x_i − x_j| / radius and ``height_per_radius``
+(x_i − x_j) · u / radius with u = −g / |g|. Their worked values, their invariance when positions, velocities and
+the field move together, and that every graph builder computes them alike: the loader, a rollout step, and P
+ranks in exact halo mode (halo rows carry their velocities, with the training noise), so exact mode still equals
+one process. A complete graph refuses the per-radius features, a dataset without gravity ``height_per_radius``.
 
 The store is test_walls.py's hand-made box of falling particles with wall rows.
 """
@@ -11,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from scipy.spatial.transform import Rotation
 
-from dist_egnn.datasets.graphs import edge_features, graph_edges
+from dist_egnn.datasets.graphs import edge_features, graph_edges, up_of
 from dist_egnn.datasets.loader import TrajectoryDataset
 from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
 from dist_egnn.datasets.store import open_store
@@ -24,7 +26,8 @@ from dist_egnn.training.normalization import Normalization
 from dist_egnn.training.rank_data import RankData
 from tests.training.test_walls import RADIUS, SCENES, dataset, rank_ids, wall_store
 
-RECIPE = ["distance", "radial_velocity", "distance_per_radius"]
+RECIPE = ["distance", "radial_velocity", "distance_per_radius", "height_per_radius"]
+GRAVITY = np.array([0.0, -2.0, 0.0], np.float32)    # any field: height_per_radius reads its direction only
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +59,47 @@ def test_distance_per_radius_puts_a_radius_graphs_neighbours_at_0_to_1(store, tm
                           edge_features=["distance_per_radius"])
 
 
-def test_radial_velocity_does_not_depend_on_the_frame_of_reference():
+def test_height_per_radius_tells_the_two_sides_of_a_wall_apart(store, tmp_path):
+    pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.03, 0.0], [0.0, -0.03, 0.0]])    # a wall; a particle above, below
+    edges = np.array([[1, 2, 0], [0, 0, 1]])                               # wall -> both particles, one back
+    up = up_of([0.0, -9.81, 0.0])
+    got = edge_features(["height_per_radius", "distance_per_radius"], edges, pos, np.zeros((3, 0)), [],
+                        radius=0.075, up=up)
+    np.testing.assert_allclose(got, [[0.4, 0.4], [-0.4, 0.4], [-0.4, 0.4]], rtol=1e-6)  # distances alike, sides not
+    assert up_of(None) is None and up_of([0.0, 0.0, 0.0]) is None
+    with pytest.raises(ValueError, match="height_per_radius.*up="):
+        edge_features(["height_per_radius"], edges, pos, np.zeros((3, 0)), [], radius=0.075)
+    with pytest.raises(ConfigError, match="height_per_radius.*dataset.gravity is null"):
+        dataset(store, edge_features=["height_per_radius"])
+    with pytest.raises(ConfigError, match="height_per_radius.*dataset.gravity is zero"):
+        dataset(store, edge_features=["height_per_radius"], gravity=np.zeros(3))
+    sample = dataset(store, edge_features=["height_per_radius"], gravity=GRAVITY).read([0])[0]
+    recv, send = sample.edge_index
+    np.testing.assert_allclose(sample.edge_attr[:, 0], (sample.pos[recv, 1] - sample.pos[send, 1]) / RADIUS,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_edge_features_do_not_depend_on_the_frame_of_reference():
     rng = np.random.default_rng(0)
     pos, vel = rng.normal(size=(30, 3)), rng.normal(size=(30, 3))
     edges = graph_edges(pos, 1.2)
     turn = Rotation.from_euler("xyz", [0.4, -1.3, 2.2]).as_matrix() @ np.diag([1.0, 1.0, -1.0])  # with a reflection
-    a = edge_features(RECIPE, edges, pos, np.zeros((30, 0)), [], vel, 1.2)
-    b = edge_features(RECIPE, edges, pos @ turn.T + [3.0, -1.0, 0.5], np.zeros((30, 0)), [], vel @ turn.T, 1.2)
+    g = np.array([0.3, -9.0, 1.0])
+    a = edge_features(RECIPE, edges, pos, np.zeros((30, 0)), [], vel, 1.2, up_of(g))
+    b = edge_features(RECIPE, edges, pos @ turn.T + [3.0, -1.0, 0.5], np.zeros((30, 0)), [], vel @ turn.T, 1.2,
+                      up_of(g @ turn.T))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert np.abs(a[:, 3]).max() > 0.1
 
 
 def test_loader_and_rollout_step_compute_the_same_features(store):
-    data = dataset(store, edge_features=RECIPE, wall_neighbors=2)
+    data = dataset(store, edge_features=RECIPE, wall_neighbors=2, gravity=GRAVITY)
     sample = data.read([3])[0]
     assert (sample.edge_attr[:, 1] < 0).any() and (sample.edge_attr[:, 1] > 0).any()
-    recipe = GraphRecipe(radius=RADIUS, max_neighbors=None, cutoff_rate=0.0, wall_neighbors=2,
-                         node_features=("speed", "type"), edge_features=tuple(RECIPE),
-                         scalar_names=tuple(data.info.node_scalars))
+    cfg = OmegaConf.create({"dataset": {"radius": RADIUS, "wall_neighbors": 2, "node_features": ["speed", "type"],
+                                        "edge_features": RECIPE, "gravity": GRAVITY.tolist()}, "model": {}})
+    recipe = GraphRecipe.of(cfg, data.info)                      # what launch/predict.py builds from config.yaml
+    assert recipe.up == (0.0, 1.0, 0.0)
     scalars = data.read_states([data.locate(3)])[0][3]
     step = build_graph(sample.pos, sample.vel, scalars, recipe)
     np.testing.assert_array_equal(step.edge_index, sample.edge_index)
@@ -81,7 +108,7 @@ def test_loader_and_rollout_step_compute_the_same_features(store):
 
 def test_two_ranks_in_exact_mode_see_one_process_radial_velocities(store):
     """Halo rows carry their (noisy) input velocities: every rank's edge features are one process's."""
-    splits = {split: dataset(store, split, edge_features=RECIPE) for split in SCENES}
+    splits = {split: dataset(store, split, edge_features=RECIPE, gravity=GRAVITY) for split in SCENES}
     data = splits["train"]
     stored = load_assignments(prepare_partitions(splits, "metis", 2, progress=False, scheduler="threads"), "train")
     noise = RADIUS / 10
@@ -101,5 +128,5 @@ def test_two_ranks_in_exact_mode_see_one_process_radial_velocities(store):
 def test_rms_normalization_scales_radial_velocity_as_a_velocity_and_leaves_distance_per_radius():
     norm = Normalization.rms({"displacement_rms": 2.0, "velocity_rms": 4.0}, 1.0, ["speed"], RECIPE)
     attrs = norm.inputs({"pos": torch.zeros(1, 3), "vel": torch.zeros(1, 3),
-                         "edge_attr": torch.tensor([[2.0, 8.0, 0.5]])})
-    assert attrs["edge_attr"].tolist() == [[1.0, 2.0, 0.5]]
+                         "edge_attr": torch.tensor([[2.0, 8.0, 0.5, -0.25]])})
+    assert attrs["edge_attr"].tolist() == [[1.0, 2.0, 0.5, -0.25]]
