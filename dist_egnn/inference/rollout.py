@@ -72,7 +72,7 @@ from dist_egnn.datasets.graphs import (
     part_graphs,
     up_of,
 )
-from dist_egnn.datasets.loader import GraphBatch, GraphSample, check_gravity, collate, task_gravity, velocity_scale
+from dist_egnn.datasets.loader import GraphBatch, GraphSample, collate, task_gravity, velocity_scale
 from dist_egnn.datasets.store import StoreInfo
 from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.keys import SPLITS
@@ -110,7 +110,8 @@ class GraphRecipe:
         """The recipe of a run's configuration on a store (radius None: the store's own, as the loader does)."""
         d = cfg.dataset
         radius = info.attrs.get("radius") if d.get("radius") is None else d.radius
-        up = up_of(check_gravity(d.get("gravity")))
+        # the loader's direction, from the same float32 field in the task's units, so the columns agree bit for bit
+        up = up_of(task_gravity(d.get("gravity"), d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"]))
         up = None if up is None else tuple(float(c) for c in up)
         return cls(radius=radius, max_neighbors=d.get("max_neighbors"),
                    cutoff_rate=float(cfg.model.get("cutoff_rate", 0.0)),

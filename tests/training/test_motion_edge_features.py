@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from scipy.spatial.transform import Rotation
 
 from dist_egnn.datasets.graphs import edge_features, graph_edges, up_of
-from dist_egnn.datasets.loader import TrajectoryDataset
+from dist_egnn.datasets.loader import TrajectoryDataset, task_gravity
 from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
 from dist_egnn.datasets.store import open_store
 from dist_egnn.errors import ConfigError
@@ -93,13 +93,17 @@ def test_the_edge_features_do_not_depend_on_the_frame_of_reference():
 
 
 def test_loader_and_rollout_step_compute_the_same_features(store):
-    data = dataset(store, edge_features=RECIPE, wall_neighbors=2, gravity=GRAVITY)
+    field = [0.7, -9.81, 0.3]                           # m/s², tilted: float rounding could tell the two apart
+    cfg = OmegaConf.create({"dataset": {"radius": RADIUS, "wall_neighbors": 2, "node_features": ["speed", "type"],
+                                        "edge_features": RECIPE, "gravity": field, "delta_t": 2,
+                                        "velocity_unit": "horizon"}, "model": {}})
+    info = open_store(store)
+    data = dataset(store, edge_features=RECIPE, wall_neighbors=2,
+                   gravity=task_gravity(field, "horizon", 2, info.attrs["dt"]))      # as training's set-up
     sample = data.read([3])[0]
     assert (sample.edge_attr[:, 1] < 0).any() and (sample.edge_attr[:, 1] > 0).any()
-    cfg = OmegaConf.create({"dataset": {"radius": RADIUS, "wall_neighbors": 2, "node_features": ["speed", "type"],
-                                        "edge_features": RECIPE, "gravity": GRAVITY.tolist()}, "model": {}})
-    recipe = GraphRecipe.of(cfg, data.info)                      # what launch/predict.py builds from config.yaml
-    assert recipe.up == (0.0, 1.0, 0.0)
+    recipe = GraphRecipe.of(cfg, info)                  # what launch/predict.py builds from config.yaml
+    assert recipe.up == tuple(data.up.tolist())
     scalars = data.read_states([data.locate(3)])[0][3]
     step = build_graph(sample.pos, sample.vel, scalars, recipe)
     np.testing.assert_array_equal(step.edge_index, sample.edge_index)
@@ -125,7 +129,7 @@ def test_two_ranks_in_exact_mode_see_one_process_radial_velocities(store):
         assert got == want and any(ids[q] not in owned for _, q in rank.graph.edge_index.T.tolist())
 
 
-def test_rms_normalization_scales_radial_velocity_as_a_velocity_and_leaves_distance_per_radius():
+def test_rms_normalization_scales_radial_velocity_as_a_velocity_and_leaves_the_per_radius_features():
     norm = Normalization.rms({"displacement_rms": 2.0, "velocity_rms": 4.0}, 1.0, ["speed"], RECIPE)
     attrs = norm.inputs({"pos": torch.zeros(1, 3), "vel": torch.zeros(1, 3),
                          "edge_attr": torch.tensor([[2.0, 8.0, 0.5, -0.25]])})
