@@ -223,17 +223,16 @@ class TrajectoryDataset:
         self.node_recipe = list(node_features)
         self.edge_recipe = list(edge_features)
         self.radius = info.attrs.get("radius") if radius is None else radius
-        for name in (n for n in self.edge_recipe if n in RADIUS_EDGE_FEATURES):
-            if self.radius is None:
-                raise ConfigError(f"{info.path}: dataset.edge_features holds {name}, but the graph is complete "
-                                  f"(dataset.radius and the store's radius are null): set dataset.radius, or "
-                                  f"use distance")
+        per_radius = [n for n in self.edge_recipe if n in RADIUS_EDGE_FEATURES]
+        if per_radius and self.radius is None:
+            raise ConfigError(f"{info.path}: dataset.edge_features holds {per_radius[0]}, but the graph is complete "
+                              f"(dataset.radius and the store's radius are null): set dataset.radius, or use distance")
         self.up = up_of(self.gravity)
-        for name in (n for n in self.edge_recipe if n in FIELD_EDGE_FEATURES):
-            if self.up is None:
-                raise ConfigError(f"{info.path}: dataset.edge_features holds {name}, which measures along the "
-                                  f"external field, but dataset.gravity is {'null' if gravity is None else 'zero'}"
-                                  f": set dataset.gravity (e.g. [0, -9.81, 0]), or drop {name}")
+        along_field = [n for n in self.edge_recipe if n in FIELD_EDGE_FEATURES]
+        if along_field and self.up is None:
+            raise ConfigError(f"{info.path}: dataset.edge_features holds {along_field[0]}, which measures along the "
+                              f"external field, but dataset.gravity is {'null' if gravity is None else 'zero'}: set "
+                              f"dataset.gravity (e.g. [0, -9.81, 0]), or drop {along_field[0]}")
         reach = (info.attrs.get("generator") or {}).get("wall_reach")
         if reach is not None and (self.radius is None or self.radius > reach):
             raise StoreError(f"{info.path}: its walls were kept only within dataset.sph.wall_reach={reach} m of the "
