@@ -37,7 +37,12 @@ A rollout starts from the stored state of every chosen scene at input frame t0 (
   0.13M edges at step 1, 57M at step 6, 13 GB) would otherwise exhaust memory on graphs that mean nothing.
   With the cap the graph is bounded (n · (max_neighbors + wall_neighbors) edges) and the rollout goes on;
   ``edges_per_node`` (edges the moving nodes receive, per moving node, of every step's graph) shows any
-  piling up. The steps before a stop are kept and scored.
+  piling up. The steps before a stop are kept and scored. A stop also names the moving node that moved
+  farthest in the last kept step when it moved over :data:`RUNAWAY_FACTOR` times the median moving node, with
+  the step since which it is outside its scene's walls: with virtual nodes, which hear every particle, one
+  runaway makes a whole scene non-finite a step later, and "NaN at 2,002 nodes" would hide where it began
+  (measured on the small fluid: every late divergence began with a particle that had left the box at the impact,
+  docs/results/README.md).
 * **Spread**: ``spread_ratio`` of a step is the RMS distance of a scene's predicted moving nodes from their
   centroid over the same of the truth, mean over scenes: 1 keeps the fluid's extent, below 1 the prediction
   contracts. A model trained on one-step MSE over a long task step learns the mean of what may happen and
@@ -83,6 +88,7 @@ WALL_SCALAR = "type"          # node scalar marking particle kinds; WALL_TYPE ne
 WALL_TYPE = 1
 EDGE_GROWTH_LIMIT = 10        # a scene's graph beyond this many times its first step's edges: the rollout stops
 SPREAD_LIMIT = 1e3            # a scene's predicted extent beyond this many times the true one: the rollout stops
+RUNAWAY_FACTOR = 10.0         # a stop names a moving node whose last step passed this many times the median one's
 HALO_MODES = ("exact", "none")
 PARTITION_METHODS = ("metis", "spatial", "random")
 
@@ -352,7 +358,8 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
             truth = state.read("pos", plan.start + k * plan.delta_t).astype(np.float64)
             check_spread(new_pos, truth, state.moving, state.ptr, plan.scenes, k)
         except Diverged as diverged:
-            result.stopped = f"stopped after {k - 1} of {steps} steps: {diverged}"
+            result.stopped = (f"stopped after {k - 1} of {steps} steps: {diverged}"
+                              f"{runaway(state.pred, state.moving, state.ptr, plan.scenes)}")
             break
         advance(state, new_pos, truth, per_displacement, store_step_time(info, plan))
         record_errors(result, state, truth, cuts, received)
@@ -505,6 +512,30 @@ def check_spread(pred: np.ndarray, truth: np.ndarray, moving: np.ndarray, ptr: n
             raise Diverged(f"the predictions of step {k} of scene {scenes[b]} spread {ratio:.3g} times as far as the "
                            f"true particles (limit {SPREAD_LIMIT:g}x): the predicted particles flew apart (the "
                            f"model diverged)")
+
+
+def runaway(frames: list[np.ndarray], moving: np.ndarray, ptr: np.ndarray, scenes: list[int]) -> str:
+    """What a stop adds about where it began: the moving node that moved farthest between the last two kept
+    ``frames`` (positions (N, 3) from the start frame on), when that is over :data:`RUNAWAY_FACTOR` times the
+    median moving node's move, with the step since which it has been outside its scene's walls (their
+    axis-aligned box, as :func:`outside_share`); "" when no node ran away or fewer than two frames were kept."""
+    if len(frames) < 2 or not moving.any():
+        return ""
+    moved = np.where(moving, np.linalg.norm(frames[-1].astype(np.float64) - frames[-2], axis=1), -1.0)
+    node, median = int(np.argmax(moved)), float(np.median(moved[moving]))
+    if not moved[node] > max(RUNAWAY_FACTOR * median, 0.0):
+        return ""
+    b = int(np.searchsorted(ptr, node, side="right")) - 1
+    text = (f"; before it, node {node - ptr[b]} of scene {scenes[b]} moved {moved[node]:.3g} in step "
+            f"{len(frames) - 1} (the moving nodes' median: {median:.3g})")
+    walls = frames[0][ptr[b]:ptr[b + 1]][~moving[ptr[b]:ptr[b + 1]]]
+    if len(walls):
+        lo, hi = walls.min(axis=0), walls.max(axis=0)
+        inside = [bool(np.all((f[node] >= lo) & (f[node] <= hi))) for f in frames]
+        if not inside[-1]:
+            since = max((j for j, v in enumerate(inside) if v), default=-1) + 1
+            text += f", outside its scene's walls since step {since}" if since else ", outside its scene's walls"
+    return text
 
 
 def store_step_time(info: StoreInfo, plan: RolloutPlan) -> float:

@@ -236,6 +236,37 @@ def test_a_rollout_that_turns_nan_stops_and_keeps_the_steps_before(tmp_path):
                              "(the model diverged)"
 
 
+class ThrowsOneThenNaN(torch.nn.Module):
+    """Step 1: constant velocity, but moving node 10 thrown 50 m along x; step 2: NaN everywhere (as virtual
+    nodes that heard the thrown particle would make it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, node_features, pos, vel, edge_index, edge_attr=None, batch=None, num_graphs=None, **_):
+        self.calls += 1
+        if self.calls > 1:
+            return Prediction(torch.full_like(pos, float("nan")), None)
+        out = pos + vel
+        out[10, 0] += 50.0
+        return Prediction(out, None)
+
+
+def test_a_stop_names_the_node_that_ran_away_and_since_when_it_is_outside_the_walls(tmp_path):
+    """guards the small fluid's late divergences, reported as "NaN or Inf at 2002 nodes" although each began
+    with one particle that had left the box long before: the stop names the farthest mover of the last kept
+    step, its move beside the median one's, and the step since which it is outside its scene's walls."""
+    info = toy_store(tmp_path / "walls.zarr", scenes=1, n=40, frames=21, walls=8)
+    result = rollout(ThrowsOneThenNaN(), run_config(), info, "test", 5)
+    assert result.steps == 1
+    assert result.stopped.startswith("stopped after 1 of 5 steps: the predictions of step 2 hold NaN or Inf at ")
+    moved = np.linalg.norm(result.pred[1] - result.pred[0], axis=1)[8:]
+    assert result.stopped.endswith(f"(the model diverged); before it, node 10 of scene 0 moved {moved[2]:.3g} in "
+                                   f"step 1 (the moving nodes' median: {np.median(moved):.3g}), outside its "
+                                   f"scene's walls since step 1")
+
+
 def test_a_capped_graph_lets_a_piling_rollout_run_on_and_shows_the_piling(stores, tmp_path):
     """With dataset.max_neighbors the graph cannot outgrow n · cap edges, so the same collapsing model runs all
     its steps; edges_per_node climbs to the cap and says what happened."""
