@@ -518,20 +518,19 @@ def runaway(frames: list[np.ndarray], moving: np.ndarray, ptr: np.ndarray, scene
     """What a stop adds about where it began: the moving node that moved farthest between the last two kept
     ``frames`` (positions (N, 3) from the start frame on), when that is over :data:`RUNAWAY_FACTOR` times the
     median moving node's move, with the step since which it has been outside its scene's walls (their
-    axis-aligned box, as :func:`outside_share`); "" when no node ran away or fewer than two frames were kept."""
+    axis-aligned box, :func:`within_walls`); "" when no node ran away or fewer than two frames were kept."""
     if len(frames) < 2 or not moving.any():
         return ""
     moved = np.where(moving, np.linalg.norm(frames[-1].astype(np.float64) - frames[-2], axis=1), -1.0)
     node, median = int(np.argmax(moved)), float(np.median(moved[moving]))
-    if not moved[node] > max(RUNAWAY_FACTOR * median, 0.0):
+    if not moved[node] > RUNAWAY_FACTOR * median:
         return ""
     b = int(np.searchsorted(ptr, node, side="right")) - 1
     text = (f"; before it, node {node - ptr[b]} of scene {scenes[b]} moved {moved[node]:.3g} in step "
             f"{len(frames) - 1} (the moving nodes' median: {median:.3g})")
     walls = frames[0][ptr[b]:ptr[b + 1]][~moving[ptr[b]:ptr[b + 1]]]
     if len(walls):
-        lo, hi = walls.min(axis=0), walls.max(axis=0)
-        inside = [bool(np.all((f[node] >= lo) & (f[node] <= hi))) for f in frames]
+        inside = within_walls(np.stack([f[node] for f in frames]), walls)
         if not inside[-1]:
             since = max((j for j, v in enumerate(inside) if v), default=-1) + 1
             text += f", outside its scene's walls since step {since}" if since else ", outside its scene's walls"
@@ -596,6 +595,10 @@ def outside_share(pred: np.ndarray, moving: np.ndarray, ptr: np.ndarray) -> floa
         m = moving[a:b]
         walls, fluid = pred[a:b][~m], pred[a:b][m]
         if len(walls) and len(fluid):
-            inside = np.all((fluid >= walls.min(axis=0)) & (fluid <= walls.max(axis=0)), axis=1)
-            shares.append(1.0 - float(inside.mean()))
+            shares.append(1.0 - float(within_walls(fluid, walls).mean()))
     return float(np.mean(shares)) if shares else float("nan")
+
+
+def within_walls(points: np.ndarray, walls: np.ndarray) -> np.ndarray:
+    """Which of ``points`` (M, 3) lie in the axis-aligned box of the wall particles ``walls`` (W, 3): (M,) bool."""
+    return np.all((points >= walls.min(axis=0)) & (points <= walls.max(axis=0)), axis=1)
