@@ -16,6 +16,12 @@ hit. The choice depends on distances only and the message carries x_i - x_w: inv
 every other edge. A partition built on this graph puts those walls in the halo, so exact mode still equals one
 device; in drop mode every part is a graph of its own (:func:`part_graphs`): a node's nearest walls are the
 nearest in its part, which is what a rank holding only that part computes.
+
+Their reach (``dataset.wall_neighbors_reach`` = R, store length units; default None: any length): only nearest
+walls within R of the moving node are wired. A particle flung far out of the box at the impact of a rollout is
+otherwise still wired to its nearest walls tens of radii away, a distance no training graph held; its messages
+grow until it diverges and the virtual nodes carry its NaN to the whole scene (docs/results/README.md "Without
+those edges..."). Set R just above the longest such edge in training and a stray particle falls freely instead.
 """
 from __future__ import annotations
 
@@ -39,10 +45,12 @@ def complete_graph(num_nodes: int) -> np.ndarray:
 
 
 def graph_edges(pos: np.ndarray, radius: float | None, max_neighbors: int | None = None,
-                walls: np.ndarray | None = None, wall_neighbors: int = 0) -> np.ndarray:
+                walls: np.ndarray | None = None, wall_neighbors: int = 0,
+                wall_reach: float | None = None) -> np.ndarray:
     """The graph every consumer builds: the radius graph (:func:`radius_graph`), or the complete graph when
     ``radius`` is None, without wall -> wall edges, plus, with ``wall_neighbors`` = k > 0, the edges from
-    every moving node's k nearest walls that it lacks (:func:`nearest_wall_edges`): (2, E) int64."""
+    every moving node's k nearest walls (within ``wall_reach``, if given) that it lacks
+    (:func:`nearest_wall_edges`): (2, E) int64."""
     if radius is not None:
         edge_index = radius_graph(pos, radius, max_neighbors, walls)
     else:
@@ -50,34 +58,39 @@ def graph_edges(pos: np.ndarray, radius: float | None, max_neighbors: int | None
         if walls is not None:
             edge_index = edge_index[:, ~(walls[edge_index[0]] & walls[edge_index[1]])]
     if wall_neighbors > 0 and walls is not None:
-        extra = nearest_wall_edges(pos, walls, wall_neighbors)
+        extra = nearest_wall_edges(pos, walls, wall_neighbors, wall_reach)
         n = len(pos)
         have = np.isin(extra[0] * n + extra[1], edge_index[0] * n + edge_index[1])
         edge_index = np.concatenate([edge_index, extra[:, ~have]], axis=1)
     return edge_index
 
 
-def nearest_wall_edges(pos: np.ndarray, walls: np.ndarray, k: int) -> np.ndarray:
-    """(2, M·k) edges moving node <- each of its k nearest walls (fewer walls than k: all of them), every
-    receiver's in order of distance; none without walls or moving nodes."""
+def nearest_wall_edges(pos: np.ndarray, walls: np.ndarray, k: int, reach: float | None = None) -> np.ndarray:
+    """(2, ≤ M·k) edges moving node <- each of its k nearest walls (fewer walls than k: all of them), every
+    receiver's in order of distance; ``reach``: only walls at most that far (a node farther from every wall
+    receives none); none without walls or moving nodes."""
     walls = np.asarray(walls, dtype=bool)
     moving, wall = np.flatnonzero(~walls), np.flatnonzero(walls)
     k = min(int(k), len(wall))
     if k == 0 or not len(moving):
         return np.zeros((2, 0), np.int64)
-    _, nearest = cKDTree(pos[wall]).query(pos[moving], k=k)
+    bound = np.inf if reach is None else np.nextafter(float(reach), np.inf)   # query keeps distances < bound
+    _, nearest = cKDTree(pos[wall]).query(pos[moving], k=k, distance_upper_bound=bound)
     nearest = np.asarray(nearest).reshape(len(moving), k)
-    return np.stack([np.repeat(moving, k), wall[nearest.reshape(-1)]]).astype(np.int64)
+    found = nearest < len(wall)                       # a wall beyond the reach comes back as index len(wall)
+    receivers = np.repeat(moving, k).reshape(len(moving), k)
+    return np.stack([receivers[found], wall[nearest[found]]]).astype(np.int64)
 
 
 def part_graphs(pos: np.ndarray, assignment: np.ndarray, num_parts: int, radius: float | None,
                 max_neighbors: int | None = None, walls: np.ndarray | None = None,
-                wall_neighbors: int = 0) -> list[np.ndarray]:
+                wall_neighbors: int = 0, wall_reach: float | None = None) -> list[np.ndarray]:
     """Drop mode's graphs: each part's own :func:`graph_edges`, in global ids, one (2, E_p) array per part."""
     graphs = []
     for p in range(num_parts):
         ids = np.flatnonzero(assignment == p)
-        local = graph_edges(pos[ids], radius, max_neighbors, None if walls is None else walls[ids], wall_neighbors)
+        local = graph_edges(pos[ids], radius, max_neighbors, None if walls is None else walls[ids], wall_neighbors,
+                            wall_reach)
         graphs.append(ids[local])
     return graphs
 

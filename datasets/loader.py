@@ -182,7 +182,8 @@ class TrajectoryDataset:
         radius: radius-graph cutoff; None uses the store's ``radius`` attribute (None there: complete graph).
         max_neighbors: optional cap of senders per receiver. cutoff_rate: edge dropping (docs/maths.md §2).
         wall_neighbors: k > 0: every moving node also receives from its k nearest walls (``datasets.graphs``);
-            a StoreError for a store without walls.
+            a StoreError for a store without walls. wall_neighbors_reach: only those within this distance
+            (store length units); None: however far.
         input_velocity: ``stored``: the store's velocity at the input frame. ``displacement``: the
             displacement over the task step before it, (x(t) − x(t − Δt)) / (Δt·dt), in the same unit: what
             a rollout can feed back, which for a falling body lags the instantaneous velocity by g·Δt·dt/2
@@ -196,7 +197,8 @@ class TrajectoryDataset:
                  frame_stop: int | None = None, frame_stride: int = 1, node_features: list[str],
                  edge_features: list[str], radius: float | None = None, max_neighbors: int | None = None,
                  cutoff_rate: float = 0.0, velocity_scale: float = 1.0, gravity: np.ndarray | None = None,
-                 wall_neighbors: int = 0, input_velocity: str = "stored"):
+                 wall_neighbors: int = 0, wall_neighbors_reach: float | None = None,
+                 input_velocity: str = "stored"):
         self.info = info
         self.gravity = None if gravity is None else np.asarray(gravity, dtype=np.float32).reshape(3)
         self.split = split
@@ -240,6 +242,7 @@ class TrajectoryDataset:
                              f"<= {reach}, or rebuild the store with dataset.sph.wall_reach >= the radius (or null)")
         self.max_neighbors = max_neighbors
         self.wall_neighbors = int(wall_neighbors)
+        self.wall_neighbors_reach = None if wall_neighbors_reach is None else float(wall_neighbors_reach)
         self.cutoff_rate = cutoff_rate
         self.velocity_scale = float(velocity_scale)
         # a displacement over one task step, in the velocity unit the stored velocities are scaled to
@@ -387,7 +390,8 @@ class TrajectoryDataset:
             if not np.all(np.isfinite(values)):
                 raise StoreError(f"{self.info.path}/{self.split}: {name} of scene {scene} at frame "
                                  f"{frame if name != 'target pos' else frame + self.delta_t} holds NaN or Inf")
-        edge_index = graph_edges(pos, self.radius, self.max_neighbors, self.walls_of(scalars), self.wall_neighbors)
+        edge_index = graph_edges(pos, self.radius, self.max_neighbors, self.walls_of(scalars), self.wall_neighbors,
+                                 self.wall_neighbors_reach)
         edge_index = drop_longest_edges(edge_index, pos, self.cutoff_rate)
         names = self.info.node_scalars
         return GraphSample(pos=pos, vel=vel, target=target,

@@ -62,9 +62,12 @@ class DatasetConfig:
     edge_features: list[str] = field(default_factory=lambda: ["distance", "distance"])
     radius: Optional[float] = None            # None: the store's own radius (None there: complete graph)
     max_neighbors: Optional[int] = None
-    # Every moving node also receives from its k nearest walls however far (datasets/graphs.py: over a task step a
+    # Every moving node also receives from its k nearest walls, however far (datasets/graphs.py: over a task step a
     # particle may cross many radii toward a wall the radius graph does not show it); 0: radius graph only.
     wall_neighbors: int = 0
+    # Those walls only within this distance (the store's length unit; null: however far): a particle flung out of
+    # the box in a rollout is otherwise wired to walls farther than any training graph held (datasets/graphs.py).
+    wall_neighbors_reach: Optional[float] = None
     mmd_sigma: float = 1.5
     mmd_weight: float = 0.03
     mmd_samples: Optional[int] = None         # real nodes per graph per virtual node for MMD; None: all
@@ -359,7 +362,7 @@ RANGES = {
     "model.node_attrs": (0, True),
     "dataset.delta_t": (1, True), "dataset.frame_start": (0, True), "dataset.frame_stop": (1, True),
     "dataset.frame_stride": (1, True), "dataset.radius": (0, False), "dataset.max_neighbors": (1, True),
-    "dataset.wall_neighbors": (0, True),
+    "dataset.wall_neighbors": (0, True), "dataset.wall_neighbors_reach": (0, False),
     "dataset.prefetch": (0, True),
     "dataset.mmd_weight": (0, True), "dataset.mmd_sigma": (0, False), "dataset.mmd_samples": (1, True),
     "loss.mmd_weight": (0, True), "loss.mmd_sigma": (0, False), "loss.mmd_samples": (1, True),
@@ -456,6 +459,10 @@ def check(cfg: DictConfig | Config) -> None:
     if cfg.trainer.get("scheduler", "none") != "none" and cfg.trainer.get("min_lr", 0.0) > cfg.trainer.lr:
         problems.append(f"trainer.min_lr={cfg.trainer.min_lr} is above trainer.lr={cfg.trainer.lr}: the schedule "
                         f"decays from trainer.lr down to trainer.min_lr; lower trainer.min_lr")
+    if cfg.dataset.get("wall_neighbors_reach") is not None and not cfg.dataset.get("wall_neighbors", 0):
+        problems.append(f"dataset.wall_neighbors_reach={cfg.dataset.wall_neighbors_reach} with "
+                        f"dataset.wall_neighbors=0: the reach bounds the nearest-wall edges, and there are none; set "
+                        f"dataset.wall_neighbors=k (k >= 1), or dataset.wall_neighbors_reach=null")
     if not 0.0 <= cfg.model.cutoff_rate <= 1.0:
         problems.append(f"model.cutoff_rate={cfg.model.cutoff_rate}: must be in [0, 1]")
     if cfg.trainer.get("precision") == "bf16" and cfg.trainer.dtype == "float64":

@@ -44,7 +44,7 @@ Reuse: ``inputs`` records what determines the assignments: the partitioner versi
 the part weights when they are not uniform (``distributed.part_weights``; they also name the artifact, so
 partitions for other rank speeds sit beside the uniform one), radius, max_neighbors, ``graph`` (stores with
 walls: "no wall-wall edges"; their artifacts built before that rule are stale), ``balance`` (stores with
-walls: "work"), ``wall_neighbors`` (when > 0), the frames of every
+walls: "work"), ``wall_neighbors`` (when > 0) and ``wall_neighbors_reach`` (when set), the frames of every
 split, and the dataset store's identity (a SHA-256 of its root attributes, which hold the generator and its
 seed, less the normalisation statistics added to the same data later; and per split of its shape, scene_ptr
 and the positions at the first and last frame used). When the stored ``inputs_hash`` matches, the artifact
@@ -222,6 +222,8 @@ def describe_inputs(splits: Mapping[str, Any], method: str, num_parts: int, seed
                 radius=None if radius is None else float(radius), max_neighbors=first.max_neighbors,
                 **({"graph": WALL_GRAPH, "balance": WALL_BALANCE} if _has_walls(splits) else {}),
                 **({"wall_neighbors": first.wall_neighbors} if getattr(first, "wall_neighbors", 0) else {}),
+                **({"wall_neighbors_reach": first.wall_neighbors_reach}
+                   if getattr(first, "wall_neighbors_reach", None) is not None else {}),
                 frames={name: [int(f) for f in data.frames] for name, data in splits.items()},
                 store_attrs=_sha(_identity_attrs(first.info.attrs))[:16], store_splits=store_splits)
 
@@ -385,6 +387,7 @@ def _build(path: Path, splits: Mapping[str, Any], inputs: dict[str, Any], digest
         options = {key: inputs[key] for key in ("method", "num_parts", "seed", "radius", "max_neighbors")}
         options["weights"] = inputs.get("weights")
         options["wall_neighbors"] = inputs.get("wall_neighbors", 0)
+        options["wall_reach"] = inputs.get("wall_neighbors_reach")
         scalars = first.info.node_scalars
         options["wall_column"] = scalars.index(WALL_SCALAR) if inputs.get("graph") == WALL_GRAPH else None
         pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
@@ -476,7 +479,7 @@ def _partition_scenes(store: str, task: _Task, ptr: np.ndarray, options: dict[st
             part = partition(pos[lo:hi], options["num_parts"], options["method"], radius=options["radius"],
                              seed=seed, max_neighbors=options["max_neighbors"], weights=options.get("weights"),
                              walls=None if walls is None else walls[lo:hi],
-                             wall_neighbors=options.get("wall_neighbors", 0))
+                             wall_neighbors=options.get("wall_neighbors", 0), wall_reach=options.get("wall_reach"))
         except ValueError as err:
             raise BadInput(f"{store}/{task.split}: scene {scene} at frame {task.frame}: {err}") from err
         assignment[lo:hi] = part.assignment

@@ -104,7 +104,7 @@ class Partition:
 def partition(pos: np.ndarray, num_parts: int, method: str = "metis", *, radius: float | None = None,
               seed: int = 0, edge_index: np.ndarray | None = None, max_neighbors: int | None = None,
               allow_duplicates: bool = False, weights=None, walls: np.ndarray | None = None,
-              wall_neighbors: int = 0) -> Partition:
+              wall_neighbors: int = 0, wall_reach: float | None = None) -> Partition:
     """Split the N nodes at ``pos`` (N, 3) into ``num_parts`` non-empty parts; see the module docstring.
 
     Args:
@@ -119,7 +119,7 @@ def partition(pos: np.ndarray, num_parts: int, method: str = "metis", *, radius:
         weights: P positive shares of the nodes summing to 1 (:func:`check_weights`); None: equal parts.
         walls: (N,) bool, the walls (node scalar ``type`` 1) when building the graph: no edge joins two.
         wall_neighbors: k > 0: the graph also holds every moving node's k nearest walls as senders
-            (``datasets.graphs.graph_edges``), so halos include them.
+            (``datasets.graphs.graph_edges``), so halos include them; ``wall_reach``: only walls that near.
 
     With walls, parts balance work instead of nodes (module docstring; ``walls`` also with ``edge_index``).
     """
@@ -128,7 +128,7 @@ def partition(pos: np.ndarray, num_parts: int, method: str = "metis", *, radius:
     _check_request(n, num_parts, method, seed, radius)
     weights = check_weights(weights, num_parts)
     if edge_index is None:
-        edge_index = _build_graph(pos, radius, max_neighbors, walls, wall_neighbors)
+        edge_index = _build_graph(pos, radius, max_neighbors, walls, wall_neighbors, wall_reach)
     else:
         edge_index = _check_edge_index(edge_index, n)
     work = work_weights(edge_index, n) if walls is not None and np.any(walls) else None
@@ -359,14 +359,14 @@ def _check_request(n: int, num_parts: int, method: str, seed: int, radius: float
 
 
 def _build_graph(pos: np.ndarray, radius: float | None, max_neighbors: int | None,
-                 walls: np.ndarray | None, wall_neighbors: int = 0) -> np.ndarray:
+                 walls: np.ndarray | None, wall_neighbors: int = 0, wall_reach: float | None = None) -> np.ndarray:
     if radius is None and len(pos) > MAX_COMPLETE_NODES:
         raise BadInput(f"radius=None asks for the complete graph, which on {len(pos)} nodes has "
                          f"{len(pos) * (len(pos) - 1):,} edges; give a radius (or an edge_index)")
     if walls is not None and np.shape(walls) != (len(pos),):
         raise BadInput(f"walls must be one bool per node ({len(pos)},), got shape {np.shape(walls)}")
     return graph_edges(pos, radius, max_neighbors, None if walls is None else np.asarray(walls, dtype=bool),
-                       wall_neighbors)
+                       wall_neighbors, wall_reach)
 
 
 def _check_edge_index(edge_index, n: int) -> np.ndarray:

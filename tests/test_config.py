@@ -264,6 +264,21 @@ def test_noise_target_is_checked_against_its_choices():
         schema.check(composed("config", "trainer.noise_target=gns"))
 
 
+# --------------------------------------------------------------------------------- dataset.wall_neighbors_reach
+def test_wall_neighbors_reach_is_off_by_default_and_refuses_nonsense():
+    """A reach is a positive length and bounds the nearest-wall edges: without them (wall_neighbors=0) it would
+    do nothing, which the check says rather than ignore."""
+    from dist_egnn.errors import ConfigError
+
+    assert composed("config").dataset.wall_neighbors_reach is None
+    schema.check(composed("config", "dataset.wall_neighbors=2", "dataset.wall_neighbors_reach=0.76"))
+    with pytest.raises(ConfigError, match=r"dataset\.wall_neighbors_reach=0\.0: must be > 0"):
+        schema.check(composed("config", "dataset.wall_neighbors=2", "dataset.wall_neighbors_reach=0"))
+    with pytest.raises(ConfigError, match=r"dataset\.wall_neighbors_reach=0\.76 with dataset\.wall_neighbors=0: "
+                                          r".*set dataset\.wall_neighbors=k"):
+        schema.check(composed("config", "dataset.wall_neighbors_reach=0.76"))
+
+
 # ------------------------------------------------------------------------------------ dataset.gravity, normalize
 def test_gravity_is_on_for_the_sph_fluids_and_off_elsewhere():
     """issue 17 item 2: the SPH fluids (and the GNS Water-3D converter) give every graph gravity as datasets/sph.py

@@ -106,6 +106,7 @@ class GraphRecipe:
     max_neighbors: int | None
     cutoff_rate: float
     wall_neighbors: int
+    wall_neighbors_reach: float | None
     node_features: tuple[str, ...]
     edge_features: tuple[str, ...]
     scalar_names: tuple[str, ...]
@@ -122,6 +123,7 @@ class GraphRecipe:
         return cls(radius=radius, max_neighbors=d.get("max_neighbors"),
                    cutoff_rate=float(cfg.model.get("cutoff_rate", 0.0)),
                    wall_neighbors=int(d.get("wall_neighbors", 0) or 0),
+                   wall_neighbors_reach=d.get("wall_neighbors_reach"),
                    node_features=tuple(d.node_features), edge_features=tuple(d.edge_features),
                    scalar_names=tuple(info.node_scalars), up=up)
 
@@ -163,7 +165,8 @@ def build_graph(pos: np.ndarray, vel: np.ndarray, scalars: np.ndarray, recipe: G
     """
     names = list(recipe.scalar_names)
     walls = scalars[:, names.index(WALL_SCALAR)] == WALL_TYPE if WALL_SCALAR in names else None
-    whole = graph_edges(pos, recipe.radius, recipe.max_neighbors, walls, recipe.wall_neighbors)  # no wall -> wall
+    whole = graph_edges(pos, recipe.radius, recipe.max_neighbors, walls, recipe.wall_neighbors,  # no wall -> wall
+                        recipe.wall_neighbors_reach)
     cut = None
     if parts.parts == 1:
         edges = drop_longest_edges(whole, pos, recipe.cutoff_rate)
@@ -197,7 +200,7 @@ def partitioned_edges(pos: np.ndarray, whole: np.ndarray, cutoff_rate: float, pa
         edges = drop_longest_edges(whole[:, ids], pos, cutoff_rate)
     elif recipe is not None and recipe.wall_neighbors:
         graphs = part_graphs(pos, split.assignment, parts.parts, recipe.radius, recipe.max_neighbors, walls,
-                             recipe.wall_neighbors)
+                             recipe.wall_neighbors, recipe.wall_neighbors_reach)
         edges = np.concatenate([drop_longest_edges(g, pos, cutoff_rate) for g in graphs], axis=1)
     else:
         edges = np.concatenate([drop_longest_edges(whole[:, p.edge_ids], pos, cutoff_rate) for p in pieces], axis=1)

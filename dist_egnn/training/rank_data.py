@@ -255,7 +255,8 @@ class RankData:
         as in the whole graph and the stored partition's halos (``datasets.graphs.graph_edges``)."""
         pos = np.concatenate([arrays.pos, arrays.halo_pos])
         walls = self.dataset.walls_of(np.concatenate([arrays.scalars, arrays.halo_scalars]))
-        edges = graph_edges(pos, self.dataset.radius, self.dataset.max_neighbors, walls, self.dataset.wall_neighbors)
+        d = self.dataset
+        edges = graph_edges(pos, d.radius, d.max_neighbors, walls, d.wall_neighbors, d.wall_neighbors_reach)
         return edges[:, edges[0] < len(arrays.pos)]
 
     def drop_edges(self, local: list[np.ndarray], arrays: list[PartArrays], nodes: list[PartNodes]) -> list[np.ndarray]:
@@ -281,7 +282,7 @@ class RankData:
             part = self.assignments.of(a.scene, a.frame)
             if d.wall_neighbors:                      # each part's own nearest walls, as its rank finds them
                 graphs = part_graphs(a.pos, part, self.parts, d.radius, d.max_neighbors, d.walls_of(a.scalars),
-                                     d.wall_neighbors)
+                                     d.wall_neighbors, d.wall_neighbors_reach)
                 kept.append(np.concatenate([drop_longest_edges(g, a.pos, rate) for g in graphs], axis=1))
                 continue
             inside = e[:, part[e[0]] == part[e[1]]]

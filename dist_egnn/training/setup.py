@@ -230,6 +230,7 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
                                        node_features=list(d.node_features), edge_features=list(d.edge_features),
                                        radius=d.radius, max_neighbors=d.max_neighbors,
                                        wall_neighbors=d.get("wall_neighbors", 0),
+                                       wall_neighbors_reach=d.get("wall_neighbors_reach"),
                                        input_velocity=d.get("input_velocity", "stored"),
                                        cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale, gravity=gravity)
               for split in SPLITS}
