@@ -18,7 +18,7 @@ from dist_egnn.datasets.store import (
     write_root_attrs,
     write_scenes,
 )
-from dist_egnn.measure.reach import displacements, measure, table
+from dist_egnn.measure.reach import displacements, measure, table, wall_distances, wall_table
 
 FLUID, WALLS, FRAMES, RADIUS = 10, 5, 9, 0.5
 
@@ -55,6 +55,19 @@ def test_displacements_shares_and_table(tmp_path):
     assert "| 4 | 0.04 |" in text and "80.0%" in text
 
 
+def test_distance_to_the_kth_nearest_wall(tmp_path):
+    """What dataset.wall_neighbors_reach is chosen from: at frame t fluid particle i is at (0.1 t (i + 1), 0, 0)
+    and every wall at (0, 100 t, 0)."""
+    store = uniform_motion_store(tmp_path / "reach.zarr")
+    d = wall_distances(open_store(store), "train", k=2, delta_t=1, stride=3)             # inputs t = 0, 3, 6
+    t, i = np.repeat([0.0, 3.0, 6.0], FLUID), np.tile(np.arange(1, FLUID + 1), 3)
+    np.testing.assert_allclose(d, np.hypot(0.1 * t * i, 100.0 * t), rtol=1e-6)
+    text = wall_table(d, 2, RADIUS)
+    assert "| k = 2 |" in text and f"| {d.max():.3f} | {d.max() / RADIUS:.1f} | 30 |" in text
+    with pytest.raises(StoreError, match="--wall-neighbors 0: must be >= 1"):
+        wall_distances(open_store(store), "train", k=0, delta_t=1, stride=1)
+
+
 def test_bad_input_names_the_split_and_the_range(tmp_path):
     store = uniform_motion_store(tmp_path / "reach.zarr")
     with pytest.raises(StoreError, match="no split 'tst'"):
@@ -68,3 +81,6 @@ def test_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dist_egnn.measure.reach", str(store), "--delta-t", "1",
                           "--stride", "1", "--layers", "2"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("| Δt (frames) |") and "| 1 | 0.01 |" in out
+    out = subprocess.run([sys.executable, "-m", "dist_egnn.measure.reach", str(store), "--delta-t", "1",
+                          "--wall-neighbors", "2"], capture_output=True, text=True, check=True).stdout
+    assert "| distance to the k-th nearest wall |" in out and "| k = 2 |" in out
