@@ -320,6 +320,9 @@ class PredictConfig:
     seed: Optional[int] = None                # partitioner seed; None: the run's distributed.seed
     max_neighbors: Optional[int] = None       # cap of senders per receiver in the rollout's radius graphs (bounds
                                               # memory when predictions pile up); None: the run's dataset.max_neighbors
+    wall_neighbors_reach: Optional[float] = None  # the rollout's nearest-wall edges only within this distance (a
+                                              # particle flung out of the box hears no wall farther than training
+                                              # showed); None: the run's dataset.wall_neighbors_reach
     device: str = "auto"                      # auto | cpu | cuda
     dtype: Optional[str] = None               # float32 | float64; None: the run's trainer.dtype
     num_threads: Optional[int] = None         # CPU threads; None: torch's default

@@ -72,6 +72,9 @@ def check_options(cfg: DictConfig) -> None:
                      ("max_neighbors", 1)):
         if cfg.get(key) is not None and cfg[key] < low:
             problems.append(f"{key}={cfg[key]}: must be >= {low}")
+    if cfg.get("wall_neighbors_reach") is not None and not cfg.wall_neighbors_reach > 0:
+        problems.append(f"wall_neighbors_reach={cfg.wall_neighbors_reach}: must be > 0 (a distance in the store's "
+                        f"length unit)")
     if cfg.device not in DEVICES:
         problems.append(f"device={cfg.device!r}: choose one of {DEVICES}")
     if cfg.format == "vtk" and importlib.util.find_spec("meshio") is None:
@@ -113,16 +116,25 @@ def check_data(run_cfg: DictConfig, info: StoreInfo, model: torch.nn.Module, run
                            f"data; restore the config.yaml written with checkpoints/best.pt")
 
 
-def with_neighbor_cap(run_cfg: DictConfig, cap: int | None) -> DictConfig:
-    """The run's configuration, its ``dataset.max_neighbors`` replaced by ``cap`` when given. A cap at or above
-    the largest in-degree of the training graphs leaves every graph the model saw unchanged (water3d_like:
-    19 on the stored frames) and only bounds the graphs of predictions that pile up."""
-    if cap is None:
+def rollout_config(run_cfg: DictConfig, max_neighbors: int | None = None, wall_neighbors_reach: float | None = None,
+                   where: Path | str = "the run's config.yaml") -> DictConfig:
+    """The run's configuration with the rollout's graph bounds replaced where given: ``dataset.max_neighbors``
+    and ``dataset.wall_neighbors_reach``. Bounds at or above what the training graphs held (the largest
+    in-degree, water3d_like: 19 on the stored frames; the longest nearest-wall edge, ``python -m
+    dist_egnn.measure.reach STORE --wall-neighbors k``) leave every graph the model saw unchanged and only bound
+    the graphs of predictions that pile up or fly off."""
+    if max_neighbors is None and wall_neighbors_reach is None:
         return run_cfg
-    capped = copy.deepcopy(run_cfg)
-    with open_dict(capped):
-        capped.dataset.max_neighbors = int(cap)
-    return capped
+    if wall_neighbors_reach is not None and not run_cfg.dataset.get("wall_neighbors", 0):
+        raise RolloutError(f"wall_neighbors_reach={wall_neighbors_reach} bounds the nearest-wall edges, but the run "
+                           f"has none (dataset.wall_neighbors=0 in {where}); leave wall_neighbors_reach out")
+    bounded = copy.deepcopy(run_cfg)
+    with open_dict(bounded):
+        if max_neighbors is not None:
+            bounded.dataset.max_neighbors = int(max_neighbors)
+        if wall_neighbors_reach is not None:
+            bounded.dataset.wall_neighbors_reach = float(wall_neighbors_reach)
+    return bounded
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,7 +152,8 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.run)
     model = load_model(run_dir, device=device, dtype=cfg.get("dtype"))
-    run_cfg = with_neighbor_cap(model.config, cfg.get("max_neighbors"))
+    run_cfg = rollout_config(model.config, cfg.get("max_neighbors"), cfg.get("wall_neighbors_reach"),
+                             run_dir / "config.yaml")
     store = Path(cfg.data) if cfg.get("data") else Path(run_cfg.dataset.store)
     info = open_store(store)
     check_data(run_cfg, info, model, run_dir)

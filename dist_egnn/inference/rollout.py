@@ -362,7 +362,7 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
             check_spread(new_pos, truth, state.moving, state.ptr, plan.scenes, k)
         except Diverged as diverged:
             result.stopped = (f"stopped after {k - 1} of {steps} steps: {diverged}"
-                              f"{runaway(state.pred, state.moving, state.ptr, plan.scenes)}")
+                              f"{runaway(state.pred, state.moving, state.ptr, plan.scenes, recipe)}")
             break
         advance(state, new_pos, truth, per_displacement, store_step_time(info, plan))
         record_errors(result, state, truth, cuts, received)
@@ -517,11 +517,14 @@ def check_spread(pred: np.ndarray, truth: np.ndarray, moving: np.ndarray, ptr: n
                            f"model diverged)")
 
 
-def runaway(frames: list[np.ndarray], moving: np.ndarray, ptr: np.ndarray, scenes: list[int]) -> str:
+def runaway(frames: list[np.ndarray], moving: np.ndarray, ptr: np.ndarray, scenes: list[int],
+            recipe: GraphRecipe | None = None) -> str:
     """What a stop adds about where it began: the moving node that moved farthest between the last two kept
     ``frames`` (positions (N, 3) from the start frame on), when that is over :data:`RUNAWAY_FACTOR` times the
     median moving node's move, with the step since which it has been outside its scene's walls (their
-    axis-aligned box, :func:`within_walls`); "" when no node ran away or fewer than two frames were kept."""
+    axis-aligned box, :func:`within_walls`); "" when no node ran away or fewer than two frames were kept.
+    Outside the walls with unbounded nearest-wall edges (``recipe``), it also names the bound: such a particle
+    hears walls farther than any training graph held, how every late divergence of the small fluid began."""
     if len(frames) < 2 or not moving.any():
         return ""
     moved = np.where(moving, np.linalg.norm(frames[-1].astype(np.float64) - frames[-2], axis=1), -1.0)
@@ -537,6 +540,10 @@ def runaway(frames: list[np.ndarray], moving: np.ndarray, ptr: np.ndarray, scene
         if not inside[-1]:
             since = max((j for j, v in enumerate(inside) if v), default=-1) + 1
             text += f", outside its scene's walls since step {since}" if since else ", outside its scene's walls"
+            if recipe is not None and recipe.wall_neighbors and recipe.wall_neighbors_reach is None:
+                text += (f", still wired to its {recipe.wall_neighbors} nearest walls however far (bound them with "
+                         f"wall_neighbors_reach=R just above the training graphs' longest: python -m "
+                         f"dist_egnn.measure.reach STORE --wall-neighbors {recipe.wall_neighbors})")
     return text
 
 

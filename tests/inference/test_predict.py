@@ -5,6 +5,7 @@ One tiny N-body model is trained in-process (tests/runs.py, Δt = 3 frames so th
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -163,6 +164,9 @@ BAD = {   # case: (damage, overrides, error, fragments the message names)
     "K = 0": (None, ("steps=0",), BadInput, ("steps=0", ">= 1")),
     "K < 0": (None, ("steps=-2",), BadInput, ("steps=-2",)),
     "cap below one": (None, ("max_neighbors=0",), BadInput, ("max_neighbors=0", ">= 1")),
+    "reach not positive": (None, ("wall_neighbors_reach=0",), BadInput, ("wall_neighbors_reach=0", "> 0")),
+    "reach without walls": (None, ("wall_neighbors_reach=0.5",), BadInput,
+                            ("wall_neighbors_reach=0.5", "dataset.wall_neighbors=0", "config.yaml")),
     "unknown split": (None, ("split=holdout",), BadInput, ("split='holdout'", "test")),
     "start past the end": (None, ("start=9",), BadInput, ("start=9", "0..7")),
     "widths differ": (edit_config, (), RunError, ("best.pt", "model.hidden=32", "config.yaml")),
@@ -192,10 +196,18 @@ def test_bad_input_names_the_key_or_file_and_writes_nothing(trained, tmp_path, c
     assert not list(tmp_path.rglob(".predict*"))
 
 
-def test_max_neighbors_caps_the_rollout_graph_and_leaves_the_run_alone(trained):
-    """predict's max_neighbors replaces the run's dataset.max_neighbors in the rollout only."""
-    from dist_egnn.inference.predict import with_neighbor_cap
+def test_graph_bounds_replace_the_runs_in_the_rollout_only(trained):
+    """predict's max_neighbors and wall_neighbors_reach replace the run's dataset keys in the rollout only; a reach
+    for a run without nearest-wall edges is refused (it would do nothing)."""
+    from dist_egnn.inference.predict import rollout_config
     run_cfg = dist_egnn.load_model(trained / "run").config
-    capped = with_neighbor_cap(run_cfg, 3)
+    capped = rollout_config(run_cfg, 3)
     assert capped.dataset.max_neighbors == 3 and run_cfg.dataset.get("max_neighbors") is None
-    assert with_neighbor_cap(run_cfg, None) is run_cfg
+    assert rollout_config(run_cfg) is run_cfg
+    with pytest.raises(BadInput, match=r"wall_neighbors_reach=0\.5 bounds the nearest-wall edges, but the run has "
+                                       r"none \(dataset\.wall_neighbors=0 in the run's config\.yaml\)"):
+        rollout_config(run_cfg, wall_neighbors_reach=0.5)
+    walled = copy.deepcopy(run_cfg)
+    walled.dataset.wall_neighbors = 2
+    bounded = rollout_config(walled, wall_neighbors_reach=0.5)
+    assert bounded.dataset.wall_neighbors_reach == 0.5 and walled.dataset.get("wall_neighbors_reach") is None

@@ -267,6 +267,21 @@ def test_a_stop_names_the_node_that_ran_away_and_since_when_it_is_outside_the_wa
                                    f"scene's walls since step 1")
 
 
+
+def test_a_runaway_outside_the_walls_names_the_reach_that_bounds_its_wall_edges(tmp_path):
+    """With unbounded nearest-wall edges the stop says how to bound them; with a reach it does not."""
+    info = toy_store(tmp_path / "walls.zarr", scenes=1, n=40, frames=21, walls=8)
+    config = run_config()
+    config.dataset.wall_neighbors = 2
+    stopped = rollout(ThrowsOneThenNaN(), config, info, "test", 5).stopped
+    assert stopped.endswith("outside its scene's walls since step 1, still wired to its 2 nearest walls however far "
+                            "(bound them with wall_neighbors_reach=R just above the training graphs' longest: "
+                            "python -m dist_egnn.measure.reach STORE --wall-neighbors 2)")
+    config.dataset.wall_neighbors_reach = 1.0
+    assert rollout(ThrowsOneThenNaN(), config, info, "test", 5).stopped.endswith("outside its scene's walls since "
+                                                                                 "step 1")
+
+
 def test_a_capped_graph_lets_a_piling_rollout_run_on_and_shows_the_piling(stores, tmp_path):
     """With dataset.max_neighbors the graph cannot outgrow n · cap edges, so the same collapsing model runs all
     its steps; edges_per_node climbs to the cap and says what happened."""
