@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from dist_egnn.config import register
 from dist_egnn.errors import BadInput
 from dist_egnn.inference.predict import predict, summary
+from dist_egnn.inference.rollout import velocity_gap_note
 from dist_egnn.training import guard
 
 register()
@@ -44,6 +45,9 @@ def main(cfg: DictConfig) -> None:
     print(summary(record))
     if record["stopped_early"]:
         print(f"note: {record['stopped_early']}")
+    gap = velocity_gap_note(record["input_velocity_gap"], record["start_frame"] + record["delta_t"])
+    if gap:
+        print(f"note: {gap}")
     print(f"wrote {cfg.out or cfg.run + '/predict'}: rollout.json, rollout.zarr, rollout.png"
           + (", vtk/" if cfg.format == "vtk" else ""))
 

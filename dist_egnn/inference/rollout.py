@@ -53,6 +53,13 @@ A rollout starts from the stored state of every chosen scene at input frame t0 (
   spread alone misses a fluid that falls through the floor as one block (its extent stays near the truth's;
   seen on a water3d_like model with a 0.2 s task step). The box is that of the stored walls: with
   ``wall_reach`` only those the fluid ever came near are stored, so its top is the fluid's highest reach.
+* **Input velocity gap**: a run trained on the stored velocities (``dataset.input_velocity=stored``) is fed,
+  from step 2 on, its last displacement per task step instead, and the two differ even on the true
+  trajectories: under a constant acceleration a the stored v(t) is the velocity at the end of the step, the
+  displacement's the mean over it, a·Δt·dt/2 lower (measured on the small SPH fluid at one frame per step: the
+  rollouts fall at 5-6 m/s² instead of 9.81, docs/results/README.md). ``velocity_gap`` is the RMS of the
+  difference over the RMS of the stored velocity, at the input frame of step 2 on the true frames (the moving
+  nodes of every chosen scene); None for a displacement-trained run, a one-step rollout or fluid at rest.
 * **Constant velocity**, the reference beside every step's MSE, on the same nodes: x_{k+1} = x_k + v_0,
   with v_0 the initial velocity as displacement per task step (v · Δt · dt from the store's unit).
 
@@ -88,6 +95,7 @@ WALL_SCALAR = "type"          # node scalar marking particle kinds; WALL_TYPE ne
 WALL_TYPE = 1
 EDGE_GROWTH_LIMIT = 10        # a scene's graph beyond this many times its first step's edges: the rollout stops
 SPREAD_LIMIT = 1e3            # a scene's predicted extent beyond this many times the true one: the rollout stops
+VELOCITY_GAP_NOTE = 0.01      # launch/predict.py names an input velocity gap of this share of the velocity or more
 RUNAWAY_FACTOR = 10.0         # a stop names a moving node whose last step passed this many times the median one's
 HALO_MODES = ("exact", "none")
 PARTITION_METHODS = ("metis", "spatial", "random")
@@ -238,6 +246,7 @@ class Rollout:
     outside_share: list[float] = field(default_factory=list)
     cut_fraction: list[float] | None = None
     stopped: str | None = None
+    velocity_gap: float | None = None
 
     @property
     def steps(self) -> int:
@@ -352,7 +361,8 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
     model_eval = getattr(model, "eval", None)
     if callable(model_eval):
         model_eval()
-    _, per_displacement = displacement_factor(cfg, info)
+    scale, per_displacement = displacement_factor(cfg, info)
+    result.velocity_gap = velocity_gap(cfg, state, plan, scale, per_displacement)
     for k in range(1, plan.todo + 1):
         try:
             new_pos, cuts, received = predict_step(model, cfg, state, plan, recipe, parts, k, device, dtype, bar)
@@ -447,6 +457,33 @@ def initial_state(cfg: DictConfig, info: StoreInfo, plan: RolloutPlan, np_dtype)
                         pos=pos, vel=vel, first_displacement=vel / np_dtype(per_displacement),
                         pred=[pos.copy()], truth=[pos.copy()], base=[pos.copy()],
                         out_vel=[read("vel", plan.start).astype(np.float32)])
+
+
+def velocity_gap(cfg: DictConfig, state: RolloutState, plan: RolloutPlan, scale: float,
+                 per_displacement: float) -> float | None:
+    """How far the velocity a rollout feeds from step 2 on is from the one a stored-velocity run was trained on,
+    on the true frames: RMS of (x(t1) - x(t0)) · per_displacement - v(t1) · scale over the moving nodes, over
+    the RMS of v(t1) · scale, t1 = t0 + Δt (both in the training units); see the module docstring."""
+    if cfg.dataset.get("input_velocity", "stored") != "stored" or plan.todo < 2:
+        return None
+    t1 = plan.start + plan.delta_t
+    moved = state.read("pos", t1).astype(np.float64) - state.read("pos", plan.start)
+    fed = moved[state.moving] * per_displacement
+    trained = state.read("vel", t1)[state.moving].astype(np.float64) * scale
+    size = np.sqrt(np.mean(np.sum(np.square(trained), axis=1)))
+    if size == 0.0:
+        return None
+    return float(np.sqrt(np.mean(np.sum(np.square(fed - trained), axis=1))) / size)
+
+
+def velocity_gap_note(gap: float | None, frame: int) -> str | None:
+    """The line ``launch/predict.py`` prints for a gap of at least :data:`VELOCITY_GAP_NOTE`; else None."""
+    if gap is None or gap < VELOCITY_GAP_NOTE:
+        return None
+    return (f"from step 2 the model is fed its last displacement as the velocity, which on the true frames differs "
+            f"from the stored velocity it was trained on by {gap:.1%} RMS (frame {frame}; under an acceleration g it "
+            f"lags the stored one by g·Δt·dt/2, so a rolled-out fluid falls with less than g): train with "
+            f"dataset.input_velocity=displacement to be fed in a rollout what training fed")
 
 
 def predict_step(model: Callable[..., Any], cfg: DictConfig, state: RolloutState, plan: RolloutPlan,

@@ -39,7 +39,7 @@ def write_json(result: Rollout, path: Path, extra: dict[str, Any]) -> dict[str, 
                   outside_share=result.outside_share if np.isfinite(result.outside_share).any() else None,
                   frames=result.frames[1:], start_frame=result.start, delta_t=result.delta_t, split=result.split,
                   scenes=result.scenes, nodes=int(len(result.moving)), walls=int((~result.moving).sum()),
-                  stopped_early=result.stopped)
+                  stopped_early=result.stopped, input_velocity_gap=result.velocity_gap)
     if result.cut_fraction is not None:
         record["cut_fraction"] = result.cut_fraction
     record.update(extra)

@@ -24,6 +24,7 @@ from dist_egnn.inference.rollout import (
     outside_share,
     partitioned_edges,
     rollout,
+    velocity_gap_note,
 )
 from dist_egnn.keys import SPLITS
 from dist_egnn.models import FastEGNN, Prediction
@@ -34,15 +35,17 @@ DELTA_T = 2        # frames per task step: Δt·dt = 0.5
 
 
 def toy_store(path: Path, *, scenes: int = 2, n: int = 40, frames: int = 9, radius: float | None = 0.6,
-              walls: int = 0, seed: int = 0):
-    """Particles in exact constant-velocity motion; the first ``walls`` nodes of every scene have type 1 and,
-    unlike real walls, a stored trajectory that moves (so a wall scored by mistake shows up in the MSE)."""
+              walls: int = 0, seed: int = 0, fall: float = 0.0):
+    """Particles in exact constant-velocity motion (with ``fall``: accelerated by -fall along y, the stored
+    velocity the instantaneous one); the first ``walls`` nodes of every scene have type 1 and, unlike real
+    walls, a stored trajectory that moves (so a wall scored by mistake shows up in the MSE)."""
     rng = np.random.default_rng(seed)
     x0 = rng.integers(0, 128, size=(scenes, n, 3)) / 64
     v = rng.integers(-8, 9, size=(scenes, n, 3)) / 64
     t = np.arange(frames) * DT
-    pos = (x0[:, None] + t[None, :, None, None] * v[:, None]).astype(np.float32)
-    vel = np.broadcast_to(v[:, None], pos.shape).astype(np.float32)
+    a = np.array([0.0, -fall, 0.0])
+    pos = (x0[:, None] + t[None, :, None, None] * v[:, None] + 0.5 * t[None, :, None, None] ** 2 * a).astype(np.float32)
+    vel = (v[:, None] + t[None, :, None, None] * a + np.zeros_like(pos)).astype(np.float32)
     kind = np.zeros((scenes, n, 1), np.float32)
     kind[:, :walls] = 1
     with atomic_store(path) as root:
@@ -360,3 +363,24 @@ def test_the_picture_of_a_long_rollout_that_diverged_stays_readable():
     short_axis, short_extent = rollout_figure(short, "ten steps").axes[-2:]
     assert list(short_axis.get_xticks()) == list(range(1, 11))                 # every step labelled
     assert short_extent.get_ylim() == (0.0, 1.1)                                # spread 1.00-1.02: at least 1.1
+
+
+@pytest.mark.parametrize("unit", ["horizon", "store"])
+def test_a_stored_velocity_run_learns_how_far_a_rollout_feeds_it_from_its_training_velocity(tmp_path, unit):
+    """guards the small fluid's rollouts falling at 5-6 m/s^2 instead of 9.81 without a word: under a constant
+    acceleration a the displacement over a task step of T = Δt·dt lags the stored (end-of-step) velocity by
+    a·T/2; the rollout measures that gap on the true frames at the input of step 2, relative to the stored
+    velocity, and the note names the fix. None where nothing is fed back or training fed displacements."""
+    info = toy_store(tmp_path / "fall.zarr", fall=1.0)
+    cfg = run_config(unit)
+    result = rollout(ConstantVelocity(1.0), cfg, info, "test", 2)
+    vel = np.asarray(open_zarr(info)["test"]["vel"][DELTA_T]).astype(np.float64)     # v(t1), t1 = 0 + Δt
+    expected = (1.0 * DELTA_T * DT / 2) / np.sqrt(np.mean(np.sum(vel ** 2, axis=1)))
+    assert result.velocity_gap == pytest.approx(expected, rel=1e-5)
+    note = velocity_gap_note(result.velocity_gap, DELTA_T)
+    assert f"{expected:.1%}" in note and "dataset.input_velocity=displacement" in note
+    assert rollout(ConstantVelocity(1.0), cfg, info, "test", 1).velocity_gap is None
+    shifted = OmegaConf.merge(cfg, {"dataset": {"input_velocity": "displacement"}})
+    assert rollout(ConstantVelocity(1.0), shifted, info, "test", 2, start=DELTA_T).velocity_gap is None
+    steady = rollout(ConstantVelocity(1.0), cfg, toy_store(tmp_path / "steady.zarr"), "test", 2)
+    assert steady.velocity_gap < 1e-6 and velocity_gap_note(steady.velocity_gap, DELTA_T) is None
