@@ -45,7 +45,7 @@ def toy_store(path: Path, *, scenes: int = 2, n: int = 40, frames: int = 9, radi
     t = np.arange(frames) * DT
     a = np.array([0.0, -fall, 0.0])
     pos = (x0[:, None] + t[None, :, None, None] * v[:, None] + 0.5 * t[None, :, None, None] ** 2 * a).astype(np.float32)
-    vel = (v[:, None] + t[None, :, None, None] * a + np.zeros_like(pos)).astype(np.float32)
+    vel = (v[:, None] + t[None, :, None, None] * a).astype(np.float32)
     kind = np.zeros((scenes, n, 1), np.float32)
     kind[:, :walls] = 1
     with atomic_store(path) as root:
