@@ -65,6 +65,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,36 @@ def box_walls(box: list[float], particle_radius: float, layers: int) -> np.ndarr
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
     within = np.logical_and.reduce(np.meshgrid(*inside, indexing="ij")).reshape(-1)
     return grid[~within].astype(np.float32)
+
+
+def wall_layer_of(walls: np.ndarray, box: list[float], particle_radius: float) -> np.ndarray:
+    """(M,) int: the layer of each wall particle of :func:`box_walls`, 0 on the faces, k at k · 2r outside them
+    (edges and corners: the farthest of their axes)."""
+    lows = np.array([-box[0] / 2, 0.0, -box[2] / 2])
+    outside = np.maximum(lows - walls, walls - (lows + np.asarray(box, float))).max(axis=1)
+    return np.rint(np.maximum(outside, 0.0) / (2.0 * particle_radius)).astype(int)
+
+
+def warn_dropped_layers(walls: list[np.ndarray], cfg: SPHConfig) -> None:
+    """A warning when ``wall_reach`` left out whole layers of ``wall_layers`` in every scene (``walls``: each
+    scene's kept wall particles). The layers are there to stop a particle that a model pushes into a wall; one
+    that no fluid particle came within the reach of in the simulation is dropped however many were asked for
+    (fluid_small_walls: the fluid rests 0.035 m above the floor, so 0.075 m never reaches the layer 0.05 m below
+    it, and two layers became one; docs/results/README.md)."""
+    if cfg.wall_reach is None or cfg.wall_layers == 0:
+        return
+    kept = max((int(wall_layer_of(w, cfg.box, cfg.particle_radius).max()) + 1 for w in walls if len(w)), default=0)
+    if kept == 0:
+        warnings.warn(f"dataset.sph.wall_reach={cfg.wall_reach:g} keeps no wall particle in any scene: no fluid "
+                      f"particle comes within {cfg.wall_reach:g} m of the box's faces, so the store has no walls; "
+                      f"raise dataset.sph.wall_reach, or set it to null to keep them all", stacklevel=2)
+    elif kept < cfg.wall_layers:
+        spacing = 2.0 * cfg.particle_radius
+        warnings.warn(f"dataset.sph.wall_reach={cfg.wall_reach:g} keeps {kept} of the {cfg.wall_layers} wall layers "
+                      f"(dataset.sph.wall_layers) in every scene: no fluid particle comes within {cfg.wall_reach:g} m "
+                      f"of layer {kept + 1}, {kept * spacing:g} m outside the faces, so a particle that a model moves "
+                      f"past layer {kept} meets no wall behind it; to keep them raise dataset.sph.wall_reach to about "
+                      f"{cfg.wall_reach + (cfg.wall_layers - kept) * spacing:g}", stacklevel=2)
 
 
 def stop_time(cfg: SPHConfig) -> float:
@@ -453,6 +484,7 @@ def _assemble(path: Path, work: Path, cfg: SPHConfig, dataset: str, radius: floa
     total = sum(cfg.scenes(s) for s in SPLITS)
     lattice = box_walls(cfg.box, cfg.particle_radius, cfg.wall_layers)
     bar = tqdm(total=total, desc=f"writing {path.name}", unit="scene", disable=not progress)
+    kept_walls = []
     with atomic_store(path, overwrite=overwrite) as root:
         write_root_attrs(root, dataset=dataset, source="sph", dt=1.0 / cfg.fps,
                          units={"length": "m", "time": "s", "velocity": "m/s"}, radius=radius,
@@ -463,6 +495,7 @@ def _assemble(path: Path, work: Path, cfg: SPHConfig, dataset: str, radius: floa
             folders = [work / _scene_name(split, s) for s in range(cfg.scenes(split))]
             metas = [json.loads((f / "scene.json").read_text()) for f in folders]
             walls = [walls_within_reach(lattice, f, cfg.wall_reach) for f in folders]
+            kept_walls += walls
             group = create_split(root, split, [m["num_particles"] + len(w) for m, w in zip(metas, walls)],
                                  cfg.num_frames, num_scalars=len(NODE_SCALARS))
             group.attrs["recipes"] = [dict(m["recipe"], steps=m["steps"], threads=m["threads"],
@@ -473,6 +506,7 @@ def _assemble(path: Path, work: Path, cfg: SPHConfig, dataset: str, radius: floa
                 _copy_scene(group, s, folder, walls[s])
                 bar.update(1)
     bar.close()
+    warn_dropped_layers(kept_walls, cfg)
 
 
 def walls_within_reach(lattice: np.ndarray, folder: Path, reach: float | None) -> np.ndarray:
@@ -480,7 +514,9 @@ def walls_within_reach(lattice: np.ndarray, folder: Path, reach: float | None) -
     the scene comes within ``reach`` of in some frame, in lattice order. No edge joins two walls
     (``datasets/graphs.py``), so a wall farther than the radius from every fluid particle in every frame sends
     and receives no message at any radius <= ``reach``; leaving it out changes only the means over all nodes
-    (the centroid is over moving nodes; the virtual-node terms (5) and (7) count walls, docs/maths.md §8)."""
+    (the centroid is over moving nodes; the virtual-node terms (5) and (7) count walls, docs/maths.md §8). That
+    holds for the stored frames, not for a rollout, whose particles can go where no simulated one went: a reach
+    that drops whole layers is warned about (:func:`warn_dropped_layers`)."""
     from scipy.spatial import cKDTree
 
     if reach is None or len(lattice) == 0:

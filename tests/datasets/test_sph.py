@@ -1,6 +1,7 @@
 """SPH fluids through SPlisHSPlasH: the scene recipe, the generated store, crash isolation and resume."""
 import json
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -92,6 +93,27 @@ def test_wall_reach_keeps_the_walls_some_fluid_particle_comes_near(tmp_path):
     with pytest.raises(sph.ConfigError, match=r"dataset.sph.wall_reach=0.0: must be > 0"):
         generate_sph(tmp_path / "w.zarr", SPHConfig(**TINY, wall_reach=0.0), progress=False)
     assert not (tmp_path / "w.zarr").exists() and not work_folder(tmp_path / "w.zarr").exists()
+
+
+def test_a_wall_reach_that_drops_whole_layers_says_so():
+    """guards fluid_small_walls, whose walls were one particle thick with wall_layers=2: its fluid never came
+    within wall_reach=0.075 m of the layer 0.05 m outside the faces, so that layer was dropped without a word.
+    wall_layer_of gives the lattice's shells; a store that keeps fewer layers than asked warns, naming both keys
+    and a reach that keeps them; one that keeps them all, or keeps every wall, does not."""
+    cfg = SPHConfig(**TINY, wall_layers=3, wall_reach=0.075)
+    lattice = box_walls(TINY["box"], 0.025, 3)
+    layer = sph.wall_layer_of(lattice, TINY["box"], 0.025)
+    shells = [(17 + 2 * k) * (33 + 2 * k) * (17 + 2 * k) - (15 + 2 * k) * (31 + 2 * k) * (15 + 2 * k) for k in range(3)]
+    assert np.bincount(layer).tolist() == shells                    # 17 x 33 x 17 points on the faces of 0.8 x 1.6
+    with pytest.warns(UserWarning, match=r"dataset.sph.wall_reach=0.075 keeps 1 of the 3 wall layers "
+                                         r"\(dataset.sph.wall_layers\).*raise dataset.sph.wall_reach to about 0.175"):
+        sph.warn_dropped_layers([lattice[layer == 0], lattice[layer == 0][:10]], cfg)
+    with pytest.warns(UserWarning, match=r"keeps no wall particle in any scene.*set it to null"):
+        sph.warn_dropped_layers([lattice[:0], lattice[:0]], cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sph.warn_dropped_layers([lattice[layer == 0], lattice[layer <= 2]], cfg)             # one scene keeps all
+        sph.warn_dropped_layers([lattice], SPHConfig(**TINY, wall_layers=3))                 # no reach: every wall
 
 
 # --------------------------------------------------------------------------------------- with simulator
