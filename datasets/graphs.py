@@ -22,6 +22,14 @@ walls within R of the moving node are wired. A particle flung far out of the box
 otherwise still wired to its nearest walls tens of radii away, a distance no training graph held; its messages
 grow until it diverges and the virtual nodes carry its NaN to the whole scene (docs/results/README.md "Without
 those edges..."). Set R just above the longest such edge in training and a stray particle falls freely instead.
+
+Unwired walls (``dataset.unwired_walls=drop``; default ``keep``): a wall that no edge of a step's graph touches
+sends no message, receives none, and is never moved or scored; it only costs its rows of the node updates and,
+with ``model.virtual_walls`` true, a share of the virtual nodes' means. :func:`wired_nodes` names the nodes a step
+keeps (every moving node, every wall an edge touches) and :func:`renumber` moves the edges onto them. With
+``model.virtual_walls=false`` the moving nodes' predictions are then the same as with every wall (tested); with
+walls in the virtual exchange the virtual nodes hear the walls near the fluid only, as the store's
+``dataset.sph.wall_reach`` already does per scene.
 """
 from __future__ import annotations
 
@@ -63,6 +71,27 @@ def graph_edges(pos: np.ndarray, radius: float | None, max_neighbors: int | None
         have = np.isin(extra[0] * n + extra[1], edge_index[0] * n + edge_index[1])
         edge_index = np.concatenate([edge_index, extra[:, ~have]], axis=1)
     return edge_index
+
+
+def wired_nodes(edge_index: np.ndarray, walls: np.ndarray | None) -> np.ndarray | None:
+    """The nodes of a graph that a step needs: every moving node and every wall some edge of ``edge_index``
+    touches, as sorted ids (n',) int64; None when that is every node (no walls, or each one wired)."""
+    if walls is None:
+        return None
+    keep = ~np.asarray(walls, dtype=bool)
+    keep[edge_index.reshape(-1)] = True
+    return None if keep.all() else np.flatnonzero(keep)
+
+
+def renumber(edge_index: np.ndarray, kept: np.ndarray, num_nodes: int) -> np.ndarray:
+    """``edge_index`` over ``num_nodes`` nodes moved onto the nodes ``kept`` (sorted ids, every endpoint among
+    them): node ``kept[i]`` becomes ``i``."""
+    new_id = np.full(num_nodes, -1, np.int64)
+    new_id[kept] = np.arange(len(kept))
+    moved = new_id[edge_index]
+    if moved.size and moved.min() < 0:
+        raise ValueError("renumber: an edge touches a node that is not kept")
+    return moved
 
 
 def nearest_wall_edges(pos: np.ndarray, walls: np.ndarray, k: int, reach: float | None = None) -> np.ndarray:

@@ -29,7 +29,9 @@ from dist_egnn.datasets.graphs import (
     edge_features,
     graph_edges,
     node_features,
+    renumber,
     up_of,
+    wired_nodes,
 )
 from dist_egnn.datasets.md import trivial_target
 from dist_egnn.datasets.store import WALL, StoreError, StoreInfo
@@ -120,6 +122,7 @@ def collate(samples: list[GraphSample]) -> GraphBatch:
 
 VELOCITY_UNITS = ("store", "horizon")
 INPUT_VELOCITIES = ("stored", "displacement")
+UNWIRED_WALLS = ("keep", "drop")
 
 
 def velocity_scale(unit: str, delta_t: int, frame_dt: float) -> float:
@@ -191,6 +194,8 @@ class TrajectoryDataset:
         velocity_scale: factor applied to the stored velocities as they are read (inputs and the speed
             feature alike); see ``velocity_scale``.
         gravity: the external field of every graph, (3,) in the task's units (:func:`task_gravity`); None: none.
+        unwired_walls: ``keep`` every wall of the scene in every graph, or ``drop`` the walls no edge of the
+            sample's graph touches (``datasets.graphs``, unwired walls): fewer node rows, the same edges.
     """
 
     def __init__(self, info: StoreInfo, split: str, *, delta_t: int, frame_start: int = 0,
@@ -198,7 +203,7 @@ class TrajectoryDataset:
                  edge_features: list[str], radius: float | None = None, max_neighbors: int | None = None,
                  cutoff_rate: float = 0.0, velocity_scale: float = 1.0, gravity: np.ndarray | None = None,
                  wall_neighbors: int = 0, wall_neighbors_reach: float | None = None,
-                 input_velocity: str = "stored"):
+                 input_velocity: str = "stored", unwired_walls: str = "keep"):
         self.info = info
         self.gravity = None if gravity is None else np.asarray(gravity, dtype=np.float32).reshape(3)
         self.split = split
@@ -215,6 +220,9 @@ class TrajectoryDataset:
         if input_velocity not in INPUT_VELOCITIES:
             raise ConfigError(f"dataset.input_velocity={input_velocity!r}: choose one of {INPUT_VELOCITIES}")
         self.input_velocity = input_velocity
+        if unwired_walls not in UNWIRED_WALLS:
+            raise ConfigError(f"dataset.unwired_walls={unwired_walls!r}: choose one of {UNWIRED_WALLS}")
+        self.unwired_walls = unwired_walls
         if input_velocity == "displacement":              # a displacement needs the frame delta_t before
             self.frames = self.frames[self.frames >= delta_t]
             if not len(self.frames):
@@ -393,6 +401,10 @@ class TrajectoryDataset:
         edge_index = graph_edges(pos, self.radius, self.max_neighbors, self.walls_of(scalars), self.wall_neighbors,
                                  self.wall_neighbors_reach)
         edge_index = drop_longest_edges(edge_index, pos, self.cutoff_rate)
+        kept = wired_nodes(edge_index, self.walls_of(scalars)) if self.unwired_walls == "drop" else None
+        if kept is not None:
+            edge_index = renumber(edge_index, kept, len(pos))
+            pos, vel, target, scalars = pos[kept], vel[kept], target[kept], scalars[kept]
         names = self.info.node_scalars
         return GraphSample(pos=pos, vel=vel, target=target,
                            node_features=node_features(self.node_recipe, vel, scalars, names),

@@ -68,6 +68,9 @@ class DatasetConfig:
     # Those walls only within this distance (the store's length unit; null: however far): a particle flung out of
     # the box in a rollout is otherwise wired to walls farther than any training graph held (datasets/graphs.py).
     wall_neighbors_reach: Optional[float] = None
+    # keep: every wall of the scene is a node of every graph | drop: each graph holds only the walls its edges touch
+    # (datasets/graphs.py, unwired walls): fewer node rows; exact with model.virtual_walls=false; distributed.parts=1
+    unwired_walls: str = "keep"
     mmd_sigma: float = 1.5
     mmd_weight: float = 0.03
     mmd_samples: Optional[int] = None         # real nodes per graph per virtual node for MMD; None: all
@@ -392,7 +395,7 @@ CHOICES = {
     "trainer.scheduler": ("none", "cosine", "exponential", "plateau"),
     "trainer.normalization": ("none", "rms", "radius"), "trainer.noise_target": ("clean", "shifted"),
     "trainer.select_on": ("val_mse", "val_rollout_mse"),
-    "dataset.input_velocity": ("stored", "displacement"),
+    "dataset.input_velocity": ("stored", "displacement"), "dataset.unwired_walls": ("keep", "drop"),
     "distributed.halo": HALO_MODES, "distributed.partition": PARTITION_METHODS,
     "distributed.backend": ("auto", "gloo", "nccl"), "engine.name": ENGINE_NAMES,
 }
@@ -466,6 +469,15 @@ def check(cfg: DictConfig | Config) -> None:
         problems.append(f"dataset.wall_neighbors_reach={cfg.dataset.wall_neighbors_reach} with "
                         f"dataset.wall_neighbors=0: the reach bounds the nearest-wall edges, and there are none; set "
                         f"dataset.wall_neighbors=k (k >= 1), or dataset.wall_neighbors_reach=null")
+    if cfg.dataset.get("unwired_walls", "keep") == "drop":
+        if cfg.distributed.parts > 1:
+            problems.append(f"dataset.unwired_walls=drop with distributed.parts={cfg.distributed.parts}: the stored "
+                            f"partitions and halos hold every wall of a scene; train on whole graphs "
+                            f"(distributed.parts=1, data parallel over ranks is fine), or set dataset.unwired_walls=keep")
+        if cfg.trainer.get("pushforward_unrolls", 0):
+            problems.append(f"dataset.unwired_walls=drop with trainer.pushforward_unrolls="
+                            f"{cfg.trainer.pushforward_unrolls}: pushforward rolls whole scenes forward; set "
+                            f"dataset.unwired_walls=keep or trainer.pushforward_unrolls=0")
     if not 0.0 <= cfg.model.cutoff_rate <= 1.0:
         problems.append(f"model.cutoff_rate={cfg.model.cutoff_rate}: must be in [0, 1]")
     if cfg.trainer.get("precision") == "bf16" and cfg.trainer.dtype == "float64":

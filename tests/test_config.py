@@ -279,6 +279,23 @@ def test_wall_neighbors_reach_is_off_by_default_and_refuses_nonsense():
         schema.check(composed("config", "dataset.wall_neighbors_reach=0.76"))
 
 
+# ---------------------------------------------------------------------------------------- dataset.unwired_walls
+def test_unwired_walls_are_kept_by_default_and_dropped_only_on_whole_graphs():
+    """Stored partitions and halos, and pushforward's whole-scene rollouts, hold every wall: dropping the unwired
+    ones there is refused with the keys to change, not trained on graphs that disagree."""
+    from dist_egnn.errors import ConfigError
+
+    assert composed("config").dataset.unwired_walls == "keep"
+    schema.check(composed("config", "dataset.unwired_walls=drop"))
+    with pytest.raises(ConfigError, match=r"dataset\.unwired_walls='some': choose one of \('keep', 'drop'\)"):
+        schema.check(composed("config", "dataset.unwired_walls=some"))
+    with pytest.raises(ConfigError, match=r"dataset\.unwired_walls=drop with distributed\.parts=2: .*"
+                                          r"distributed\.parts=1.*dataset\.unwired_walls=keep"):
+        schema.check(composed("config", "dataset.unwired_walls=drop", "distributed.parts=2"))
+    with pytest.raises(ConfigError, match=r"dataset\.unwired_walls=drop with trainer\.pushforward_unrolls=2"):
+        schema.check(composed("config", "dataset.unwired_walls=drop", "trainer.pushforward_unrolls=2"))
+
+
 # ------------------------------------------------------------------------------------ dataset.gravity, normalize
 def test_gravity_is_on_for_the_sph_fluids_and_off_elsewhere():
     """issue 17 item 2: the SPH fluids (and the GNS Water-3D converter) give every graph gravity as datasets/sph.py

@@ -26,7 +26,8 @@ A rollout starts from the stored state of every chosen scene at input frame t0 (
   drops its own longest edges. The per-step cut fraction is recorded.
 * **Walls**: a store with a node scalar ``type`` marks walls with 1 (``datasets/store.py``); walls send
   messages but are never moved: every step puts them back at their stored input positions (so their
-  velocity input is zero from step 2 on), as the trainer does, and they are left out of every MSE.
+  velocity input is zero from step 2 on), as the trainer does, and they are left out of every MSE. A run
+  trained with ``dataset.unwired_walls=drop`` gets, at every step, only the walls its graph's edges touch.
 * **Ground truth** of step k is the stored frame t0 + k·Δt. The rollout stops early, and says so, when a
   trajectory ends before K steps (``Rollout.stopped``), or when predictions become NaN/Inf, or when a scene's
   predicted moving nodes spread more than :data:`SPREAD_LIMIT` times as far from their centroid as the true
@@ -82,7 +83,9 @@ from dist_egnn.datasets.graphs import (
     graph_edges,
     node_features,
     part_graphs,
+    renumber,
     up_of,
+    wired_nodes,
 )
 from dist_egnn.datasets.loader import GraphBatch, GraphSample, collate, task_gravity, velocity_scale
 from dist_egnn.datasets.store import StoreInfo
@@ -119,6 +122,7 @@ class GraphRecipe:
     edge_features: tuple[str, ...]
     scalar_names: tuple[str, ...]
     up: tuple[float, float, float] | None = None   # against dataset.gravity (height_per_radius); None: no field
+    unwired_walls: str = "keep"                    # drop: walls no edge touches leave the step's graph
 
     @classmethod
     def of(cls, cfg: DictConfig, info: StoreInfo) -> "GraphRecipe":
@@ -133,7 +137,8 @@ class GraphRecipe:
                    wall_neighbors=int(d.get("wall_neighbors", 0) or 0),
                    wall_neighbors_reach=d.get("wall_neighbors_reach"),
                    node_features=tuple(d.node_features), edge_features=tuple(d.edge_features),
-                   scalar_names=tuple(info.node_scalars), up=up)
+                   scalar_names=tuple(info.node_scalars), up=up,
+                   unwired_walls=d.get("unwired_walls", "keep"))
 
 
 @dataclass(frozen=True)
@@ -156,12 +161,14 @@ class Parts:
 
 @dataclass
 class StepGraph:
-    """One scene's graph at one step: what ``collate`` needs, plus the step's cut fraction (P > 1)."""
+    """One scene's graph at one step: what ``collate`` needs, plus the step's cut fraction (P > 1) and the
+    scene's nodes it holds (``kept``, ids in the scene; None: every node)."""
 
     edge_index: np.ndarray
     edge_attr: np.ndarray
     node_features: np.ndarray
     cut_fraction: float | None = None
+    kept: np.ndarray | None = None
 
 
 def build_graph(pos: np.ndarray, vel: np.ndarray, scalars: np.ndarray, recipe: GraphRecipe,
@@ -169,7 +176,8 @@ def build_graph(pos: np.ndarray, vel: np.ndarray, scalars: np.ndarray, recipe: G
     """The graph and features of one scene at positions ``pos`` and velocities ``vel`` (training units).
 
     P = 1: exactly ``TrajectoryDataset.make_sample``'s graph. P > 1: the current positions are partitioned
-    and the parts' edges united (see the module docstring).
+    and the parts' edges united (see the module docstring). With ``recipe.unwired_walls`` = drop, the walls
+    none of those edges touches are left out (``kept``), as the loader leaves them out.
     """
     names = list(recipe.scalar_names)
     walls = scalars[:, names.index(WALL_SCALAR)] == WALL_TYPE if WALL_SCALAR in names else None
@@ -180,11 +188,15 @@ def build_graph(pos: np.ndarray, vel: np.ndarray, scalars: np.ndarray, recipe: G
         edges = drop_longest_edges(whole, pos, recipe.cutoff_rate)
     else:
         edges, cut = partitioned_edges(pos, whole, recipe.cutoff_rate, parts, recipe, walls)
+    kept = wired_nodes(edges, walls) if recipe.unwired_walls == "drop" else None
+    if kept is not None:
+        edges = renumber(edges, kept, len(pos))
+        pos, vel, scalars = pos[kept], vel[kept], scalars[kept]
     return StepGraph(edge_index=edges,
                      edge_attr=edge_features(list(recipe.edge_features), edges, pos, scalars, names, vel,
                                              recipe.radius, None if recipe.up is None else np.asarray(recipe.up)),
                      node_features=node_features(list(recipe.node_features), vel, scalars, names),
-                     cut_fraction=cut)
+                     cut_fraction=cut, kept=kept)
 
 
 def partitioned_edges(pos: np.ndarray, whole: np.ndarray, cutoff_rate: float, parts: Parts,
@@ -492,28 +504,29 @@ def predict_step(model: Callable[..., Any], cfg: DictConfig, state: RolloutState
     """Step k: every batch of scenes' graph built at the current state and the model's positions (N, 3) (walls
     as the model returned them), with the cut fraction of every scene's partition (P > 1; else empty) and the
     edges the moving nodes received."""
-    new_pos = np.empty_like(state.pos)
+    new_pos = state.pos.copy()                        # a wall left out of a graph (unwired) stays where it is
     cuts, received = [], 0
     ptr = state.ptr
     for members in plan.batches:
-        samples = []
+        samples, rows = [], []
         for b in members:
             sl = slice(ptr[b], ptr[b + 1])
             g = build_graph(state.pos[sl], state.vel[sl], state.scalars[sl], recipe, parts)
             if recipe.max_neighbors is None:          # with a cap the graph cannot outgrow memory
                 check_growth(state.first_edges, b, g.edge_index.shape[1], plan.scenes[b], k)
-            received += int(state.moving[sl][g.edge_index[0]].sum())
+            at = np.arange(ptr[b], ptr[b + 1]) if g.kept is None else ptr[b] + g.kept    # the graph's rows
+            received += int(state.moving[at][g.edge_index[0]].sum())
             if g.cut_fraction is not None:
                 cuts.append(g.cut_fraction)
-            samples.append(GraphSample(pos=state.pos[sl], vel=state.vel[sl], target=state.pos[sl],
+            samples.append(GraphSample(pos=state.pos[at], vel=state.vel[at], target=state.pos[at],
                                        node_features=g.node_features, edge_index=g.edge_index, edge_attr=g.edge_attr,
                                        scene=plan.scenes[b], frame=plan.start + (k - 1) * plan.delta_t,
-                                       moving=state.moving[sl] if state.typed else None, gravity=state.gravity))
+                                       moving=state.moving[at] if state.typed else None, gravity=state.gravity))
+            rows.append(at)
         graph = collate(samples).to(device, dtype)
         with torch.no_grad():
             out = model(**model_inputs(graph, cfg))
-        rows = slice(ptr[members[0]], ptr[members[-1] + 1])
-        new_pos[rows] = out.pos.detach().to("cpu", dtype).numpy()
+        new_pos[np.concatenate(rows)] = out.pos.detach().to("cpu", dtype).numpy()
         bar.update(1)
     return new_pos, cuts, received
 

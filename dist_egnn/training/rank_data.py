@@ -50,10 +50,12 @@ from dist_egnn.datasets.graphs import (
     graph_edges,
     node_features,
     part_graphs,
+    renumber,
     whole_pairs,
+    wired_nodes,
 )
 from dist_egnn.datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
-from dist_egnn.errors import BadInput
+from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.partitioners.subgraphs import HaloPlan, PartNodes, part_nodes, stack_parts
 
 DENSITY_FACTOR = 10        # mean degree over this many times the documented one: a GraphWarning
@@ -121,6 +123,9 @@ class RankData:
         if assignments is not None and assignments.num_parts != parts:
             raise BadInput(f"{assignments.path}: stored partition has {assignments.num_parts} parts but "
                              f"distributed.parts={parts}; prepare the partitions for P={parts}")
+        if parts > 1 and dataset.unwired_walls == "drop":
+            raise ConfigError(f"dataset.unwired_walls=drop with distributed.parts={parts}: the stored partitions and "
+                              f"halos hold every wall; use distributed.parts=1 or dataset.unwired_walls=keep")
         self.dataset, self.part, self.parts, self.halo = dataset, part, parts, halo and parts > 1
         self.sequential = sequential and parts > 1
         self.assignments, self.gather = assignments, gather
@@ -175,6 +180,8 @@ class RankData:
             local = self.drop_edges(local, arrays, nodes)
         if self.noise > 0.0:                          # after the edges: they are the clean frame's
             arrays = [self.with_noise(a, n, i, seed, epoch) for a, n, i in zip(arrays, nodes, sample_ids)]
+        if self.dataset.unwired_walls == "drop":      # P = 1 only (refused in __init__ otherwise)
+            arrays, local, nodes = self.without_unwired_walls(arrays, local, nodes)
         return self.assemble(sample_ids, nodes, arrays, local, full_edges, seed, epoch)
 
     def with_noise(self, arrays: PartArrays, nodes: PartNodes, sample: int, seed: int, epoch: int) -> PartArrays:
@@ -195,6 +202,22 @@ class RankData:
         return replace(arrays, pos=arrays.pos + position_error, target=target,
                        vel=arrays.vel + velocity_error(owned) * moving,
                        halo_pos=arrays.halo_pos + errors[0, halo] * moving_of(arrays.halo_scalars), halo_vel=halo_vel)
+
+    def without_unwired_walls(self, arrays: list[PartArrays], local: list[np.ndarray],
+                              nodes: list[PartNodes]) -> tuple[list[PartArrays], list[np.ndarray], list[PartNodes]]:
+        """Whole graphs without the walls none of their edges touches (``datasets.graphs``, unwired walls); the
+        rows left keep their global ids in ``nodes`` (their MMD keys are those of one device keeping every wall)."""
+        walls_of = self.dataset.walls_of
+        out: tuple[list, list, list] = ([], [], [])
+        for a, e, n in zip(arrays, local, nodes):
+            kept = wired_nodes(e, walls_of(a.scalars))
+            if kept is not None:
+                e = renumber(e, kept, len(a.pos))
+                a = replace(a, pos=a.pos[kept], vel=a.vel[kept], target=a.target[kept], scalars=a.scalars[kept])
+                n = replace(n, owned=n.owned[kept])
+            for kept_list, item in zip(out, (a, e, n)):
+                kept_list.append(item)
+        return out
 
     def check_graphs(self, sample_ids: list[int], arrays: list[PartArrays], edges: list[int], whole: bool) -> None:
         """Warn (once per split and kind) when a graph of this batch has no edges, or when the batch's mean

@@ -232,6 +232,7 @@ def load_splits(cfg: DictConfig, info: StoreInfo):
                                        wall_neighbors=d.get("wall_neighbors", 0),
                                        wall_neighbors_reach=d.get("wall_neighbors_reach"),
                                        input_velocity=d.get("input_velocity", "stored"),
+                                       unwired_walls=d.get("unwired_walls", "keep"),
                                        cutoff_rate=cfg.model.cutoff_rate, velocity_scale=scale, gravity=gravity)
               for split in SPLITS}
     degree = splits["train"].mean_degree()

@@ -149,6 +149,36 @@ def test_exact_parts_equal_one_process_in_float64(stores, method):
     assert np.abs(drop.pred[1:] - one.pred[1:]).max() > 1e-9     # drop mode misses the cut edges
 
 
+def test_a_run_that_drops_unwired_walls_rolls_out_on_the_graphs_it_trained_on(tmp_path):
+    """dataset.unwired_walls=drop: a step's graph is the loader's (walls no edge touches left out), and with
+    virtual nodes that talk to the moving nodes alone the rollout equals one keeping every wall, walls held
+    where they are. guards: a rollout feeding the model other nodes than training did, or rows put back in the
+    wrong places."""
+    info = toy_store(tmp_path / "sparse.zarr", walls=30)          # 10 moving nodes: many walls far from all
+    cfg = run_config(cutoff_rate=0.25)
+    cfg.dataset.unwired_walls = "drop"
+    data = TrajectoryDataset(info, "test", delta_t=DELTA_T, node_features=["speed", "type"], edge_features=["distance"],
+                             cutoff_rate=0.25, velocity_scale=DELTA_T * DT, unwired_walls="drop")
+    sample = data.read([1])[0]
+    nodes = info.splits["test"].scene_nodes(sample.scene)
+    pos, vel = (np.asarray(open_zarr(info)["test"][key][sample.frame, nodes]) for key in ("pos", "vel"))
+    scalars = np.asarray(open_zarr(info)["test"]["node_scalars"][nodes])
+    graph = build_graph(pos, vel * DELTA_T * DT, scalars, GraphRecipe.of(cfg, info))
+    assert 10 < len(graph.kept) < 40 and len(sample.pos) == len(graph.kept)
+    np.testing.assert_array_equal(sample.pos, pos[graph.kept])
+    for got, want in ((graph.edge_index, sample.edge_index), (graph.edge_attr, sample.edge_attr),
+                      (graph.node_features, sample.node_features)):
+        np.testing.assert_array_equal(got, want)
+    torch.manual_seed(0)
+    model = FastEGNN(node_features=2, edge_features=1, hidden=16, layers=2, virtual_channels=2,
+                     virtual_walls=False).double().eval()
+    keep = rollout(model, run_config(cutoff_rate=0.25), info, "test", 3, dtype=torch.float64)
+    drop = rollout(model, cfg, info, "test", 3, dtype=torch.float64)
+    assert keep.steps == drop.steps == 3
+    np.testing.assert_allclose(drop.pred, keep.pred, rtol=0, atol=1e-12)
+    assert np.abs(drop.pred[3, drop.moving] - drop.pred[0, drop.moving]).max() > 1e-3      # the fluid moved
+
+
 def test_drop_mode_keeps_only_edges_inside_parts(stores):
     info = stores["plain"]
     pos = np.asarray(open_zarr(info)["test"]["pos"][0, info.splits["test"].scene_nodes(0)])

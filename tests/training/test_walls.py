@@ -90,6 +90,42 @@ def test_loader_marks_the_walls_and_counts_the_moving_nodes(store):
     assert batch.total_nodes == 2 * len(sample.pos)
 
 
+def rows_by_place(graph) -> dict[tuple, int]:
+    """Batch row of every (graph, position) of a batch: the same node in two batches of the same samples."""
+    return {(int(b), *p): r for r, (b, p) in enumerate(zip(graph.batch.tolist(), graph.pos.tolist()))}
+
+
+def test_unwired_walls_leave_the_graph_and_nothing_the_fluid_hears_changes(store):
+    """dataset.unwired_walls=drop: each graph keeps its fluid and the walls its edges touch, with the same edges
+    and the MMD keys of the same nodes; a FastEGNN whose virtual nodes talk to the fluid alone
+    (virtual_walls=False) then predicts the fluid as with every wall, in float64; with walls in the virtual
+    exchange its means count fewer walls and the fluid moves differently. guards: a wired wall dropped, edges
+    moved onto the wrong rows, keys of other nodes."""
+    from dist_egnn.models import FastEGNN
+
+    every = RankData(dataset(store)).build([0, 5], seed=1, epoch=2)
+    wired = RankData(dataset(store, unwired_walls="drop")).build([0, 5], seed=1, epoch=2)
+    g, h = every.graph, wired.graph
+    assert h.moving.sum() == g.moving.sum() == 2 * FLUID and wired.total_moving == every.total_moving
+    assert 0 < int((~h.moving).sum()) < int((~g.moving).sum())                   # some walls go, some stay
+    row = rows_by_place(g)
+    at = np.array([row[key] for key in rows_by_place(h)])                          # h's rows in g
+    assert sorted({tuple(e) for e in at[h.edge_index.numpy()].T.tolist()}) == sorted(map(tuple, g.edge_index.T.tolist()))
+    touched = np.zeros(len(g.pos), bool)
+    touched[g.edge_index.numpy().reshape(-1)] = True
+    np.testing.assert_array_equal(np.sort(at), np.flatnonzero(touched | g.moving.numpy()))
+    np.testing.assert_array_equal(wired.mmd_keys, every.mmd_keys[at])
+    for virtual_walls, same in ((False, True), (True, False)):
+        torch.manual_seed(0)
+        model = FastEGNN(node_features=2, edge_features=1, hidden=16, layers=2, virtual_channels=2,
+                         virtual_walls=virtual_walls).double()
+        with torch.no_grad():
+            full = model(**g.to("cpu", torch.float64).model_inputs()).pos[at][h.moving]
+            pruned = model(**h.to("cpu", torch.float64).model_inputs()).pos[h.moving]
+        gap = (full - pruned).abs().max().item()
+        assert gap < 1e-12 if same else gap > 1e-9, (virtual_walls, gap)
+
+
 def test_no_edge_joins_two_walls_in_any_graph_a_rank_builds(store):
     """The loader's graph, one rank's part and halo, and the stored partition's halo masks all come from the
     graph without wall -> wall edges: no such edge, and no wall in a halo that only walls across the cut see."""
