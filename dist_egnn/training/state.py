@@ -58,6 +58,7 @@ class EpochTotals:
     warm_seconds: float = _total(MAX)      # wall time of each epoch loop's first (warm-up) step
     warm_steps: float = _total(MAX)
     mmd: float = _total(SUM)               # the MMD term's shares of the loss (λ · MMD / P): mmd_share = mmd / loss
+    nodes: float = _total(SUM)             # node rows this rank computed (its owned nodes)
 
     def add(self, **values: float) -> None:
         for name, value in values.items():

@@ -15,6 +15,7 @@ The run directory receives (rank 0 writes):
     metrics.jsonl        one JSON object per evaluation: epoch, train_loss, train_mse, mmd_share (the MMD term's
                          part of train_loss), val_mse, lr, world_size, parts, step_time_s (per batch, mean after
                          the first, warm-up step), comm_time_s (in the model's collectives), edges_per_rank,
+                         nodes_per_rank (node rows per step; fewer with dataset.unwired_walls=drop),
                          dropped_edge_fraction, peak_mem_mb, ... (with trainer.val_rollout_steps also
                          val_rollout_mse, val_rollout_baseline_mse, val_rollout_steps, val_rollout_time_s and,
                          with walls, val_rollout_outside: dist_egnn.training.validation); the last line is the test
@@ -298,7 +299,7 @@ class Trainer:
                 terms.total.item(), self.normalization.original_mse(terms.mse.item()), self.mmd_part(terms))
             window_loss += loss
             self.totals.add(loss=loss, mse=mse, mmd=mmd, edges=batch.num_edges, full_edges=batch.full_edges,
-                            skipped=skipped, comm_seconds=comm_seconds)
+                            skipped=skipped, comm_seconds=comm_seconds, nodes=len(batch.graph.pos))
             if warm_up:
                 self.totals.add(warm_seconds=seconds, warm_steps=1)
             else:
@@ -379,14 +380,14 @@ class Trainer:
             device=self.collective_device)
         skipped = int(totals.skipped)
         memory = memory_mb(self.device)
-        step_max, edges_max, comm_max, *memory_max = runtime.all_reduce_numbers(
-            [totals.mean_step_seconds(), totals.edges / max(steps, 1), totals.comm_seconds / max(steps, 1),
-             *memory.values()], "max", device=self.collective_device)
+        step_max, edges_max, nodes_max, comm_max, *memory_max = runtime.all_reduce_numbers(
+            [totals.mean_step_seconds(), totals.edges / max(steps, 1), totals.nodes / max(steps, 1),
+             totals.comm_seconds / max(steps, 1), *memory.values()], "max", device=self.collective_device)
         batches = max(steps - skipped, 1) * g.data_parallel
         return dict(train_loss=loss / batches, train_mse=mse / batches, mmd_share=mmd / loss if loss else 0.0,
                     world_size=self.env.world_size,
                     parts=self.cfg.distributed.parts, halo=self.cfg.distributed.halo, engine=self.engine_name,
-                    step_time_s=step_max, comm_time_s=comm_max, edges_per_rank=edges_max,
+                    step_time_s=step_max, comm_time_s=comm_max, edges_per_rank=edges_max, nodes_per_rank=nodes_max,
                     dropped_edge_fraction=1.0 - edges / max(full / g.parts, 1.0), **dict(zip(memory, memory_max)),
                     skipped_steps=skipped, precision=self.cfg.trainer.get("precision", "fp32"),
                     device=self.device.type)

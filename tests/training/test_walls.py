@@ -288,6 +288,23 @@ def test_two_ranks_in_exact_halo_mode_equal_one_process_with_walls(store, overla
     assert got[0]["parts"] == 2 and np.isfinite(want[-1]["test_mse"])
 
 
+def test_a_run_without_unwired_walls_trains_as_one_with_them(store):
+    """dataset.unwired_walls=drop end to end (loader, edge dropping, MMD sample, trainer, evaluation): with the
+    virtual nodes talking to the fluid alone, every loss and MSE equals the run keeping every wall, in float64,
+    over fewer node rows and the same edges."""
+    root = store.parent.parent
+    runs = {}
+    for mode in ("keep", "drop"):
+        done = launch([], root, f"walls-{mode}", "model.virtual_walls=false", f"dataset.unwired_walls={mode}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[mode] = records(root / f"walls-{mode}")
+    for got, want in zip(runs["drop"], runs["keep"]):
+        for key in COMPARED:
+            if key in want:
+                assert abs(got[key] - want[key]) <= 1e-9 * abs(want[key]), f"{key}: {got[key]} != {want[key]}"
+        assert got["edges_per_rank"] == want["edges_per_rank"] and got["nodes_per_rank"] < want["nodes_per_rank"]
+
+
 def test_validation_rollout_records_the_share_outside_the_walls(store, tmp_path):
     """trainer.val_rollout_steps on a store with walls: every evaluation records the share of the fluid outside the
     walls' box at the rollout's last step, and it is the share launch/predict.py's rollout of best.pt gives."""
