@@ -15,6 +15,10 @@ compute together (docs/maths.md §4: the cut edges are the only difference from 
 the whole graph. It is the reference the drop-mode tests compare P ranks with, and a way to try a
 distributed configuration on one machine.
 
+Unwired walls (``dataset.unwired_walls=drop``, P = 1 only): after the edges, the noise and edge dropping, each
+graph loses the walls none of its edges touches (``datasets.graphs``); its rows keep their global ids, so the MMD
+keys and the training noise are those of the graph with every wall.
+
 Batches: the sample order of an epoch comes from (seed, epoch) only, so every rank computes the same one.
 Graph group g of G takes batches g, g + G, g + 2G, ... (graph × data parallel); in training every group
 takes the same number of steps, so a remainder of fewer than G batches is left out of that epoch.
