@@ -473,7 +473,8 @@ def check(cfg: DictConfig | Config) -> None:
         if cfg.distributed.parts > 1:
             problems.append(f"dataset.unwired_walls=drop with distributed.parts={cfg.distributed.parts}: the stored "
                             f"partitions and halos hold every wall of a scene; train on whole graphs "
-                            f"(distributed.parts=1, data parallel over ranks is fine), or set dataset.unwired_walls=keep")
+                            f"(distributed.parts=1, data parallel over ranks is fine), or set "
+                            f"dataset.unwired_walls=keep")
         if cfg.trainer.get("pushforward_unrolls", 0):
             problems.append(f"dataset.unwired_walls=drop with trainer.pushforward_unrolls="
                             f"{cfg.trainer.pushforward_unrolls}: pushforward rolls whole scenes forward; set "
