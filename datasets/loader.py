@@ -266,6 +266,10 @@ class TrajectoryDataset:
             raise StoreError(f"{info.path}: dataset.wall_neighbors={self.wall_neighbors} asks for edges from walls, "
                              f"but the store has no node scalar `type` (its scalars: {info.node_scalars}); set "
                              f"dataset.wall_neighbors=0")
+        if self.unwired_walls == "drop" and self.type_column is None:
+            raise StoreError(f"{info.path}: dataset.unwired_walls=drop leaves out walls no edge touches, but the store "
+                             f"has no node scalar `type` to mark walls (its scalars: {info.node_scalars}): it would "
+                             f"change nothing; set dataset.unwired_walls=keep")
         trivial = trivial_target(info.attrs, delta_t)
         if trivial:
             warnings.warn(trivial, stacklevel=2)

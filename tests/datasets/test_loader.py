@@ -35,6 +35,13 @@ def test_sample_order_depends_only_on_seed_and_epoch(store):
     assert sorted(sample_ids(a, seed=3, epoch=1)) == sorted(sample_ids(a, seed=4, epoch=1))
 
 
+def test_dropping_unwired_walls_on_a_store_without_walls_is_refused(store):
+    """dataset.unwired_walls=drop on a store with no `type` scalar would silently change nothing: it is refused."""
+    with pytest.raises(StoreError, match=r"nb.zarr: dataset.unwired_walls=drop .* no node scalar `type` .*"
+                                         r"set dataset.unwired_walls=keep"):
+        dataset(store, unwired_walls="drop")
+
+
 def test_horizon_velocity_unit_scales_inputs_and_speed_alike(store):
     info = open_store(store)
     scale = velocity_scale("horizon", 2, info.attrs["dt"])
