@@ -326,6 +326,8 @@ class PredictConfig:
     wall_neighbors_reach: Optional[float] = None  # the rollout's nearest-wall edges only within this distance (a
                                               # particle flung out of the box hears no wall farther than training
                                               # showed); None: the run's dataset.wall_neighbors_reach
+    contain: bool = False                     # hold the predicted fluid inside its container every step (SPH
+                                              # stores' box; a constraint over the model, off: the model alone)
     device: str = "auto"                      # auto | cpu | cuda
     dtype: Optional[str] = None               # float32 | float64; None: the run's trainer.dtype
     num_threads: Optional[int] = None         # CPU threads; None: torch's default

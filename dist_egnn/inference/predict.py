@@ -11,7 +11,8 @@ stops with a ``BadInput`` naming the key or file and the fix, and nothing is wri
                     same nodes), ``mse_over_baseline``, ``edges_per_node`` (edges each moving node received:
                     rises when predictions pile up), ``spread_ratio`` (the predicted fluid's extent over the
                     truth's: below 1 it contracts), ``outside_share`` (of the predicted fluid, outside the box
-                    of the walls), ``frames``, ``cut_fraction`` (P > 1); ``steps``,
+                    of the walls), ``frames``, ``cut_fraction`` (P > 1), ``contained_share`` (``contain=true``:
+                    of the moving nodes, put back inside the container by that step); ``steps``,
                     ``requested_steps``, ``stopped_early``, ``samples`` (scenes), ``command``, ``config``
                     (these options), the run, the store, the outputs
     rollout.zarr    the predicted trajectories in the dataset layout (``writers.write_store``)
@@ -42,6 +43,7 @@ from dist_egnn.inference.rollout import (
     Parts,
     RolloutError,
     check_start,
+    container_box,
     first_input_frame,
     rollout,
 )
@@ -165,6 +167,7 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
                   method=cfg.partition if cfg.get("partition") is not None else dist.get("partition", "metis"),
                   seed=cfg.seed if cfg.get("seed") is not None else dist.get("seed", 0))
     parts.check()
+    box = container_box(info) if cfg.contain else None
     out = Path(cfg.out) if cfg.get("out") else run_dir / "predict"
     if out.exists() and not out.is_dir():
         raise BadInput(f"out={out} is a file; give a folder (or leave out= out: RUN_DIR/predict)")
@@ -173,16 +176,19 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     dtype = next(model.parameters()).dtype
     print(f"rolling out {run_dir} on {info.path}/{cfg.split} from frame {start}: {cfg.steps} steps of "
           f"{run_cfg.dataset.delta_t} frames" + (f", {parts.parts} parts ({parts.method}, halo={parts.halo}), "
-                                                 f"re-partitioned every step" if parts.parts > 1 else ""), flush=True)
+                                                 f"re-partitioned every step" if parts.parts > 1 else "")
+          + ("" if box is None else f", the fluid held inside its container {box[0].tolist()} .. {box[1].tolist()}"),
+          flush=True)
     result = rollout(model, run_cfg, info, cfg.split, int(cfg.steps), start=start, scenes=cfg.get("scenes"),
                      batch_size=cfg.get("batch_size"), parts=parts, device=device, dtype=dtype,
-                     progress=bool(cfg.progress))
+                     progress=bool(cfg.progress), contain=bool(cfg.contain))
 
     options = OmegaConf.to_container(cfg, resolve=True)
     extra = dict(command=command, config=options, run=str(run_dir), store=str(info.path),
                  checkpoint=model.checkpoint, parts=parts.parts, halo=parts.halo if parts.parts > 1 else None,
                  partition=parts.method if parts.parts > 1 else None, dtype=str(dtype).replace("torch.", ""),
-                 model=run_cfg.model.name, velocity_unit=run_cfg.dataset.get("velocity_unit", "store"))
+                 model=run_cfg.model.name, velocity_unit=run_cfg.dataset.get("velocity_unit", "store"),
+                 container=None if box is None else [box[0].tolist(), box[1].tolist()])
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
@@ -194,7 +200,8 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
             outputs["vtk"] = [str(out / "vtk" / p.name) for p in pvds]
         writers.write_png(result, tmp / "rollout.png",
                           f"{run_cfg.dataset.name} {run_cfg.model.name}: {info.path.name}/{cfg.split}, scene "
-                          f"{result.scenes[0]}")
+                          f"{result.scenes[0]}" + (", fluid held inside its container (contain=true)" if cfg.contain
+                                                   else ""))
         extra.update(outputs=outputs, time_s=round(time.perf_counter() - started, 3))
         record = writers.write_json(result, tmp / "rollout.json", extra)
         replace_folder(tmp, out)
@@ -216,12 +223,14 @@ def replace_folder(new: Path, target: Path) -> None:
 
 def summary(record: dict[str, Any]) -> str:
     """The per-step table printed at the end: the MSE beside constant velocity's, and whether the predicted
-    fluid keeps its extent (spread) and stays inside the walls (outside; stores with walls only)."""
-    outside = record.get("outside_share")
+    fluid keeps its extent (spread) and stays inside the walls (outside; stores with walls only), and with
+    ``contain=true`` the share of it put back inside the container (held)."""
+    outside, held = record.get("outside_share"), record.get("contained_share")
     lines = [f"{'step':>4} {'frame':>6} {'mse':>12} {'const. vel.':>12} {'ratio':>7} {'spread':>7}"
-             + (f" {'outside':>7}" if outside else "")]
+             + (f" {'outside':>7}" if outside else "") + (f" {'held':>7}" if held is not None else "")]
     for k, (frame, m, b, spread) in enumerate(zip(record["frames"], record["mse"], record["baseline_mse"],
                                                    record["spread_ratio"]), 1):
         lines.append(f"{k:>4} {frame:>6} {m:>12.5g} {b:>12.5g} {m / b if b else float('nan'):>7.3f} {spread:>7.3f}"
-                     + (f" {outside[k - 1]:>7.1%}" if outside else ""))
+                     + (f" {outside[k - 1]:>7.1%}" if outside else "")
+                     + (f" {held[k - 1]:>7.1%}" if held is not None else ""))
     return "\n".join(lines)

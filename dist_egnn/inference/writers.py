@@ -42,6 +42,8 @@ def write_json(result: Rollout, path: Path, extra: dict[str, Any]) -> dict[str, 
                   stopped_early=result.stopped, input_velocity_gap=result.velocity_gap)
     if result.cut_fraction is not None:
         record["cut_fraction"] = result.cut_fraction
+    if result.contained_share is not None:
+        record["contained_share"] = result.contained_share
     record.update(extra)
     path.write_text(json.dumps(record, indent=1))
     return record
@@ -111,7 +113,8 @@ def write_png(result: Rollout, path: Path, title: str) -> None:
 
 def rollout_figure(result: Rollout, title: str):
     """True vs predicted particles of the first scene at up to three steps, and the per-step MSE (with the
-    spread ratio and the share outside the walls on a second axis, which ends at :data:`SPREAD_AXIS_TOP`)."""
+    spread ratio, the share outside the walls and, in a contained rollout, the share held inside on a second
+    axis, which ends at :data:`SPREAD_AXIS_TOP`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -141,7 +144,9 @@ def rollout_figure(result: Rollout, title: str):
     ax = fig.add_subplot(grid[1, :])
     steps = np.arange(1, result.steps + 1)
     ax.plot(steps, result.mse, "o-", c="tab:red", label="model")
-    ax.plot(steps, result.baseline_mse, "s--", c="0.4", label="constant velocity")
+    held = result.contained_share is not None
+    ax.plot(steps, result.baseline_mse, "s--", c="0.4",
+            label="constant velocity" + (" (held inside too)" if held else ""))
     ax.set_xlabel("rollout step (task steps of Δt frames)")
     ax.set_ylabel("MSE")
     if all(v > 0 for v in [*result.mse, *result.baseline_mse]):
@@ -157,6 +162,8 @@ def rollout_figure(result: Rollout, title: str):
         extent.plot(steps, result.spread_ratio, "^:", c="tab:green", label="spread pred / true (right)")
         if len(result.outside_share) == result.steps and np.isfinite(result.outside_share).any():
             extent.plot(steps, result.outside_share, "v-.", c="tab:purple", label="share outside the walls (right)")
+        if held and len(result.contained_share) == result.steps:
+            extent.plot(steps, result.contained_share, "x-", c="tab:orange", label="share held inside (right)")
         extent.set_ylim(0.0, min(max(1.1, np.nanmax(result.spread_ratio) * 1.05), SPREAD_AXIS_TOP))
         extent.set_ylabel("spread pred / true, share outside")
         more, more_names = extent.get_legend_handles_labels()

@@ -173,6 +173,8 @@ BAD = {   # case: (damage, overrides, error, fragments the message names)
     "node scalars differ": (other_scalars, ("data={data}/other.zarr",), BadInput,
                             ("other.zarr", "['type']", "nbody_small.zarr", "['charge']")),
     "missing store": (None, ("data={data}/absent.zarr",), BadInput, ("absent.zarr", "does not exist")),
+    "contain without a container": (None, ("contain=true",), BadInput,
+                                    ("contain=true", "nbody_small.zarr", "'nbody'", "leave contain out")),
 }
 
 

@@ -21,6 +21,7 @@ from dist_egnn.inference.rollout import (
     Rollout,
     RolloutError,
     build_graph,
+    container_box,
     outside_share,
     partitioned_edges,
     rollout,
@@ -366,6 +367,62 @@ def test_outside_share_counts_the_fluid_beyond_the_box_of_the_walls():
     ptr = np.array([0, 6, 9])
     assert outside_share(pred, moving, ptr) == pytest.approx(0.25)
     assert np.isnan(outside_share(pred[6:], moving[6:], np.array([0, 3])))
+
+
+def boxed_store(path: Path, box: list[float], particle_radius: float, lift: float = 0.0, **kwargs):
+    """toy_store's particles, ``lift`` higher, with the container an SPH store records (``generator.box``,
+    ``generator.particle_radius``)."""
+    toy_store(path, **kwargs)
+    root = zarr.open_group(str(path), mode="r+")
+    root.attrs.update(source="sph", generator={"box": box, "particle_radius": particle_radius})
+    for split in SPLITS:
+        pos = np.asarray(root[split]["pos"])
+        pos[..., 1] += lift
+        root[split]["pos"][:] = pos
+    return open_store(path)
+
+
+def test_a_contained_rollout_holds_the_fluid_and_its_reference_inside_the_container(tmp_path):
+    """contain=True puts every predicted moving node outside the container (the SPH box less one particle radius)
+    on its nearest point, counts them per step, and holds constant velocity inside the same box; walls stay
+    where they are. guards: a constraint that lets fluid through, touches walls, or is scored against an
+    unconstrained reference."""
+    info = boxed_store(tmp_path / "box.zarr", [3.0, 2.5, 3.0], 0.25, scenes=2, n=40, frames=9, walls=4)
+    lower, upper = container_box(info)
+    np.testing.assert_array_equal(lower, [-1.25, 0.25, -1.25])
+    np.testing.assert_array_equal(upper, [1.25, 2.25, 1.25])
+    free = rollout(ConstantVelocity(1.0), run_config(), info, "test", 4)
+    held = rollout(ConstantVelocity(1.0), run_config(), info, "test", 4, contain=True)
+    moving = held.moving
+    v0 = free.baseline[1, moving] - free.baseline[0, moving]           # constant velocity's move per step
+    assert free.contained_share is None and len(held.contained_share) == 4
+    for k in range(1, 5):
+        fluid = held.pred[k, moving]
+        assert (fluid >= lower).all() and (fluid <= upper).all()
+        np.testing.assert_array_equal(held.pred[k, ~moving], held.pred[0, ~moving])
+        reference = np.clip(held.baseline[k - 1, moving] + v0, lower, upper)
+        np.testing.assert_array_equal(held.baseline[k, moving], reference)     # each step's v_0 held inside
+    # step 1 starts from the stored state, so what it held is what constant velocity's first step leaves outside
+    first = free.pred[1, moving]
+    assert held.contained_share[0] == pytest.approx(np.mean(((first < lower) | (first > upper)).any(axis=1)))
+    assert 0 < held.contained_share[0] < 1
+    np.testing.assert_array_equal(held.truth, free.truth)
+
+
+def test_a_rollout_that_stays_inside_is_the_same_contained_or_not(tmp_path):
+    """A container wide enough for every prediction changes nothing, bit for bit, and holds no node."""
+    info = boxed_store(tmp_path / "wide.zarr", [64.0, 64.0, 64.0], 0.25, lift=8.0, scenes=1, n=40, frames=9,
+                       walls=4)
+    free = rollout(ConstantVelocity(1.0), run_config(), info, "test", 3)
+    held = rollout(ConstantVelocity(1.0), run_config(), info, "test", 3, contain=True)
+    np.testing.assert_array_equal(held.pred, free.pred)
+    np.testing.assert_array_equal(held.baseline, free.baseline)
+    assert held.mse == free.mse and held.contained_share == [0.0] * 3
+
+
+def test_a_store_without_a_container_refuses_containment(stores):
+    with pytest.raises(RolloutError, match="contain=true .* records none: leave contain out"):
+        rollout(ConstantVelocity(1.0), run_config(), stores["walls"], "test", 2, contain=True)
 
 
 def test_the_picture_of_a_long_rollout_that_diverged_stays_readable():
