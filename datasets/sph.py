@@ -161,6 +161,13 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
+def box_corners(box: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) corners of the box of ``box`` = (width, height, depth): [−w/2, w/2] × [0, h] × [−d/2, d/2],
+    x and z centred on 0, the floor at y = 0 (where the scene, its walls and a rollout's container put it)."""
+    w, h, d = (float(b) for b in box)
+    return np.array([-w / 2, 0.0, -d / 2]), np.array([w / 2, h, d / 2])
+
+
 def box_walls(box: list[float], particle_radius: float, layers: int) -> np.ndarray:
     """(M, 3) float32 wall particles of the box [−w/2, w/2] × [0, h] × [−d/2, d/2]: the points of a lattice of
     spacing 2r that lie on or outside its surface, ``layers`` deep (the first on the faces, the next 2r further
@@ -171,7 +178,7 @@ def box_walls(box: list[float], particle_radius: float, layers: int) -> np.ndarr
     if layers == 0:
         return np.zeros((0, 3), np.float32)
     spacing = 2.0 * particle_radius
-    lows = (-box[0] / 2, 0.0, -box[2] / 2)
+    lows, _ = box_corners(box)
     axes, inside = [], []
     for low, side in zip(lows, box):
         cells = max(1, int(round(side / spacing)))
@@ -189,8 +196,8 @@ def box_walls(box: list[float], particle_radius: float, layers: int) -> np.ndarr
 def wall_layer_of(walls: np.ndarray, box: list[float], particle_radius: float) -> np.ndarray:
     """(M,) int: the layer of each wall particle of :func:`box_walls`, 0 on the faces, k at k · 2r outside them
     (edges and corners: the farthest of their axes)."""
-    lows = np.array([-box[0] / 2, 0.0, -box[2] / 2])
-    outside = np.maximum(lows - walls, walls - (lows + np.asarray(box, float))).max(axis=1)
+    lows, highs = box_corners(box)
+    outside = np.maximum(lows - walls, walls - highs).max(axis=1)
     return np.rint(np.maximum(outside, 0.0) / (2.0 * particle_radius)).astype(int)
 
 

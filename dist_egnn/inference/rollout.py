@@ -98,6 +98,7 @@ from dist_egnn.datasets.graphs import (
     wired_nodes,
 )
 from dist_egnn.datasets.loader import GraphBatch, GraphSample, collate, task_gravity, velocity_scale
+from dist_egnn.datasets.sph import box_corners
 from dist_egnn.datasets.store import StoreInfo
 from dist_egnn.errors import BadInput, ConfigError
 from dist_egnn.keys import SPLITS
@@ -423,9 +424,9 @@ def container_box(info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
         raise RolloutError(f"contain=true holds the fluid inside its container, which only SPH stores record "
                            f"(generator.box and generator.particle_radius); {info.path} (source "
                            f"{info.attrs.get('source')!r}) records none: leave contain out")
-    w, h, d = (float(b) for b in generator["box"])
+    lower, upper = box_corners(generator["box"])
     radius = float(generator["particle_radius"])
-    return (np.array([-w / 2, 0.0, -d / 2]) + radius, np.array([w / 2, h, d / 2]) - radius)
+    return lower + radius, upper - radius
 
 
 def hold_inside(pos: np.ndarray, moving: np.ndarray, box: tuple[np.ndarray, np.ndarray]) -> float:
