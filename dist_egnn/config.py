@@ -160,6 +160,11 @@ class TrainerConfig:
     # position error (it pushes a particle that noise put into a wall back out). shifted: the true next position
     # plus the input's position error, as GNS and LagrangeBench do, so only the velocity error is corrected.
     noise_target: str = "clean"
+    # σ_w of the training noise on the moving nodes within wall_noise_reach (None: dataset.radius) of a wall
+    # particle, in place of input_noise (0: input_noise everywhere; whole graphs only). The SPH fluid never enters
+    # its walls, so without it a model never sees a particle in the wall face (dist_egnn/training/rank_data.py).
+    wall_noise: float = 0.0
+    wall_noise_reach: Optional[float] = None
     # Pushforward (dist_egnn/training/pushforward.py): from epoch pushforward_start_epoch on, a training batch is,
     # with probability pushforward_prob, started 1..pushforward_unrolls task steps earlier and rolled forward
     # by the model itself (no gradient), so the loss sees the inputs a rollout feeds back. 0 unrolls: off.
@@ -381,6 +386,7 @@ RANGES = {
     "trainer.warmup_steps": (0, True), "trainer.min_lr": (0, True), "trainer.gamma": (0, False),
     "trainer.plateau_patience": (0, True), "trainer.plateau_factor": (0, False), "trainer.ema_decay": (0, True),
     "trainer.accumulate": (1, True), "trainer.input_noise": (0, True),
+    "trainer.wall_noise": (0, True), "trainer.wall_noise_reach": (0, False),
     "trainer.pushforward_unrolls": (0, True), "trainer.pushforward_prob": (0, True),
     "trainer.pushforward_start_epoch": (1, True), "trainer.val_rollout_steps": (0, True),
     "trainer.val_rollout_start": (0, True), "trainer.val_rollout_scenes": (1, True),
@@ -453,6 +459,11 @@ def check(cfg: DictConfig | Config) -> None:
                         f"which the stored partitions and halos (made from the stored frames) do not cover; train "
                         f"it on whole graphs (distributed.parts=1, data parallel over ranks is fine), or set "
                         f"trainer.pushforward_unrolls=0")
+    if cfg.trainer.get("wall_noise", 0.0) and cfg.distributed.parts > 1:
+        problems.append(f"trainer.wall_noise={cfg.trainer.wall_noise} with distributed.parts={cfg.distributed.parts}: "
+                        f"which nodes are near a wall is decided on the whole graph, which a rank's part and halo "
+                        f"do not hold; train on whole graphs (distributed.parts=1, data parallel over ranks is fine), "
+                        f"or set trainer.wall_noise=0")
     rollout_steps = cfg.trainer.get("val_rollout_steps", 0) or 0
     if cfg.trainer.get("select_on", "val_mse") == "val_rollout_mse" and rollout_steps < 1:
         problems.append(f"trainer.select_on=val_rollout_mse with trainer.val_rollout_steps={rollout_steps}: selecting "

@@ -296,6 +296,22 @@ def test_unwired_walls_are_kept_by_default_and_dropped_only_on_whole_graphs():
         schema.check(composed("config", "dataset.unwired_walls=drop", "trainer.pushforward_unrolls=2"))
 
 
+
+# ------------------------------------------------------------------------------------------- trainer.wall_noise
+def test_wall_noise_is_off_by_default_and_on_whole_graphs_only():
+    from dist_egnn.errors import ConfigError
+
+    assert composed("config").trainer.wall_noise == 0.0 and composed("config").trainer.wall_noise_reach is None
+    schema.check(composed("config", "trainer.wall_noise=0.01", "trainer.wall_noise_reach=0.1"))
+    with pytest.raises(ConfigError, match=r"trainer\.wall_noise=-0\.01"):
+        schema.check(composed("config", "trainer.wall_noise=-0.01"))
+    with pytest.raises(ConfigError, match=r"trainer\.wall_noise_reach=0"):
+        schema.check(composed("config", "trainer.wall_noise=0.01", "trainer.wall_noise_reach=0"))
+    with pytest.raises(ConfigError, match=r"trainer\.wall_noise=0\.01 with distributed\.parts=2: .*"
+                                          r"distributed\.parts=1.*trainer\.wall_noise=0"):
+        schema.check(composed("config", "trainer.wall_noise=0.01", "distributed.parts=2"))
+
+
 # ------------------------------------------------------------------------------------ dataset.gravity, normalize
 def test_gravity_is_on_for_the_sph_fluids_and_off_elsewhere():
     """issue 17 item 2: the SPH fluids (and the GNS Water-3D converter) give every graph gravity as datasets/sph.py

@@ -32,6 +32,14 @@ corrected). Drawn per (seed, epoch, sample, global node id), like the MMD keys: 
 noise as one device. The edges stay those of the clean frame (σ is refused unless it is well under the radius),
 so the stored partitions and halos hold.
 
+Noise near the walls (``trainer.wall_noise`` = σ_w, whole graphs only): the moving nodes within
+``trainer.wall_noise_reach`` (default: the radius) of a wall particle take σ_w instead of σ, from the same keyed
+draw. The SPH fluid never enters its walls, so a model trained on stored states (σ a few per cent of the
+spacing) never sees a particle at or past the wall face, which is where its rollouts leave the box
+(docs/results/README.md, "Where the fluid leaves the box"); with σ_w near the radius's quarter some inputs sit in
+the face and the clean target asks the model to put them back. Which nodes are near is decided on the clean
+frame's whole graph; a rank's halo rows would need walls it does not hold, hence one graph per process.
+
 Edge dropping (docs/maths.md §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
 by global ids so that the two directions of a pair are kept or dropped together. In exact mode with P > 1
 the length threshold is global: the ranks exchange their edge lengths (one all-gather per batch), so P ranks
@@ -46,6 +54,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from dist_egnn.datasets.graphs import (
     drop_longest_edges,
@@ -116,12 +125,14 @@ class RankData:
         noise: σ of the training noise on the inputs (``trainer.input_noise``, the store's length unit; see the
             module docstring); 0: none. Give it for the training split only.
         noise_shifts_target: move the target with the input's position error (``trainer.noise_target=shifted``).
+        wall_noise: σ_w of the training noise on the moving nodes near a wall (``trainer.wall_noise``; 0: σ
+            everywhere), whole graphs only. wall_noise_reach: how near (``trainer.wall_noise_reach``).
     """
 
     def __init__(self, dataset: TrajectoryDataset, part: int = 0, parts: int = 1, halo: bool = False,
                  assignments=None, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None,
                  sequential: bool = False, report: bool = True, noise: float = 0.0,
-                 noise_shifts_target: bool = False):
+                 noise_shifts_target: bool = False, wall_noise: float = 0.0, wall_noise_reach: float = 0.0):
         if parts > 1 and assignments is None:
             raise ValueError("RankData: P > 1 needs the stored partition of the split (assignments)")
         if assignments is not None and assignments.num_parts != parts:
@@ -136,7 +147,12 @@ class RankData:
         self.graph_sizes = np.diff(dataset.meta.scene_ptr)
         self.report, self.warned = report, set()          # kinds of GraphWarning already given for this split
         self.reference: tuple[float, str] | None | bool = False    # reference_degree(); False: not measured yet
+        if wall_noise > 0.0 and (parts > 1 or dataset.type_column is None):
+            raise ConfigError(f"trainer.wall_noise={wall_noise:g} needs whole graphs with wall particles: "
+                              f"{dataset.info.path} with distributed.parts={parts}; use distributed.parts=1 and a "
+                              f"store with walls, or trainer.wall_noise=0")
         self.noise, self.noise_shifts_target = float(noise), noise_shifts_target
+        self.wall_noise, self.wall_noise_reach = float(wall_noise), float(wall_noise_reach)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -182,7 +198,7 @@ class RankData:
             if not whole:
                 full_edges = sum(self.assignments.num_edges_of(a.scene, a.frame) for a in arrays)
             local = self.drop_edges(local, arrays, nodes)
-        if self.noise > 0.0:                          # after the edges: they are the clean frame's
+        if self.noise > 0.0 or self.wall_noise > 0.0:   # after the edges: they are the clean frame's
             arrays = [self.with_noise(a, n, i, seed, epoch) for a, n, i in zip(arrays, nodes, sample_ids)]
         if self.dataset.unwired_walls == "drop":      # P = 1 only (refused in __init__ otherwise)
             arrays, local, nodes = self.without_unwired_walls(arrays, local, nodes)
@@ -192,8 +208,14 @@ class RankData:
         """``arrays`` with the training noise on the moving nodes' positions (owned and halo rows alike) and
         velocities, and on their targets when ``noise_shifts_target``; walls untouched."""
         d = self.dataset
-        errors = input_errors(seed, epoch, sample, int(self.graph_sizes[arrays.scene]), self.noise)
         ids = nodes.local_to_global
+        size = int(self.graph_sizes[arrays.scene])
+        if self.wall_noise > 0.0:
+            sigma = np.full(size, self.noise, np.float32)
+            sigma[ids[:len(arrays.pos)][self.near_walls(arrays)]] = self.wall_noise
+            errors = input_errors(seed, epoch, sample, size, 1.0) * sigma[None, :, None]
+        else:
+            errors = input_errors(seed, epoch, sample, size, self.noise)
         owned, halo = ids[:len(arrays.pos)], ids[len(arrays.pos):]
         moving_of = lambda scalars: 1.0 if d.type_column is None else d.moving_of(scalars)[:, None]  # noqa: E731
         # the velocity is a position difference over one task step, in the dataset's velocity unit
@@ -206,6 +228,16 @@ class RankData:
         return replace(arrays, pos=arrays.pos + position_error, target=target,
                        vel=arrays.vel + velocity_error(owned) * moving,
                        halo_pos=arrays.halo_pos + errors[0, halo] * moving_of(arrays.halo_scalars), halo_vel=halo_vel)
+
+    def near_walls(self, arrays: PartArrays) -> np.ndarray:
+        """(n,) bool of a whole graph's rows that are moving and within ``wall_noise_reach`` of a wall."""
+        walls = self.dataset.walls_of(arrays.scalars)
+        near = np.zeros(len(arrays.pos), bool)
+        if walls.any() and not walls.all():
+            distance, _ = cKDTree(arrays.pos[walls]).query(arrays.pos[~walls],
+                                                          distance_upper_bound=self.wall_noise_reach)
+            near[~walls] = np.isfinite(distance)
+        return near
 
     def without_unwired_walls(self, arrays: list[PartArrays], local: list[np.ndarray],
                               nodes: list[PartNodes]) -> tuple[list[PartArrays], list[np.ndarray], list[PartNodes]]:

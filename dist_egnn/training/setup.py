@@ -308,7 +308,9 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
     noise = {name: training_noise(cfg, data) if name == "train" else 0.0 for name, data in splits.items()}
     shifted = cfg.trainer.get("noise_target", "clean") == "shifted"
     if d.parts == 1:
-        return {name: RankData(data, report=rt.is_main, noise=noise[name], noise_shifts_target=shifted)
+        wall_noise, reach = wall_training_noise(cfg, splits["train"])
+        return {name: RankData(data, report=rt.is_main, noise=noise[name], noise_shifts_target=shifted,
+                               wall_noise=wall_noise if name == "train" else 0.0, wall_noise_reach=reach)
                 for name, data in splits.items()}
     sequential = not rt.env.distributed           # one process runs all P parts (drop-mode reference)
     weights = resolve_part_weights(cfg, rt)       # None: equal parts
@@ -350,6 +352,27 @@ def training_noise(cfg: DictConfig, train) -> float:
                           f"graph's neighbourhoods; use a few per cent of the radius (e.g. "
                           f"{0.02 * train.radius:.2g}), or 0 for none")
     return sigma
+
+
+def wall_training_noise(cfg: DictConfig, train) -> tuple[float, float]:
+    """(σ_w, reach) of ``trainer.wall_noise`` and ``trainer.wall_noise_reach`` (default: the radius), refused as
+    ``trainer.input_noise`` is when σ_w is not well under the radius, and when the store has no walls."""
+    sigma = float(cfg.trainer.get("wall_noise", 0.0) or 0.0)
+    reach = cfg.trainer.get("wall_noise_reach")
+    reach = train.radius if reach is None else reach
+    if sigma == 0.0:
+        return 0.0, 0.0
+    if train.type_column is None:
+        raise ConfigError(f"trainer.wall_noise={sigma:g}: {train.info.path} holds no wall particles (no node scalar "
+                          f"`type`); set trainer.wall_noise=0, or use a store with walls")
+    if reach is None:
+        raise ConfigError(f"trainer.wall_noise={sigma:g} on fully connected graphs of {train.info.path} (no "
+                          f"dataset.radius): set trainer.wall_noise_reach, the distance to a wall that counts as near")
+    if train.radius is not None and sigma >= NOISE_RADIUS_SHARE * train.radius:
+        raise ConfigError(f"trainer.wall_noise={sigma:g} is not under {NOISE_RADIUS_SHARE:g} x the radius "
+                          f"({train.radius:g}, {train.info.path}): the noisy inputs keep the clean frame's edges; "
+                          f"use under {NOISE_RADIUS_SHARE * train.radius:.3g}, or 0 for none")
+    return sigma, float(reach)
 
 
 def weights_override(weights: list[float] | None) -> str:

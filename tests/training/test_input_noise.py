@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from dist_egnn.datasets.loader import TrajectoryDataset
+from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
+from dist_egnn.datasets.store import open_store
 from dist_egnn.errors import ConfigError
 from dist_egnn.partitioners.artifacts import load_assignments, prepare_partitions
 from dist_egnn.training.rank_data import RankData, input_errors
-from dist_egnn.training.setup import training_noise
+from dist_egnn.training.setup import training_noise, wall_training_noise
 from tests.training.test_walls import SCENES, dataset, rank_ids, wall_store
 
 SIGMA = 0.01
@@ -98,3 +101,55 @@ def test_noise_near_the_radius_is_refused(store):
         training_noise(cfg, data)
     assert training_noise(OmegaConf.create({"trainer": {"input_noise": 0.01}}), data) == 0.01
     assert training_noise(OmegaConf.create({"trainer": {}}), data) == 0.0
+
+
+def test_wall_noise_takes_the_larger_sigma_near_the_walls_only(store):
+    """trainer.wall_noise: moving nodes within the reach of a wall particle take σ_w, the others σ, walls none;
+    both from the one keyed draw, so the nodes far from the walls see exactly the input_noise run's inputs."""
+    data = dataset(store)
+    sigma, near_sigma, reach = SIGMA, 3 * SIGMA, data.radius
+    clean = RankData(data).build([0, 5], seed=3, epoch=2)
+    plain = RankData(data, noise=sigma).build([0, 5], seed=3, epoch=2)
+    walled = RankData(data, noise=sigma, wall_noise=near_sigma, wall_noise_reach=reach).build([0, 5], seed=3, epoch=2)
+    assert np.array_equal(walled.graph.target, clean.graph.target)
+    assert np.array_equal(walled.graph.edge_index, clean.graph.edge_index)
+    pos, moving = clean.graph.pos.numpy(), clean.graph.moving.numpy()
+    n = len(moving) // 2
+    shift = (walled.graph.pos - clean.graph.pos).numpy()
+    for b, sample in enumerate([0, 5]):
+        rows = slice(b * n, (b + 1) * n)
+        p, fluid = pos[rows], moving[rows]
+        distance = np.linalg.norm(p[fluid][:, None] - p[~fluid][None], axis=2).min(axis=1)
+        near = np.zeros(n, bool)
+        near[np.flatnonzero(fluid)[distance <= reach]] = True
+        far = fluid & ~near
+        assert near.any() and far.any()                                 # the store has both kinds
+        unit = input_errors(3, 2, sample, n, 1.0)
+        np.testing.assert_allclose(shift[rows][near], near_sigma * unit[0][near], atol=1e-6)
+        assert np.array_equal(walled.graph.pos.numpy()[rows][far], plain.graph.pos.numpy()[rows][far])
+        assert np.array_equal(walled.graph.vel.numpy()[rows][far], plain.graph.vel.numpy()[rows][far])
+        assert not shift[rows][~fluid].any()                            # walls stay where they are
+
+
+def test_wall_noise_is_refused_where_it_cannot_be_decided_or_is_too_large(store, tmp_path):
+    data = dataset(store)
+    splits = {split: dataset(store, split) for split in SCENES}
+    stored = load_assignments(prepare_partitions(splits, "metis", 2, progress=False, scheduler="threads"), "train")
+    with pytest.raises(ConfigError, match="trainer.wall_noise=.*distributed.parts=2"):
+        RankData(data, 0, 2, halo=True, assignments=stored, wall_noise=SIGMA, wall_noise_reach=data.radius)
+    cfg = lambda **t: OmegaConf.create({"trainer": t})  # noqa: E731
+    with pytest.raises(ConfigError, match="trainer.wall_noise=.*radius"):
+        wall_training_noise(cfg(wall_noise=0.3 * data.radius), data)
+    assert wall_training_noise(cfg(wall_noise=0.01), data) == (0.01, data.radius)
+    assert wall_training_noise(cfg(wall_noise=0.01, wall_noise_reach=0.2), data) == (0.01, 0.2)
+    assert wall_training_noise(cfg(), data) == (0.0, 0.0)
+
+
+def test_wall_noise_on_a_store_without_walls_is_refused(tmp_path):
+    """An N-body store has no `type` scalar: σ_w would silently change nothing, so it is refused naming the store."""
+    path = generate_nbody(tmp_path / "nb.zarr", NBodyConfig(num_particles=6, train=2, val=1, test=1, steps=500),
+                          progress=False)
+    data = TrajectoryDataset(open_store(path), "train", delta_t=2, node_features=["speed", "charge"],
+                             edge_features=["distance"])
+    with pytest.raises(ConfigError, match=r"trainer.wall_noise=0.01: .*nb.zarr holds no wall particles"):
+        wall_training_noise(OmegaConf.create({"trainer": {"wall_noise": 0.01}}), data)
