@@ -296,7 +296,6 @@ def test_unwired_walls_are_kept_by_default_and_dropped_only_on_whole_graphs():
         schema.check(composed("config", "dataset.unwired_walls=drop", "trainer.pushforward_unrolls=2"))
 
 
-
 # ------------------------------------------------------------------------------------------- trainer.wall_noise
 def test_wall_noise_is_off_by_default_and_on_whole_graphs_only():
     from dist_egnn.errors import ConfigError

@@ -34,7 +34,7 @@ so the stored partitions and halos hold.
 
 Noise near the walls (``trainer.wall_noise`` = σ_w, whole graphs only): the moving nodes within
 ``trainer.wall_noise_reach`` (default: the radius) of a wall particle take σ_w instead of σ, from the same keyed
-draw. The SPH fluid never enters its walls, so a model trained on stored states (σ a few per cent of the
+draw (the others keep their inputs). The SPH fluid never enters its walls, so a model trained on stored states (σ a few per cent of the
 spacing) never sees a particle at or past the wall face, which is where its rollouts leave the box
 (docs/results/README.md, "Where the fluid leaves the box"); with σ_w near the radius's quarter some inputs sit in
 the face and the clean target asks the model to put them back. Which nodes are near is decided on the clean

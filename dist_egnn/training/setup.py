@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -332,9 +333,11 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
     # of their own, so they never interleave with the model's on the graph group.
     group, device = rt.groups.data, torch.device("cpu")          # the data group is gloo
     gather = (lambda values: runtime.all_gather_arrays(values, group, device)) if group is not None else None
+    wall_noise = float(cfg.trainer.get("wall_noise", 0.0) or 0.0)    # refused by RankData (config.check first)
     return {name: RankData(data, rt.groups.part, d.parts, d.halo == "exact",
                            load_assignments(path, name, expected_hash=digest), gather=gather, sequential=sequential,
-                           report=rt.is_main, noise=noise[name], noise_shifts_target=shifted)
+                           report=rt.is_main, noise=noise[name], noise_shifts_target=shifted,
+                           wall_noise=wall_noise if name == "train" else 0.0)
             for name, data in splits.items()}
 
 
@@ -362,9 +365,10 @@ def wall_training_noise(cfg: DictConfig, train) -> tuple[float, float]:
     reach = train.radius if reach is None else reach
     if sigma == 0.0:
         return 0.0, 0.0
-    if train.type_column is None:
-        raise ConfigError(f"trainer.wall_noise={sigma:g}: {train.info.path} holds no wall particles (no node scalar "
-                          f"`type`); set trainer.wall_noise=0, or use a store with walls")
+    if train.type_column is None or np.array_equal(train.scene_moving(), np.diff(train.meta.scene_ptr)):
+        what = "no node scalar `type`" if train.type_column is None else "no node of type 1 in its training scenes"
+        raise ConfigError(f"trainer.wall_noise={sigma:g}: {train.info.path} holds no wall particles ({what}), so it "
+                          f"would change nothing; set trainer.wall_noise=0, or use a store with walls")
     if reach is None:
         raise ConfigError(f"trainer.wall_noise={sigma:g} on fully connected graphs of {train.info.path} (no "
                           f"dataset.radius): set trainer.wall_noise_reach, the distance to a wall that counts as near")

@@ -131,7 +131,7 @@ def test_wall_noise_takes_the_larger_sigma_near_the_walls_only(store):
         assert not shift[rows][~fluid].any()                            # walls stay where they are
 
 
-def test_wall_noise_is_refused_where_it_cannot_be_decided_or_is_too_large(store, tmp_path):
+def test_wall_noise_is_refused_where_it_cannot_be_decided_or_is_too_large(store):
     data = dataset(store)
     splits = {split: dataset(store, split) for split in SCENES}
     stored = load_assignments(prepare_partitions(splits, "metis", 2, progress=False, scheduler="threads"), "train")
@@ -146,10 +146,15 @@ def test_wall_noise_is_refused_where_it_cannot_be_decided_or_is_too_large(store,
 
 
 def test_wall_noise_on_a_store_without_walls_is_refused(tmp_path):
-    """An N-body store has no `type` scalar: σ_w would silently change nothing, so it is refused naming the store."""
+    """An N-body store has no `type` scalar, a wall-less SPH store (fluid_small) no node of type 1: σ_w would
+    silently change nothing on either, so it is refused naming the store."""
     path = generate_nbody(tmp_path / "nb.zarr", NBodyConfig(num_particles=6, train=2, val=1, test=1, steps=500),
                           progress=False)
     data = TrajectoryDataset(open_store(path), "train", delta_t=2, node_features=["speed", "charge"],
                              edge_features=["distance"])
-    with pytest.raises(ConfigError, match=r"trainer.wall_noise=0.01: .*nb.zarr holds no wall particles"):
-        wall_training_noise(OmegaConf.create({"trainer": {"wall_noise": 0.01}}), data)
+    cfg = OmegaConf.create({"trainer": {"wall_noise": 0.01}})
+    with pytest.raises(ConfigError, match=r"trainer.wall_noise=0.01: .*nb.zarr holds no wall particles \(no node"):
+        wall_training_noise(cfg, data)
+    wall_less = dataset(wall_store(tmp_path / "fluid.zarr", wall_type=0.0))
+    with pytest.raises(ConfigError, match=r"fluid.zarr holds no wall particles \(no node of type 1"):
+        wall_training_noise(cfg, wall_less)

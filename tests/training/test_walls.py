@@ -40,8 +40,9 @@ FLUID, FRAMES, RADIUS = 40, 6, 0.35
 SCENES = {"train": 4, "val": 2, "test": 2}
 
 
-def wall_store(path: Path, seed: int = 0) -> Path:
-    """Fluid rows first, then 152 static walls (type 1) on the faces of a 1 x 1 x 1 box, every 0.2."""
+def wall_store(path: Path, seed: int = 0, wall_type: float = WALL) -> Path:
+    """Fluid rows first, then 152 static walls (type 1) on the faces of a 1 x 1 x 1 box, every 0.2 (with
+    ``wall_type=0`` static particles of type 0: a store with `type` and no walls)."""
     walls = box_walls([1.0, 1.0, 1.0], 0.1, 1)
     rng = np.random.default_rng(seed)
     n = FLUID + len(walls)
@@ -61,7 +62,7 @@ def wall_store(path: Path, seed: int = 0) -> Path:
                 vel[s, :, :FLUID] = v0 + gravity * t
                 pos[s, :, FLUID:] = walls
             scalars = np.zeros((scenes, n, 1), np.float32)
-            scalars[:, FLUID:] = WALL
+            scalars[:, FLUID:] = wall_type
             write_scenes(group, 0, pos, vel, scalars)
     return path
 
