@@ -34,11 +34,12 @@ so the stored partitions and halos hold.
 
 Noise near the walls (``trainer.wall_noise`` = σ_w, whole graphs only): the moving nodes within
 ``trainer.wall_noise_reach`` (default: the radius) of a wall particle take σ_w instead of σ, from the same keyed
-draw (the others keep their inputs). The SPH fluid never enters its walls, so a model trained on stored states (σ a few per cent of the
-spacing) never sees a particle at or past the wall face, which is where its rollouts leave the box
-(docs/results/README.md, "Where the fluid leaves the box"); with σ_w near the radius's quarter some inputs sit in
-the face and the clean target asks the model to put them back. Which nodes are near is decided on the clean
-frame's whole graph; a rank's halo rows would need walls it does not hold, hence one graph per process.
+draw (the others keep their inputs). The SPH fluid never enters its walls, so a model trained on stored states
+(σ a few per cent of the spacing) never sees a particle at or past the wall face, which is where its rollouts
+leave the box (docs/results/README.md, "Where the fluid leaves the box"); with σ_w near the radius's quarter
+some inputs sit in the face and the clean target asks the model to put them back. Which nodes are near is
+decided on the clean frame's whole graph; a rank's halo rows would need walls it does not hold, hence one graph
+per process.
 
 Edge dropping (docs/maths.md §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
 by global ids so that the two directions of a pair are kept or dropped together. In exact mode with P > 1
