@@ -165,6 +165,9 @@ class TrainerConfig:
     # its walls, so without it a model never sees a particle in the wall face (dist_egnn/training/rank_data.py).
     wall_noise: float = 0.0
     wall_noise_reach: Optional[float] = None
+    # false: σ_w moves the near nodes' positions only (the input a task step earlier moves with them, so their
+    # velocities keep input_noise's error); true: their velocities take σ_w's finite-difference error too.
+    wall_noise_velocity: bool = True
     # Pushforward (dist_egnn/training/pushforward.py): from epoch pushforward_start_epoch on, a training batch is,
     # with probability pushforward_prob, started 1..pushforward_unrolls task steps earlier and rolled forward
     # by the model itself (no gradient), so the loss sees the inputs a rollout feeds back. 0 unrolls: off.

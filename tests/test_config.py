@@ -300,7 +300,8 @@ def test_unwired_walls_are_kept_by_default_and_dropped_only_on_whole_graphs():
 def test_wall_noise_is_off_by_default_and_on_whole_graphs_only():
     from dist_egnn.errors import ConfigError
 
-    assert composed("config").trainer.wall_noise == 0.0 and composed("config").trainer.wall_noise_reach is None
+    trainer = composed("config").trainer
+    assert trainer.wall_noise == 0.0 and trainer.wall_noise_reach is None and trainer.wall_noise_velocity is True
     schema.check(composed("config", "trainer.wall_noise=0.01", "trainer.wall_noise_reach=0.1"))
     with pytest.raises(ConfigError, match=r"trainer\.wall_noise=-0\.01"):
         schema.check(composed("config", "trainer.wall_noise=-0.01"))

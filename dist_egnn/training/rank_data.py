@@ -37,9 +37,12 @@ Noise near the walls (``trainer.wall_noise`` = σ_w, whole graphs only): the mov
 draw (the others keep their inputs). The SPH fluid never enters its walls, so a model trained on stored states
 (σ a few per cent of the spacing) never sees a particle at or past the wall face, which is where its rollouts
 leave the box (docs/results/README.md, "Where the fluid leaves the box"); with σ_w near the radius's quarter
-some inputs sit in the face and the clean target asks the model to put them back. Which nodes are near is
-decided on the clean frame's whole graph; a rank's halo rows would need walls it does not hold, hence one graph
-per process.
+some inputs sit in the face and the clean target asks the model to put them back. With
+``trainer.wall_noise_velocity=false`` σ_w moves a near node's position only: the input one task step earlier moves
+with it by the same extra amount, so its velocity keeps σ's error (a particle put into the face with the velocity
+it had; σ_w ≈ half the velocity's RMS per step would otherwise hide how fast the fluid moves near every wall).
+Which nodes are near is decided on the clean frame's whole graph; a rank's halo rows would need walls it does not
+hold, hence one graph per process.
 
 Edge dropping (docs/maths.md §2, cutoff rate r) keeps the shortest ⌊(1 − r)·E⌋ edges of each graph, ties broken
 by global ids so that the two directions of a pair are kept or dropped together. In exact mode with P > 1
@@ -128,12 +131,14 @@ class RankData:
         noise_shifts_target: move the target with the input's position error (``trainer.noise_target=shifted``).
         wall_noise: σ_w of the training noise on the moving nodes near a wall (``trainer.wall_noise``; 0: σ
             everywhere), whole graphs only. wall_noise_reach: how near (``trainer.wall_noise_reach``).
+        wall_noise_velocity: σ_w enters the near nodes' velocities too (``trainer.wall_noise_velocity``).
     """
 
     def __init__(self, dataset: TrajectoryDataset, part: int = 0, parts: int = 1, halo: bool = False,
                  assignments=None, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None,
                  sequential: bool = False, report: bool = True, noise: float = 0.0,
-                 noise_shifts_target: bool = False, wall_noise: float = 0.0, wall_noise_reach: float = 0.0):
+                 noise_shifts_target: bool = False, wall_noise: float = 0.0, wall_noise_reach: float = 0.0,
+                 wall_noise_velocity: bool = True):
         if parts > 1 and assignments is None:
             raise ValueError("RankData: P > 1 needs the stored partition of the split (assignments)")
         if assignments is not None and assignments.num_parts != parts:
@@ -154,6 +159,7 @@ class RankData:
                               f"store with walls, or trainer.wall_noise=0")
         self.noise, self.noise_shifts_target = float(noise), noise_shifts_target
         self.wall_noise, self.wall_noise_reach = float(wall_noise), float(wall_noise_reach)
+        self.wall_noise_velocity = wall_noise_velocity
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -212,9 +218,14 @@ class RankData:
         ids = nodes.local_to_global
         size = int(self.graph_sizes[arrays.scene])
         if self.wall_noise > 0.0:
+            near = ids[:len(arrays.pos)][self.near_walls(arrays)]
             sigma = np.full(size, self.noise, np.float32)
-            sigma[ids[:len(arrays.pos)][self.near_walls(arrays)]] = self.wall_noise
-            errors = input_errors(seed, epoch, sample, size, 1.0) * sigma[None, :, None]
+            sigma[near] = self.wall_noise
+            unit = input_errors(seed, epoch, sample, size, 1.0)
+            errors = unit * sigma[None, :, None]
+            if not self.wall_noise_velocity:     # x(t − Δt) moves with x(t): the velocity error stays σ's
+                extra = np.float32(self.wall_noise - self.noise)
+                errors[1, near] = unit[1, near] * np.float32(self.noise) + unit[0, near] * extra
         else:
             errors = input_errors(seed, epoch, sample, size, self.noise)
         owned, halo = ids[:len(arrays.pos)], ids[len(arrays.pos):]

@@ -310,8 +310,10 @@ def rank_data(cfg: DictConfig, rt: Runtime, splits, progress: bool) -> dict[str,
     shifted = cfg.trainer.get("noise_target", "clean") == "shifted"
     if d.parts == 1:
         wall_noise, reach = wall_training_noise(cfg, splits["train"])
+        velocity = bool(cfg.trainer.get("wall_noise_velocity", True))
         return {name: RankData(data, report=rt.is_main, noise=noise[name], noise_shifts_target=shifted,
-                               wall_noise=wall_noise if name == "train" else 0.0, wall_noise_reach=reach)
+                               wall_noise=wall_noise if name == "train" else 0.0, wall_noise_reach=reach,
+                               wall_noise_velocity=velocity)
                 for name, data in splits.items()}
     sequential = not rt.env.distributed           # one process runs all P parts (drop-mode reference)
     weights = resolve_part_weights(cfg, rt)       # None: equal parts

@@ -131,6 +131,19 @@ def test_wall_noise_takes_the_larger_sigma_near_the_walls_only(store):
         assert not shift[rows][~fluid].any()                            # walls stay where they are
 
 
+def test_wall_noise_on_positions_only_keeps_the_velocity_error_of_input_noise(store):
+    """trainer.wall_noise_velocity=false: near a wall σ_w moves the position, the input a task step earlier moves
+    with it, so every velocity is the input_noise run's; positions as with wall_noise_velocity=true."""
+    data = dataset(store)
+    kw = dict(noise=SIGMA, wall_noise=3 * SIGMA, wall_noise_reach=data.radius)
+    plain = RankData(data, noise=SIGMA).build([0, 5], seed=3, epoch=2)
+    both = RankData(data, **kw).build([0, 5], seed=3, epoch=2)
+    position = RankData(data, **kw, wall_noise_velocity=False).build([0, 5], seed=3, epoch=2)
+    assert np.array_equal(position.graph.pos, both.graph.pos)
+    assert not np.array_equal(both.graph.vel, plain.graph.vel)                # σ_w did reach some velocities
+    np.testing.assert_allclose(position.graph.vel.numpy(), plain.graph.vel.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_wall_noise_is_refused_where_it_cannot_be_decided_or_is_too_large(store):
     data = dataset(store)
     splits = {split: dataset(store, split) for split in SCENES}
