@@ -83,6 +83,17 @@ def wired_nodes(edge_index: np.ndarray, walls: np.ndarray | None) -> np.ndarray 
     return None if keep.all() else np.flatnonzero(keep)
 
 
+def drop_unwired_walls(edge_index: np.ndarray, walls: np.ndarray | None,
+                       *rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, ...]]:
+    """A graph without the walls none of its edges touches: ``(edge_index, kept, rows)`` with the edges renumbered
+    onto the nodes ``kept`` (:func:`wired_nodes`) and each of ``rows`` (per-node arrays) cut to them; unchanged,
+    with ``kept`` None, when every node is needed."""
+    kept = wired_nodes(edge_index, walls)
+    if kept is None:
+        return edge_index, None, rows
+    return renumber(edge_index, kept, len(walls)), kept, tuple(r[kept] for r in rows)
+
+
 def renumber(edge_index: np.ndarray, kept: np.ndarray, num_nodes: int) -> np.ndarray:
     """``edge_index`` over ``num_nodes`` nodes moved onto the nodes ``kept`` (sorted ids, every endpoint among
     them): node ``kept[i]`` becomes ``i``."""

@@ -26,12 +26,11 @@ from dist_egnn.datasets.graphs import (
     RADIUS_EDGE_FEATURES,
     VELOCITY_EDGE_FEATURES,
     drop_longest_edges,
+    drop_unwired_walls,
     edge_features,
     graph_edges,
     node_features,
-    renumber,
     up_of,
-    wired_nodes,
 )
 from dist_egnn.datasets.md import trivial_target
 from dist_egnn.datasets.store import WALL, StoreError, StoreInfo
@@ -405,10 +404,9 @@ class TrajectoryDataset:
         edge_index = graph_edges(pos, self.radius, self.max_neighbors, self.walls_of(scalars), self.wall_neighbors,
                                  self.wall_neighbors_reach)
         edge_index = drop_longest_edges(edge_index, pos, self.cutoff_rate)
-        kept = wired_nodes(edge_index, self.walls_of(scalars)) if self.unwired_walls == "drop" else None
-        if kept is not None:
-            edge_index = renumber(edge_index, kept, len(pos))
-            pos, vel, target, scalars = pos[kept], vel[kept], target[kept], scalars[kept]
+        if self.unwired_walls == "drop":
+            edge_index, _, (pos, vel, target, scalars) = drop_unwired_walls(
+                edge_index, self.walls_of(scalars), pos, vel, target, scalars)
         names = self.info.node_scalars
         return GraphSample(pos=pos, vel=vel, target=target,
                            node_features=node_features(self.node_recipe, vel, scalars, names),

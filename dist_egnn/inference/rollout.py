@@ -89,13 +89,12 @@ from tqdm.auto import tqdm
 
 from dist_egnn.datasets.graphs import (
     drop_longest_edges,
+    drop_unwired_walls,
     edge_features,
     graph_edges,
     node_features,
     part_graphs,
-    renumber,
     up_of,
-    wired_nodes,
 )
 from dist_egnn.datasets.loader import GraphBatch, GraphSample, collate, task_gravity, velocity_scale
 from dist_egnn.datasets.sph import box_corners
@@ -199,10 +198,9 @@ def build_graph(pos: np.ndarray, vel: np.ndarray, scalars: np.ndarray, recipe: G
         edges = drop_longest_edges(whole, pos, recipe.cutoff_rate)
     else:
         edges, cut = partitioned_edges(pos, whole, recipe.cutoff_rate, parts, recipe, walls)
-    kept = wired_nodes(edges, walls) if recipe.unwired_walls == "drop" else None
-    if kept is not None:
-        edges = renumber(edges, kept, len(pos))
-        pos, vel, scalars = pos[kept], vel[kept], scalars[kept]
+    kept = None
+    if recipe.unwired_walls == "drop":
+        edges, kept, (pos, vel, scalars) = drop_unwired_walls(edges, walls, pos, vel, scalars)
     return StepGraph(edge_index=edges,
                      edge_attr=edge_features(list(recipe.edge_features), edges, pos, scalars, names, vel,
                                              recipe.radius, None if recipe.up is None else np.asarray(recipe.up)),

@@ -62,14 +62,13 @@ from scipy.spatial import cKDTree
 
 from dist_egnn.datasets.graphs import (
     drop_longest_edges,
+    drop_unwired_walls,
     edge_features,
     edge_order,
     graph_edges,
     node_features,
     part_graphs,
-    renumber,
     whole_pairs,
-    wired_nodes,
 )
 from dist_egnn.datasets.loader import GraphBatch, PartArrays, TrajectoryDataset
 from dist_egnn.errors import BadInput, ConfigError
@@ -258,11 +257,11 @@ class RankData:
         walls_of = self.dataset.walls_of
         out: tuple[list, list, list] = ([], [], [])
         for a, e, n in zip(arrays, local, nodes):
-            kept = wired_nodes(e, walls_of(a.scalars))
+            e, kept, (pos, vel, target, scalars, owned) = drop_unwired_walls(
+                e, walls_of(a.scalars), a.pos, a.vel, a.target, a.scalars, n.owned)
             if kept is not None:
-                e = renumber(e, kept, len(a.pos))
-                a = replace(a, pos=a.pos[kept], vel=a.vel[kept], target=a.target[kept], scalars=a.scalars[kept])
-                n = replace(n, owned=n.owned[kept])
+                a = replace(a, pos=pos, vel=vel, target=target, scalars=scalars)
+                n = replace(n, owned=owned)
             for kept_list, item in zip(out, (a, e, n)):
                 kept_list.append(item)
         return out
