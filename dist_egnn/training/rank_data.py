@@ -156,6 +156,9 @@ class RankData:
             raise ConfigError(f"trainer.wall_noise={wall_noise:g} needs whole graphs with wall particles: "
                               f"{dataset.info.path} with distributed.parts={parts}; use distributed.parts=1 and a "
                               f"store with walls, or trainer.wall_noise=0")
+        if wall_noise > 0.0 and not wall_noise_reach > 0.0:
+            raise ValueError(f"RankData: wall_noise={wall_noise:g} needs wall_noise_reach > 0 (got "
+                             f"{wall_noise_reach}): with none no node is near a wall")
         self.noise, self.noise_shifts_target = float(noise), noise_shifts_target
         self.wall_noise, self.wall_noise_reach = float(wall_noise), float(wall_noise_reach)
         self.wall_noise_velocity = wall_noise_velocity

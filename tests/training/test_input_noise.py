@@ -150,6 +150,8 @@ def test_wall_noise_is_refused_where_it_cannot_be_decided_or_is_too_large(store)
     stored = load_assignments(prepare_partitions(splits, "metis", 2, progress=False, scheduler="threads"), "train")
     with pytest.raises(ConfigError, match="trainer.wall_noise=.*distributed.parts=2"):
         RankData(data, 0, 2, halo=True, assignments=stored, wall_noise=SIGMA, wall_noise_reach=data.radius)
+    with pytest.raises(ValueError, match="wall_noise_reach > 0"):
+        RankData(data, wall_noise=SIGMA)                     # a silent no-op otherwise: no node within 0 of a wall
     cfg = lambda **t: OmegaConf.create({"trainer": t})  # noqa: E731
     with pytest.raises(ConfigError, match="trainer.wall_noise=.*radius"):
         wall_training_noise(cfg(wall_noise=0.3 * data.radius), data)
