@@ -19,9 +19,10 @@ statistics ``best.pt`` recorded (the trained module is its ``.model``). Three pl
 * ``model.checkpoint``: what ``best.pt`` says about itself (``epoch``, ``val_mse``, ``val_rollout_mse`` (None
   without a validation rollout), ``selected_on`` (``trainer.select_on``), its path).
 
-Every problem is a :class:`RunError` (a ``BadInput``: exit 2 from the launch scripts) naming the file and
-the fix: no ``config.yaml``, no or unreadable ``best.pt``, weights whose shapes or names do not match the
-model ``config.yaml`` builds (a config from another run, or edited widths).
+Every problem is a :class:`RunError` (a ``BadInput``: exit 2 from the launch scripts) naming the file and the
+fix: no ``config.yaml``, one without a key of :data:`REQUIRED_KEYS`, no or unreadable ``best.pt``, weights
+whose shapes or names do not match the model ``config.yaml`` builds (a config from another run, or edited
+widths).
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ from dist_egnn.errors import BadInput
 CONFIG_FILE = "config.yaml"
 BEST_FILE = "checkpoints/best.pt"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# what a rollout reads from config.yaml with no default (every other key it reads falls back to the default of
+# the version that wrote the run, so that older runs still load)
+REQUIRED_KEYS = ("dataset.name", "dataset.store", "dataset.delta_t", "dataset.node_features",
+                 "dataset.edge_features", "model.name")
 
 
 class RunError(BadInput):
@@ -60,6 +65,10 @@ def read_run_config(run_dir: str | Path) -> DictConfig:
     if not isinstance(cfg, DictConfig) or not all(k in cfg for k in ("model", "dataset", "trainer")):
         raise RunError(f"{path} lacks the model, dataset or trainer section of a training configuration; "
                        f"restore the config.yaml launch/train.py wrote")
+    missing = [key for key in REQUIRED_KEYS if OmegaConf.select(cfg, key, default=None) is None]
+    if missing:
+        raise RunError(f"{path} lacks {', '.join(missing)}, which the model's inputs are built from: restore the "
+                       f"config.yaml launch/train.py wrote (checkpoints/best.pt keeps a copy under its 'config' key)")
     return cfg
 
 

@@ -3,8 +3,9 @@
 Order: every check first (the options, the run's ``config.yaml`` and ``best.pt``, the store, its node
 scalars against the training store's, the model's widths against the data, the split and start frame),
 then the rollout (``dist_egnn.inference.rollout``), then the outputs, written into a temporary sibling
-folder that replaces ``<out>`` (default ``RUN_DIR/predict``) only once complete. A bad input therefore
-stops with a ``BadInput`` naming the key or file and the fix, and nothing is written.
+folder that replaces ``<out>`` (default ``RUN_DIR/predict``) only once complete; ``<out>`` must be new, empty
+or an earlier output of predict (:func:`check_out`). A bad input therefore stops with a ``BadInput`` naming the
+key or file and the fix, and nothing is written.
 
 ``<out>/`` receives:
     rollout.json    per-step lists of length ``steps``: ``mse``, ``baseline_mse`` (constant velocity on the
@@ -50,6 +51,7 @@ from dist_egnn.inference.rollout import (
 from dist_egnn.keys import SPLITS
 
 FORMATS = ("zarr", "vtk")
+OUTPUTS = ("rollout.json", "rollout.zarr", "rollout.png", "vtk")     # what predict writes into <out>/
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -94,15 +96,22 @@ def check_data(run_cfg: DictConfig, info: StoreInfo, model: torch.nn.Module, run
     trained_on = Path(d.store)
     if trained_on.resolve() != info.path.resolve():
         if trained_on.exists():
-            train_scalars = open_store(trained_on).node_scalars
+            trained_info = open_store(trained_on)
+            train_scalars = trained_info.node_scalars
+            for key, what in (("dt", "time between stored frames"), ("units", "units")):
+                if trained_info.attrs[key] != info.attrs[key]:
+                    raise RolloutError(f"data={info.path} has {key}={info.attrs[key]} ({what}), but the run was "
+                                       f"trained on {trained_on} with {key}={trained_info.attrs[key]}: a task step "
+                                       f"and the model's velocities would mean something else; give data= a store "
+                                       f"with the same {key} or train a model on this one")
             if train_scalars != info.node_scalars:
                 raise RolloutError(f"data={info.path} has node scalars {info.node_scalars}, but the run was trained "
                                    f"on {trained_on} with node scalars {train_scalars}: the model's features would "
                                    f"mean something else; give data= a store with the same node scalars (prepared "
                                    f"from the same source) or train a model on this one")
         else:
-            print(f"note: the training store {trained_on} is gone; checking {info.path} against the run's feature "
-                  f"recipe only")
+            print(f"note: the training store {trained_on} is not found from {Path.cwd()} (gone, or relative to "
+                  f"another folder); checking {info.path} against the run's feature recipe only")
     recipe = list(d.node_features)
     missing = [n for n in recipe if n != "speed" and n not in info.node_scalars]
     missing += [n for n in d.edge_features if n.endswith("_product") and n[:-len("_product")] not in info.node_scalars]
@@ -157,6 +166,11 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     run_cfg = rollout_config(model.config, cfg.get("max_neighbors"), cfg.get("wall_neighbors_reach"),
                              run_dir / "config.yaml")
     store = Path(cfg.data) if cfg.get("data") else Path(run_cfg.dataset.store)
+    if not cfg.get("data") and not store.is_absolute() and not store.exists():
+        raise RunError(f"{run_dir / 'config.yaml'} gives dataset.store={store}, a path relative to the folder the "
+                       f"run trained in, and there is no {Path.cwd() / store}: run predict from that folder or give "
+                       f"data=STORE (a store that is gone is rebuilt by `python launch/prepare.py` with the run's "
+                       f"dataset options)")
     info = open_store(store)
     check_data(run_cfg, info, model, run_dir)
     start = first_input_frame(run_cfg) if cfg.get("start") is None else cfg.start
@@ -169,8 +183,7 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     parts.check()
     box = container_box(info) if cfg.contain else None
     out = Path(cfg.out) if cfg.get("out") else run_dir / "predict"
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"out={out} is a file; give a folder (or leave out= out: RUN_DIR/predict)")
+    check_out(out)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     dtype = next(model.parameters()).dtype
@@ -189,7 +202,7 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
                  partition=parts.method if parts.parts > 1 else None, dtype=str(dtype).replace("torch.", ""),
                  model=run_cfg.model.name, velocity_unit=run_cfg.dataset.get("velocity_unit", "store"),
                  container=None if box is None else [box[0].tolist(), box[1].tolist()])
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = out.resolve().with_name(f".{out.resolve().name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
         writers.write_store(result, tmp / "rollout.zarr", info, generator=dict(run=str(run_dir), command=command,
@@ -208,6 +221,21 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
+
+
+def check_out(out: Path) -> None:
+    """``out`` is replaced whole once the rollout is done, so it must be new, empty, or an earlier output of
+    predict (nothing but :data:`OUTPUTS`): a folder with anything else in it (the run directory, a dataset,
+    ``.``) is refused before the rollout, naming what it holds."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"out={out} is a file; give a folder (or leave out= out: RUN_DIR/predict)")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise BadInput(f"out={out} holds {shown}, which predict did not write: it replaces its out= folder "
+                           f"whole, so give a new or empty folder, or one an earlier predict wrote (leave out= out: "
+                           f"RUN_DIR/predict)")
 
 
 def replace_folder(new: Path, target: Path) -> None:

@@ -460,9 +460,10 @@ def plan_rollout(cfg: DictConfig, info: StoreInfo, split: str, steps: int, start
                            f"velocity at frame t is the displacement since frame t - {delta_t}; start at frame "
                            f"{delta_t} or later")
     meta = info.splits[split]
+    if scenes is not None and not 1 <= scenes <= meta.num_scenes:
+        raise RolloutError(f"scenes={scenes}: {info.path}/{split} has {meta.num_scenes} scenes; choose 1 to "
+                           f"{meta.num_scenes}, or leave scenes out for all of them")
     chosen = list(range(meta.num_scenes))[:scenes]
-    if not chosen:
-        raise RolloutError(f"scenes={scenes}: choose at least one scene (the split has {meta.num_scenes})")
     batch_size = int(batch_size or cfg.trainer.get("eval_batch_size", 1) or 1)
     available = available_steps(info, split, start, delta_t)
     todo = min(steps, available)

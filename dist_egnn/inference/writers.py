@@ -123,7 +123,8 @@ def rollout_figure(result: Rollout, title: str):
     moving = result.moving[rows]
     first = result.truth[0, rows]
     axes2d = np.sort(np.argsort(first.max(axis=0) - first.min(axis=0))[-2:])      # the two widest axes
-    shown = sorted({1, (result.steps + 1) // 2, result.steps} - {0})
+    # up to three steps; a rollout whose first step diverged (0 steps kept) shows its input frame
+    shown = sorted({1, (result.steps + 1) // 2, result.steps} & set(range(1, result.steps + 1))) or [0]
     fig = Figure(figsize=(4.2 * max(len(shown), 2), 8.0))
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, max(len(shown), 1))
@@ -149,7 +150,7 @@ def rollout_figure(result: Rollout, title: str):
             label="constant velocity" + (" (held inside too)" if held else ""))
     ax.set_xlabel("rollout step (task steps of Δt frames)")
     ax.set_ylabel("MSE")
-    if all(v > 0 for v in [*result.mse, *result.baseline_mse]):
+    if result.steps and all(v > 0 for v in [*result.mse, *result.baseline_mse]):
         ax.set_yscale("log")
     if result.steps <= LABELLED_STEPS:
         ax.set_xticks(steps)
@@ -157,7 +158,7 @@ def rollout_figure(result: Rollout, title: str):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
-    if len(result.spread_ratio) == result.steps:      # the extent beside the error: a collapse shows at once
+    if result.steps and len(result.spread_ratio) == result.steps:   # the extent beside the error: a collapse shows
         extent = ax.twinx()
         extent.plot(steps, result.spread_ratio, "^:", c="tab:green", label="spread pred / true (right)")
         if len(result.outside_share) == result.steps and np.isfinite(result.outside_share).any():

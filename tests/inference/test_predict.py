@@ -158,6 +158,34 @@ def other_scalars(run: Path, data: Path) -> None:
     meta.write_text(json.dumps(root))
 
 
+def drop_key(section: str, key: str):
+    def damage(run: Path, _data: Path) -> None:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        del cfg[section][key]
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return damage
+
+
+def relative_store(run: Path, _data: Path) -> None:
+    """config.yaml's store as training wrote it, relative to a folder predict does not run in."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["dataset"]["store"] = "elsewhere/nbody_small.zarr"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def other_dt(run: Path, data: Path) -> None:
+    """A copy of the training store whose frames are twice as far apart."""
+    shutil.copytree(data / "nbody_small.zarr", data / "other.zarr")
+    meta = data / "other.zarr" / "zarr.json"
+    root = json.loads(meta.read_text())
+    root["attributes"]["dt"] *= 2
+    meta.write_text(json.dumps(root))
+
+
+def foreign_file(run: Path, data: Path) -> None:
+    (data / "notes.txt").write_text("mine")
+
+
 BAD = {   # case: (damage, overrides, error, fragments the message names)
     "no config.yaml": (remove("config.yaml"), (), RunError, ("config.yaml", "run directory")),
     "no best.pt": (remove("checkpoints/best.pt"), (), RunError, ("best.pt", "resume=auto")),
@@ -175,6 +203,14 @@ BAD = {   # case: (damage, overrides, error, fragments the message names)
     "missing store": (None, ("data={data}/absent.zarr",), BadInput, ("absent.zarr", "does not exist")),
     "contain without a container": (None, ("contain=true",), BadInput,
                                     ("contain=true", "nbody_small.zarr", "'nbody'", "leave contain out")),
+    "config.yaml without delta_t": (drop_key("dataset", "delta_t"), (), RunError,
+                                    ("config.yaml", "dataset.delta_t", "best.pt")),
+    "store relative elsewhere": (relative_store, (), RunError,
+                                 ("config.yaml", "dataset.store=elsewhere/nbody_small.zarr", "data=")),
+    "store of another dt": (other_dt, ("data={data}/other.zarr",), BadInput, ("other.zarr", "dt=", "nbody_small.zarr")),
+    "more scenes than the split": (None, ("scenes=99",), BadInput, ("scenes=99", "scenes; choose 1 to")),
+    "out= the run directory": (None, ("out={run}",), BadInput, ("out=", "config.yaml", "new or empty folder")),
+    "out= a folder of the user's": (foreign_file, ("out={data}",), BadInput, ("notes.txt", "nbody_small.zarr")),
 }
 
 
@@ -191,7 +227,7 @@ def test_bad_input_names_the_key_or_file_and_writes_nothing(trained, tmp_path, c
         damage(run, data)
     before = digest(tmp_path)
     with pytest.raises(error) as caught:
-        predict(options(f"run={run}", *(o.format(data=data) for o in overrides)))
+        predict(options(f"run={run}", *(o.format(data=data, run=run) for o in overrides)))
     for fragment in says:
         assert fragment in str(caught.value), (fragment, str(caught.value))
     assert digest(tmp_path) == before and not (run / "predict").exists()

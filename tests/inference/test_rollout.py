@@ -452,6 +452,20 @@ def test_the_picture_of_a_long_rollout_that_diverged_stays_readable():
     assert short_extent.get_ylim() == (0.0, 1.1)                                # spread 1.00-1.02: at least 1.1
 
 
+def test_a_rollout_whose_first_step_diverged_still_gets_its_picture(tmp_path):
+    # 0 steps kept (NaN at step 1): the picture shows the input frame and an empty error panel instead of an
+    # IndexError that hid the "stopped after 0 of K steps" explanation behind a traceback
+    from dist_egnn.inference.writers import write_png
+
+    nodes = 10
+    pos = np.random.default_rng(0).uniform(size=(1, nodes, 3))
+    result = Rollout(split="test", start=0, delta_t=1, requested=5, scenes=[0], scene_ptr=np.array([0, nodes]),
+                     pred=pos, vel=np.zeros_like(pos), truth=pos, baseline=pos, scalars=np.zeros((nodes, 1)),
+                     moving=np.ones(nodes, bool), stopped="stopped after 0 of 5 steps: NaN")
+    write_png(result, tmp_path / "rollout.png", "diverged at once")
+    assert (tmp_path / "rollout.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("unit", ["horizon", "store"])
 def test_a_stored_velocity_run_learns_how_far_a_rollout_feeds_it_from_its_training_velocity(tmp_path, unit):
     """guards the small fluid's rollouts falling at 5-6 m/s^2 instead of 9.81 without a word: under a constant
