@@ -52,7 +52,8 @@ def read_run_config(run_dir: str | Path) -> DictConfig:
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
-        raise RunError(f"run directory {run_dir} does not exist: give the folder launch/train.py printed "
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise RunError(f"run directory {run_dir} {what}: give the folder launch/train.py printed "
                        f"(`run directory: ...`), e.g. run=runs/nbody_small-fastegnn/<date>")
     if not path.is_file():
         raise RunError(f"{path} is missing: {run_dir} is not a finished training run (launch/train.py writes "
