@@ -72,7 +72,8 @@ class StoreError(BadInput):
 def atomic_store(path: str | os.PathLike, overwrite: bool = False, validate: bool = True) -> Iterator[zarr.Group]:
     """Open a new store in a temporary sibling folder; rename it to ``path`` only if the block succeeds.
 
-    An existing store at ``path`` is replaced only when ``overwrite`` is true and the new one is complete.
+    An existing store at ``path`` is replaced only when ``overwrite`` is true and the new one is complete; an
+    existing path that is not a zarr store or an empty folder is never replaced (:func:`check_replaceable`).
     A dataset store is validated (:func:`open_store`, structure only; ``validate=False`` for other layouts,
     e.g. stored partitions) before the rename: one that fails (e.g. a split without scenes) raises
     :class:`StoreError` and leaves nothing behind. A ``path`` that is a dangling
@@ -82,6 +83,7 @@ def atomic_store(path: str | os.PathLike, overwrite: bool = False, validate: boo
     check_store_path(path)
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; delete it or pass overwrite=True to replace it")
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
@@ -141,6 +143,19 @@ def preparation_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             lock_path.unlink(missing_ok=True)
+
+
+def check_replaceable(path: Path) -> None:
+    """An existing ``path`` that overwriting may replace is a zarr group or array (its ``zarr.json``, or v2's
+    ``.zgroup``/``.zarray``) or an empty folder: anything else is refused, since replacing it deletes it."""
+    if not path.exists():
+        return
+    if path.is_dir() and (any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
+                          or not any(path.iterdir())):
+        return
+    raise StoreError(f"{path} is not a zarr store (no zarr.json) and not an empty folder, so overwriting "
+                     f"(prepare.overwrite=true) will not replace it: that would delete what it holds; give "
+                     f"dataset.store (or dataset.name) a path of its own")
 
 
 def check_store_path(path: str | os.PathLike) -> None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from dist_egnn.config import register
 from dist_egnn.datasets.prepare import check_store_matches, prepare_dataset
 from dist_egnn.datasets.statistics import ensure_statistics, statistics_key
-from dist_egnn.datasets.store import StoreError, check_store_path, open_store
+from dist_egnn.datasets.store import StoreError, check_replaceable, check_store_path, open_store
 from dist_egnn.errors import BadInput
 from dist_egnn.partitioners.artifacts import prepare_partitions
 from dist_egnn.training.setup import load_splits
@@ -36,6 +36,8 @@ def prepare(cfg: DictConfig) -> None:
     path = Path(cfg.dataset.store)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     check_store_path(path)                  # a dangling or looping link: refused before generating anything
+    if cfg.prepare.overwrite:
+        check_replaceable(path)             # a folder that is not a store: refused before generating, not after
     if path.exists() and not cfg.prepare.overwrite:
         print(f"{path} exists; validating it (prepare.overwrite=true rebuilds it)")
         check_store_matches(dataset, open_store(path))   # made with these generator parameters?

@@ -148,10 +148,12 @@ class Checkpoints:
             raise CheckpointError(f"resume={mode!r}: only resume=auto is supported (or leave resume unset)")
         found = self.complete()
         if not mode:
-            if metrics.read_lines() or found:
+            best = self.directory.parent / "best.pt"      # a model predict can use, even with no history beside it
+            if metrics.read_lines() or found or best.exists():
                 raise CheckpointError(f"run directory {self.directory.parents[1]} already holds a run "
                                       f"({metrics.path.name}: {len(metrics.read_lines())} lines, {len(found)} "
-                                      f"checkpoints): continue it with resume=auto, or choose another hydra.run.dir")
+                                      f"checkpoints, best.pt {'present' if best.exists() else 'absent'}): continue "
+                                      f"it with resume=auto, or choose another hydra.run.dir")
             return ""
         ignored = checkpoint.incomplete_tags(self.directory)
         if ignored:
