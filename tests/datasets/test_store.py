@@ -79,6 +79,45 @@ def test_failed_write_keeps_the_old_store(store):
     open_store(store, check_values=True)
 
 
+def test_overwrite_replaces_a_store_or_an_empty_folder_and_refuses_anything_else(store, tmp_path):
+    """prepare.overwrite=true on a dataset.store that names a folder of the user's (a source folder, the repo)
+    replaced and deleted it; only a zarr store or an empty folder is replaced now, and the folder keeps its files."""
+    theirs = tmp_path / "theirs"
+    (theirs / "sub").mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match=r"theirs is not a zarr store .* give dataset.store .* a path of its own"):
+        with atomic_store(theirs, overwrite=True, validate=False) as root:     # as stored partitions are written
+            root.attrs["new"] = True
+    assert (theirs / "notes.txt").read_text() == "mine" and (theirs / "sub").is_dir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_store(empty, overwrite=True, validate=False) as root:
+        root.attrs["new"] = True
+    with atomic_store(empty, overwrite=True, validate=False) as root:          # now a zarr group: replaced again
+        root.attrs["again"] = True
+    assert zarr.open_group(str(empty), mode="r").attrs["again"] is True
+
+
+def test_prepare_refuses_to_overwrite_a_folder_of_the_users_before_generating(tmp_path):
+    """`python launch/prepare.py dataset.store=FOLDER prepare.overwrite=true` (in process, through Hydra's compose):
+    refused at once, the folder untouched."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("prepare_cli", root / "launch" / "prepare.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cli.prepare_dataset = lambda *args, **kwargs: pytest.fail("generated before refusing")
+    (tmp_path / "notes.txt").write_text("mine")
+    overrides = [f"dataset.store={tmp_path}", "prepare.overwrite=true", "trainer.progress=false"]
+    with initialize_config_dir(config_dir=str(root / "launch" / "conf"), version_base="1.3"):
+        with pytest.raises(StoreError, match="not a zarr store"):
+            cli.prepare(compose(config_name="prepare", overrides=overrides))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_existing_store_is_not_overwritten_by_accident(store):
     with pytest.raises(StoreError, match="already exists"):
         with atomic_store(store):

@@ -141,6 +141,13 @@ def malicious(path: Path) -> None:
     torch.save({"model": Payload(path.parent / "PWNED"), "optimizer": {}}, path)
 
 
+def model_only(case: Path) -> None:
+    """What predict needs and nothing else: config.yaml and checkpoints/best.pt (no metrics, no engine state)."""
+    (case / "model" / "checkpoints").mkdir(parents=True)
+    shutil.copy(case / "done" / "config.yaml", case / "model" / "config.yaml")
+    shutil.copy(case / "done" / "checkpoints" / "best.pt", case / "model" / "checkpoints" / "best.pt")
+
+
 def cut_metrics(case: Path) -> None:
     path = case / "done" / "metrics.jsonl"
     path.write_text(path.read_text().splitlines(keepends=True)[0])
@@ -372,6 +379,8 @@ CASES = {
                                           (FORGED, "'../../../victim/precious.txt'", "delete it")),
     "fresh run in a used directory": Case(nothing, train(run="done"), CheckpointError,
                                           ("already holds a run", "resume=auto", "hydra.run.dir")),
+    "fresh run over a model without history": Case(model_only, train(run="model"), CheckpointError,
+                                                   ("already holds a run", "best.pt present", "hydra.run.dir")),
     # numbers out of range (dist_egnn.config.RANGES / CHOICES): each names the key and its range
     **{f"range {override}": Case(nothing, checked(override), ConfigError, says) for override, says in {
         "model.edge_chunk_size=-1": ("model.edge_chunk_size=-1", "auto or a whole number of edges >= 1"),
