@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 import shutil
 import time
@@ -52,6 +53,7 @@ from dist_egnn.keys import SPLITS
 
 FORMATS = ("zarr", "vtk")
 OUTPUTS = ("rollout.json", "rollout.zarr", "rollout.png", "vtk")     # what predict writes into <out>/
+LITTER = (".DS_Store", ".nfs")      # what a file browser or NFS leaves in a folder someone looked into
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -99,7 +101,9 @@ def check_data(run_cfg: DictConfig, info: StoreInfo, model: torch.nn.Module, run
             trained_info = open_store(trained_on)
             train_scalars = trained_info.node_scalars
             for key, what in (("dt", "time between stored frames"), ("units", "units")):
-                if trained_info.attrs[key] != info.attrs[key]:
+                a, b = trained_info.attrs[key], info.attrs[key]
+                # dt within 0.1 %: the MD source accepts frame intervals that differ by that much between files
+                if not (math.isclose(a, b, rel_tol=1e-3) if key == "dt" else a == b):
                     raise RolloutError(f"data={info.path} has {key}={info.attrs[key]} ({what}), but the run was "
                                        f"trained on {trained_on} with {key}={trained_info.attrs[key]}: a task step "
                                        f"and the model's velocities would mean something else; give data= a store "
@@ -183,7 +187,8 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     parts.check()
     box = container_box(info) if cfg.contain else None
     out = Path(cfg.out) if cfg.get("out") else run_dir / "predict"
-    check_out(out)
+    target = Path(os.path.abspath(out))        # `.` has a name to put a sibling beside; a link is not followed
+    check_out(target)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     dtype = next(model.parameters()).dtype
@@ -202,7 +207,7 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
                  partition=parts.method if parts.parts > 1 else None, dtype=str(dtype).replace("torch.", ""),
                  model=run_cfg.model.name, velocity_unit=run_cfg.dataset.get("velocity_unit", "store"),
                  container=None if box is None else [box[0].tolist(), box[1].tolist()])
-    tmp = out.resolve().with_name(f".{out.resolve().name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
         writers.write_store(result, tmp / "rollout.zarr", info, generator=dict(run=str(run_dir), command=command,
@@ -217,7 +222,7 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
                                                    else ""))
         extra.update(outputs=outputs, time_s=round(time.perf_counter() - started, 3))
         record = writers.write_json(result, tmp / "rollout.json", extra)
-        replace_folder(tmp, out)
+        replace_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
@@ -230,7 +235,7 @@ def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise BadInput(f"out={out} is a file; give a folder (or leave out= out: RUN_DIR/predict)")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith(LITTER))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise BadInput(f"out={out} holds {shown}, which predict did not write: it replaces its out= folder "
