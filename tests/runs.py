@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -27,6 +28,14 @@ def config(data: Path, *overrides: str) -> DictConfig:
 def fit(data: Path, run_dir: Path, *overrides: str) -> dict:
     from dist_egnn.training.trainer import Trainer
     return Trainer.from_config(config(data, *overrides), run_dir).fit()
+
+
+def prepare_cli():
+    """``launch/prepare.py`` as a module (a script, not a package member): its ``prepare(cfg)`` runs in this process."""
+    spec = importlib.util.spec_from_file_location("prepare_cli", ROOT / "launch" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def records(run_dir: Path) -> list[dict]:

@@ -104,8 +104,8 @@ def check_data(run_cfg: DictConfig, info: StoreInfo, model: torch.nn.Module, run
                 a, b = trained_info.attrs[key], info.attrs[key]
                 # dt within 0.1 %: the MD source accepts frame intervals that differ by that much between files
                 if not (math.isclose(a, b, rel_tol=1e-3) if key == "dt" else a == b):
-                    raise RolloutError(f"data={info.path} has {key}={info.attrs[key]} ({what}), but the run was "
-                                       f"trained on {trained_on} with {key}={trained_info.attrs[key]}: a task step "
+                    raise RolloutError(f"data={info.path} has {key}={b} ({what}), but the run was "
+                                       f"trained on {trained_on} with {key}={a}: a task step "
                                        f"and the model's velocities would mean something else; give data= a store "
                                        f"with the same {key} or train a model on this one")
             if train_scalars != info.node_scalars:

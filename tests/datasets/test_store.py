@@ -101,18 +101,15 @@ def test_overwrite_replaces_a_store_or_an_empty_folder_and_refuses_anything_else
 def test_prepare_refuses_to_overwrite_a_folder_of_the_users_before_generating(tmp_path):
     """`python launch/prepare.py dataset.store=FOLDER prepare.overwrite=true` (in process, through Hydra's compose):
     refused at once, the folder untouched."""
-    import importlib.util
-
     from hydra import compose, initialize_config_dir
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("prepare_cli", root / "launch" / "prepare.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from runs import ROOT, prepare_cli
+
+    cli = prepare_cli()
     cli.prepare_dataset = lambda *args, **kwargs: pytest.fail("generated before refusing")
     (tmp_path / "notes.txt").write_text("mine")
     overrides = [f"dataset.store={tmp_path}", "prepare.overwrite=true", "trainer.progress=false"]
-    with initialize_config_dir(config_dir=str(root / "launch" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "launch" / "conf"), version_base="1.3"):
         with pytest.raises(StoreError, match="not a zarr store"):
             cli.prepare(compose(config_name="prepare", overrides=overrides))
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

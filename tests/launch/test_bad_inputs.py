@@ -26,7 +26,7 @@ from dist_egnn.training.checkpoint import CheckpointError, sha256
 from dist_egnn.training.lock import RunDirError
 from dist_egnn.training.rank_data import GraphWarning
 
-from runs import ROOT, config, digest, fit
+from runs import config, digest, fit, prepare_cli
 
 STORE = "nbody_small.zarr"
 PARTITION = "nbody_small.partitions/random-p2-s0.zarr"
@@ -268,11 +268,7 @@ def resume_under_deepspeed(case: Path):
 def launch_prepare(*overrides: str) -> Callable[[Path], object]:
     """``python launch/prepare.py <overrides>`` in this process (its ``prepare`` function)."""
     def run(case: Path):
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("launch_prepare", ROOT / "launch" / "prepare.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.prepare(config(case / "data", *overrides))
+        return prepare_cli().prepare(config(case / "data", *overrides))
     return run
 
 

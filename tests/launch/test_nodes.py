@@ -61,6 +61,17 @@ def launch_nodes(nodes: int, root: Path, run: str, *overrides: str, timeout: flo
     return done
 
 
+def rank_env(rank: int, world: int, port: int, local_rank: int | None = None, local_world: int | None = None) -> dict:
+    """The environment of one rank started by hand (no launcher agent): the ranks meet at 127.0.0.1:port."""
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
+           "LOCAL_RANK": str(rank if local_rank is None else local_rank),
+           "LOCAL_WORLD_SIZE": str(world if local_world is None else local_world),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HYDRA_FULL_ERROR": "0"}
+    for key in ("TORCHELASTIC_USE_AGENT_STORE", "DIST_EGNN_RUN_STAMP"):   # an outer launcher's, not this rank's
+        env.pop(key, None)
+    return env
+
+
 def weights_of(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
 
@@ -104,10 +115,7 @@ def test_rendezvous_nobody_answers_is_one_line_naming_the_address(tmp_path, rank
     """Guards launches whose ranks meet at MASTER_ADDR:MASTER_PORT themselves (deepspeed --hostfile, its slurm and
     openmpi launchers, srun): a rank alone there stops within distributed.timeout_s with the address named (exit 2)."""
     port = free_port()
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HYDRA_FULL_ERROR": "0"}
-    for key in ("TORCHELASTIC_USE_AGENT_STORE", "DIST_EGNN_RUN_STAMP"):
-        env.pop(key, None)
+    env = rank_env(rank, 2, port, local_rank=0, local_world=1)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "distributed.timeout_s=3",
                            f"paths.data={tmp_path}"], capture_output=True, text=True, timeout=120, env=env,
@@ -141,14 +149,10 @@ def test_part_weights_that_do_not_fit_stop_every_rank(data_dir):
     the other rank as soon as one exits, so whether the second rank got to print its line was a race (CI saw one
     line of two)."""
     port = free_port()
-    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    for key in ("TORCHELASTIC_USE_AGENT_STORE", "DIST_EGNN_RUN_STAMP"):
-        env.pop(key, None)
     procs = [subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), f"paths.data={data_dir / 'data'}",
                                f"hydra.run.dir={data_dir / 'bad-weights'}", *TINY, *EXACT,
                                "distributed.part_weights=[0.5,0.3,0.2]"],
-                              cwd=data_dir, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              cwd=data_dir, env={**rank_env(rank, 2, port), "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:
         for rank, proc in enumerate(procs):

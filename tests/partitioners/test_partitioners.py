@@ -1,5 +1,4 @@
 """partition(): properties of every strategy, its metrics, bad input, and the stored artifacts."""
-import importlib.util
 import json
 import shutil
 import threading
@@ -29,6 +28,8 @@ from dist_egnn.partitioners.artifacts import (
     sample_seed,
 )
 from dist_egnn.partitioners.strategies import max_part_size, rebalance, undirected_adjacency
+
+from runs import prepare_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 CLOUD = np.random.default_rng(0).uniform(size=(1500, 3))
@@ -281,9 +282,7 @@ def test_prepare_command_builds_the_partitions(store, capsys):
     """`python launch/prepare.py ... distributed.parts=2` (in process, through Hydra's compose)."""
     from hydra import compose, initialize_config_dir
 
-    spec = importlib.util.spec_from_file_location("prepare_cli", ROOT / "launch" / "prepare.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = prepare_cli()
     shutil.move(store, store.with_name("nbody_small.zarr"))
     # dataset.source=test: the toy store's own source (a store made by another generator is refused, issue 18)
     overrides = [f"paths.data={store.parent}", "dataset.source=test", "dataset.frame_start=0", "dataset.delta_t=1",
