@@ -309,6 +309,7 @@ class ScalingConfig:
     results_dir: str = "docs/results"
     work_dir: str = "runs/scaling"                  # the real runs' run directories
     name: str = "scaling-${data}"
+    overwrite: bool = False                   # replace <name>.csv even if it holds P or halo modes not measured now
     progress: bool = True
 
 

@@ -26,6 +26,7 @@ Writes ``<out>.csv``, ``<out>.md`` (with this command line) and ``<out>.png``. :
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dist_egnn.measure.reporting import write_csv
+from dist_egnn.measure.reporting import shrink_problem, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -266,8 +267,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=NODES, help="particles of the synthetic graph")
     parser.add_argument("--data", default=str(ROOT / "data"), help="paths.data")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "latency"))
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other settings")
     parser.add_argument("overrides", nargs="*", help="more launch/train.py overrides")
     args = parser.parse_args(argv)
+    problem = None if args.overwrite else shrink_problem(
+        Path(args.out).with_suffix(".csv"),
+        lambda row: (int(row["parts"]), row["halo"], row["overlap"] == "True", float(row["latency_ms"])),
+        set(itertools.product(args.parts, args.halo, [o == "true" for o in args.overlap], args.latency_ms)),
+        "--out PATH", "--overwrite")
+    if problem:
+        parser.error(problem)
     overrides = [*graph(args.nodes), *COMMON, f"paths.data={args.data}", *args.overrides]
     started = time.strftime("%Y-%m-%d %H:%M")
     uptime_before = uptime()

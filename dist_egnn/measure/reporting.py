@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -35,6 +35,26 @@ def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: str 
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def shrink_problem(path: str | os.PathLike, setting: Callable[[dict[str, str]], Hashable | None],
+                   measured: set, rename: str, replace: str) -> str | None:
+    """Why a measurement should not start (None: it may): the results table ``path`` (CSV) holds rows of settings
+    it will not measure, so writing its results would replace them. ``setting`` maps a CSV row to what the
+    measurement would reproduce (None: a row it does not compare); ``measured`` is the set of those it will
+    produce; ``rename`` and ``replace`` name the switches that write elsewhere or replace the table anyway.
+    Checked before any work: one measurement is one table (its ratios come from one run), so a smaller one goes
+    under another name, not into the old one."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        kept = {setting(row) for row in csv.DictReader(f)} - {None}
+    lost = sorted(kept - measured, key=str)
+    if not lost:
+        return None
+    return (f"{path} holds results this measurement would not repeat ({', '.join(map(str, lost))}): writing "
+            f"there would replace them: write elsewhere ({rename}) or pass {replace} to replace them")
 
 
 def summarise(records: Iterable[dict[str, Any]], metric: str = "test_mse",

@@ -22,7 +22,9 @@ only. Then (``costs``) the study also times partitioning and reading one rank's 
 to ``target_nodes`` over ``target_ranks`` (``dist_egnn.measure.scaling_costs``, which states the model).
 
 Writes ``<results_dir>/<name>.csv``, ``.md`` (the table) and ``.png`` (speedup and memory per rank vs P), and
-with ``costs`` ``<name>-costs.csv`` (partitioning and loading).
+with ``costs`` ``<name>-costs.csv`` (partitioning and loading). One table is one measurement: a table at that name
+holding a P or halo mode this one will not measure is not replaced (exit 2 before any work) unless
+``overwrite=true``; another ``name=`` writes beside it.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from tqdm.auto import tqdm
 
 from dist_egnn.config import ScalingConfig, register, to_container  # noqa: F401  (ScalingConfig: the schema)
 from dist_egnn.errors import ConfigError
-from dist_egnn.measure.reporting import write_csv
+from dist_egnn.measure.reporting import shrink_problem, write_csv
 from dist_egnn.measure.scaling import count_parts, in_fresh_process, measure_links, measure_part, project
 from dist_egnn.measure.scaling_costs import measure_load, measure_partition, project_larger
 from dist_egnn.partitioners.artifacts import prepare_partitions
@@ -340,12 +342,23 @@ def plot(rows: list[dict[str, Any]], cfg, path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
+def measured_setting(row: dict[str, str]) -> tuple[int, str] | None:
+    """What a row of an earlier table measured (P and halo mode), or None for a row projected from them."""
+    return (int(row["parts"]), row["halo"]) if row["kind"] in ("real", "projected") else None
+
+
 def run(argv: list[str]) -> None:
     """The whole study for the ``launch/scaling.py`` command line ``argv`` (Hydra overrides)."""
     register()
     with initialize_config_dir(config_dir=str(ROOT / "launch" / "conf"), version_base="1.3"):
         cfg = compose(config_name="scaling", overrides=argv)
         out = Path(cfg.results_dir)
+        problem = None if cfg.overwrite else shrink_problem(
+            out / f"{cfg.name}.csv", measured_setting, {(p, h if p > 1 else "-") for p in cfg.parts for h in cfg.halo},
+            "name=NEW", "overwrite=true")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
         out.mkdir(parents=True, exist_ok=True)
         work = Path(cfg.work_dir) / time.strftime("%Y-%m-%d_%H-%M-%S")
         work.mkdir(parents=True)

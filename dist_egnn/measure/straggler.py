@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_egnn.measure.latency import COMMON, NODES, ROOT, graph, run_worker, summarize
-from dist_egnn.measure.reporting import write_csv
+from dist_egnn.measure.reporting import shrink_problem, write_csv
 
 SETTINGS = lambda slowdown: [dict(label="no straggler"),  # noqa: E731
                              dict(label="straggler", slowdown=slowdown, slow_ranks=[0])]
@@ -138,8 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=NODES, help="particles of the synthetic graph")
     parser.add_argument("--data", default=str(ROOT / "data"), help="paths.data")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "straggler"))
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other settings")
     parser.add_argument("overrides", nargs="*", help="more launch/train.py overrides")
     args = parser.parse_args(argv)
+    problem = None if args.overwrite else shrink_problem(
+        Path(args.out).with_suffix(".csv"), lambda row: (int(row["parts"]), float(row["slowdown"])),
+        {(parts, args.slowdown) for parts in (args.parts, *args.project)}, "--out PATH", "--overwrite")
+    if problem:
+        parser.error(problem)
     overrides = [*graph(args.nodes), *COMMON, f"paths.data={args.data}", *args.overrides]
     started = time.strftime("%Y-%m-%d %H:%M")
     with tempfile.TemporaryDirectory(prefix="straggler-") as work:

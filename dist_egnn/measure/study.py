@@ -8,7 +8,9 @@ finished runs are kept and skipped when the study is started again; an unfinishe
 newest checkpoint (``resume=auto``). ``wall_time_s`` is the time of the launch that finished a run.
 ``jobs=J`` trains J runs at once (in the same order), each on ``cores // J`` threads unless its overrides set
 ``trainer.num_threads``: on a machine with more cores than one run uses, a study finishes J times sooner.
-The records, and so the results files, keep the seed-major order whatever order the runs finish in.
+The records, and so the results files, keep the seed-major order whatever order the runs finish in, and hold
+every finished run of the study's labels on disk, seeds outside ``study.seeds`` too: a study started again for one
+more seed (``study.seeds=[2]``) adds it to the results instead of writing them again with that seed alone.
 A run that fails stops the study (runs already going finish); with ``keep_going=true`` the others go on, the
 failure is kept in the run's ``study_failed.txt`` and listed under the results table (a diverged run is a
 result too), the study exits 1 at the end, and started again it retries the failed runs.
@@ -371,11 +373,22 @@ def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_
     (run_dir / FAILED_FILE).unlink(missing_ok=True)          # a run retried after a failure that now finished
 
 
-def tabulate(cfg: DictConfig, jobs: list[tuple[DictConfig, int]], base: Path) -> int:
-    """Write the results of every finished (run, seed), in seed-major order; returns how many there are."""
+def tabulated_jobs(spec: DictConfig, base: Path) -> list[tuple[DictConfig, int]]:
+    """The study's (run, seed) pairs and those of every other seed already on disk for its labels, seed-major: a
+    study started with some of its seeds (``study.seeds=[3]``) or with ``train=false`` on a machine holding only
+    some runs adds to its results and never writes them again with fewer runs than it has."""
+    seeds = set(spec.seeds)
+    for run in spec.runs:
+        found = (path.name.removeprefix("seed") for path in (base / run.label).glob("seed*"))
+        seeds |= {int(name) for name in found if name.isdigit()}
+    return [(run, seed) for seed in sorted(seeds) for run in spec.runs]
+
+
+def tabulate(cfg: DictConfig, base: Path) -> int:
+    """Write the results of every finished (run, seed) on disk, in seed-major order; returns how many there are."""
     spec = cfg.study
     records, trivial, failed = [], None, []
-    for run, seed in jobs:
+    for run, seed in tabulated_jobs(spec, base):
         run_dir = base / run.label / f"seed{seed}"
         if finished_record(run_dir) is not None:
             records.append(make_record(spec, run, seed, run_dir))
@@ -424,8 +437,8 @@ def run(cfg: DictConfig) -> None:
                 bar.write(f"{error}\n(keep_going=true: the other runs go on)")
             failures += len(failed)
             bar.update(len(done))
-            tabulate(cfg, jobs, base)
-    if tabulate(cfg, jobs, base):
+            tabulate(cfg, base)
+    if tabulate(cfg, base):
         print(f"results: {Path(cfg.results_dir) / results_stem(spec)}.{{json,md,png}}")
     else:
         print("no finished runs yet: nothing written")

@@ -70,3 +70,22 @@ def test_study_end_to_end(tmp_path):
     assert all(float(r["step_time_s"]) > 0 and r["edges_per_rank"] and r["dropped_edge_fraction"] for r in rows)
     assert "Check, P = 2, halo exact" in (tmp_path / "out" / "scaling-nbody_small.md").read_text()
     assert (tmp_path / "out" / "scaling-nbody_small.png").stat().st_size > 10_000
+    # one measurement is one table: a smaller one (P = 1 only) would replace P = 2's rows, so it stops first
+    before = (tmp_path / "out" / "scaling-nbody_small.csv").read_text()
+    smaller = subprocess.run(cmd[:3] + ["parts=[1]"] + cmd[4:], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=120)
+    assert smaller.returncode == 2 and "scaling-nbody_small.csv holds results" in smaller.stderr
+    assert "(2, 'exact')" in smaller.stderr and "name=NEW" in smaller.stderr and "overwrite=true" in smaller.stderr
+    assert (tmp_path / "out" / "scaling-nbody_small.csv").read_text() == before
+
+
+@pytest.mark.parametrize("module, fewer", [("latency", ["--parts", "2"]), ("straggler", ["--project"])])
+def test_a_measurement_of_fewer_settings_does_not_replace_a_table(tmp_path, module, fewer):
+    """latency and straggler write one table per measurement: started with fewer settings than the table at --out
+    holds (the committed one), they stop before any work and the table stays as it was."""
+    table = tmp_path / f"{module}.csv"
+    table.write_text((ROOT / "docs" / "results" / f"{module}.csv").read_text())
+    proc = subprocess.run([sys.executable, "-m", f"dist_egnn.measure.{module}", "--out", str(tmp_path / module),
+                           *fewer], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and f"{table} holds results" in proc.stderr and "--overwrite" in proc.stderr
+    assert table.read_text() == (ROOT / "docs" / "results" / f"{module}.csv").read_text()

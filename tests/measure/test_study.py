@@ -90,6 +90,11 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     done = run_study(tmp_path, "study.rollout_steps=2")                  # everything done: nothing again
     assert done.returncode == 0 and "running" not in done.stdout + done.stderr and "rolling out" not in done.stdout
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
+    # started for some seeds only, a study tabulates every finished seed on disk: its results never shrink
+    subset = run_study(tmp_path, "study.seeds=[1]", "study.rollout_steps=2", "train=false")
+    assert subset.returncode == 0, subset.stdout + subset.stderr
+    assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
+    assert "seeds [0, 1]" in (tmp_path / "results" / "tiny.md").read_text()
 
 
 def test_train_false_tabulates_finished_runs_only(tmp_path):
