@@ -50,6 +50,9 @@ seed, less the normalisation statistics added to the same data later; and per sp
 and the positions at the first and last frame used). When the stored ``inputs_hash`` matches, the artifact
 is reused; otherwise :func:`prepare_partitions` says which inputs changed and rebuilds it. An edit of a
 middle frame in place would go unnoticed: hashing every frame would read the whole dataset at every start.
+The folder's name holds only method, P, seed and weights, so two runs on one store with other graph settings
+rebuild one artifact in turn; a run reading an artifact that was rebuilt under it stops at its next read
+(:class:`SplitAssignments` compares the root's inode and mtime) instead of taking another graph's parts.
 
 Artifacts are written into a temporary sibling and renamed into place when complete
 (``datasets.store.atomic_store``): a failed build keeps the previous artifact.
@@ -343,6 +346,17 @@ def rebuild_hint(path: Path, method: str, num_parts: int, seed: int, weights=Non
             f"the folder {path} (a run with dataset.auto_prepare=true then builds it again)")
 
 
+def _artifact_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of the artifact's root ``zarr.json``: a rebuild puts a new folder in place (atomic_store), so
+    a reader that opened the old one sees it change before it reads another graph's assignments; one stat per
+    sample read."""
+    try:
+        stat = (path / "zarr.json").stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def _weights_override(inputs: Mapping[str, Any]) -> str:
     """`` distributed.part_weights=[...]`` for a command line when the inputs have weights, else ``""``."""
     shares = inputs.get("weights")
@@ -542,6 +556,7 @@ class SplitAssignments:
             raise StalePartitionError(f"{path}: {damage}; {self.hint()}")
         self.frames = np.asarray(group.attrs["frames"], dtype=np.int64)
         self._group = group
+        self._identity = _artifact_identity(path)
         self.scene_ptr = np.asarray(self._read("scene_ptr", slice(None)))
         self._row = {int(f): k for k, f in enumerate(self.frames)}
 
@@ -551,6 +566,12 @@ class SplitAssignments:
     def _read(self, name: str, *where: Any) -> np.ndarray:
         """``group[name][where]``; a chunk that cannot be decoded (truncated, overwritten) raises
         :class:`StalePartitionError` naming its file instead of the codec's bare error."""
+        if _artifact_identity(self.path) != self._identity:
+            raise StalePartitionError(
+                f"{self.path} was replaced while this run read it: another run or launch/prepare.py rebuilt it, "
+                f"e.g. for another dataset.radius, max_neighbors or frames (the folder's name holds only the method, "
+                f"P, seed and part weights), so its assignments belong to another graph now. Give runs with other "
+                f"graph settings data folders of their own (paths.data=...), then start this one again (resume=auto)")
         array = self._group[name]
         try:
             return array[where if len(where) != 1 else where[0]]

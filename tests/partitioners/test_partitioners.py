@@ -223,6 +223,19 @@ def test_artifact_is_reused_rebuilt_when_stale_or_refused(store, capsys):
     assert "store_splits.train" in capsys.readouterr().out
 
 
+def test_an_artifact_rebuilt_under_a_reader_is_refused_not_read(store):
+    """A run reads its assignments lazily, a sample at a time; a second run with another radius on the same store
+    and P rebuilds the artifact at the same path. The first run's next read stops instead of taking the other
+    graph's parts (drop mode would silently drop other edges)."""
+    path = prepare_partitions(datasets_of(store), "random", 2, progress=False)
+    reader = load_assignments(path, "train")
+    first = reader[0]
+    prepare_partitions(datasets_of(store, radius=0.3), "random", 2, seed=0, progress=False)
+    with pytest.raises(StalePartitionError, match=r"was replaced while this run read it.*paths.data"):
+        reader[0]
+    assert np.array_equal(load_assignments(path, "train")[0].shape, first.shape)
+
+
 def test_two_builders_of_one_stale_artifact_build_it_once(store, capsys):
     # two runs of a study (jobs=2) with the same partitioning that both found it missing: the second waits for the
     # first's build and reuses it. The test holds the lock until both wait, so they surely overlap.
