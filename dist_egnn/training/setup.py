@@ -347,15 +347,9 @@ NOISE_RADIUS_SHARE = 0.25     # trainer.input_noise must be under this share of 
 
 
 def training_noise(cfg: DictConfig, train) -> float:
-    """``trainer.input_noise``, refused unless well under the radius: the noisy inputs keep the clean frame's
-    edges (dist_egnn.training.rank_data), which only holds while the noise moves a node a small part of its
-    neighbourhood."""
+    """``trainer.input_noise``, refused unless well under the radius (:func:`check_noise_under_radius`)."""
     sigma = float(cfg.trainer.get("input_noise", 0.0) or 0.0)
-    if sigma > 0.0 and train.radius is not None and sigma >= NOISE_RADIUS_SHARE * train.radius:
-        raise ConfigError(f"trainer.input_noise={sigma:g} is not under {NOISE_RADIUS_SHARE:g} x the radius "
-                          f"({train.radius:g}, {train.info.path}): noise that size moves particles across the "
-                          f"graph's neighbourhoods; use a few per cent of the radius (e.g. "
-                          f"{0.02 * train.radius:.2g}), or 0 for none")
+    check_noise_under_radius("trainer.input_noise", sigma, train)
     return sigma
 
 
@@ -374,11 +368,19 @@ def wall_training_noise(cfg: DictConfig, train) -> tuple[float, float]:
     if reach is None:
         raise ConfigError(f"trainer.wall_noise={sigma:g} on fully connected graphs of {train.info.path} (no "
                           f"dataset.radius): set trainer.wall_noise_reach, the distance to a wall that counts as near")
-    if train.radius is not None and sigma >= NOISE_RADIUS_SHARE * train.radius:
-        raise ConfigError(f"trainer.wall_noise={sigma:g} is not under {NOISE_RADIUS_SHARE:g} x the radius "
-                          f"({train.radius:g}, {train.info.path}): the noisy inputs keep the clean frame's edges; "
-                          f"use under {NOISE_RADIUS_SHARE * train.radius:.3g}, or 0 for none")
+    check_noise_under_radius("trainer.wall_noise", sigma, train)
     return sigma, float(reach)
+
+
+def check_noise_under_radius(key: str, sigma: float, train) -> None:
+    """Training noise must be well under the radius (:data:`NOISE_RADIUS_SHARE` of it): the noisy inputs keep the
+    clean frame's edges (dist_egnn.training.rank_data), which only holds while the noise moves a node a small part
+    of its neighbourhood."""
+    if sigma > 0.0 and train.radius is not None and sigma >= NOISE_RADIUS_SHARE * train.radius:
+        raise ConfigError(f"{key}={sigma:g} is not under {NOISE_RADIUS_SHARE:g} x the radius ({train.radius:g}, "
+                          f"{train.info.path}): noise that size moves particles across the graph's neighbourhoods; "
+                          f"use under {NOISE_RADIUS_SHARE * train.radius:.3g}, a few per cent of the radius is usual "
+                          f"(e.g. {0.02 * train.radius:.2g}), or 0 for none")
 
 
 def weights_override(weights: list[float] | None) -> str:
