@@ -27,11 +27,13 @@ moved or scored; ``datasets.store``); ``source_type`` keeps the file's own id (e
 apart as a node feature). Which file ids are walls (``dataset.gns.wall_types``, default by convention):
 
     convention      recognised by                          wall ids   other ids (-> type 0)
-    LagrangeBench   metadata has "write_every" or          1, 2       0 fluid, 3 rigid body
-                    "periodic_boundary_conditions"                    (lagrangebench/utils.py NodeType:
+    LagrangeBench   metadata has "write_every"             1, 2       0 fluid, 3 rigid body
+                                                                      (lagrangebench/utils.py NodeType:
                                                                       SOLID_WALL 1, MOVING_WALL 2)
     GNS (DeepMind)  otherwise (tfrecord_to_h5 keeps the    3          e.g. 5 water, 6 sand, 7 goop
-                    GNS ids and metadata)                             (KINEMATIC_PARTICLE_ID = 3)
+                    GNS ids; it adds only                             (KINEMATIC_PARTICLE_ID = 3)
+                    "num_particles_max" and
+                    "periodic_boundary_conditions")
 
 A particle mapped to a wall must keep its position (to 1e-3 of the radius) in every frame: a moving one
 (a GNS kinematic obstacle, a lid that moves) stops the conversion with the fix (``wall_types`` without its
@@ -117,7 +119,8 @@ def wall_types(meta: dict[str, Any], cfg: GNSConfig) -> tuple[list[int], str]:
     """The file particle types that are static walls, and where that choice came from (see the docstring)."""
     if cfg.wall_types is not None:
         return [int(t) for t in cfg.wall_types], "dataset.gns.wall_types"
-    if "write_every" in meta or "periodic_boundary_conditions" in meta:
+    # Not periodic_boundary_conditions: LagrangeBench's tfrecord_to_h5 adds it to DeepMind's GNS metadata too.
+    if "write_every" in meta:
         return WALL_TYPES["lagrangebench"], "the LagrangeBench convention (metadata has write_every)"
     return WALL_TYPES["gns"], "the GNS convention (KINEMATIC_PARTICLE_ID 3)"
 

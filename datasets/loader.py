@@ -247,6 +247,10 @@ class TrajectoryDataset:
             raise StoreError(f"{info.path}: its walls were kept only within dataset.sph.wall_reach={reach} m of the "
                              f"fluid, so a graph of radius {self.radius} would miss wall edges; set dataset.radius "
                              f"<= {reach}, or rebuild the store with dataset.sph.wall_reach >= the radius (or null)")
+        if max_neighbors is not None and self.radius is None:
+            raise ConfigError(f"{info.path}: dataset.max_neighbors={max_neighbors} caps the senders of a radius graph, "
+                              f"but the graph is complete (dataset.radius and the store's radius are null), so it "
+                              f"would change nothing: set dataset.radius, or drop dataset.max_neighbors")
         self.max_neighbors = max_neighbors
         self.wall_neighbors = int(wall_neighbors)
         self.wall_neighbors_reach = None if wall_neighbors_reach is None else float(wall_neighbors_reach)

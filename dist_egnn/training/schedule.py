@@ -10,7 +10,9 @@ torch.optim.lr_scheduler does the work on the optimizer the engine steps (for De
     (m = min_lr / lr, T = the run's optimizer steps: max_epochs × steps per epoch)
 
 a closed form of n (``LambdaLR``), so the only state is n itself and a resumed run sets exactly the rates of an
-uninterrupted one; raising ``trainer.max_epochs`` on resume stretches the rest of the cosine. ``plateau`` is
+uninterrupted one; raising ``trainer.max_epochs`` on resume gives the rates of a run started with the new length
+(the cosine's rate jumps at the resumed step, e.g. from min_lr at the old end back up: a warning says from what to
+what). ``plateau`` is
 ``ReduceLROnPlateau`` on the validation MSE, stepped after every evaluation once warmup is over: the rate is
 multiplied by ``plateau_factor`` after more than ``plateau_patience`` evaluations without improvement, down to
 ``min_lr``. Its state, and the rate itself (in the optimizer's state), travel in every checkpoint.
@@ -18,6 +20,7 @@ multiplied by ``plateau_factor`` after more than ``plateau_patience`` evaluation
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -41,21 +44,21 @@ class Schedule:
                  min_lr: float = 0.0, gamma: float = 0.999, plateau_patience: int = 5, plateau_factor: float = 0.5):
         if name not in SCHEDULERS:
             raise ValueError(f"unknown schedule {name!r}: choose one of {SCHEDULERS}")     # config.check names the key
-        self.name, self.warmup = name, int(warmup_steps)
+        self.name, self.warmup, self.total_steps, self.base_lr = name, int(warmup_steps), int(total_steps), lr
         self.optimizer = torch_optimizer(optimizer)
         floor = min_lr / lr if lr > 0 else 0.0
-        decay_steps = max(1, int(total_steps) - self.warmup)
 
-        def factor(n: int) -> float:
+        def factor(n: int, total_steps: int = self.total_steps) -> float:
             if n < self.warmup:
                 return (n + 1) / (self.warmup + 1)
             if name == "cosine":
-                progress = min(1.0, (n - self.warmup) / decay_steps)
+                progress = min(1.0, (n - self.warmup) / max(1, total_steps - self.warmup))
                 return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
             if name == "exponential":
                 return max(floor, gamma ** (n - self.warmup))
             return 1.0
 
+        self.factor = factor
         # No per-step scheduler for a constant rate without warmup: the optimizer is left exactly as it was.
         self.per_step = LambdaLR(self.optimizer, factor) if self.warmup or name in ("cosine", "exponential") else None
         self.plateau = (ReduceLROnPlateau(self.optimizer, mode="min", factor=plateau_factor, patience=plateau_patience,
@@ -92,12 +95,26 @@ class Schedule:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (loadable with ``torch.load(weights_only=True)``)."""
-        return dict(name=self.name,
+        return dict(name=self.name, total_steps=self.total_steps,
                     per_step=None if self.per_step is None else self.per_step.state_dict(),
                     plateau=None if self.plateau is None else self.plateau.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.per_step is not None and state.get("per_step") is not None:
             self.per_step.load_state_dict(state["per_step"])
+            self.warn_if_resized(state.get("total_steps"))
         if self.plateau is not None and state.get("plateau") is not None:
             self.plateau.load_state_dict(state["plateau"])
+
+    def warn_if_resized(self, saved_total: int | None) -> None:
+        """A cosine schedule resumed with another run length (``trainer.max_epochs`` may change on resume) takes the
+        rate of a run started with the new length: at the resumed step it jumps (e.g. from the old end's min_lr
+        back up). Said once, with both rates, rather than left for the curves to show."""
+        if self.name != "cosine" or saved_total is None or saved_total == self.total_steps:
+            return
+        step = self.per_step.last_epoch
+        before, after = (self.base_lr * self.factor(step, total) for total in (saved_total, self.total_steps))
+        warnings.warn(f"resumed with {self.total_steps} optimizer steps in the run instead of {saved_total} "
+                      f"(trainer.max_epochs changed): the cosine schedule follows the new length, so at step {step} "
+                      f"the learning rate goes from {before:.3g} to {after:.3g}, as in a run started with the new "
+                      f"length", stacklevel=2)

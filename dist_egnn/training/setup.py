@@ -187,9 +187,11 @@ def thread_share(env: runtime.DistEnv, requested: int | None) -> int:
 
 
 # -- data -----------------------------------------------------------------------------------------------
-def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreInfo:
+def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True, prepare: DictConfig | None = None) -> StoreInfo:
     """Open (and on first use create) the dataset's store, validated and checked against the configuration:
-    a store made with other generator parameters is refused (``datasets.prepare.check_store_matches``)."""
+    a store made with other generator parameters is refused (``datasets.prepare.check_store_matches``).
+    ``prepare``: the run's ``prepare`` options (scheduler, workers, cluster) for creating it, as
+    ``launch/prepare.py`` uses them; None: every local core."""
     path = Path(dataset_cfg.store)
     dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
     check_store_path(path)                 # a dangling or looping link: refused before generating anything
@@ -198,7 +200,8 @@ def open_dataset_store(dataset_cfg: DictConfig, progress: bool = True) -> StoreI
             if not path.exists():          # ... and then finds it made
                 print(f"dataset store {path} not found: preparing it now (set dataset.auto_prepare=false to "
                       f"disable)")
-                prepare_dataset(dataset, path, progress=progress)
+                options = {} if prepare is None else {key: prepare[key] for key in ("scheduler", "workers", "cluster")}
+                prepare_dataset(dataset, path, progress=progress, **options)
     info = open_store(path)                # structure only: the comparison comes before the values' scan
     check_store_matches(dataset, info)
     return open_store(path, check_values=True) if dataset_cfg.check_values else info
@@ -253,10 +256,10 @@ def open_data(cfg: DictConfig, rt: Runtime, progress: bool):
     # Agreed before rank 0 starts writing: a rank that looked later would see a half-written store.
     if rt.env.distributed and runtime.agree([not Path(d.store).exists()], rt.collective_device)[0]:
         if rt.is_main:
-            open_dataset_store(d, progress=progress)
+            open_dataset_store(d, progress=progress, prepare=cfg.get("prepare"))
         runtime.barrier(cfg.distributed.prepare_timeout_s)
         check_everyone_sees(Path(d.store), rt, "the dataset store")
-    info = open_dataset_store(d, progress=progress)
+    info = open_dataset_store(d, progress=progress, prepare=cfg.get("prepare"))
     return info, load_splits(cfg, info)
 
 

@@ -63,7 +63,10 @@ def test_gns_and_lagrangebench_type_conventions(tmp_path):
     body (moving); dataset.gns.wall_types overrides both. Walls are stored exactly still, velocity 0."""
     write_folder(tmp_path / "gns", wall_type=3, fluid_type=5)
     write_folder(tmp_path / "lb", wall_type=1, fluid_type=0, write_every=1, periodic_boundary_conditions=[False] * 3)
-    for name, walls in (("gns", 3), ("lb", 1)):
+    # DeepMind's files as LagrangeBench's tfrecord_to_h5 leaves them: GNS ids, its two keys added, no write_every
+    write_folder(tmp_path / "gns-h5", wall_type=3, fluid_type=5, num_particles_max=20,
+                 periodic_boundary_conditions=[False] * 3)
+    for name, walls in (("gns", 3), ("lb", 1), ("gns-h5", 3)):
         path = convert_gns(tmp_path / f"{name}.zarr", GNSConfig(path=str(tmp_path / name)), progress=False)
         group = zarr.open_group(str(path))
         scalars = group["train/node_scalars"][:]

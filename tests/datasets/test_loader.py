@@ -5,6 +5,7 @@ import pytest
 from dist_egnn.datasets.loader import TrajectoryDataset, velocity_scale
 from dist_egnn.datasets.nbody import NBodyConfig, generate_nbody
 from dist_egnn.datasets.store import StoreError, open_store
+from dist_egnn.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,14 @@ def test_dropping_unwired_walls_on_a_store_without_walls_is_refused(store):
     with pytest.raises(StoreError, match=r"nb.zarr: dataset.unwired_walls=drop .* no node scalar `type` .*"
                                          r"set dataset.unwired_walls=keep"):
         dataset(store, unwired_walls="drop")
+
+
+def test_a_neighbour_cap_on_complete_graphs_is_refused(store):
+    """dataset.max_neighbors caps a radius graph's senders; on N-body's complete graphs (no radius) it would
+    silently change nothing: refused naming the fix."""
+    with pytest.raises(ConfigError, match=r"nb.zarr: dataset.max_neighbors=10 .* complete .*set dataset.radius"):
+        dataset(store, max_neighbors=10)
+    assert dataset(store, max_neighbors=10, radius=2.0).max_neighbors == 10
 
 
 def test_horizon_velocity_unit_scales_inputs_and_speed_alike(store):

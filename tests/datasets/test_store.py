@@ -260,3 +260,22 @@ def test_two_processes_that_find_the_store_missing_prepare_it_once(tmp_path):
     assert not any("discarded" in e.read_text() for e in errs)          # no second copy was made
     open_store(store, check_values=True)
     assert not [p.name for p in data.iterdir() if p.name.startswith(".")]   # no lock file or partial copy left
+
+
+def test_training_creates_a_missing_store_with_the_runs_prepare_options(tmp_path):
+    """A training that finds its store missing makes it as launch/prepare.py would, with the run's prepare.scheduler,
+    workers and cluster (they were dropped: every local core whatever the user set)."""
+    from omegaconf import OmegaConf
+
+    from dist_egnn.errors import ConfigError
+    from dist_egnn.training.setup import open_dataset_store
+
+    dataset = OmegaConf.create(dict(name="nb", source="nbody", store=str(tmp_path / "nb.zarr"), auto_prepare=True,
+                                    check_values=False, nbody=dict(num_particles=5, train=2, val=1, test=1, steps=200)))
+    with pytest.raises(ConfigError, match=r"scheduler='nowhere'.*prepare.scheduler"):
+        open_dataset_store(dataset, progress=False, prepare=OmegaConf.create(dict(scheduler="nowhere", workers=None,
+                                                                                  cluster=None)))
+    assert not (tmp_path / "nb.zarr").exists()
+    info = open_dataset_store(dataset, progress=False, prepare=OmegaConf.create(dict(scheduler="sync", workers=1,
+                                                                                     cluster=None)))
+    assert info.splits["train"].num_scenes == 2

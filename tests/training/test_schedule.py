@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,32 @@ def test_schedule_state_resumes_exactly():
         optimizer2.step()
         schedule.after_step()
         schedule2.after_step()
+
+
+def test_a_cosine_resumed_with_another_length_says_how_the_rate_jumps():
+    """trainer.max_epochs may change on resume; a finished 10-step cosine (at min_lr 0) resumed as a 20-step run
+    takes the 20-step run's rate at step 10 (0.5 of lr): a warning names both rates. The same length: silent."""
+    def make(total_steps):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return optimizer, Schedule(optimizer, "cosine", lr=1.0, total_steps=total_steps)
+
+    optimizer, schedule = make(10)
+    for _ in range(10):
+        optimizer.step()
+        schedule.after_step()
+    assert schedule.lr() == pytest.approx(0.0, abs=1e-12)
+    optimizer2, longer = make(20)
+    optimizer2.load_state_dict(optimizer.state_dict())
+    with pytest.warns(UserWarning, match=r"20 optimizer steps in the run instead of 10 .* at step 10 the learning "
+                                         r"rate goes from 0 to 0.5"):
+        longer.load_state_dict(schedule.state_dict())
+    optimizer2.step()
+    longer.after_step()
+    assert longer.lr() == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 20)))
+    optimizer3, same = make(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(schedule.state_dict())
 
 
 def test_ema_update_and_applied_weights_are_restored_bit_for_bit():
