@@ -5,7 +5,9 @@ overrides, trained once per seed on one dataset under one named budget. Every ru
 (``python launch/train.py``, or ``deepspeed --num_gpus R launch/train.py`` for ``ranks: R``), so a study
 trains exactly what a user would. Runs go seed by seed (every label's first seed, then the second...), and
 finished runs are kept and skipped when the study is started again; an unfinished one resumes from its
-newest checkpoint (``resume=auto``). ``wall_time_s`` is the time of the launch that finished a run.
+newest checkpoint (``resume=auto``). A finished run whose recorded launch (``study_output.log``) asked for other
+overrides than the study does now (its yaml, budget or common edited since) stops the study, naming the run and
+what differs, rather than being tabulated under the new settings. ``wall_time_s`` is the time of the launch that finished a run.
 ``jobs=J`` trains J runs at once (in the same order), each on ``cores // J`` threads unless its overrides set
 ``trainer.num_threads``: on a machine with more cores than one run uses, a study finishes J times sooner.
 The records, and so the results files, keep the seed-major order whatever order the runs finish in, and hold
@@ -75,6 +77,45 @@ def train_command(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, d
     return [*launcher, f"dataset={spec.dataset}", f"paths.data={data_dir}", *overrides,
             f"trainer.seed={seed}", f"hydra.run.dir={run_dir}",
             "trainer.progress=false", "resume=auto"]
+
+
+LOCATION_OVERRIDES = ("trainer.num_threads=", "paths.data=", "hydra.run.dir=")   # where and how fast, not what
+
+
+def train_overrides(cmd: list[str] | str) -> list[str]:
+    """The overrides of a ``launch/train.py`` command line that decide what is trained (not where or how fast), as
+    ``run_logged`` records it (joined by spaces)."""
+    tokens = (cmd if isinstance(cmd, str) else " ".join(cmd)).split()
+    script = next(i for i, token in enumerate(tokens) if token.endswith("launch/train.py"))
+    return [token for token in tokens[script + 1:] if not token.startswith(LOCATION_OVERRIDES)]
+
+
+def recorded_overrides(run_dir: Path) -> list[str] | None:
+    """What the run's last launch in ``study_output.log`` was asked to train (None: no launch recorded)."""
+    log = run_dir / "study_output.log"
+    lines = [line[2:] for line in log.read_text(errors="replace").splitlines()
+             if line.startswith("$ ") and "launch/train.py" in line] if log.exists() else []
+    return train_overrides(lines[-1]) if lines else None
+
+
+def changed_runs(spec: DictConfig, jobs: list[tuple[DictConfig, int]], base: Path, data_dir: str) -> list[str]:
+    """Finished runs trained with other overrides than the study asks for now (its yaml, budget or common edited):
+    one line each naming the run folder and what differs. Their results would be tabulated under the new
+    description, so the study stops instead (a run without a recorded launch is not compared)."""
+    changed = []
+    for run, seed in jobs:
+        run_dir = base / run.label / f"seed{seed}"
+        recorded = recorded_overrides(run_dir) if finished_record(run_dir) is not None else None
+        if recorded is None:
+            continue
+        wanted = train_overrides(train_command(spec, run, seed, run_dir, data_dir))
+        if recorded != wanted:
+            gone = [o for o in recorded if o not in wanted]
+            new = [o for o in wanted if o not in recorded]
+            what = "; ".join(filter(None, [f"trained with {' '.join(gone)}" if gone else "",
+                                            f"now asked for {' '.join(new)}" if new else ""])) or "order differs"
+            changed.append(f"{run_dir}: {what}")
+    return changed
 
 
 def finished_record(run_dir: Path) -> dict[str, Any] | None:
@@ -414,6 +455,12 @@ def run(cfg: DictConfig) -> None:
     base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
     # Seed-major: every run's first seed before any second seed, so a study cut short already compares them all.
     jobs = [(run, seed) for seed in spec.seeds for run in spec.runs]
+    changed = changed_runs(spec, jobs, base, cfg.paths.data)
+    if changed:
+        raise ConfigError(f"{len(changed)} finished run(s) of study {spec.name} were trained with other overrides "
+                          f"than it asks for now, so their results would be written under the new settings:\n  "
+                          + "\n  ".join(changed) + "\nrestore the study's overrides, or delete those run folders "
+                          "to train them again with the new ones")
     missing = [(run, seed) for run, seed in jobs if not run_finished(spec, base / run.label / f"seed{seed}")]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(missing), desc=f"study {spec.name}", unit="run",
                disable=not cfg.progress)

@@ -95,6 +95,14 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     assert subset.returncode == 0, subset.stdout + subset.stderr
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
     assert "seeds [0, 1]" in (tmp_path / "results" / "tiny.md").read_text()
+    # the study's overrides edited after its runs finished: their results are not written under the new settings
+    (tmp_path / "conf" / "study" / "tiny.yaml").write_text(
+        TINY_STUDY.replace("trainer.num_threads=1]", "trainer.num_threads=1, trainer.lr=2.0e-3]"))
+    edited = run_study_file(tmp_path, "study.rollout_steps=2", "train=false")
+    out = edited.stdout + edited.stderr
+    assert edited.returncode != 0 and "4 finished run(s) of study tiny were trained with other overrides" in out
+    assert "egnn/seed0: now asked for trainer.lr=2.0e-3" in out and "delete those run folders" in out
+    assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
 
 
 def test_train_false_tabulates_finished_runs_only(tmp_path):
