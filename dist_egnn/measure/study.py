@@ -7,7 +7,8 @@ trains exactly what a user would. Runs go seed by seed (every label's first seed
 finished runs are kept and skipped when the study is started again; an unfinished one resumes from its
 newest checkpoint (``resume=auto``). A finished run whose recorded launch (``study_output.log``) asked for other
 overrides than the study does now (its yaml, budget or common edited since) stops the study, naming the run and
-what differs, rather than being tabulated under the new settings. ``wall_time_s`` is the time of the launch that finished a run.
+what differs, rather than being tabulated under the new settings. ``wall_time_s`` is the time of the launch that
+finished a run.
 ``jobs=J`` trains J runs at once (in the same order), each on ``cores // J`` threads unless its overrides set
 ``trainer.num_threads``: on a machine with more cores than one run uses, a study finishes J times sooner.
 The records, and so the results files, keep the seed-major order whatever order the runs finish in, and hold
