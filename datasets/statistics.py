@@ -1,12 +1,14 @@
 """Per-dataset statistics for ``trainer.normalization=rms`` (docs/maths.md §1, "Normalisation").
 
 Over the training split only, the input frames a run reads (``dataset.delta_t``, ``frame_start``,
-``frame_stop``, ``frame_stride``), the moving nodes only (walls, node scalar ``type`` = 1, are left out as
+``frame_stop``, ``frame_stride``; with ``dataset.input_velocity=displacement`` those from frame Δt on), the moving
+nodes only (walls, node scalar ``type`` = 1, are left out as
 they are of the loss):
 
     displacement_rms        sqrt(mean over samples, nodes and the 3 axes of (x(t + Δt) − x(t))²)
     displacement_mean_norm  mean over samples and nodes of ‖x(t + Δt) − x(t)‖ (reported, not used)
-    velocity_rms            sqrt(mean over samples, nodes and the 3 axes of v(t)²), in the store's unit
+    velocity_rms            sqrt(mean over samples, nodes and the 3 axes of v(t)²), in the store's unit, of the
+                            velocity the model gets: stored, or (x(t) − x(t − Δt)) / (Δt · dt) for displacement
 
 Each is one scalar pooled over the axes, so scaling a vector by it commutes with every rotation. The velocity
 RMS is in the store's unit: the trainer multiplies it by the ``dataset.velocity_unit`` factor it applies to the
@@ -34,22 +36,27 @@ STATISTICS_ATTR = "statistics"
 SPLIT = "train"
 
 
-def statistics_key(delta_t: int, frame_start: int = 0, frame_stop: int | None = None, frame_stride: int = 1) -> str:
+def statistics_key(delta_t: int, frame_start: int = 0, frame_stop: int | None = None, frame_stride: int = 1,
+                   input_velocity: str = "stored") -> str:
     """The name of one frame selection's record in the ``statistics`` attribute, e.g.
-    ``delta_t=10,frames=30:31:1`` (``None``: every frame with a target)."""
-    return f"delta_t={int(delta_t)},frames={int(frame_start)}:{frame_stop}:{int(frame_stride)}"
+    ``delta_t=10,frames=30:31:1`` (``None``: every frame with a target); with ``dataset.input_velocity=
+    displacement`` ``...,velocity=displacement`` (other input frames, and another velocity)."""
+    key = f"delta_t={int(delta_t)},frames={int(frame_start)}:{frame_stop}:{int(frame_stride)}"
+    return key if input_velocity == "stored" else f"{key},velocity={input_velocity}"
 
 
 def input_frames(num_frames: int, delta_t: int, frame_start: int = 0, frame_stop: int | None = None,
-                 frame_stride: int = 1) -> np.ndarray:
-    """The input frames of a split of ``num_frames`` frames, as ``TrajectoryDataset`` selects them."""
+                 frame_stride: int = 1, input_velocity: str = "stored") -> np.ndarray:
+    """The input frames of a split of ``num_frames`` frames, as ``TrajectoryDataset`` selects them (a
+    displacement velocity needs the frame ``delta_t`` before)."""
     last_input = num_frames - 1 - delta_t
     stop = last_input + 1 if frame_stop is None else min(frame_stop, last_input + 1)
-    return np.arange(frame_start, max(stop, frame_start), frame_stride)
+    frames = np.arange(frame_start, max(stop, frame_start), frame_stride)
+    return frames if input_velocity == "stored" else frames[frames >= delta_t]
 
 
 def compute_statistics(info: StoreInfo, delta_t: int, frame_start: int = 0, frame_stop: int | None = None,
-                       frame_stride: int = 1) -> dict[str, Any]:
+                       frame_stride: int = 1, input_velocity: str = "stored") -> dict[str, Any]:
     """The record of one frame selection (see the module docstring), read chunk by chunk through dask.
 
     Also holds what it was computed over: ``split``, ``delta_t``, the frames, ``samples`` (scenes × input frames)
@@ -57,7 +64,7 @@ def compute_statistics(info: StoreInfo, delta_t: int, frame_start: int = 0, fram
     input frame.
     """
     meta = info.splits[SPLIT]
-    frames = input_frames(meta.num_frames, delta_t, frame_start, frame_stop, frame_stride)
+    frames = input_frames(meta.num_frames, delta_t, frame_start, frame_stop, frame_stride, input_velocity)
     if len(frames) == 0:
         raise StoreError(f"{info.path}/{SPLIT}: no input frame with a target {delta_t} frames later in frames "
                          f"{frame_start}:{frame_stop}:{frame_stride} ({meta.num_frames} frames stored); lower "
@@ -70,7 +77,11 @@ def compute_statistics(info: StoreInfo, delta_t: int, frame_start: int = 0, fram
     weight = moving.astype(np.float64)                                                  # (N,)
     displacement = pos[frames + delta_t].astype(np.float64) - pos[frames].astype(np.float64)   # (F, N, 3) lazy
     squared = da.square(displacement).sum(axis=2)                                       # (F, N)
-    velocity = da.square(vel[frames].astype(np.float64)).sum(axis=2)
+    if input_velocity == "stored":
+        velocity = da.square(vel[frames].astype(np.float64)).sum(axis=2)
+    else:                  # the loader's input: the displacement over the last Δt frames per unit time (store units)
+        moved = pos[frames].astype(np.float64) - pos[frames - delta_t].astype(np.float64)
+        velocity = da.square(moved / (float(delta_t) * float(info.attrs["dt"]))).sum(axis=2)
     try:
         sums = dask.compute((squared * weight).sum(), (da.sqrt(squared) * weight).sum(),
                             (velocity * weight).sum(), scheduler="threads")
@@ -82,6 +93,7 @@ def compute_statistics(info: StoreInfo, delta_t: int, frame_start: int = 0, fram
     count = float(len(frames)) * float(moving.sum())                                    # (sample, node) pairs
     per_axis = max(3.0 * count, 1.0)
     return dict(split=SPLIT, delta_t=int(delta_t), frame_start=int(frame_start), frame_stop=frame_stop,
+                **({} if input_velocity == "stored" else {"input_velocity": input_velocity}),
                 frame_stride=int(frame_stride), samples=int(len(frames)) * meta.num_scenes,
                 moving_nodes=int(moving.sum()), displacement_rms=float(np.sqrt(squared_sum / per_axis)),
                 displacement_mean_norm=norm_sum / max(count, 1.0), velocity_rms=float(np.sqrt(velocity_sum / per_axis)))
@@ -104,17 +116,18 @@ def record_statistics(path: str | Path, key: str, record: dict[str, Any]) -> Non
 
 
 def ensure_statistics(info: StoreInfo, delta_t: int, frame_start: int = 0, frame_stop: int | None = None,
-                      frame_stride: int = 1, write: bool = True) -> tuple[dict[str, Any], str | None]:
+                      frame_stride: int = 1, write: bool = True,
+                      input_velocity: str = "stored") -> tuple[dict[str, Any], str | None]:
     """The record of this frame selection: read from the store, else computed and (``write``) recorded.
 
     Returns (record, note): ``note`` is None when the store held it, else one line saying it was computed and
     where it went (a store that cannot be written keeps working: the record is then used for this run only).
     """
-    key = statistics_key(delta_t, frame_start, frame_stop, frame_stride)
+    key = statistics_key(delta_t, frame_start, frame_stop, frame_stride, input_velocity)
     record = recorded_statistics(info.path, key)
     if record is not None:
         return record, None
-    record = compute_statistics(info, delta_t, frame_start, frame_stop, frame_stride)
+    record = compute_statistics(info, delta_t, frame_start, frame_stop, frame_stride, input_velocity)
     if not write:
         return record, f"{info.path}: computed the normalisation statistics {key} (not recorded)"
     try:

@@ -50,14 +50,14 @@ def prepare(cfg: DictConfig) -> None:
     print(f"{path}: valid ({sizes})")
     d = cfg.dataset
     selection = (d.delta_t, d.frame_start, d.frame_stop, d.frame_stride)
-    record_statistics(path, info, selection)
+    record_statistics(path, info, selection, d.get("input_velocity", "stored"))
     if cfg.distributed.parts > 1:
         prepare_partitions(load_splits(cfg, info), cfg.distributed.partition, cfg.distributed.parts,
                            cfg.distributed.seed, scheduler=cfg.prepare.scheduler, workers=cfg.prepare.workers,
                            progress=cfg.trainer.progress)
 
 
-def record_statistics(path: Path, info, selection: tuple) -> None:
+def record_statistics(path: Path, info, selection: tuple, input_velocity: str = "stored") -> None:
     """Record the normalisation statistics of the configured frame selection, if the store can give them.
 
     A store is not refused for them: they serve only ``trainer.normalization=rms``, and a store is often
@@ -66,12 +66,13 @@ def record_statistics(path: Path, info, selection: tuple) -> None:
     then stops with the same error.
     """
     try:
-        record, note = ensure_statistics(info, *selection)
+        record, note = ensure_statistics(info, *selection, input_velocity=input_velocity)
     except StoreError as err:
-        print(f"note: no normalisation statistics recorded for {statistics_key(*selection)} "
+        print(f"note: no normalisation statistics recorded for {statistics_key(*selection, input_velocity)} "
               f"(trainer.normalization=rms would need them): {err}", flush=True)
         return
-    print(note or f"{path}: normalisation statistics {statistics_key(*selection)} already recorded", flush=True)
+    key = statistics_key(*selection, input_velocity)
+    print(note or f"{path}: normalisation statistics {key} already recorded", flush=True)
     print(f"  training split: displacement RMS {record['displacement_rms']:.6g}, mean |displacement| "
           f"{record['displacement_mean_norm']:.6g}, velocity RMS {record['velocity_rms']:.6g} (store units)")
 

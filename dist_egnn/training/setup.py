@@ -278,7 +278,8 @@ def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo, radius:
     text = ""
     if rt.is_main:
         try:
-            record, note = ensure_statistics(info, d.delta_t, d.frame_start, d.frame_stop, d.frame_stride)
+            record, note = ensure_statistics(info, d.delta_t, d.frame_start, d.frame_stop, d.frame_stride,
+                                             input_velocity=d.get("input_velocity", "stored"))
             if note:
                 print(note, flush=True)
             text = json.dumps(dict(record=record))
@@ -289,7 +290,7 @@ def resolve_normalization(cfg: DictConfig, rt: Runtime, info: StoreInfo, radius:
     got = json.loads(runtime.broadcast_text(text, device=rt.collective_device))
     if "error" in got:
         raise StoreError(got["error"])
-    key = statistics_key(d.delta_t, d.frame_start, d.frame_stop, d.frame_stride)
+    key = statistics_key(d.delta_t, d.frame_start, d.frame_stop, d.frame_stride, d.get("input_velocity", "stored"))
     scale = velocity_scale(d.get("velocity_unit", "store"), d.delta_t, info.attrs["dt"])
     where = f"{info.path} (attribute statistics[{key!r}])"
     if cfg.trainer.normalization == "radius":

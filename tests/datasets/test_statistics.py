@@ -56,6 +56,25 @@ def test_statistics_are_the_rms_over_moving_nodes_of_the_training_frames(tmp_pat
     assert got["displacement_rms"] > with_walls                       # the static walls would pull it down
 
 
+def test_a_displacement_input_velocity_gets_statistics_of_its_own(tmp_path):
+    """dataset.input_velocity=displacement feeds (x(t) - x(t - Δt)) / (Δt dt) from frame Δt on: its velocity RMS is
+    of that velocity over those frames, under a key of its own (it used to share the stored velocity's record)."""
+    path, (pos, vel), kinds = make_store(tmp_path / "toy.zarr")
+    info = open_store(path)
+    got = compute_statistics(info, delta_t=2, frame_start=1, frame_stride=2, input_velocity="displacement")
+    frames = np.array([3])                                             # 1 and 3 have targets; only 3 is >= Δt
+    fluid = kinds == 0
+    velocity = ((pos[:, frames] - pos[:, frames - 2]) / (2 * 0.1))[:, :, fluid].astype(np.float64)
+    displacement = (pos[:, frames + 2] - pos[:, frames])[:, :, fluid].astype(np.float64)
+    assert got["velocity_rms"] == pytest.approx(np.sqrt(np.mean(velocity ** 2)), rel=1e-5)
+    assert got["displacement_rms"] == pytest.approx(np.sqrt(np.mean(displacement ** 2)), rel=1e-6)
+    assert got["samples"] == 2 and got["input_velocity"] == "displacement"
+    key = statistics_key(2, 1, None, 2, "displacement")
+    assert key == "delta_t=2,frames=1:None:2,velocity=displacement" != statistics_key(2, 1, None, 2)
+    record, _ = ensure_statistics(info, 2, 1, None, 2, input_velocity="displacement")
+    assert record == got and recorded_statistics(path, key) == got
+
+
 def test_recorded_once_in_the_attributes_without_changing_the_store_identity(tmp_path):
     path, _, _ = make_store(tmp_path / "toy.zarr")
     info = open_store(path)
