@@ -11,7 +11,10 @@ Paths: a plain path, or ``MDAnalysisTests:NAME`` for a file of ``MDAnalysisTests
 What is stored, per trajectory (a scene):
 
 - positions of the selected atoms (``selection``: ``backbone``, ``all``, or any MDAnalysis selection string),
-  in Å, every ``stride``-th frame; no unwrapping across periodic boundaries is done;
+  in Å, every ``stride``-th frame; no unwrapping across periodic boundaries is done: a trajectory wrapped into
+  its box (an atom moving over half a box length between stored frames) is refused with the fix
+  (:func:`check_unwrapped`): ``unwrap: true`` applies MDAnalysis's NoJump transformation, which follows every
+  file frame in order (also those ``stride`` skips) and moves each atom by the image nearest its last position;
 - velocities in Å/ps: from the file when every frame carries them (``velocities: file``, or ``auto``),
   otherwise forward differences v(t) = (x(t + 1) − x(t)) / Δt over stored frames (docs/maths.md §6; with the
   nominal 1 ps of the DIMS files this is exactly x(t + 1) − x(t)); the last frame, which has no successor,
@@ -75,6 +78,7 @@ class MDConfig:
     dt: float | None = None                          # ps between the files' frames; None: the files' own
                                                      # (required for formats without one: .mdcrd, NetCDF at 0)
     frames_per_write: int = 64                       # frames buffered per write (memory vs. write count)
+    unwrap: bool = False                             # undo wrapping into the periodic box (MDAnalysis NoJump)
 
 
 def resolve_path(path: str) -> str:
@@ -157,6 +161,7 @@ class _Trajectory:
     dt: float            # ps between stored frames
     stride: int          # file frames per stored frame
     from_file: bool      # velocities read from the file
+    unwrap: bool = False  # NoJump applied: every file frame is read in order (it unwraps by the move since the last)
 
 
 def _open_all(cfg: MDConfig) -> list[_Trajectory]:
@@ -195,7 +200,15 @@ def _open_all(cfg: MDConfig) -> list[_Trajectory]:
             raise BadInput(f"{path}: {len(traj)} frames (stride {cfg.stride}) leave {frames} stored frames; "
                              f"need at least 2 (lower dataset.md.stride)")
         dt = frame_interval(traj, path, cfg.dt) * cfg.stride
-        out.append(_Trajectory(top, path, universe, atoms, frames, dt, cfg.stride, from_file))
+        if cfg.unwrap:
+            from MDAnalysis.transformations.nojump import NoJump
+
+            try:
+                traj.add_transformations(NoJump())
+            except Exception as err:  # MDAnalysis raises several types (no box, a box it cannot orthonormalise)
+                raise BadInput(f"{path}: dataset.md.unwrap=true, but MDAnalysis's NoJump cannot unwrap it "
+                               f"({type(err).__name__}: {err}); it needs a periodic box in every frame") from err
+        out.append(_Trajectory(top, path, universe, atoms, frames, dt, cfg.stride, from_file, cfg.unwrap))
     dts = [t.dt for t in out]
     if max(dts) > min(dts) * (1 + 1e-3):
         raise BadInput("trajectories have different frame intervals ("
@@ -332,8 +345,15 @@ def _stream(traj: _Trajectory, targets: dict[int, tuple[str, int, int]], groups:
         if len(buffers[key]) >= per_write:
             flush(key)
 
-    for _ in traj.universe.trajectory[::traj.stride]:
+    last = None
+    reader = traj.universe.trajectory
+    for frame in (reader if traj.unwrap else reader[::traj.stride]):
+        if traj.unwrap and frame.frame % traj.stride:
+            continue                                  # read, so that NoJump follows every move; not stored
         pos = traj.atoms.positions.astype(np.float32)
+        if last is not None:
+            check_unwrapped(traj.path, pos, last, frame.dimensions, stored + 1)
+        last = pos
         if traj.from_file:
             stored += 1
             put(stored, pos, traj.atoms.velocities.astype(np.float32))
@@ -346,6 +366,25 @@ def _stream(traj: _Trajectory, targets: dict[int, tuple[str, int, int]], groups:
         flush(key)
     if stored + 1 != traj.frames:
         raise StoreError(f"{traj.path}: read {stored + 1} frames, expected {traj.frames}; the file may be truncated")
+
+
+def check_unwrapped(path: str, pos: np.ndarray, last: np.ndarray, dimensions, frame: int) -> None:
+    """Refuse a trajectory wrapped into its periodic box: an atom crossing a face reappears at the other, a jump of
+    a box length between two frames that would be stored as a velocity and a target. No atom moves half a box
+    between two stored frames of a real trajectory, so such a move is a wrap, never physics."""
+    if dimensions is None or not np.all(np.asarray(dimensions[:3]) > 0):
+        return                                       # no periodic box recorded: nothing can wrap
+    box = np.asarray(dimensions[:3], dtype=np.float64)
+    moved = pos.astype(np.float64) - last
+    jumps = np.argwhere(np.abs(moved) > box / 2)
+    if len(jumps):
+        atom, axis = (int(v) for v in jumps[0])
+        raise StoreError(f"{path}: atom {atom} of the selection moves {moved[atom, axis]:.4g} Å along "
+                         f"{'xyz'[axis]} between frames {frame - 1} and {frame} (as read, after stride), over half "
+                         f"the periodic box ({box[axis]:.4g} Å; {len(jumps)} such moves in this frame): the "
+                         f"coordinates are wrapped into the box, and the jump would be stored as a velocity and a "
+                         f"target. Set dataset.md.unwrap=true (MDAnalysis's NoJump), or unwrap the file first (e.g. "
+                         f"gmx trjconv -pbc nojump)")
 
 
 def _runs(rows: list[int]) -> list[list[int]]:

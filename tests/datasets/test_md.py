@@ -46,7 +46,9 @@ def test_positions_charges_and_forward_difference_velocities(adk):
 
 
 def test_velocities_from_the_file_when_it_has_them(tmp_path):
-    cfg = MDConfig(topology="MDAnalysisTests:GRO", trajectories=["MDAnalysisTests:TRR"], selection="name CA")
+    # the TRR is wrapped into its box (three CA atoms jump 79 Å between frames 0 and 1): unwrapped here
+    cfg = MDConfig(topology="MDAnalysisTests:GRO", trajectories=["MDAnalysisTests:TRR"], selection="name CA",
+                   unwrap=True)
     path = generate_md(tmp_path / "trr.zarr", cfg, progress=False)
     u = universe(datafiles.GRO, datafiles.TRR)
     ca = u.select_atoms("name CA")
@@ -57,6 +59,22 @@ def test_velocities_from_the_file_when_it_has_them(tmp_path):
     assert info.attrs["generator"]["velocities_from_file"] == [True]
     assert sum(m.num_frames for m in info.splits.values()) == 10      # no frame is used up by differences
     assert info.attrs["dt"] == pytest.approx(100.0)
+
+
+def test_a_trajectory_wrapped_into_its_box_is_refused_or_unwrapped(tmp_path):
+    """Wrapped coordinates make an atom jump a box length between frames, stored as a velocity and a target: refused
+    naming the atom, the move and the fix; with dataset.md.unwrap=true (NoJump) no stored move is over half a box."""
+    cfg = dict(topology="MDAnalysisTests:GRO", trajectories=["MDAnalysisTests:TRR"], selection="name CA")
+    with pytest.raises(StoreError, match=r"adk_oplsaa.trr: atom \d+ of the selection moves -?79.\d Å along y between "
+                                         r"frames 0 and 1 .*over half the periodic box .*dataset.md.unwrap=true"):
+        generate_md(tmp_path / "wrapped.zarr", MDConfig(**cfg), progress=False)
+    assert not (tmp_path / "wrapped.zarr").exists()
+    u = universe(datafiles.GRO, datafiles.TRR)
+    box = u.dimensions[:3]
+    path = generate_md(tmp_path / "unwrapped.zarr", MDConfig(**cfg, unwrap=True), progress=False)
+    group = zarr.open_group(str(path))
+    pos = np.concatenate([group[f"{split}/pos"][:] for split in ("train", "val", "test")])   # consecutive blocks
+    assert np.all(np.abs(np.diff(pos, axis=0)) < box / 2)
 
 
 def test_trajectories_with_different_frame_intervals_are_refused(tmp_path):
