@@ -26,7 +26,8 @@ and stopped three of four pushforward runs. Training on such an input teaches no
 u is lowered, for the whole batch, to what its samples allow: a start frame before the split's first input
 frame is never used (a batch of first frames trains as usual). The draw is a function of (seed, epoch, batch
 index) only, so a resumed run unrolls the same batches as one that never stopped. Unrolled batches take no
-``trainer.input_noise``: the model's own errors are their noise.
+``trainer.input_noise``: the model's own errors are their noise; their target is the stored frame t + Δt, also
+under ``trainer.noise_target=shifted`` (whose shift follows input noise the unrolled batch does not have).
 
 Whole graphs only (``distributed.parts=1``; data parallel over ranks is fine): the stored partitions and halos
 were made from the stored frames and do not cover predicted positions (``dist_egnn.config.check`` refuses
@@ -106,7 +107,10 @@ class Pushforward:
             return batch
         d = self.dataset
         located = [d.locate(i) for i in batch.sample_ids]
-        states = d.read_states([(scene, frame - steps * d.delta_t) for scene, frame in located])
+        # the start states and, from the input frames' own states, the clean targets: a batch whose noise shifted
+        # its target (trainer.noise_target=shifted) keeps no input noise once unrolled, so neither may its target
+        read = d.read_states([(scene, frame - steps * d.delta_t) for scene, frame in located] + located)
+        states, targets = read[:len(located)], [s[2] for s in read[len(located):]]
         pos = [s[0] for s in states]
         vel = [s[1] for s in states]
         scalars = [s[3] for s in states]
@@ -123,9 +127,8 @@ class Pushforward:
             new = [predicted[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
             vel = [((n - p) * np.float32(d.per_displacement)).astype(np.float32) for n, p in zip(new, pos)]
             pos = new
-        target = batch.graph.target.numpy()
-        final = collate([d.make_sample(scene, frame, p, v, target[a:b], sc)
-                         for (scene, frame), p, v, sc, a, b in zip(located, pos, vel, scalars, sizes[:-1], sizes[1:])])
+        final = collate([d.make_sample(scene, frame, p, v, target, sc)
+                         for (scene, frame), p, v, target, sc in zip(located, pos, vel, targets, scalars)])
         return replace(batch, graph=final)
 
     def largest_stored_step(self, batch: RankBatch, start_pos: np.ndarray, start_vel: np.ndarray,

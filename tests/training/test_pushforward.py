@@ -78,6 +78,21 @@ def test_unrolled_batch_is_the_models_own_rollout_with_the_true_target(store):
     assert got.sample_ids == batch.sample_ids and np.array_equal(got.mmd_keys, batch.mmd_keys)
 
 
+def test_an_unrolled_batch_drops_the_target_shift_of_noise_it_no_longer_has(store):
+    """trainer.noise_target=shifted moves a noisy batch's target by its input noise; unrolled, the inputs are the
+    model's own (no input noise), so the target is the clean stored frame t + Δt again."""
+    data = dataset(store)
+    noisy = RankData(data, noise=0.01, noise_shifts_target=True)
+    sample = next(i for i in range(len(data)) if data.locate(i)[1] == 3)
+    batch = noisy.build([sample], seed=5, epoch=1)
+    clean = RankData(data).build([sample])
+    assert not np.allclose(batch.graph.target, clean.graph.target)            # shifted by the noise
+    push = always(data, 1)
+    index = next(i for i in range(50) if push.unrolls_for(batch.sample_ids, 1, i) == 1)
+    got = push.apply(batch, epoch=1, index=index, predict=shifting)
+    assert np.array_equal(got.graph.target, clean.graph.target)
+
+
 def test_unrolls_stop_at_the_first_input_frame_and_follow_the_draw(store):
     data = dataset(store)
     by_frame = {data.locate(i)[1]: i for i in range(len(data)) if data.locate(i)[0] == 0}   # scene 0: frame -> id
