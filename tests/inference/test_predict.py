@@ -192,6 +192,7 @@ BAD = {   # case: (damage, overrides, error, fragments the message names)
     "K = 0": (None, ("steps=0",), BadInput, ("steps=0", ">= 1")),
     "K < 0": (None, ("steps=-2",), BadInput, ("steps=-2",)),
     "cap below one": (None, ("max_neighbors=0",), BadInput, ("max_neighbors=0", ">= 1")),
+    "cap on complete graphs": (None, ("max_neighbors=2",), BadInput, ("max_neighbors=2", "complete", "config.yaml")),
     "reach not positive": (None, ("wall_neighbors_reach=0",), BadInput, ("wall_neighbors_reach=0", "> 0")),
     "reach without walls": (None, ("wall_neighbors_reach=0.5",), BadInput,
                             ("wall_neighbors_reach=0.5", "dataset.wall_neighbors=0", "config.yaml")),
