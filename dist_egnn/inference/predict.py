@@ -50,6 +50,7 @@ from dist_egnn.inference.rollout import (
     rollout,
 )
 from dist_egnn.keys import SPLITS
+from dist_egnn.training.device import autocast
 
 FORMATS = ("zarr", "vtk")
 OUTPUTS = ("rollout.json", "rollout.zarr", "rollout.png", "vtk")     # what predict writes into <out>/
@@ -164,6 +165,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def in_run_precision(model: torch.nn.Module, run_cfg: DictConfig, device: torch.device):
+    """The model as the run evaluated it: under bf16 autocast for ``trainer.precision=bf16`` (so a rollout of the
+    validation split repeats the run's own ``val_rollout_mse``), as it is otherwise, and as it is when predict's
+    ``dtype`` made it other than float32 (autocast would turn a float64 model's products into bf16)."""
+    precision = run_cfg.trainer.get("precision", "fp32")
+    if precision == "fp32" or next(model.parameters()).dtype != torch.float32:
+        return model
+
+    def call(**inputs):
+        with autocast(device, precision):
+            return model(**inputs)
+    return call
+
+
 def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     """Everything ``launch/predict.py`` does (see the module docstring); returns rollout.json's content."""
     started = time.perf_counter()
@@ -201,7 +216,8 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
                                                  f"re-partitioned every step" if parts.parts > 1 else "")
           + ("" if box is None else f", the fluid held inside its container {box[0].tolist()} .. {box[1].tolist()}"),
           flush=True)
-    result = rollout(model, run_cfg, info, cfg.split, int(cfg.steps), start=start, scenes=cfg.get("scenes"),
+    result = rollout(in_run_precision(model, run_cfg, device), run_cfg, info, cfg.split, int(cfg.steps), start=start,
+                     scenes=cfg.get("scenes"),
                      batch_size=cfg.get("batch_size"), parts=parts, device=device, dtype=dtype,
                      progress=bool(cfg.progress), contain=bool(cfg.contain))
 
@@ -209,6 +225,7 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
     extra = dict(command=command, config=options, run=str(run_dir), store=str(info.path),
                  checkpoint=model.checkpoint, parts=parts.parts, halo=parts.halo if parts.parts > 1 else None,
                  partition=parts.method if parts.parts > 1 else None, dtype=str(dtype).replace("torch.", ""),
+                 precision="fp32" if dtype != torch.float32 else run_cfg.trainer.get("precision", "fp32"),
                  model=run_cfg.model.name, velocity_unit=run_cfg.dataset.get("velocity_unit", "store"),
                  container=None if box is None else [box[0].tolist(), box[1].tolist()])
     tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")

@@ -59,6 +59,27 @@ def test_every_evaluation_records_the_rollout_predict_would_make(root):
     assert again.mse[0] == pytest.approx(best["val_mse"], rel=1e-6)       # step 1 is the one-step validation
 
 
+def test_predict_of_a_bf16_run_repeats_its_validation_rollout(root, tmp_path):
+    """A trainer.precision=bf16 run scores its validation rollout under bf16 autocast; launch/predict.py split=val
+    rolls the same weights out the same way (it used float32 products: another number than the run's)."""
+    from hydra import compose, initialize_config_dir
+
+    from dist_egnn.config import register
+    from dist_egnn.inference.predict import predict
+
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[2] / "launch" / "conf"), version_base="1.3"):
+        options = compose("predict", overrides=["progress=false", f"run={tmp_path / 'bf16'}", "split=val", "steps=3",
+                                                f"out={tmp_path / 'out'}"])
+
+    fit(root / "data", tmp_path / "bf16", *COMMON, "trainer.precision=bf16")
+    model = dist_egnn.load_model(tmp_path / "bf16")
+    best = next(r for r in evaluations(tmp_path / "bf16") if r["epoch"] == model.checkpoint["epoch"])
+    record = predict(options)
+    assert float(np.mean(record["mse"])) == pytest.approx(best["val_rollout_mse"], rel=1e-6)
+    assert record["precision"] == "bf16"
+
+
 def test_best_model_follows_select_on(root):
     """Selection changes which weights are saved and tested, not the training: both runs evaluate the same
     numbers, and each keeps the evaluation where its own number is smallest."""
