@@ -486,6 +486,10 @@ def check(cfg: DictConfig | Config) -> None:
         problems.append(f"dataset.wall_neighbors_reach={cfg.dataset.wall_neighbors_reach} with "
                         f"dataset.wall_neighbors=0: the reach bounds the nearest-wall edges, and there are none; set "
                         f"dataset.wall_neighbors=k (k >= 1), or dataset.wall_neighbors_reach=null")
+    if cfg.trainer.get("wall_noise_reach") is not None and not cfg.trainer.get("wall_noise", 0.0):
+        problems.append(f"trainer.wall_noise_reach={cfg.trainer.wall_noise_reach} with trainer.wall_noise=0: the reach "
+                        f"says where σ_w applies, and there is none; set trainer.wall_noise (e.g. 0.015), or "
+                        f"trainer.wall_noise_reach=null")
     if cfg.dataset.get("unwired_walls", "keep") == "drop":
         if cfg.distributed.parts > 1:
             problems.append(f"dataset.unwired_walls=drop with distributed.parts={cfg.distributed.parts}: the stored "

@@ -307,6 +307,9 @@ def test_wall_noise_is_off_by_default_and_on_whole_graphs_only():
         schema.check(composed("config", "trainer.wall_noise=-0.01"))
     with pytest.raises(ConfigError, match=r"trainer\.wall_noise_reach=0"):
         schema.check(composed("config", "trainer.wall_noise=0.01", "trainer.wall_noise_reach=0"))
+    with pytest.raises(ConfigError, match=r"trainer\.wall_noise_reach=0.06 with trainer\.wall_noise=0: .*"
+                                          r"set trainer\.wall_noise"):
+        schema.check(composed("config", "trainer.wall_noise_reach=0.06"))            # else it changes nothing
     with pytest.raises(ConfigError, match=r"trainer\.wall_noise=0\.01 with distributed\.parts=2: .*"
                                           r"distributed\.parts=1.*trainer\.wall_noise=0"):
         schema.check(composed("config", "trainer.wall_noise=0.01", "distributed.parts=2"))
