@@ -207,7 +207,8 @@ def _open_all(cfg: MDConfig) -> list[_Trajectory]:
                 traj.add_transformations(NoJump())
             except Exception as err:  # MDAnalysis raises several types (no box, a box it cannot orthonormalise)
                 raise BadInput(f"{path}: dataset.md.unwrap=true, but MDAnalysis's NoJump cannot unwrap it "
-                               f"({type(err).__name__}: {err}); it needs a periodic box in every frame") from err
+                               f"({type(err).__name__}: {err}); it needs a periodic box in every frame, or unwrap "
+                               f"the file first (e.g. gmx trjconv -pbc nojump) and leave unwrap out") from err
         out.append(_Trajectory(top, path, universe, atoms, frames, dt, cfg.stride, from_file, cfg.unwrap))
     dts = [t.dt for t in out]
     if max(dts) > min(dts) * (1 + 1e-3):
@@ -352,7 +353,7 @@ def _stream(traj: _Trajectory, targets: dict[int, tuple[str, int, int]], groups:
             continue                                  # read, so that NoJump follows every move; not stored
         pos = traj.atoms.positions.astype(np.float32)
         if last is not None:
-            check_unwrapped(traj.path, pos, last, frame.dimensions, stored + 1)
+            check_unwrapped(traj.path, pos, last, frame.dimensions, frame.frame, traj.stride)
         last = pos
         if traj.from_file:
             stored += 1
@@ -368,7 +369,7 @@ def _stream(traj: _Trajectory, targets: dict[int, tuple[str, int, int]], groups:
         raise StoreError(f"{traj.path}: read {stored + 1} frames, expected {traj.frames}; the file may be truncated")
 
 
-def check_unwrapped(path: str, pos: np.ndarray, last: np.ndarray, dimensions, frame: int) -> None:
+def check_unwrapped(path: str, pos: np.ndarray, last: np.ndarray, dimensions, frame: int, stride: int) -> None:
     """Refuse a trajectory wrapped into its periodic box: an atom crossing a face reappears at the other, a jump of
     a box length between two frames that would be stored as a velocity and a target. No atom moves half a box
     between two stored frames of a real trajectory, so such a move is a wrap, never physics."""
@@ -380,7 +381,7 @@ def check_unwrapped(path: str, pos: np.ndarray, last: np.ndarray, dimensions, fr
     if len(jumps):
         atom, axis = (int(v) for v in jumps[0])
         raise StoreError(f"{path}: atom {atom} of the selection moves {moved[atom, axis]:.4g} Å along "
-                         f"{'xyz'[axis]} between frames {frame - 1} and {frame} (as read, after stride), over half "
+                         f"{'xyz'[axis]} between the file's frames {frame - stride} and {frame}, over half "
                          f"the periodic box ({box[axis]:.4g} Å; {len(jumps)} such moves in this frame): the "
                          f"coordinates are wrapped into the box, and the jump would be stored as a velocity and a "
                          f"target. Set dataset.md.unwrap=true (MDAnalysis's NoJump), or unwrap the file first (e.g. "

@@ -66,8 +66,10 @@ def compute_statistics(info: StoreInfo, delta_t: int, frame_start: int = 0, fram
     meta = info.splits[SPLIT]
     frames = input_frames(meta.num_frames, delta_t, frame_start, frame_stop, frame_stride, input_velocity)
     if len(frames) == 0:
-        raise StoreError(f"{info.path}/{SPLIT}: no input frame with a target {delta_t} frames later in frames "
-                         f"{frame_start}:{frame_stop}:{frame_stride} ({meta.num_frames} frames stored); lower "
+        displacement = "" if input_velocity == "stored" else \
+            f" and a frame {delta_t} before (input_velocity=displacement)"
+        raise StoreError(f"{info.path}/{SPLIT}: no input frame with a target {delta_t} frames later{displacement} in "
+                         f"frames {frame_start}:{frame_stop}:{frame_stride} ({meta.num_frames} frames stored); lower "
                          f"dataset.frame_start or dataset.delta_t")
     group = zarr.open_group(str(info.path), mode="r")[SPLIT]
     pos, vel = da.from_zarr(group["pos"]), da.from_zarr(group["vel"])

@@ -543,7 +543,9 @@ class SplitAssignments:
     (n_scene,) int64 part of every node of that sample, global ids within the scene.
     """
 
-    def __init__(self, path: Path, split: str):
+    def __init__(self, path: Path, split: str, identity: tuple[int, int] | None = None):
+        """``identity``: the artifact's (:func:`_artifact_identity`) when its inputs were checked; default now."""
+        identity = _artifact_identity(path) if identity is None else identity
         root = zarr.open_group(str(path), mode="r")
         if split not in root:
             raise StalePartitionError(f"{path}: split {split!r} is missing; prepare the partitions again")
@@ -556,7 +558,7 @@ class SplitAssignments:
             raise StalePartitionError(f"{path}: {damage}; {self.hint()}")
         self.frames = np.asarray(group.attrs["frames"], dtype=np.int64)
         self._group = group
-        self._identity = _artifact_identity(path)
+        self._identity = identity
         self.scene_ptr = np.asarray(self._read("scene_ptr", slice(None)))
         self._row = {int(f): k for k, f in enumerate(self.frames)}
 
@@ -652,6 +654,7 @@ def load_assignments(path: str | os.PathLike, split: str, *, expected_hash: str 
     if not path.exists():
         raise StalePartitionError(f"no stored partition at {path}: build it with `python launch/prepare.py "
                                   f"distributed.parts=P distributed.partition=METHOD` (plus your dataset overrides)")
+    identity = _artifact_identity(path)       # before the hash is read: a rebuild after it is seen at the first read
     attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     if attrs.get("schema_version") != SCHEMA_VERSION or "inputs_hash" not in attrs:
         raise StalePartitionError(f"{path}: not a partition artifact this dist-egnn can read (schema_version "
@@ -660,4 +663,4 @@ def load_assignments(path: str | os.PathLike, split: str, *, expected_hash: str 
     if expected_hash is not None and attrs["inputs_hash"] != expected_hash:
         raise StalePartitionError(f"{path} was built from other inputs (hash {attrs['inputs_hash'][:12]}, "
                                   f"expected {expected_hash[:12]}); prepare the partitions again")
-    return SplitAssignments(path, split)
+    return SplitAssignments(path, split, identity)

@@ -124,10 +124,6 @@ def check_data(run_cfg: DictConfig, info: StoreInfo, model: torch.nn.Module, run
         raise RolloutError(f"{info.path} lacks the node scalars of the run's features {missing} (dataset.node_features="
                            f"{recipe}, dataset.edge_features={list(d.edge_features)} in {run_dir / 'config.yaml'}; "
                            f"the store holds {info.node_scalars}): give data= a store with them")
-    if d.get("max_neighbors") is not None and d.get("radius") is None and info.attrs.get("radius") is None:
-        raise RolloutError(f"max_neighbors={d.max_neighbors} caps the senders of a radius graph, but the run's graphs "
-                           f"are complete (no dataset.radius in {run_dir / 'config.yaml'}, no radius in "
-                           f"{info.path}), so it would change nothing: drop max_neighbors")
     for name, width, features in (("node_features", getattr(model, "node_features", None), recipe),
                                   ("edge_features", getattr(model, "edge_features", None), list(d.edge_features))):
         if width is not None and width != len(features):
@@ -196,6 +192,10 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
                        f"dataset options)")
     info = open_store(store)
     check_data(run_cfg, info, model, run_dir)
+    if cfg.get("max_neighbors") is not None and run_cfg.dataset.get("radius") is None and not info.attrs.get("radius"):
+        raise RolloutError(f"max_neighbors={cfg.max_neighbors} caps the senders of a radius graph, but the run's "
+                           f"graphs are complete (no dataset.radius in {run_dir / 'config.yaml'}, no radius in "
+                           f"{info.path}), so it would change nothing: leave max_neighbors out")
     start = first_input_frame(run_cfg) if cfg.get("start") is None else cfg.start
     check_start(info, cfg.split, start, int(run_cfg.dataset.delta_t))
     dist = run_cfg.get("distributed") or {}

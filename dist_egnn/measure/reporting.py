@@ -48,8 +48,14 @@ def shrink_problem(path: str | os.PathLike, setting: Callable[[dict[str, str]], 
     path = Path(path)
     if not path.exists():
         return None
+    kept = set()
     with open(path, newline="") as f:
-        kept = {setting(row) for row in csv.DictReader(f)} - {None}
+        for row in csv.DictReader(f):
+            try:
+                kept.add(setting(row))
+            except (KeyError, TypeError, ValueError):   # a table of an older layout: its rows cannot be compared
+                kept.add("rows of an older table layout")
+    kept.discard(None)
     lost = sorted(kept - measured, key=str)
     if not lost:
         return None

@@ -456,7 +456,7 @@ def run(cfg: DictConfig) -> None:
     base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
     # Seed-major: every run's first seed before any second seed, so a study cut short already compares them all.
     jobs = [(run, seed) for seed in spec.seeds for run in spec.runs]
-    changed = changed_runs(spec, jobs, base, cfg.paths.data)
+    changed = changed_runs(spec, tabulated_jobs(spec, base), base, cfg.paths.data)   # every run the results hold
     if changed:
         raise ConfigError(f"{len(changed)} finished run(s) of study {spec.name} were trained with other overrides "
                           f"than it asks for now, so their results would be written under the new settings:\n  "

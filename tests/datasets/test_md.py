@@ -65,8 +65,9 @@ def test_a_trajectory_wrapped_into_its_box_is_refused_or_unwrapped(tmp_path):
     """Wrapped coordinates make an atom jump a box length between frames, stored as a velocity and a target: refused
     naming the atom, the move and the fix; with dataset.md.unwrap=true (NoJump) no stored move is over half a box."""
     cfg = dict(topology="MDAnalysisTests:GRO", trajectories=["MDAnalysisTests:TRR"], selection="name CA")
-    with pytest.raises(StoreError, match=r"adk_oplsaa.trr: atom \d+ of the selection moves -?79.\d Å along y between "
-                                         r"frames 0 and 1 .*over half the periodic box .*dataset.md.unwrap=true"):
+    with pytest.raises(StoreError, match=r"adk_oplsaa.trr: atom \d+ of the selection moves -?79.\d Å along y "
+                                         r"between the file's frames 0 and 1, over half the periodic box "
+                                         r".*dataset.md.unwrap=true"):
         generate_md(tmp_path / "wrapped.zarr", MDConfig(**cfg), progress=False)
     assert not (tmp_path / "wrapped.zarr").exists()
     u = universe(datafiles.GRO, datafiles.TRR)

@@ -89,3 +89,15 @@ def test_a_measurement_of_fewer_settings_does_not_replace_a_table(tmp_path, modu
                            *fewer], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and f"{table} holds results" in proc.stderr and "--overwrite" in proc.stderr
     assert table.read_text() == (ROOT / "docs" / "results" / f"{module}.csv").read_text()
+
+
+def test_a_table_of_an_older_layout_is_refused_not_a_traceback(tmp_path):
+    """A latency table written before its overlap column: its rows cannot be compared, so they count as lost."""
+    from dist_egnn.measure.reporting import shrink_problem
+
+    table = tmp_path / "latency.csv"
+    table.write_text("parts,halo,latency_ms,step_time_s\n2,exact,0.0,1.0\n")
+    problem = shrink_problem(table, lambda row: (int(row["parts"]), row["halo"], row["overlap"] == "True"),
+                             {(2, "exact", False)}, "--out PATH", "--overwrite")
+    assert "rows of an older table layout" in problem and "--overwrite" in problem
+    assert shrink_problem(tmp_path / "none.csv", lambda row: None, set(), "--out PATH", "--overwrite") is None

@@ -102,6 +102,9 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     out = edited.stdout + edited.stderr
     assert edited.returncode != 0 and "4 finished run(s) of study tiny were trained with other overrides" in out
     assert "egnn/seed0: now asked for trainer.lr=2.0e-3" in out and "delete those run folders" in out
+    # also when started for another seed only: the results would hold the old seeds beside it
+    other_seed = run_study_file(tmp_path, "study.seeds=[2]", "train=false")
+    assert other_seed.returncode != 0 and "4 finished run(s)" in other_seed.stdout + other_seed.stderr
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
 
 
