@@ -42,6 +42,7 @@ from dist_egnn.inference.load import RunError, load_model
 from dist_egnn.inference.rollout import (
     HALO_MODES,
     PARTITION_METHODS,
+    GraphRecipe,
     Parts,
     RolloutError,
     check_start,
@@ -161,12 +162,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def in_run_precision(model: torch.nn.Module, run_cfg: DictConfig, device: torch.device):
-    """The model as the run evaluated it: under bf16 autocast for ``trainer.precision=bf16`` (so a rollout of the
-    validation split repeats the run's own ``val_rollout_mse``), as it is otherwise, and as it is when predict's
-    ``dtype`` made it other than float32 (autocast would turn a float64 model's products into bf16)."""
-    precision = run_cfg.trainer.get("precision", "fp32")
-    if precision == "fp32" or next(model.parameters()).dtype != torch.float32:
+def rollout_precision(run_cfg: DictConfig, dtype: torch.dtype) -> str:
+    """The run's ``trainer.precision`` (bf16: a rollout of the validation split then repeats the run's own
+    ``val_rollout_mse``), but fp32 when predict's ``dtype`` made the model other than float32 (autocast would turn a
+    float64 model's products into bf16)."""
+    return run_cfg.trainer.get("precision", "fp32") if dtype == torch.float32 else "fp32"
+
+
+def in_precision(model: torch.nn.Module, precision: str, device: torch.device):
+    """The model as a rollout calls it: as it is for fp32, else under autocast in ``precision``."""
+    if precision == "fp32":
         return model
 
     def call(**inputs):
@@ -192,7 +197,7 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
                        f"dataset options)")
     info = open_store(store)
     check_data(run_cfg, info, model, run_dir)
-    if cfg.get("max_neighbors") is not None and run_cfg.dataset.get("radius") is None and not info.attrs.get("radius"):
+    if cfg.get("max_neighbors") is not None and GraphRecipe.of(run_cfg, info).radius is None:
         raise RolloutError(f"max_neighbors={cfg.max_neighbors} caps the senders of a radius graph, but the run's "
                            f"graphs are complete (no dataset.radius in {run_dir / 'config.yaml'}, no radius in "
                            f"{info.path}), so it would change nothing: leave max_neighbors out")
@@ -216,16 +221,16 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
                                                  f"re-partitioned every step" if parts.parts > 1 else "")
           + ("" if box is None else f", the fluid held inside its container {box[0].tolist()} .. {box[1].tolist()}"),
           flush=True)
-    result = rollout(in_run_precision(model, run_cfg, device), run_cfg, info, cfg.split, int(cfg.steps), start=start,
-                     scenes=cfg.get("scenes"),
-                     batch_size=cfg.get("batch_size"), parts=parts, device=device, dtype=dtype,
-                     progress=bool(cfg.progress), contain=bool(cfg.contain))
+    precision = rollout_precision(run_cfg, dtype)
+    result = rollout(in_precision(model, precision, device), run_cfg, info, cfg.split, int(cfg.steps), start=start,
+                     scenes=cfg.get("scenes"), batch_size=cfg.get("batch_size"), parts=parts, device=device,
+                     dtype=dtype, progress=bool(cfg.progress), contain=bool(cfg.contain))
 
     options = OmegaConf.to_container(cfg, resolve=True)
     extra = dict(command=command, config=options, run=str(run_dir), store=str(info.path),
                  checkpoint=model.checkpoint, parts=parts.parts, halo=parts.halo if parts.parts > 1 else None,
                  partition=parts.method if parts.parts > 1 else None, dtype=str(dtype).replace("torch.", ""),
-                 precision="fp32" if dtype != torch.float32 else run_cfg.trainer.get("precision", "fp32"),
+                 precision=precision,
                  model=run_cfg.model.name, velocity_unit=run_cfg.dataset.get("velocity_unit", "store"),
                  container=None if box is None else [box[0].tolist(), box[1].tolist()])
     tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
