@@ -324,6 +324,8 @@ class PredictConfig:
     split: str = "test"                       # train | val | test
     start: Optional[int] = None               # input frame t0; None: the run's dataset.frame_start
     scenes: Optional[int] = None              # the split's first this many scenes; None: all
+    scene_ids: Optional[list[int]] = None     # these scenes of the split by index instead, e.g. [2, 11] (one scene
+                                              # at a time tells which ones diverge: a rollout stops at the first)
     batch_size: Optional[int] = None          # scenes per forward; None: the run's trainer.eval_batch_size
     format: str = "zarr"                      # zarr | vtk (vtk: also one .vtu per scene and frame, for ParaView)
     parts: Optional[int] = None               # P parts, re-partitioned every step; None: the run's distributed.parts

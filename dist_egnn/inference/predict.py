@@ -223,8 +223,8 @@ def predict(cfg: DictConfig, command: str | None = None) -> dict[str, Any]:
           flush=True)
     precision = rollout_precision(run_cfg, dtype)
     result = rollout(in_precision(model, precision, device), run_cfg, info, cfg.split, int(cfg.steps), start=start,
-                     scenes=cfg.get("scenes"), batch_size=cfg.get("batch_size"), parts=parts, device=device,
-                     dtype=dtype, progress=bool(cfg.progress), contain=bool(cfg.contain))
+                     scenes=cfg.get("scenes"), scene_ids=cfg.get("scene_ids"), batch_size=cfg.get("batch_size"),
+                     parts=parts, device=device, dtype=dtype, progress=bool(cfg.progress), contain=bool(cfg.contain))
 
     options = OmegaConf.to_container(cfg, resolve=True)
     extra = dict(command=command, config=options, run=str(run_dir), store=str(info.path),

@@ -78,6 +78,7 @@ MSE of a step: mean over every moving node and coordinate of every scene, as the
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -359,9 +360,9 @@ class RolloutState:
 
 
 def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: str, steps: int, *,
-            start: int | None = None, scenes: int | None = None, batch_size: int | None = None,
-            parts: Parts = Parts(), device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            progress: bool = False, contain: bool = False) -> Rollout:
+            start: int | None = None, scenes: int | None = None, scene_ids: Sequence[int] | None = None,
+            batch_size: int | None = None, parts: Parts = Parts(), device: str | torch.device = "cpu",
+            dtype: torch.dtype = torch.float32, progress: bool = False, contain: bool = False) -> Rollout:
     """Roll ``model`` out ``steps`` task steps on ``split`` of the store ``info``; see the module docstring.
 
     Args:
@@ -369,11 +370,12 @@ def rollout(model: Callable[..., Any], cfg: DictConfig, info: StoreInfo, split: 
         cfg: the run's configuration (``dataset`` recipe and ``model.cutoff_rate``), e.g. ``model.config``.
         info: the opened store (``datasets.store.open_store``).
         steps: K >= 1. start: input frame t0 (None: :func:`first_input_frame`). scenes: the first this many
-            scenes of the split (None: all). batch_size: scenes per forward (None: ``trainer.eval_batch_size``).
+            scenes of the split (None: all); scene_ids: these scenes by index instead (not with ``scenes``).
+            batch_size: scenes per forward (None: ``trainer.eval_batch_size``).
         parts: P parts per step (see :class:`Parts`). dtype: the model's dtype (the state is kept in it).
         contain: hold the moving nodes inside the store's container every step (:func:`container_box`).
     """
-    plan = plan_rollout(cfg, info, split, steps, start, scenes, batch_size, parts)
+    plan = plan_rollout(cfg, info, split, steps, start, scenes, batch_size, parts, scene_ids)
     box = container_box(info) if contain else None
     recipe = GraphRecipe.of(cfg, info)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
@@ -446,7 +448,7 @@ def first_input_frame(cfg: DictConfig) -> int:
 
 
 def plan_rollout(cfg: DictConfig, info: StoreInfo, split: str, steps: int, start: int | None, scenes: int | None,
-                 batch_size: int | None, parts: Parts) -> RolloutPlan:
+                 batch_size: int | None, parts: Parts, scene_ids: Sequence[int] | None = None) -> RolloutPlan:
     """Check the request and resolve its defaults from the run's configuration (see :func:`rollout`)."""
     if steps < 1:
         raise RolloutError(f"steps={steps}: a rollout needs at least one step; set steps=K with K >= 1")
@@ -464,6 +466,8 @@ def plan_rollout(cfg: DictConfig, info: StoreInfo, split: str, steps: int, start
         raise RolloutError(f"scenes={scenes}: {info.path}/{split} has {meta.num_scenes} scenes; choose 1 to "
                            f"{meta.num_scenes}, or leave scenes out for all of them")
     chosen = list(range(meta.num_scenes))[:scenes]
+    if scene_ids is not None:
+        chosen = chosen_scenes(info, split, scenes, scene_ids)
     batch_size = int(batch_size or cfg.trainer.get("eval_batch_size", 1) or 1)
     available = available_steps(info, split, start, delta_t)
     todo = min(steps, available)
@@ -474,6 +478,20 @@ def plan_rollout(cfg: DictConfig, info: StoreInfo, split: str, steps: int, start
     batches = [list(range(i, min(i + batch_size, len(chosen)))) for i in range(0, len(chosen), batch_size)]
     return RolloutPlan(split=split, start=start, delta_t=delta_t, requested=steps, todo=todo, scenes=chosen,
                        batches=batches, stopped=stopped)
+
+
+def chosen_scenes(info: StoreInfo, split: str, scenes: int | None, scene_ids: Sequence[int]) -> list[int]:
+    """``scene_ids`` checked against the split: distinct indices of its scenes, and not beside ``scenes``."""
+    count = info.splits[split].num_scenes
+    ids = [int(i) for i in scene_ids]
+    if scenes is not None:
+        raise RolloutError(f"scenes={scenes} and scene_ids={ids}: give one of them (the first scenes, or these)")
+    bad = [i for i in ids if not 0 <= i < count]
+    if not ids or bad or len(set(ids)) < len(ids):
+        what = "is empty" if not ids else (f"names {bad}" if bad else "repeats a scene")
+        raise RolloutError(f"scene_ids={ids} {what}: {info.path}/{split} has scenes 0 to {count - 1}; give distinct "
+                           f"indices among them, or leave scene_ids out for all of them")
+    return ids
 
 
 def initial_state(cfg: DictConfig, info: StoreInfo, plan: RolloutPlan, np_dtype) -> RolloutState:

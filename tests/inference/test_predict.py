@@ -210,6 +210,7 @@ BAD = {   # case: (damage, overrides, error, fragments the message names)
                                  ("config.yaml", "dataset.store=elsewhere/nbody_small.zarr", "data=")),
     "store of another dt": (other_dt, ("data={data}/other.zarr",), BadInput, ("other.zarr", "dt=", "nbody_small.zarr")),
     "more scenes than the split": (None, ("scenes=99",), BadInput, ("scenes=99", "scenes; choose 1 to")),
+    "a scene outside the split": (None, ("scene_ids=[7]",), BadInput, ("scene_ids=[7]", "scenes 0 to 2")),
     "out= the run directory": (None, ("out={run}",), BadInput, ("out=", "config.yaml", "new or empty folder")),
     "out= a folder of the user's": (foreign_file, ("out={data}",), BadInput, ("notes.txt", "nbody_small.zarr")),
 }
