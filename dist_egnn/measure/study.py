@@ -32,6 +32,13 @@ records and ``<study>[-<budget>]-rollout.png``; ``rollout_start: T`` starts ever
 whose rollout is missing, of another K or from another start frame is rolled out again when the study is
 started again. A table of more than :data:`TABLE_COLUMNS` steps shows every n-th step and the last (the
 records keep every step).
+
+A split-wide rollout stops at the first scene that diverges, so it says little about how often a model's
+rollouts fail. ``scene_rollouts: {data: STORE, splits: [test, val]}`` also rolls every run out on each scene of
+those splits alone (``launch/predict.py ... data=STORE split=S scene_ids=[i]``, into the run's
+``scene_rollouts/<split>-<i>/``; STORE a name under ``paths.data`` or a path ending in .zarr, default each run's
+own store) with the study's K and start frame, and counts per label and split the scenes whose rollouts stayed
+whole and ended below constant velocity (md, ``scene_rollouts`` in the records, ``<stem>-scenes.png``).
 """
 from __future__ import annotations
 
@@ -51,7 +58,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dist_egnn.config import StudyRoot, StudyRun, StudySpec  # noqa: F401  (the schema; registered by register())
+from dist_egnn.datasets.store import open_store
 from dist_egnn.errors import ConfigError
+from dist_egnn.keys import SPLITS
 from dist_egnn.measure.baselines import trivial_baselines
 from dist_egnn.measure.reporting import bar_plot, markdown_table, save_figure, summarise, write_json
 from dist_egnn.training.checkpoint import write_text_atomic
@@ -141,10 +150,13 @@ def rollout_record(spec: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     return record if record.get("requested_steps") == spec.rollout_steps else None
 
 
-def run_finished(spec: DictConfig, run_dir: Path) -> bool:
-    """Trained (a test line in metrics.jsonl) and, when the study asks for it, rolled out."""
-    return finished_record(run_dir) is not None and (not spec.get("rollout_steps")
-                                                      or rollout_record(spec, run_dir) is not None)
+def run_finished(spec: DictConfig, run_dir: Path, data_dir: str) -> bool:
+    """Trained (a test line in metrics.jsonl) and, when the study asks for it, rolled out (scene by scene too)."""
+    if finished_record(run_dir) is None:
+        return False
+    if spec.get("rollout_steps") and rollout_record(spec, run_dir) is None:
+        return False
+    return all(scene_record(spec, run_dir, data_dir, *job) for job in scene_jobs(spec, run_dir, data_dir))
 
 
 def predict_command(spec: DictConfig, run_dir: Path, threads: int | None = None) -> list[str]:
@@ -155,10 +167,63 @@ def predict_command(spec: DictConfig, run_dir: Path, threads: int | None = None)
             *([f"num_threads={threads}"] if threads else []), "progress=false"]
 
 
-def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> dict:
+# -------------------------------------------------------------------------------------- scene-by-scene rollouts
+SCENE_FOLDER = "scene_rollouts"      # in a run's folder: <split>-<scene>/, predict's out= of one scene's rollout
+
+
+def scene_store(spec: DictConfig, run_dir: Path, data_dir: str) -> Path:
+    """The store the scene rollouts read: ``study.scene_rollouts.data`` (a name under ``paths.data``, or a path
+    ending in .zarr), else the store the run trained on (its config.yaml's ``dataset.store``)."""
+    data = spec.scene_rollouts.get("data")
+    if data is None:
+        return Path(yaml.safe_load((run_dir / "config.yaml").read_text())["dataset"]["store"])
+    return Path(data) if str(data).endswith(".zarr") else Path(data_dir) / f"{data}.zarr"
+
+
+def scene_jobs(spec: DictConfig, run_dir: Path, data_dir: str) -> list[tuple[str, int]]:
+    """(split, scene) of every scene the study rolls a run out on alone; [] without ``scene_rollouts``."""
+    if not spec.get("scene_rollouts"):
+        return []
+    info = open_store(scene_store(spec, run_dir, data_dir))
+    return [(split, scene) for split in spec.scene_rollouts.splits for scene in range(info.splits[split].num_scenes)]
+
+
+def scene_record(spec: DictConfig, run_dir: Path, data_dir: str, split: str, scene: int) -> dict[str, Any] | None:
+    """The rollout.json of one scene's rollout when it is the study's (K, start frame, store); else None."""
+    path = run_dir / SCENE_FOLDER / f"{split}-{scene}" / "rollout.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    start = spec.get("rollout_start")
+    same = (record.get("requested_steps") == spec.rollout_steps and record.get("scenes") == [scene]
+            and record.get("split") == split and (start is None or record.get("start_frame") == start)
+            and Path(record["store"]).resolve() == scene_store(spec, run_dir, data_dir).resolve())
+    return record if same else None
+
+
+def scene_predict_command(spec: DictConfig, run_dir: Path, data_dir: str, split: str, scene: int,
+                          threads: int | None = None) -> list[str]:
+    """One scene's rollout: the study's rollout (:func:`predict_command`) on that scene alone, in its own folder."""
+    return [*predict_command(spec, run_dir, threads), f"data={scene_store(spec, run_dir, data_dir)}",
+            f"split={split}", f"scene_ids=[{scene}]", f"out={run_dir / SCENE_FOLDER / f'{split}-{scene}'}"]
+
+
+def scene_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What the results keep of one scene's rollout: how far it got, and its MSE against constant velocity's at
+    its last step."""
+    return dict(split=record["split"], scene=record["scenes"][0], steps=record["steps"],
+                requested_steps=record["requested_steps"], stopped=record["stopped_early"],
+                mse_last=record["mse"][-1] if record["mse"] else None,
+                baseline_mse_last=record["baseline_mse"][-1] if record["baseline_mse"] else None,
+                steps_below=int(sum(m < b for m, b in zip(record["mse"], record["baseline_mse"]))))
+
+
+def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str) -> dict:
     """One JSON record: what distinguishes the run, and its results."""
     final = finished_record(run_dir)
     rollout = rollout_record(spec, run_dir)
+    scenes = [scene_summary(record) for record in (scene_record(spec, run_dir, data_dir, split, scene)
+                                                   for split, scene in scene_jobs(spec, run_dir, data_dir)) if record]
     wall_file = run_dir / "study_wall_time_s"
     wall_time_s = float(wall_file.read_text()) if wall_file.exists() else None
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -178,7 +243,8 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path) -> 
                                                    rollout_spread_ratio=rollout.get("spread_ratio"),
                                                    rollout_outside_share=rollout.get("outside_share"),
                                                    rollout_command=rollout.get("command"),
-                                                   rollout_stopped=rollout["stopped_early"])))
+                                                   rollout_stopped=rollout["stopped_early"])),
+                **({} if not scenes else dict(scene_rollouts=scenes)))
 
 
 def dropped_edges(records: list[dict], label: str) -> str:
@@ -225,11 +291,14 @@ def write_results(spec: DictConfig, records: list[dict], results_dir: Path,
            f"(x(t + Δt) = x(t)) {trivial['zero_motion_mse']:.4g}; constant velocity (x(t) + αv(t), α = "
            f"{trivial['constant_velocity_alpha']:.4g} fitted on training samples) "
            f"{trivial['constant_velocity_mse']:.4g} (`{stem}-trivial.json`).\n")
-        + failed_list(failed) + rollout_table(records, spec.rollout_steps, spec.get("rollout_start")),
+        + failed_list(failed) + rollout_table(records, spec.rollout_steps, spec.get("rollout_start"))
+        + scene_table(spec, records, stem),
         results_dir / f"{stem}.md")
     bar_plot(rows, results_dir / f"{stem}.png", title=title)
     if any("rollout_mse" in r for r in records):
         rollout_plot(records, results_dir / f"{stem}-rollout.png", title=f"{title}: rollouts")
+    if any("scene_rollouts" in r for r in records):
+        scene_plot(records, results_dir / f"{stem}-scenes.png", title=f"{title}: rollouts scene by scene")
 
 
 def failed_list(failed: list[str]) -> str:
@@ -313,6 +382,70 @@ def rollout_table(records: list[dict], steps: int | None, start: int | None = No
     if stopped:
         lines += ["", "Rollouts that stopped before the last step (`predict/rollout.json`, `stopped_early`):", *stopped]
     return "\n".join(lines) + "\n"
+
+
+def scene_outcome(scene: dict[str, Any]) -> tuple[bool, bool]:
+    """(whole: the rollout reached its last step; below: and its MSE there is under constant velocity's)."""
+    whole = scene["steps"] == scene["requested_steps"] and not scene["stopped"]
+    return whole, whole and scene["mse_last"] < scene["baseline_mse_last"]
+
+
+def scene_table(spec: DictConfig, records: list[dict], stem: str) -> str:
+    """Markdown: per label and split, of its scene rollouts (every seed) how many stayed whole and how many of those
+    end below constant velocity, and which stopped where; "" when no record has scene rollouts."""
+    rolled = [r for r in records if r.get("scene_rollouts")]
+    if not rolled:
+        return ""
+    data = spec.scene_rollouts.get("data") or "each run's own store"
+    start = spec.get("rollout_start")
+    lines = ["", f"Scene by scene: every scene of {data} ({', '.join(spec.scene_rollouts.splits)}) rolled out alone, "
+             f"{spec.rollout_steps} task steps from input frame {'the run’s first' if start is None else start} "
+             f"(`launch/predict.py` with `scene_ids=[i]`, in each run's `{SCENE_FOLDER}/<split>-<i>/`; records "
+             f"`scene_rollouts` in `{stem}.json`, picture `{stem}-scenes.png`). Whole: reached the last step. Below: "
+             f"whole, and its MSE at the last step under constant velocity's. Counted over seeds and scenes.", "",
+             "| run | split | seeds | rollouts | whole | below const. vel. at the end |", "|---|---|---|---|---|---|"]
+    stopped = []
+    for label in dict.fromkeys(r["label"] for r in rolled):
+        runs = [r for r in rolled if r["label"] == label]
+        for split in dict.fromkeys(sc["split"] for r in runs for sc in r["scene_rollouts"]):
+            scenes = [(r["seed"], sc) for r in runs for sc in r["scene_rollouts"] if sc["split"] == split]
+            outcomes = [scene_outcome(sc) for _, sc in scenes]
+            lines.append(f"| {label} | {split} | {len({seed for seed, _ in scenes})} | {len(scenes)} | "
+                         f"{sum(w for w, _ in outcomes)} | {sum(b for _, b in outcomes)} |")
+            stopped += [f"- {label} seed {seed}, {split} scene {sc['scene']}: {sc['stopped'] or 'ended early'}"
+                        for seed, sc in scenes if not scene_outcome(sc)[0]]
+    if stopped:
+        lines += ["", "Scene rollouts that stopped before the last step:", *stopped]
+    return "\n".join(lines) + "\n"
+
+
+def scene_plot(records: list[dict], path: Path, title: str) -> Path:
+    """One cell per (run label and seed, scene): log10 of the MSE over constant velocity's at the last step of a
+    whole rollout (blue: below it), × where the rollout stopped early (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rolled = [r for r in records if r.get("scene_rollouts")]
+    columns = list(dict.fromkeys((sc["split"], sc["scene"]) for r in rolled for sc in r["scene_rollouts"]))
+    grid = np.full((len(rolled), len(columns)), np.nan)
+    for row, r in enumerate(rolled):
+        for sc in r["scene_rollouts"]:
+            if scene_outcome(sc)[0]:
+                grid[row, columns.index((sc["split"], sc["scene"]))] = np.log10(sc["mse_last"]
+                                                                                / sc["baseline_mse_last"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(columns) + 3), max(2.5, 0.35 * len(rolled) + 1.5)))
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-1.0, vmax=1.0, aspect="auto")
+    for row, r in enumerate(rolled):
+        for sc in r["scene_rollouts"]:
+            if not scene_outcome(sc)[0]:
+                ax.text(columns.index((sc["split"], sc["scene"])), row, "×", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(columns)), [f"{split} {scene}" for split, scene in columns], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rolled)), [f"{r['label']} s{r['seed']}" for r in rolled], fontsize=7)
+    fig.colorbar(image, ax=ax, label="log10 MSE / const. vel. at the last step")
+    ax.set_title(title + " (×: stopped early)", fontsize=9)
+    return save_figure(fig, path)
 
 
 def rollout_switches(command: str | None, start: int | None = None) -> str:
@@ -412,6 +545,14 @@ def train_run(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_
         if code != 0 or rollout_record(spec, run_dir) is None:
             raise fail_run(run_dir, f"error: the rollout of run {run.label} seed {seed} failed (exit "
                                     f"{code}); its output ends:\n{tail}")
+    for split, scene in scene_jobs(spec, run_dir, data_dir):
+        if scene_record(spec, run_dir, data_dir, split, scene) is None:
+            cmd = scene_predict_command(spec, run_dir, data_dir, split, scene, threads)
+            bar.write(f"rolling out {run.label} seed {seed} on {split} scene {scene}: {' '.join(cmd)}")
+            code, tail = run_logged(cmd, run_dir)
+            if code != 0 or scene_record(spec, run_dir, data_dir, split, scene) is None:
+                raise fail_run(run_dir, f"error: the rollout of run {run.label} seed {seed} on {split} scene "
+                                        f"{scene} failed (exit {code}); its output ends:\n{tail}")
     (run_dir / FAILED_FILE).unlink(missing_ok=True)          # a run retried after a failure that now finished
 
 
@@ -433,13 +574,33 @@ def tabulate(cfg: DictConfig, base: Path) -> int:
     for run, seed in tabulated_jobs(spec, base):
         run_dir = base / run.label / f"seed{seed}"
         if finished_record(run_dir) is not None:
-            records.append(make_record(spec, run, seed, run_dir))
+            records.append(make_record(spec, run, seed, run_dir, cfg.paths.data))
             trivial = trivial or trivial_reference(spec, run_dir, Path(cfg.results_dir))
         elif failure_line(run_dir) is not None:
             failed.append(f"{run.label} seed {seed}: {failure_line(run_dir)}")
     if records:
         write_results(spec, records, Path(cfg.results_dir), trivial, failed)
     return len(records)
+
+
+def check_scene_rollouts(spec: DictConfig, data_dir: str) -> None:
+    """``study.scene_rollouts`` asks for something a study can do: it has ``rollout_steps``, known splits, and a
+    store that holds them."""
+    scenes = spec.get("scene_rollouts")
+    if not scenes:
+        return
+    if not spec.get("rollout_steps"):
+        raise ConfigError("study.scene_rollouts rolls every run out scene by scene over study.rollout_steps task "
+                          "steps, which is not set: set study.rollout_steps=K too, or leave scene_rollouts out")
+    bad = [split for split in scenes.splits if split not in SPLITS]
+    if bad or not scenes.splits:
+        raise ConfigError(f"study.scene_rollouts.splits={list(scenes.splits)}: give one or more of {SPLITS}")
+    if scenes.get("data") is not None:
+        info = open_store(scene_store(spec, Path(), data_dir))
+        lacking = [split for split in scenes.splits if split not in info.splits]
+        if lacking:
+            raise ConfigError(f"study.scene_rollouts.data={scenes.data}: {info.path} has no {lacking} split; its "
+                              f"splits are {sorted(info.splits)}")
 
 
 def run(cfg: DictConfig) -> None:
@@ -453,6 +614,7 @@ def run(cfg: DictConfig) -> None:
     if spec.get("rollout_start") is not None and spec.rollout_start < 0:
         raise ConfigError(f"study.rollout_start={spec.rollout_start}: an input frame is >= 0 (or null: each run's "
                           f"first input frame)")
+    check_scene_rollouts(spec, cfg.paths.data)
     base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
     # Seed-major: every run's first seed before any second seed, so a study cut short already compares them all.
     jobs = [(run, seed) for seed in spec.seeds for run in spec.runs]
@@ -462,7 +624,8 @@ def run(cfg: DictConfig) -> None:
                           f"than it asks for now, so their results would be written under the new settings:\n  "
                           + "\n  ".join(changed) + "\nrestore the study's overrides, or delete those run folders "
                           "to train them again with the new ones")
-    missing = [(run, seed) for run, seed in jobs if not run_finished(spec, base / run.label / f"seed{seed}")]
+    missing = [(run, seed) for run, seed in jobs
+               if not run_finished(spec, base / run.label / f"seed{seed}", cfg.paths.data)]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(missing), desc=f"study {spec.name}", unit="run",
                disable=not cfg.progress)
     if not cfg.train:

@@ -4,8 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from dist_egnn.datasets.store import StoreError
+from dist_egnn.errors import ConfigError
 from dist_egnn.measure.reporting import markdown_table, relative_change, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,6 +109,55 @@ def test_study_writes_records_table_and_plot_and_resumes(tmp_path):
     other_seed = run_study_file(tmp_path, "study.seeds=[2]", "train=false")
     assert other_seed.returncode != 0 and "4 finished run(s)" in other_seed.stdout + other_seed.stderr
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == records
+
+
+def test_scene_rollouts_roll_every_scene_out_alone_and_count_the_whole_ones(tmp_path):
+    """study.scene_rollouts: each scene of the splits is rolled out by itself (predict scene_ids=[i]) with the
+    study's K; the records hold every scene's outcome and the md counts them; started again, nothing is redone.
+    guards: one diverging scene hiding how the others did (a split-wide rollout stops there)."""
+    conf = tmp_path / "conf" / "study"
+    conf.mkdir(parents=True)
+    study = TINY_STUDY.replace("seeds: [0, 1]", "seeds: [0]").replace("baseline: egnn\n", "")
+    study = study.replace("dataset.nbody.val=2", "dataset.nbody.val=1").split("runs:")[0]
+    study += "runs:\n  - {label: fastegnn, overrides: [model=fastegnn]}\nrollout_steps: 1\n"
+    (conf / "tiny.yaml").write_text(study + "scene_rollouts: {splits: [test, val]}\n")
+    proc = run_study_file(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("on test scene") == 2 and proc.stdout.count("on val scene") == 1
+    [record] = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    scenes = record["scene_rollouts"]
+    assert [(s["split"], s["scene"]) for s in scenes] == [("test", 0), ("test", 1), ("val", 0)]
+    run_dir = Path(record["run_dir"])
+    for s in scenes:
+        alone = json.loads((run_dir / "scene_rollouts" / f"{s['split']}-{s['scene']}" / "rollout.json").read_text())
+        assert alone["scenes"] == [s["scene"]] and alone["requested_steps"] == 1 == s["requested_steps"]
+        assert s["mse_last"] == alone["mse"][-1] and s["baseline_mse_last"] == alone["baseline_mse"][-1]
+    # the two test scenes alone hold the same nodes as the split-wide rollout: its MSE is their mean (equal sizes)
+    whole = json.loads((run_dir / "predict" / "rollout.json").read_text())
+    assert np.mean([s["mse_last"] for s in scenes[:2]]) == pytest.approx(whole["mse"][-1], rel=1e-5)
+    table = (tmp_path / "results" / "tiny.md").read_text()
+    assert "Scene by scene" in table, table
+    assert "| fastegnn | test | 1 | 2 | 2 |" in table and "| fastegnn | val | 1 | 1 | 1 |" in table, table
+    assert (tmp_path / "results" / "tiny-scenes.png").stat().st_size > 1000
+    again = run_study_file(tmp_path)
+    assert again.returncode == 0 and "rolling out" not in again.stdout + again.stderr
+
+
+def test_scene_rollouts_need_rollout_steps_known_splits_and_a_store_that_holds_them(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dist_egnn.measure.study import check_scene_rollouts
+
+    def spec(**scenes):
+        return OmegaConf.create({"rollout_steps": 2, "scene_rollouts": {"data": None, "splits": ["test"], **scenes}})
+
+    check_scene_rollouts(spec(), str(tmp_path))
+    with pytest.raises(ConfigError, match="set study.rollout_steps=K too"):
+        check_scene_rollouts(OmegaConf.merge(spec(), {"rollout_steps": None}), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"splits=\['holdout'\]: give one or more of"):
+        check_scene_rollouts(spec(splits=["holdout"]), str(tmp_path))
+    with pytest.raises(StoreError, match="absent.zarr does not exist"):
+        check_scene_rollouts(spec(data="absent"), str(tmp_path))
 
 
 def test_train_false_tabulates_finished_runs_only(tmp_path):
