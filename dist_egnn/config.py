@@ -257,8 +257,8 @@ class StudyRun:
 
 @dataclass
 class SceneRollouts:
-    data: Optional[str] = None                      # store: a name under paths.data (<name>.zarr) or a path to
-                                                    # one; None: each run's own store
+    data: Optional[str] = None                      # store: a name under paths.data (<name>.zarr) or a path
+                                                    # ending in .zarr; None: each run's own store
     splits: list[str] = field(default_factory=lambda: ["test"])   # every scene of these splits, one at a time
 
 
@@ -278,8 +278,9 @@ class StudySpec:
     rollout_start: Optional[int] = None             # the rollouts' input frame (predict.py start=); None: each
                                                     # run's first input frame (dataset.frame_start)
     scene_rollouts: Optional[SceneRollouts] = None  # also roll every run out scene by scene (rollout_steps K,
-                                                    # from rollout_start) and count the scenes whose rollouts stay
-                                                    # whole: a split-wide rollout stops at its first divergence
+                                                    # from rollout_start) and count per label and split the
+                                                    # rollouts that stay whole: a split-wide rollout stops at its
+                                                    # first divergence
 
 
 @dataclass

@@ -462,12 +462,13 @@ def plan_rollout(cfg: DictConfig, info: StoreInfo, split: str, steps: int, start
                            f"velocity at frame t is the displacement since frame t - {delta_t}; start at frame "
                            f"{delta_t} or later")
     meta = info.splits[split]
+    if scenes is not None and scene_ids is not None:
+        raise RolloutError(f"scenes={scenes} and scene_ids={list(scene_ids)}: give one of them (the first scenes, "
+                           f"or these)")
     if scenes is not None and not 1 <= scenes <= meta.num_scenes:
         raise RolloutError(f"scenes={scenes}: {info.path}/{split} has {meta.num_scenes} scenes; choose 1 to "
                            f"{meta.num_scenes}, or leave scenes out for all of them")
-    chosen = list(range(meta.num_scenes))[:scenes]
-    if scene_ids is not None:
-        chosen = chosen_scenes(info, split, scenes, scene_ids)
+    chosen = list(range(meta.num_scenes))[:scenes] if scene_ids is None else chosen_scenes(info, split, scene_ids)
     batch_size = int(batch_size or cfg.trainer.get("eval_batch_size", 1) or 1)
     available = available_steps(info, split, start, delta_t)
     todo = min(steps, available)
@@ -480,12 +481,10 @@ def plan_rollout(cfg: DictConfig, info: StoreInfo, split: str, steps: int, start
                        batches=batches, stopped=stopped)
 
 
-def chosen_scenes(info: StoreInfo, split: str, scenes: int | None, scene_ids: Sequence[int]) -> list[int]:
-    """``scene_ids`` checked against the split: distinct indices of its scenes, and not beside ``scenes``."""
+def chosen_scenes(info: StoreInfo, split: str, scene_ids: Sequence[int]) -> list[int]:
+    """``scene_ids`` checked against the split: distinct indices of its scenes."""
     count = info.splits[split].num_scenes
     ids = [int(i) for i in scene_ids]
-    if scenes is not None:
-        raise RolloutError(f"scenes={scenes} and scene_ids={ids}: give one of them (the first scenes, or these)")
     bad = [i for i in ids if not 0 <= i < count]
     if not ids or bad or len(set(ids)) < len(ids):
         what = "is empty" if not ids else (f"names {bad}" if bad else "repeats a scene")

@@ -5,7 +5,8 @@
   readable with ``dist_egnn.datasets.store.open_store``. The rolled-out split's group holds the rollout:
   ``pos`` (K + 1, N, 3) with frame 0 the stored input state and frame k the prediction after k task steps;
   ``vel`` the predicted velocities in the source store's unit (frame 0 as stored, then displacement over
-  the step's time); ``node_scalars`` and ``scene_ptr`` of the rolled-out scenes; and, beside the layout,
+  the step's time); ``node_scalars`` and ``scene_ptr`` of the rolled-out scenes (scene b is the source split's scene
+  ``scenes[b]``, a root attribute: ``scene_ids`` need not pick the first ones); and, beside the layout,
   ``true_pos`` and ``baseline_pos`` (the stored frames and constant velocity, same shape). The root's ``dt``
   is the time between predicted frames, Δt · dt. The layout requires all three splits: the other two are
   placeholders of one node and one frame (root attributes ``rollout_split`` and ``placeholder_splits``).

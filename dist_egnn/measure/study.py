@@ -37,8 +37,9 @@ A split-wide rollout stops at the first scene that diverges, so it says little a
 rollouts fail. ``scene_rollouts: {data: STORE, splits: [test, val]}`` also rolls every run out on each scene of
 those splits alone (``launch/predict.py ... data=STORE split=S scene_ids=[i]``, into the run's
 ``scene_rollouts/<split>-<i>/``; STORE a name under ``paths.data`` or a path ending in .zarr, default each run's
-own store) with the study's K and start frame, and counts per label and split the scenes whose rollouts stayed
-whole and ended below constant velocity (md, ``scene_rollouts`` in the records, ``<stem>-scenes.png``).
+own store) with the study's K and start frame, and counts per label and split the rollouts on disk (every seed and
+scene) that stayed whole and ended below constant velocity (md, ``scene_rollouts`` in the records,
+``<study>[-<budget>]-scenes.png``). Tabulating reads the rollouts on disk and needs no store.
 """
 from __future__ import annotations
 
@@ -139,11 +140,16 @@ def finished_record(run_dir: Path) -> dict[str, Any] | None:
 
 
 def rollout_record(spec: DictConfig, run_dir: Path) -> dict[str, Any] | None:
-    """The run's ``predict/rollout.json`` when the study asks for rollouts and it has the study's K; else None."""
+    """The run's ``predict/rollout.json`` when the study asks for rollouts and it is the study's: K, start frame,
+    every scene of the test split (a ``launch/predict.py run=RUN split=val`` or ``scene_ids=[3]`` without ``out=``
+    writes the same file); else None."""
     path = run_dir / "predict" / "rollout.json"
     if not spec.get("rollout_steps") or not path.exists():
         return None
     record = json.loads(path.read_text())
+    options = record.get("config", {})
+    if record.get("split", "test") != "test" or options.get("scene_ids") is not None or options.get("scenes"):
+        return None
     start = spec.get("rollout_start")
     if start is not None and record.get("start_frame") != start:
         return None
@@ -188,6 +194,19 @@ def scene_jobs(spec: DictConfig, run_dir: Path, data_dir: str) -> list[tuple[str
     return [(split, scene) for split in spec.scene_rollouts.splits for scene in range(info.splits[split].num_scenes)]
 
 
+def scenes_on_disk(spec: DictConfig, run_dir: Path) -> list[tuple[str, int]]:
+    """(split, scene) of the run's scene rollouts on disk for the study's splits, in order: what the results
+    count (tabulating needs no store, so runs copied to another machine still tabulate)."""
+    if not spec.get("scene_rollouts"):
+        return []
+    found = []
+    for split in spec.scene_rollouts.splits:
+        names = (path.parent.name.removeprefix(f"{split}-")
+                 for path in (run_dir / SCENE_FOLDER).glob(f"{split}-*/rollout.json"))
+        found += [(split, scene) for scene in sorted(int(name) for name in names if name.isdigit())]
+    return found
+
+
 def scene_record(spec: DictConfig, run_dir: Path, data_dir: str, split: str, scene: int) -> dict[str, Any] | None:
     """The rollout.json of one scene's rollout when it is the study's (K, start frame, store); else None."""
     path = run_dir / SCENE_FOLDER / f"{split}-{scene}" / "rollout.json"
@@ -223,7 +242,7 @@ def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, dat
     final = finished_record(run_dir)
     rollout = rollout_record(spec, run_dir)
     scenes = [scene_summary(record) for record in (scene_record(spec, run_dir, data_dir, split, scene)
-                                                   for split, scene in scene_jobs(spec, run_dir, data_dir)) if record]
+                                                   for split, scene in scenes_on_disk(spec, run_dir)) if record]
     wall_file = run_dir / "study_wall_time_s"
     wall_time_s = float(wall_file.read_text()) if wall_file.exists() else None
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -412,16 +431,25 @@ def scene_table(spec: DictConfig, records: list[dict], stem: str) -> str:
             outcomes = [scene_outcome(sc) for _, sc in scenes]
             lines.append(f"| {label} | {split} | {len({seed for seed, _ in scenes})} | {len(scenes)} | "
                          f"{sum(w for w, _ in outcomes)} | {sum(b for _, b in outcomes)} |")
-            stopped += [f"- {label} seed {seed}, {split} scene {sc['scene']}: {sc['stopped'] or 'ended early'}"
+            stopped += [f"- {label} seed {seed}, {split} scene {sc['scene']}: {sc['stopped']}"
                         for seed, sc in scenes if not scene_outcome(sc)[0]]
     if stopped:
         lines += ["", "Scene rollouts that stopped before the last step:", *stopped]
     return "\n".join(lines) + "\n"
 
 
+def log_ratio(mse: float, baseline: float, bound: float = 1.0) -> float:
+    """log10(mse / baseline) within ±bound (a baseline of 0, fluid at rest or exact constant velocity: +bound for
+    any error, 0 for none)."""
+    if baseline <= 0.0:
+        return bound if mse > 0.0 else 0.0
+    return float(np.clip(np.log10(max(mse, 1e-300) / baseline), -bound, bound))
+
+
 def scene_plot(records: list[dict], path: Path, title: str) -> Path:
     """One cell per (run label and seed, scene): log10 of the MSE over constant velocity's at the last step of a
-    whole rollout (blue: below it), × where the rollout stopped early (PNG)."""
+    whole rollout (blue: below it; within ±1), × where the rollout stopped early, blank where none is on disk
+    (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,8 +461,8 @@ def scene_plot(records: list[dict], path: Path, title: str) -> Path:
     for row, r in enumerate(rolled):
         for sc in r["scene_rollouts"]:
             if scene_outcome(sc)[0]:
-                grid[row, columns.index((sc["split"], sc["scene"]))] = np.log10(sc["mse_last"]
-                                                                                / sc["baseline_mse_last"])
+                grid[row, columns.index((sc["split"], sc["scene"]))] = log_ratio(sc["mse_last"],
+                                                                                 sc["baseline_mse_last"])
     fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(columns) + 3), max(2.5, 0.35 * len(rolled) + 1.5)))
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-1.0, vmax=1.0, aspect="auto")
     for row, r in enumerate(rolled):
@@ -583,9 +611,9 @@ def tabulate(cfg: DictConfig, base: Path) -> int:
     return len(records)
 
 
-def check_scene_rollouts(spec: DictConfig, data_dir: str) -> None:
-    """``study.scene_rollouts`` asks for something a study can do: it has ``rollout_steps``, known splits, and a
-    store that holds them."""
+def check_scene_rollouts(spec: DictConfig, data_dir: str, train: bool = True) -> None:
+    """``study.scene_rollouts`` asks for something a study can do: it has ``rollout_steps``, distinct known splits,
+    and (when it will roll out: ``train``) a store that exists."""
     scenes = spec.get("scene_rollouts")
     if not scenes:
         return
@@ -593,14 +621,11 @@ def check_scene_rollouts(spec: DictConfig, data_dir: str) -> None:
         raise ConfigError("study.scene_rollouts rolls every run out scene by scene over study.rollout_steps task "
                           "steps, which is not set: set study.rollout_steps=K too, or leave scene_rollouts out")
     bad = [split for split in scenes.splits if split not in SPLITS]
-    if bad or not scenes.splits:
-        raise ConfigError(f"study.scene_rollouts.splits={list(scenes.splits)}: give one or more of {SPLITS}")
-    if scenes.get("data") is not None:
-        info = open_store(scene_store(spec, Path(), data_dir))
-        lacking = [split for split in scenes.splits if split not in info.splits]
-        if lacking:
-            raise ConfigError(f"study.scene_rollouts.data={scenes.data}: {info.path} has no {lacking} split; its "
-                              f"splits are {sorted(info.splits)}")
+    if bad or not scenes.splits or len(set(scenes.splits)) < len(scenes.splits):
+        raise ConfigError(f"study.scene_rollouts.splits={list(scenes.splits)}: give one or more of {SPLITS}, each "
+                          f"once")
+    if train and scenes.get("data") is not None:
+        open_store(scene_store(spec, Path(), data_dir))     # its error names the store and the prepare command
 
 
 def run(cfg: DictConfig) -> None:
@@ -614,7 +639,7 @@ def run(cfg: DictConfig) -> None:
     if spec.get("rollout_start") is not None and spec.rollout_start < 0:
         raise ConfigError(f"study.rollout_start={spec.rollout_start}: an input frame is >= 0 (or null: each run's "
                           f"first input frame)")
-    check_scene_rollouts(spec, cfg.paths.data)
+    check_scene_rollouts(spec, cfg.paths.data, cfg.train)
     base = Path(cfg.paths.runs) / "studies" / f"{spec.name}-{spec.budget}"
     # Seed-major: every run's first seed before any second seed, so a study cut short already compares them all.
     jobs = [(run, seed) for seed in spec.seeds for run in spec.runs]

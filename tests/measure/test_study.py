@@ -156,8 +156,33 @@ def test_scene_rollouts_need_rollout_steps_known_splits_and_a_store_that_holds_t
         check_scene_rollouts(OmegaConf.merge(spec(), {"rollout_steps": None}), str(tmp_path))
     with pytest.raises(ConfigError, match=r"splits=\['holdout'\]: give one or more of"):
         check_scene_rollouts(spec(splits=["holdout"]), str(tmp_path))
+    with pytest.raises(ConfigError, match="each once"):
+        check_scene_rollouts(spec(splits=["test", "test"]), str(tmp_path))
     with pytest.raises(StoreError, match="absent.zarr does not exist"):
         check_scene_rollouts(spec(data="absent"), str(tmp_path))
+    check_scene_rollouts(spec(data="absent"), str(tmp_path), train=False)       # tabulating reads the run folders
+
+
+def test_scene_table_counts_whole_and_below_and_the_picture_takes_a_zero_baseline(tmp_path):
+    """guards: a stopped scene counted as whole, "below" counted on stopped ones, a baseline of 0 (fluid at rest)
+    ending the results with a ZeroDivisionError."""
+    from omegaconf import OmegaConf
+
+    from dist_egnn.measure.study import scene_plot, scene_table
+
+    def scene(split, i, steps, stopped=None, mse=1.0, base=2.0):
+        return dict(split=split, scene=i, steps=steps, requested_steps=5, stopped=stopped, mse_last=mse,
+                    baseline_mse_last=base, steps_below=0)
+
+    records = [dict(label="a", seed=0, scene_rollouts=[scene("test", 0, 5), scene("test", 1, 5, mse=3.0),
+                                                       scene("val", 0, 2, stopped="stopped after 2 of 5 steps: NaN")]),
+               dict(label="a", seed=1, scene_rollouts=[scene("test", 0, 5, mse=0.5, base=0.0), scene("test", 1, 5)])]
+    spec = OmegaConf.create({"rollout_steps": 5, "rollout_start": 1,
+                             "scene_rollouts": {"data": "eval", "splits": ["test", "val"]}})
+    table = scene_table(spec, records, "s")
+    assert "| a | test | 2 | 4 | 4 | 2 |" in table and "| a | val | 1 | 1 | 0 | 0 |" in table, table
+    assert "- a seed 0, val scene 0: stopped after 2 of 5 steps: NaN" in table
+    assert scene_plot(records, tmp_path / "s.png", "s").stat().st_size > 1000
 
 
 def test_train_false_tabulates_finished_runs_only(tmp_path):
@@ -303,3 +328,8 @@ def test_rollout_start_reaches_predict_and_a_rollout_from_another_frame_is_redon
     assert rollout_record(OmegaConf.create({"rollout_steps": 3}), tmp_path) is not None
     (tmp_path / "predict" / "rollout.json").write_text(_json.dumps({"requested_steps": 3, "start_frame": 0}))
     assert rollout_record(spec, tmp_path) is not None
+    # predict's default out= is the same folder: a rollout of another split or of some scenes is not the study's
+    for other in ({"split": "val"}, {"config": {"scene_ids": [3]}}, {"config": {"scenes": 1}}):
+        (tmp_path / "predict" / "rollout.json").write_text(_json.dumps({"requested_steps": 3, "start_frame": 0,
+                                                                         **other}))
+        assert rollout_record(spec, tmp_path) is None, other
