@@ -177,12 +177,31 @@ class RankData:
         order = self.order(shuffle, seed, epoch)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         if equal_steps:
-            batches = batches[:len(batches) - len(batches) % groups] if len(batches) >= groups else batches
+            self.check_groups(len(batches), batch_size, groups)
+            batches = batches[:len(batches) - len(batches) % groups]
         return batches[group::groups]
+
+    def eval_batch_ids(self, batch_size: int, group: int = 0, groups: int = 1) -> tuple[list[np.ndarray], int]:
+        """Graph group ``group``'s evaluation batches, and how many of them it scores: every sample is scored once
+        over the groups, and every group runs the same number of forwards (a sharded engine, FSDP, gathers the
+        parameters over every rank in a forward: a group with fewer forwards would go on to the next collective
+        while the others wait in that gather), so a short group ends with batch 0 again, unscored."""
+        batches = self.batch_ids(batch_size, shuffle=False, seed=0, epoch=0)
+        own = batches[group::groups]
+        return own + [batches[0]] * (-(-len(batches) // groups) - len(own)), len(own)
 
     def num_steps(self, batch_size: int, groups: int = 1) -> int:
         batches = -(-len(self.dataset) // batch_size)
-        return max(batches // groups, 1 if batches else 0)
+        self.check_groups(batches, batch_size, groups)
+        return batches // groups
+
+    def check_groups(self, batches: int, batch_size: int, groups: int) -> None:
+        """Every graph group needs a training batch each step: a ConfigError when the split has fewer (but some)."""
+        if 0 < batches < groups:
+            raise ConfigError(f"trainer.batch_size={batch_size}: the training split's {len(self.dataset)} samples "
+                              f"make {batches} batch(es), fewer than the {groups} graph groups (world size / "
+                              f"distributed.parts), and every group needs one per step; lower trainer.batch_size to "
+                              f"{max(1, len(self.dataset) // groups)} or less, or launch fewer ranks")
 
     def batches(self, batch_ids: list[np.ndarray], seed: int = 0, epoch: int = 0) -> Iterator[RankBatch]:
         for ids in batch_ids:

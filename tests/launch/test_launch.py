@@ -202,6 +202,20 @@ def test_fsdp_engine(data_dir):
     assert_same_metrics(data_dir / "fsdp", data_dir / "single-float64", 1e-9)
 
 
+def test_fsdp_with_two_graph_groups_evaluates_on_every_rank(data_dir):
+    """Guards a hang: under FSDP (sharded over every rank) with G = 2 graph groups, the 3 validation samples make
+    one evaluation batch, so group 1 has none; a forward of group 0 gathered the parameters while group 1 went on
+    to the MSE's all-reduce (the mismatched collectives waited for distributed.timeout_s). Equal to one process
+    whose batch holds both groups' batches."""
+    proc = launch(torchrun(2), data_dir, "fsdp-g2", "trainer.dtype=float64", "engine=fsdp",
+                  "distributed.timeout_s=60", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if not (data_dir / "single-b6" / "metrics.jsonl").exists():       # test_graph_and_data_parallel's reference
+        single = launch([], data_dir, "single-b6", "trainer.dtype=float64", "trainer.batch_size=6")
+        assert single.returncode == 0, single.stderr
+    assert_same_metrics(data_dir / "fsdp-g2", data_dir / "single-b6", 1e-9)
+
+
 def test_world_size_not_a_multiple_of_parts_fails_on_every_rank(data_dir):
     """Guards against a hang: 3 ranks for P = 2 stop at once, each with the reason."""
     proc = launch(torchrun(3), data_dir, "bad-world", "distributed.parts=2", "engine=ddp", "distributed.timeout_s=600",
