@@ -513,6 +513,9 @@ def check(cfg: DictConfig | Config) -> None:
             problems.append(f"dataset.unwired_walls=drop with trainer.pushforward_unrolls="
                             f"{cfg.trainer.pushforward_unrolls}: pushforward rolls whole scenes forward; set "
                             f"dataset.unwired_walls=keep or trainer.pushforward_unrolls=0")
+    zero_stage = (cfg.get("engine") or {}).get("zero_stage", 0)
+    if zero_stage and cfg.engine.get("name", "auto") in ("plain", "ddp", "fsdp"):
+        problems.append(zero_stage_problem(zero_stage, cfg.engine.name))
     if not 0.0 <= cfg.model.cutoff_rate <= 1.0:
         problems.append(f"model.cutoff_rate={cfg.model.cutoff_rate}: must be in [0, 1]")
     if cfg.trainer.get("precision") == "bf16" and cfg.trainer.dtype == "float64":
@@ -537,6 +540,13 @@ def check(cfg: DictConfig | Config) -> None:
         problems.append(weights)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def zero_stage_problem(stage: int, engine: str) -> str:
+    """The sentence for a DeepSpeed ZeRO stage asked of another engine (it would change nothing)."""
+    return (f"engine.zero_stage={stage} is DeepSpeed's ZeRO stage, but the run's engine is {engine}, which would "
+            f"ignore it; launch with deepspeed (engine=deepspeed or auto under the deepspeed launcher), or leave "
+            f"engine.zero_stage=0")
 
 
 WEIGHT_SUM_TOLERANCE = 1e-3   # distributed.part_weights must sum to 1 within this

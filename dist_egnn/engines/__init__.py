@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from dist_egnn.config import zero_stage_problem
 from dist_egnn.engines.base import Engine
 from dist_egnn.errors import ConfigError
 
@@ -30,6 +31,9 @@ def resolve_engine(name: str, world_size: int, environ=os.environ, argv=sys.argv
 def build_engine(name: str, model, make_optimizer, cfg, groups) -> Engine:
     """Wrap ``model`` in the engine ``name`` (already resolved), with ``make_optimizer(parameters)``; every
     engine clips gradients at ``engine.gradient_clipping`` (DeepSpeed through its own configuration)."""
+    stage = cfg.engine.get("zero_stage", 0)
+    if stage and name != "deepspeed":                  # engine=auto resolved to plain or ddp
+        raise ConfigError(zero_stage_problem(stage, f"{name} (engine.name={cfg.engine.get('name', 'auto')})"))
     engine = _build(name, model, make_optimizer, cfg, groups)
     engine.clip = float(cfg.engine.get("gradient_clipping", 0.0) or 0.0)
     return engine
