@@ -18,15 +18,17 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dist_egnn.config import register
 from dist_egnn.errors import BadInput
 from dist_egnn.parallel import runtime
 from dist_egnn.training import guard
+from dist_egnn.training.checkpoint import write_text_atomic
 from dist_egnn.training.trainer import Trainer
 
 register()
@@ -39,7 +41,10 @@ def main(cfg: DictConfig) -> None:
     if env.rank == 0:
         print(f"run directory: {run_dir}", flush=True)
     try:
-        result = Trainer.from_config(cfg, run_dir, env).fit()
+        trainer = Trainer.from_config(cfg, run_dir, env)     # every check of the configuration and data passed
+        if env.rank == 0:
+            record_launch(cfg, run_dir)
+        result = trainer.fit()
     except guard.Stopped as err:
         finish(env, f"{err}", guard.EXIT_STOPPED)
     except guard.NonFiniteError as err:
@@ -71,6 +76,19 @@ def main(cfg: DictConfig) -> None:
     if env.rank == 0:
         print(json.dumps(result))
         print(f"run directory: {run_dir}")
+
+
+def record_launch(cfg: DictConfig, run_dir: str) -> None:
+    """Hydra's record of this launch in ``<run>/.hydra``: config.yaml (as composed), hydra.yaml and
+    overrides.yaml. Written here, once set-up has accepted the launch (conf/config.yaml sets
+    ``hydra.output_subdir: null``): Hydra writes it before any check, so a refused launch (exit 2: "nothing
+    changed") rewrote the record of the run it was refused for."""
+    folder = Path(run_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.get()
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", {"hydra": hydra_cfg}),
+                       ("overrides.yaml", list(hydra_cfg.overrides.task))):
+        write_text_atomic(OmegaConf.to_yaml(node), folder / name)
 
 
 def finish(env: runtime.DistEnv, message: str, code: int) -> None:

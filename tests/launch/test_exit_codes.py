@@ -71,6 +71,8 @@ def test_a_bad_configuration_value_is_one_line_with_exit_2(tmp_path):
     assert error_lines(proc.stderr) == ["error (rank 0): invalid configuration:",
                                         "  trainer.nonfinite='ignore': choose one of ('stop', 'skip')"]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # nor Hydra's record of the launch: in a run directory it would replace the record of the run (.hydra/)
+    assert not (tmp_path / "run" / ".hydra").exists()
 
 
 def test_a_missing_store_is_bad_input(tmp_path):

@@ -97,6 +97,10 @@ def test_exact_mode_in_one_process_running_the_parts_equals_one_device(data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_metrics(data_dir / "exact-sequential", data_dir / "single-float64", 1e-9)
     assert records(data_dir / "exact-sequential")[0]["parts"] == 2
+    # Hydra's record of an accepted launch (written by launch/train.py after set-up, not by Hydra before it)
+    hydra = data_dir / "exact-sequential" / ".hydra"
+    assert "distributed.halo=exact" in (hydra / "overrides.yaml").read_text()
+    assert "halo: exact" in (hydra / "config.yaml").read_text() and "run:" in (hydra / "hydra.yaml").read_text()
 
 
 def test_drop_mode_equals_one_process_running_the_parts(data_dir):
