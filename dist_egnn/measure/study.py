@@ -228,13 +228,14 @@ def scene_predict_command(spec: DictConfig, run_dir: Path, data_dir: str, split:
 
 
 def scene_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """What the results keep of one scene's rollout: how far it got, and its MSE against constant velocity's at
-    its last step."""
+    """What the results keep of one scene's rollout: how far it got, and its MSE against constant velocity's and
+    the share of its fluid outside the walls (None without walls) at its last step."""
     return dict(split=record["split"], scene=record["scenes"][0], steps=record["steps"],
                 requested_steps=record["requested_steps"], stopped=record["stopped_early"],
                 mse_last=record["mse"][-1] if record["mse"] else None,
                 baseline_mse_last=record["baseline_mse"][-1] if record["baseline_mse"] else None,
-                steps_below=int(sum(m < b for m, b in zip(record["mse"], record["baseline_mse"]))))
+                steps_below=int(sum(m < b for m, b in zip(record["mse"], record["baseline_mse"]))),
+                outside_last=(record.get("outside_share") or [None])[-1])
 
 
 def make_record(spec: DictConfig, run: DictConfig, seed: int, run_dir: Path, data_dir: str) -> dict:
@@ -421,16 +422,21 @@ def scene_table(spec: DictConfig, records: list[dict], stem: str) -> str:
              f"{spec.rollout_steps} task steps from input frame {'the run’s first' if start is None else start} "
              f"(`launch/predict.py` with `scene_ids=[i]`, in each run's `{SCENE_FOLDER}/<split>-<i>/`; records "
              f"`scene_rollouts` in `{stem}.json`, picture `{stem}-scenes.png`). Whole: reached the last step. Below: "
-             f"whole, and its MSE at the last step under constant velocity's. Counted over seeds and scenes.", "",
-             "| run | split | seeds | rollouts | whole | below const. vel. at the end |", "|---|---|---|---|---|---|"]
+             f"whole, and its MSE at the last step under constant velocity's. Counted over seeds and scenes; the last "
+             f"column is the largest share of a whole rollout's fluid outside the walls at its last step.", "",
+             "| run | split | seeds | rollouts | whole | below const. vel. at the end | most outside the walls |",
+             "|---|---|---|---|---|---|---|"]
     stopped = []
     for label in dict.fromkeys(r["label"] for r in rolled):
         runs = [r for r in rolled if r["label"] == label]
         for split in dict.fromkeys(sc["split"] for r in runs for sc in r["scene_rollouts"]):
             scenes = [(r["seed"], sc) for r in runs for sc in r["scene_rollouts"] if sc["split"] == split]
             outcomes = [scene_outcome(sc) for _, sc in scenes]
+            outside = [sc.get("outside_last") for _, sc in scenes if scene_outcome(sc)[0]]
+            outside = [x for x in outside if x is not None and np.isfinite(x)]
             lines.append(f"| {label} | {split} | {len({seed for seed, _ in scenes})} | {len(scenes)} | "
-                         f"{sum(w for w, _ in outcomes)} | {sum(b for _, b in outcomes)} |")
+                         f"{sum(w for w, _ in outcomes)} | {sum(b for _, b in outcomes)} | "
+                         f"{f'{100 * max(outside):.1f} %' if outside else '-'} |")
             stopped += [f"- {label} seed {seed}, {split} scene {sc['scene']}: {sc['stopped']}"
                         for seed, sc in scenes if not scene_outcome(sc)[0]]
     if stopped:

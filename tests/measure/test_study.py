@@ -138,6 +138,7 @@ def test_scene_rollouts_roll_every_scene_out_alone_and_count_the_whole_ones(tmp_
     table = (tmp_path / "results" / "tiny.md").read_text()
     assert "Scene by scene" in table, table
     assert "| fastegnn | test | 1 | 2 | 2 |" in table and "| fastegnn | val | 1 | 1 | 1 |" in table, table
+    assert all(s["outside_last"] is None for s in scenes)                      # N-body: no walls
     assert (tmp_path / "results" / "tiny-scenes.png").stat().st_size > 1000
     again = run_study_file(tmp_path)
     assert again.returncode == 0 and "rolling out" not in again.stdout + again.stderr
@@ -172,7 +173,7 @@ def test_scene_table_counts_whole_and_below_and_the_picture_takes_a_zero_baselin
 
     def scene(split, i, steps, stopped=None, mse=1.0, base=2.0):
         return dict(split=split, scene=i, steps=steps, requested_steps=5, stopped=stopped, mse_last=mse,
-                    baseline_mse_last=base, steps_below=0)
+                    baseline_mse_last=base, steps_below=0, outside_last=0.015 if (i, base) == (1, 2.0) else None)
 
     records = [dict(label="a", seed=0, scene_rollouts=[scene("test", 0, 5), scene("test", 1, 5, mse=3.0),
                                                        scene("val", 0, 2, stopped="stopped after 2 of 5 steps: NaN")]),
@@ -180,7 +181,7 @@ def test_scene_table_counts_whole_and_below_and_the_picture_takes_a_zero_baselin
     spec = OmegaConf.create({"rollout_steps": 5, "rollout_start": 1,
                              "scene_rollouts": {"data": "eval", "splits": ["test", "val"]}})
     table = scene_table(spec, records, "s")
-    assert "| a | test | 2 | 4 | 4 | 2 |" in table and "| a | val | 1 | 1 | 0 | 0 |" in table, table
+    assert "| a | test | 2 | 4 | 4 | 2 | 1.5 % |" in table and "| a | val | 1 | 1 | 0 | 0 | - |" in table, table
     assert "- a seed 0, val scene 0: stopped after 2 of 5 steps: NaN" in table
     assert scene_plot(records, tmp_path / "s.png", "s").stat().st_size > 1000
 
