@@ -181,7 +181,7 @@ def test_scene_table_counts_whole_and_below_and_the_picture_takes_a_zero_baselin
     spec = OmegaConf.create({"rollout_steps": 5, "rollout_start": 1,
                              "scene_rollouts": {"data": "eval", "splits": ["test", "val"]}})
     table = scene_table(spec, records, "s")
-    assert "| a | test | 2 | 4 | 4 | 2 | 1.5 % |" in table and "| a | val | 1 | 1 | 0 | 0 | - |" in table, table
+    assert "| a | test | 2 | 4 | 4 | 2 | 1.5 %, 1.5 % |" in table and "| a | val | 1 | 1 | 0 | 0 | - |" in table, table
     assert "- a seed 0, val scene 0: stopped after 2 of 5 steps: NaN" in table
     assert scene_plot(records, tmp_path / "s.png", "s").stat().st_size > 1000
 
