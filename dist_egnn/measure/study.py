@@ -470,7 +470,7 @@ def scene_plot(records: list[dict], path: Path, title: str) -> Path:
             if scene_outcome(sc)[0]:
                 grid[row, columns.index((sc["split"], sc["scene"]))] = log_ratio(sc["mse_last"],
                                                                                  sc["baseline_mse_last"])
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(columns) + 3), max(2.5, 0.35 * len(rolled) + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(columns) + 4), max(2.5, 0.35 * len(rolled) + 1.5)))
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-1.0, vmax=1.0, aspect="auto")
     for row, r in enumerate(rolled):
         for sc in r["scene_rollouts"]:
@@ -478,7 +478,7 @@ def scene_plot(records: list[dict], path: Path, title: str) -> Path:
                 ax.text(columns.index((sc["split"], sc["scene"])), row, "×", ha="center", va="center", fontsize=9)
     ax.set_xticks(range(len(columns)), [f"{split} {scene}" for split, scene in columns], rotation=90, fontsize=7)
     ax.set_yticks(range(len(rolled)), [f"{r['label']} s{r['seed']}" for r in rolled], fontsize=7)
-    fig.colorbar(image, ax=ax, label="log10 MSE / const. vel. at the last step")
+    fig.colorbar(image, ax=ax).set_label("log10 (MSE / const. vel.), last step", fontsize=8)
     ax.set_title(title + " (×: stopped early)", fontsize=9)
     return save_figure(fig, path)
 
