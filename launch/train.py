@@ -28,6 +28,7 @@ from dist_egnn.config import register
 from dist_egnn.errors import BadInput
 from dist_egnn.parallel import runtime
 from dist_egnn.training import guard
+from dist_egnn.training.callbacks import Callback
 from dist_egnn.training.checkpoint import write_text_atomic
 from dist_egnn.training.trainer import Trainer
 
@@ -41,10 +42,7 @@ def main(cfg: DictConfig) -> None:
     if env.rank == 0:
         print(f"run directory: {run_dir}", flush=True)
     try:
-        trainer = Trainer.from_config(cfg, run_dir, env)     # every check of the configuration and data passed
-        if env.rank == 0:
-            record_launch(cfg, run_dir)
-        result = trainer.fit()
+        result = Trainer.from_config(cfg, run_dir, env, callbacks=[LaunchRecord(cfg, run_dir, env.rank)]).fit()
     except guard.Stopped as err:
         finish(env, f"{err}", guard.EXIT_STOPPED)
     except guard.NonFiniteError as err:
@@ -78,17 +76,23 @@ def main(cfg: DictConfig) -> None:
         print(f"run directory: {run_dir}")
 
 
-def record_launch(cfg: DictConfig, run_dir: str) -> None:
+class LaunchRecord(Callback):
     """Hydra's record of this launch in ``<run>/.hydra``: config.yaml (as composed), hydra.yaml and
-    overrides.yaml. Written here, once set-up has accepted the launch (conf/config.yaml sets
+    overrides.yaml, written by rank 0 once the trainer has accepted the run (conf/config.yaml sets
     ``hydra.output_subdir: null``): Hydra writes it before any check, so a refused launch (exit 2: "nothing
-    changed") rewrote the record of the run it was refused for."""
-    folder = Path(run_dir) / ".hydra"
-    folder.mkdir(parents=True, exist_ok=True)
-    hydra_cfg = HydraConfig.get()
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", {"hydra": hydra_cfg}),
-                       ("overrides.yaml", list(hydra_cfg.overrides.task))):
-        write_text_atomic(OmegaConf.to_yaml(node), folder / name)
+    changed"), e.g. a fresh start into a used run directory, rewrote the record of the run it was refused for."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str, rank: int):
+        self.cfg, self.folder, self.rank = cfg, Path(run_dir) / ".hydra", rank
+        self.hydra = HydraConfig.get()              # a Hydra job's state, read while the job runs
+
+    def on_start(self, trainer) -> None:
+        if self.rank != 0:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name, node in (("config.yaml", self.cfg), ("hydra.yaml", {"hydra": self.hydra}),
+                           ("overrides.yaml", list(self.hydra.overrides.task))):
+            write_text_atomic(OmegaConf.to_yaml(node), self.folder / name)
 
 
 def finish(env: runtime.DistEnv, message: str, code: int) -> None:

@@ -656,8 +656,10 @@ def run(cfg: DictConfig) -> None:
                           f"than it asks for now, so their results would be written under the new settings:\n  "
                           + "\n  ".join(changed) + "\nrestore the study's overrides, or delete those run folders "
                           "to train them again with the new ones")
-    missing = [(run, seed) for run, seed in jobs
-               if not run_finished(spec, base / run.label / f"seed{seed}", cfg.paths.data)]
+    def done(run_dir: Path) -> bool:     # train=false tabulates what is on disk: no scene store to open
+        return run_finished(spec, run_dir, cfg.paths.data) if cfg.train else finished_record(run_dir) is not None
+
+    missing = [(run, seed) for run, seed in jobs if not done(base / run.label / f"seed{seed}")]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(missing), desc=f"study {spec.name}", unit="run",
                disable=not cfg.progress)
     if not cfg.train:

@@ -188,7 +188,7 @@ class RankData:
         while the others wait in that gather), so a short group ends with batch 0 again, unscored."""
         batches = self.batch_ids(batch_size, shuffle=False, seed=0, epoch=0)
         own = batches[group::groups]
-        return own + [batches[0]] * (-(-len(batches) // groups) - len(own)), len(own)
+        return own + batches[:1] * (-(-len(batches) // groups) - len(own)), len(own)
 
     def num_steps(self, batch_size: int, groups: int = 1) -> int:
         batches = -(-len(self.dataset) // batch_size)
@@ -198,10 +198,11 @@ class RankData:
     def check_groups(self, batches: int, batch_size: int, groups: int) -> None:
         """Every graph group needs a training batch each step: a ConfigError when the split has fewer (but some)."""
         if 0 < batches < groups:
+            fix = (f"lower trainer.batch_size to {len(self.dataset) // groups} or less, or launch fewer ranks"
+                   if len(self.dataset) >= groups else f"launch at most {len(self.dataset)} graph groups")
             raise ConfigError(f"trainer.batch_size={batch_size}: the training split's {len(self.dataset)} samples "
                               f"make {batches} batch(es), fewer than the {groups} graph groups (world size / "
-                              f"distributed.parts), and every group needs one per step; lower trainer.batch_size to "
-                              f"{max(1, len(self.dataset) // groups)} or less, or launch fewer ranks")
+                              f"distributed.parts), and every group needs one per step; {fix}")
 
     def batches(self, batch_ids: list[np.ndarray], seed: int = 0, epoch: int = 0) -> Iterator[RankBatch]:
         for ids in batch_ids:

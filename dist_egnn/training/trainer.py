@@ -459,7 +459,8 @@ class Trainer:
         runtime.barrier()
 
     def start(self) -> None:
-        """A fresh run or ``resume=auto`` (dist_egnn.training.resume); then rank 0 writes config.yaml."""
+        """A fresh run or ``resume=auto`` (dist_egnn.training.resume); then rank 0 writes config.yaml and the
+        callbacks' :meth:`~dist_egnn.training.callbacks.Callback.on_start` run."""
         client = self.checkpoints.start(self.cfg.get("resume"), self.metrics, check=self.check_resumable)
         if client is not None:
             self.restore(client)
@@ -468,6 +469,8 @@ class Trainer:
         self.curves.open(resumed_at=self.state.global_step + 1 if client is not None else None)
         if self.is_main:
             checkpoint.write_text_atomic(OmegaConf.to_yaml(to_container(self.cfg)), self.run_dir / "config.yaml")
+        for callback in self.callbacks:
+            callback.on_start(self)
 
     def save_checkpoint(self, tag: str, **details) -> Path:
         """A resume point at the current position (every rank calls it); returns its manifest path."""

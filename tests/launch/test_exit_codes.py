@@ -75,6 +75,19 @@ def test_a_bad_configuration_value_is_one_line_with_exit_2(tmp_path):
     assert not (tmp_path / "run" / ".hydra").exists()
 
 
+def test_a_refused_start_in_a_used_run_directory_leaves_the_runs_hydra_record(tmp_path):
+    """guards: Hydra wrote <run>/.hydra before any check, so a launch refused in an existing run directory
+    (exit 2, "nothing changed") replaced the record of the launch that made the run."""
+    first = launch(tmp_path, "train.py")
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = tmp_path / "run" / ".hydra" / "overrides.yaml"
+    made = record.read_text()
+    assert "trainer.max_epochs=1" in made
+    again = launch(tmp_path, "train.py", "trainer.lr=0.5")                  # a fresh start, no resume=auto
+    assert again.returncode == 2 and "already holds a run" in again.stderr, again.stderr[-3000:]
+    assert record.read_text() == made
+
+
 def test_a_missing_store_is_bad_input(tmp_path):
     proc = launch(tmp_path, "train.py", "dataset.auto_prepare=false")
     assert proc.returncode == 2, proc.stderr[-3000:]

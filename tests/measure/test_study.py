@@ -142,6 +142,12 @@ def test_scene_rollouts_roll_every_scene_out_alone_and_count_the_whole_ones(tmp_
     assert (tmp_path / "results" / "tiny-scenes.png").stat().st_size > 1000
     again = run_study_file(tmp_path)
     assert again.returncode == 0 and "rolling out" not in again.stdout + again.stderr
+    # tabulating (train=false) reads the run folders: the results are written again without the store
+    (tmp_path / "data").rename(tmp_path / "elsewhere")
+    (tmp_path / "results" / "tiny.md").unlink()
+    tabulated = run_study_file(tmp_path, "train=false")
+    assert tabulated.returncode == 0, tabulated.stdout + tabulated.stderr
+    assert (tmp_path / "results" / "tiny.md").read_text() == table
 
 
 def test_scene_rollouts_need_rollout_steps_known_splits_and_a_store_that_holds_them(tmp_path):
