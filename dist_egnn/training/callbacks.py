@@ -1,8 +1,8 @@
 """Hooks into the training step: fault injection for drills, memory sampling for soak tests, and yours.
 
 The Trainer calls every callback it was given once the run is accepted (:meth:`Callback.on_start`) and at
-fixed points of each optimizer step (``step`` counts the
-run's steps from 1, across epochs and resumes). Each hook does nothing by default; override what you need.
+fixed points of each optimizer step (``step`` counts the run's steps from 1, across epochs and resumes). Each
+hook does nothing by default; override what you need.
 """
 from __future__ import annotations
 

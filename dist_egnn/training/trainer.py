@@ -422,9 +422,10 @@ class Trainer:
                                                 groups=g.data_parallel)
         for index, batch in enumerate(prefetch(data.batches(batch_ids), self.cfg.dataset.prefetch)):
             graph = batch.graph.to(self.device, self.dtype)
-            error = self.predict(graph, batch.plan) - graph.target
-            if index >= scored:                      # the same number of forwards in every group, scored once
+            pred = self.predict(graph, batch.plan)   # every group runs as many forwards; each sample scored once
+            if index >= scored:
                 continue
+            error = pred - graph.target
             if graph.moving is not None:
                 error = error[graph.moving]
             squared += error.double().square().sum().item()
